@@ -1,0 +1,241 @@
+//! A raw host file: bytes at offset N of the image are bytes at offset N of
+//! the file. Holes are found with SEEK_DATA/SEEK_HOLE, zeroes are written
+//! with fallocate where the filesystem can, flush is fdatasync.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
+use rustix::io::Errno;
+
+use super::{BlockError, BlockNode, BlockResult, ErrorKind, Extent, ZeroFlags};
+use super::{STATE_HOLE, STATE_ZERO};
+
+/// Largest zero buffer written at once when the filesystem cannot zero a
+/// range itself.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+pub struct FileNode {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    size: u64,
+}
+
+impl FileNode {
+    pub fn open(path: &Path, read_only: bool) -> BlockResult<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?
+            .len();
+        Ok(FileNode {
+            file,
+            path: path.to_owned(),
+            read_only,
+            size,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying host file, for formats layered on top of it.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn err(&self, what: &str, offset: u64, e: std::io::Error) -> BlockError {
+        BlockError::io(
+            format!("{} at offset {} of '{}'", what, offset, self.path.display()),
+            e,
+        )
+    }
+
+    fn check_writable(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Err(BlockError::new(
+                ErrorKind::Permission,
+                format!("'{}' is opened read-only", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn falloc(&self, flags: FallocateFlags, offset: u64, len: u64) -> Result<(), Errno> {
+        fallocate(&self.file, flags, offset, len)
+    }
+
+    /// Writes real zero buffers: the fallback when fallocate cannot help.
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> BlockResult<()> {
+        let end = offset + len;
+        let zeroes = vec![0u8; ZERO_CHUNK.min(len) as usize];
+        while offset < end {
+            let n = (end - offset).min(ZERO_CHUNK) as usize;
+            self.file
+                .write_all_at(&zeroes[..n], offset)
+                .map_err(|e| self.err("Could not write zeroes", offset, e))?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The offset of the next data at or after `offset`, or `None` at EOF.
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>, Errno> {
+        match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(o) => Ok(Some(o)),
+            Err(Errno::NXIO) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+impl BlockNode for FileNode {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| self.err("Could not read", offset, e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.check_writable()?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.err("Could not write", offset, e))?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        if flags.may_unmap {
+            let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            if self.falloc(punch, offset, len).is_ok() {
+                return Ok(());
+            }
+        }
+        match self.falloc(FallocateFlags::ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) if flags.fast => Err(
+                BlockError::not_supported("the filesystem cannot zero ranges quickly"),
+            ),
+            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => self.write_zero_buffers(offset, len),
+            Err(e) => Err(self.err("Could not zero", offset, errno_io(e))),
+        }
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match self.falloc(punch, offset, len) {
+            // Discard is advisory: a filesystem that cannot punch keeps the data.
+            Ok(()) | Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => Ok(()),
+            Err(e) => Err(self.err("Could not discard", offset, errno_io(e))),
+        }
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| self.err("Could not flush", 0, e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Err(BlockError::invalid("block status past the end of the image"));
+        }
+        let status = |e: Errno| self.err("Could not query allocation", offset, errno_io(e));
+        match self.seek_data(offset).map_err(status)? {
+            Some(data) if data <= offset => {
+                let hole = seek(&self.file, SeekFrom::Hole(offset)).map_err(status)?;
+                let hole = hole.max(offset + 1);
+                Ok(Extent {
+                    len: hole.min(end) - offset,
+                    flags: 0,
+                })
+            }
+            next => {
+                let data = next.unwrap_or(end);
+                Ok(Extent {
+                    len: data.min(end) - offset,
+                    flags: STATE_HOLE | STATE_ZERO,
+                })
+            }
+        }
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        // Best effort: a failed readahead hint is not an error for the client.
+        let _ = fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(len),
+            Advice::WillNeed,
+        );
+        Ok(())
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        true
+    }
+
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_and_data_are_reported_in_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        let f = File::create(&path).expect("create");
+        f.set_len(4 << 20).expect("truncate");
+        f.write_all_at(&[1u8; 65536], 1 << 20).expect("write");
+        drop(f);
+        let node = FileNode::open(&path, false).expect("open");
+        let first = node.block_status(0, 4 << 20).expect("status");
+        assert_eq!(first, Extent { len: 1 << 20, flags: 3 });
+        let second = node.block_status(1 << 20, 4 << 20).expect("status");
+        assert_eq!(second.flags, 0);
+        assert!(second.len >= 65536);
+        node.write_zeroes(1 << 20, 65536, ZeroFlags { may_unmap: true, fast: false })
+            .expect("zero");
+        let mut buf = vec![9u8; 65536];
+        node.read_at(&mut buf, 1 << 20).expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+}

@@ -1,0 +1,99 @@
+//! The block layer: what an image *is* to the rest of tidemark.
+//!
+//! A [`BlockNode`] is synchronous and thread-safe: positioned reads and writes
+//! with internal locking, so many requests (from many NBD connections) may be
+//! in flight at once. The async fronts never call it on a tokio worker; they
+//! hand the call to the blocking pool.
+//!
+//! Formats (raw, qcow2) and filters (copy-before-write) all implement the same
+//! trait, so a protocol server never knows which one it is talking to.
+
+pub mod error;
+pub mod file;
+pub mod open;
+
+pub use error::{BlockError, BlockResult, ErrorKind};
+
+/// `base:allocation` bit: the range is not allocated (reads come from a
+/// backing layer or are zero).
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation` bit: the range reads as zeroes.
+pub const STATE_ZERO: u32 = 2;
+
+/// One run of bytes with the same allocation status, starting where the
+/// query started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// `STATE_HOLE | STATE_ZERO` bits, exactly as NBD's `base:allocation`.
+    pub flags: u32,
+}
+
+/// Which layer of a chain holds a range: 0 = nowhere (unallocated),
+/// 1 = the top image, 2 = its backing file, ... (`qemu:allocation-depth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthExtent {
+    pub len: u64,
+    pub depth: u32,
+}
+
+/// How a write-zeroes request may be carried out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (punched) instead of written with zeroes
+    /// (NBD: NO_HOLE not set).
+    pub may_unmap: bool,
+    /// Fail with [`ErrorKind::NotSupported`] rather than fall back to writing
+    /// zero buffers (NBD_CMD_FLAG_FAST_ZERO).
+    pub fast: bool,
+}
+
+/// A disk image as the protocol servers see it.
+pub trait BlockNode: Send + Sync + 'static {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// True when the node was opened without write access.
+    fn read_only(&self) -> bool;
+
+    /// Fills `buf` from `offset`. The range lies inside the node (callers check).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()>;
+
+    /// Writes `buf` at `offset`; with `fua`, the data is stable when this returns.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()>;
+
+    /// Makes `len` bytes from `offset` read as zero.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()>;
+
+    /// Says the range is no longer needed. Afterwards it may read as anything
+    /// the format allows (for us: zeroes or the backing data).
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()>;
+
+    /// Makes every completed write stable.
+    fn flush(&self) -> BlockResult<()>;
+
+    /// The allocation status of the first run at `offset`, at most `len`
+    /// bytes long (and at least 1 byte when `len > 0`).
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent>;
+
+    /// The chain depth of the first run at `offset`, at most `len` bytes long.
+    /// A single-layer node is depth 1 where allocated, 0 where a hole.
+    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        let e = self.block_status(offset, len)?;
+        let depth = if e.flags & STATE_HOLE != 0 { 0 } else { 1 };
+        Ok(DepthExtent { len: e.len, depth })
+    }
+
+    /// A hint that the range will be read soon (NBD_CMD_CACHE).
+    fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Ok(())
+    }
+
+    /// Whether discarded ranges are guaranteed to read back as zeroes.
+    fn discard_zeroes(&self) -> bool {
+        false
+    }
+
+    /// A short name of the format, as `qemu-img info` prints it ("raw", "qcow2").
+    fn format_name(&self) -> &'static str;
+}

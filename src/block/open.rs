@@ -1,0 +1,62 @@
+//! Opening an image by path: probe the format, pick the driver.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::file::FileNode;
+use super::{BlockError, BlockNode, BlockResult};
+
+/// Image formats tidemark understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Guesses the format from the first bytes, as qemu does: a qcow magic means
+/// qcow2, anything else is raw.
+pub fn probe(path: &Path) -> BlockResult<Format> {
+    let mut magic = [0u8; 4];
+    let mut f = File::open(path)
+        .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| BlockError::io(format!("Could not read '{}'", path.display()), e))?;
+    Ok(if n == 4 && magic == QCOW2_MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Opens `path` as `format` (probed when `None`).
+pub fn open_image(
+    path: &Path,
+    format: Option<Format>,
+    read_only: bool,
+) -> BlockResult<Arc<dyn BlockNode>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    match format {
+        Format::Raw => Ok(Arc::new(FileNode::open(path, read_only)?)),
+        Format::Qcow2 => Err(BlockError::not_supported(format!(
+            "'{}': the qcow2 format is not supported yet",
+            path.display()
+        ))),
+    }
+}
