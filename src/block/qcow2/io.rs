@@ -1,0 +1,103 @@
+//! Positioned I/O on the image file with errors that name the file and the
+//! offset. A read that runs past the end of the file is a corrupt image,
+//! not a short read.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::block::{BlockError, BlockResult};
+
+pub struct HostFile {
+    pub file: File,
+    pub path: PathBuf,
+}
+
+impl HostFile {
+    pub fn new(file: File, path: &Path) -> Self {
+        HostFile {
+            file,
+            path: path.to_owned(),
+        }
+    }
+
+    pub fn len(&self) -> BlockResult<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| BlockError::io(format!("Could not stat '{}'", self.path.display()), e))
+    }
+
+    /// Reads exactly `buf.len()` bytes; `what` names the structure read.
+    pub fn read(&self, buf: &mut [u8], off: u64, what: &str) -> BlockResult<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => {
+                    return Err(BlockError::corrupt(format!(
+                        "'{}': {} at offset {} (+{} bytes) lies past the end of the file",
+                        self.path.display(),
+                        what,
+                        off,
+                        buf.len()
+                    )))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(BlockError::io(
+                        format!(
+                            "Could not read {} at offset {} of '{}'",
+                            what,
+                            off,
+                            self.path.display()
+                        ),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what exists of the range and zero-fills the rest (for
+    /// compressed data whose last sector may end past EOF).
+    pub fn read_partial(&self, buf: &mut [u8], off: u64) -> BlockResult<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(BlockError::io(
+                        format!("Could not read offset {} of '{}'", off, self.path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    pub fn write(&self, buf: &[u8], off: u64, what: &str) -> BlockResult<()> {
+        self.file.write_all_at(buf, off).map_err(|e| {
+            BlockError::io(
+                format!(
+                    "Could not write {} at offset {} of '{}'",
+                    what,
+                    off,
+                    self.path.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    pub fn sync(&self) -> BlockResult<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| BlockError::io(format!("Could not flush '{}'", self.path.display()), e))
+    }
+}
