@@ -2,3 +2,4 @@
 //! their changes for incremental backup. See ../shared/DESIGN.md for the map.
 
 pub mod block;
+pub mod info;

@@ -449,3 +449,222 @@ fn qcow2_locks_exclude_qemu_writers() {
     assert!(refused, "tidemark opened an image qemu-io holds for writing");
     assert!(open_image(&img, None, false).is_ok(), "free again after qemu-io");
 }
+
+/// The fields of `qemu-img info --output=json` that do not depend on the
+/// host (actual-size does).
+fn info_fields(img: &Path) -> serde_json::Value {
+    let out = run("qemu-img", &["info", "--output=json", s(img)]);
+    let mut v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let o = v.as_object_mut().expect("object");
+    for k in ["actual-size", "children", "filename", "full-backing-filename"] {
+        o.remove(k);
+    }
+    v
+}
+
+#[test]
+fn qcow2_create_matches_qemu_img_create() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    run("qemu-img", &["create", "-f", "raw", s(&p(d, "base.raw")), "3M"]);
+    let cases: Vec<(Vec<&str>, CreateOptions)> = vec![
+        (vec!["-o", "cluster_size=65536"], CreateOptions {
+            size: Some(64 << 20),
+            ..Default::default()
+        }),
+        (vec!["-o", "cluster_size=512"], CreateOptions {
+            size: Some(1 << 30),
+            cluster_size: 512,
+            ..Default::default()
+        }),
+        (vec!["-o", "cluster_size=2M,compat=0.10"], CreateOptions {
+            size: Some(10 << 30),
+            cluster_size: 2 << 20,
+            compat_v2: true,
+            ..Default::default()
+        }),
+        (vec!["-b", "base.raw", "-F", "raw"], CreateOptions {
+            size: None,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some("raw".into()),
+            ..Default::default()
+        }),
+        (vec!["-o", "cluster_size=4096"], CreateOptions {
+            size: Some(1 << 40),
+            cluster_size: 4096,
+            ..Default::default()
+        }),
+    ];
+    for (i, (args, opts)) in cases.into_iter().enumerate() {
+        let theirs = p(d, &format!("q{}.qcow2", i));
+        let ours = p(d, &format!("t{}.qcow2", i));
+        let mut a = vec!["create", "-f", "qcow2"];
+        a.extend(args);
+        a.push(s(&theirs));
+        let size = opts.size.map(|v| v.to_string());
+        if let Some(sz) = &size {
+            a.push(sz);
+        }
+        run("qemu-img", &a);
+        create_qcow2(&ours, &opts).expect("create");
+        check_clean(&ours);
+        assert_eq!(info_fields(&ours), info_fields(&theirs), "case {}", i);
+        // Our info agrees with qemu-img's too.
+        let mine = tidemark::info::image_info(&ours, None).expect("info");
+        let mut v = serde_json::to_value(&mine).expect("json");
+        let o = v.as_object_mut().expect("object");
+        for k in ["actual-size", "filename", "full-backing-filename"] {
+            o.remove(k);
+        }
+        assert_eq!(v, info_fields(&theirs), "info case {}", i);
+        // And the new image takes writes that qemu then trusts.
+        let node = open(&ours, false);
+        node.write_at(&[7u8; 3000], 1000, true).expect("write");
+        drop(node);
+        check_clean(&ours);
+    }
+}
+
+#[test]
+fn qcow2_refcount_table_growth_stays_clean() {
+    if !have_qemu() {
+        return;
+    }
+    // 512-byte clusters: one refcount table cluster covers only 8 MiB.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = p(dir.path(), "g.qcow2");
+    create_qcow2(
+        &img,
+        &CreateOptions {
+            size: Some(64 << 20),
+            cluster_size: 512,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let node = open(&img, false);
+    let mut rng = Rng(99);
+    for i in 0..40u64 {
+        let off = rng.below(60 << 20);
+        node.write_at(&vec![(i + 1) as u8; 600_000], off, false).expect("write");
+    }
+    let data = read_all(node.as_ref());
+    drop(node);
+    check_clean(&img);
+    assert!(data == qemu_raw(&img, dir.path()));
+}
+
+/// Bytes of a fresh 64 KiB-cluster image with one data cluster at 64 KiB
+/// guest offset: header, reftable at 0x10000, refblock 0x20000, L1 0x30000,
+/// L2 0x40000, data 0x50000.
+fn sample_image(d: &Path) -> PathBuf {
+    let img = p(d, "s.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", s(&img), "4M"]);
+    qemu_io(&img, "qcow2", &["write -P 0x44 64k 64k".into()]);
+    img
+}
+
+fn patch(img: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).expect("open");
+    f.write_all_at(bytes, at).expect("patch");
+}
+
+/// Opening and reading everything gives an error, never a panic or garbage.
+fn expect_refused(img: &Path, what: &str) {
+    let r = open_image(img, Some(Format::Qcow2), true).and_then(|n| {
+        let mut buf = vec![0u8; n.size() as usize];
+        n.read_at(&mut buf, 0)?;
+        n.block_status(0, n.size())?;
+        Ok(())
+    });
+    let e = r.expect_err(what);
+    assert!(!e.to_string().is_empty(), "{}", what);
+}
+
+#[test]
+fn qcow2_corrupt_images_give_clear_errors() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        ("truncated header", Box::new(|i: &Path| {
+            std::fs::OpenOptions::new().write(true).open(i).expect("o").set_len(50).expect("t")
+        })),
+        ("truncated data", Box::new(|i: &Path| {
+            std::fs::OpenOptions::new().write(true).open(i).expect("o").set_len(0x50000).expect("t")
+        })),
+        ("L1 past EOF", Box::new(|i: &Path| patch(i, 40, &(1u64 << 40).to_be_bytes()))),
+        ("L1 unaligned", Box::new(|i: &Path| patch(i, 40, &0x30200u64.to_be_bytes()))),
+        ("L2 pointer past EOF", Box::new(|i: &Path| {
+            patch(i, 0x30000, &(0x8000_0000_0000_0000u64 | 1 << 40).to_be_bytes())
+        })),
+        ("L2 pointer unaligned", Box::new(|i: &Path| {
+            patch(i, 0x30000, &0x8000_0000_0004_0200u64.to_be_bytes())
+        })),
+        ("data pointer unaligned", Box::new(|i: &Path| {
+            patch(i, 0x40008, &0x8000_0000_0005_0100u64.to_be_bytes())
+        })),
+        ("refcount table past EOF", Box::new(|i: &Path| {
+            patch(i, 48, &(1u64 << 40).to_be_bytes())
+        })),
+        ("refcount table absurd", Box::new(|i: &Path| patch(i, 56, &u32::MAX.to_be_bytes()))),
+        ("header length absurd", Box::new(|i: &Path| patch(i, 100, &0xfff0u32.to_be_bytes()))),
+        ("cluster bits absurd", Box::new(|i: &Path| patch(i, 20, &40u32.to_be_bytes()))),
+        ("l1 size absurd", Box::new(|i: &Path| patch(i, 36, &u32::MAX.to_be_bytes()))),
+        ("virtual size beyond L1", Box::new(|i: &Path| patch(i, 24, &(1u64 << 50).to_be_bytes()))),
+        ("unknown incompatible feature", Box::new(|i: &Path| {
+            patch(i, 72, &(1u64 << 40).to_be_bytes())
+        })),
+    ];
+    for (what, damage) in cases {
+        let img = sample_image(d);
+        damage(&img);
+        expect_refused(&img, what);
+    }
+    // A corrupt image is not opened for writing; read-only still works.
+    let img = sample_image(d);
+    patch(&img, 72, &2u64.to_be_bytes());
+    let e = open_image(&img, None, false).err().expect("corrupt bit");
+    assert_eq!(e.kind, ErrorKind::Corrupt);
+    assert!(open_image(&img, None, true).is_ok());
+    // A data cluster mapped onto the L1 table: writes are refused and the
+    // image is marked corrupt instead of being damaged further.
+    let img = sample_image(d);
+    patch(&img, 0x40008, &0x8000_0000_0003_0000u64.to_be_bytes());
+    patch(&img, 0x20000 + 2 * 5, &0u16.to_be_bytes());
+    let node = open(&img, false);
+    let mut buf = vec![0u8; 512];
+    node.read_at(&mut buf, 64 << 10).expect("read of a bad mapping");
+    node.write_at(&[1u8; 512], 3 << 20, false)
+        .expect_err("allocation over metadata must fail");
+    drop(node);
+    assert!(open_image(&img, None, false).is_err(), "marked corrupt");
+}
+
+#[test]
+fn qcow2_backing_loops_and_missing_backings_are_errors() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let a = p(d, "a.qcow2");
+    let b = p(d, "b.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", s(&a), "1M"]);
+    run("qemu-img", &["create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&b)]);
+    // Point a at b: a loop qemu-img itself would refuse to create.
+    run("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
+    let e = open_image(&b, None, true).err().expect("loop");
+    assert!(e.to_string().contains("loop"), "{}", e);
+    assert!(tidemark::info::chain_info(&b, None).is_err());
+    let c = p(d, "c.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", "-u", "-b", "nowhere.qcow2", "-F", "qcow2", s(&c), "1M"]);
+    let e = open_image(&c, None, true).err().expect("missing");
+    assert!(e.to_string().contains("Could not open backing file"), "{}", e);
+}
