@@ -16,7 +16,10 @@ use crate::block::{BlockError, BlockResult};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ImageInfo {
-    #[serde(rename = "backing-filename-format", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "backing-filename-format",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backing_filename_format: Option<String>,
     #[serde(rename = "virtual-size")]
     pub virtual_size: u64,
@@ -28,7 +31,10 @@ pub struct ImageInfo {
     pub actual_size: u64,
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<FormatSpecific>,
-    #[serde(rename = "full-backing-filename", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "full-backing-filename",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub full_backing_filename: Option<String>,
     #[serde(rename = "backing-filename", skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
@@ -90,7 +96,12 @@ pub fn image_info(path: &Path, format: Option<Format>) -> BlockResult<ImageInfo>
     let v3 = h.version >= 3;
     let data = Qcow2Specific {
         compat: if v3 { "1.1" } else { "0.10" }.into(),
-        compression_type: if h.compression_type == 1 { "zstd" } else { "zlib" }.into(),
+        compression_type: if h.compression_type == 1 {
+            "zstd"
+        } else {
+            "zlib"
+        }
+        .into(),
         lazy_refcounts: v3.then_some(h.compatible & COMPAT_LAZY_REFCOUNTS != 0),
         refcount_bits: 1 << h.refcount_order,
         corrupt: v3.then_some(h.incompatible & INCOMPAT_CORRUPT != 0),

@@ -92,7 +92,12 @@ fn read_all(node: &dyn BlockNode) -> Vec<u8> {
 
 /// (start, length, base:allocation flags, depth) runs from `qemu-img map`,
 /// merged the way an NBD server merges them.
-fn qemu_map(img: &Path) -> (Vec<(u64, u64, u32)>, Vec<(u64, u64, u32)>) {
+/// Runs of (start, length, value).
+type Runs = Vec<(u64, u64, u32)>;
+/// A damage applied to a sample image.
+type Damage = Box<dyn Fn(&Path)>;
+
+fn qemu_map(img: &Path) -> (Runs, Runs) {
     let out = run("qemu-img", &["map", "--output=json", s(img)]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let mut flags = Vec::new();
@@ -115,7 +120,7 @@ fn qemu_map(img: &Path) -> (Vec<(u64, u64, u32)>, Vec<(u64, u64, u32)>) {
     (flags, depth)
 }
 
-fn push_run(v: &mut Vec<(u64, u64, u32)>, start: u64, len: u64, val: u32) {
+fn push_run(v: &mut Runs, start: u64, len: u64, val: u32) {
     if let Some(last) = v.last_mut() {
         if last.2 == val && last.0 + last.1 == start {
             last.1 += len;
@@ -125,7 +130,7 @@ fn push_run(v: &mut Vec<(u64, u64, u32)>, start: u64, len: u64, val: u32) {
     v.push((start, len, val));
 }
 
-fn our_map(node: &dyn BlockNode) -> (Vec<(u64, u64, u32)>, Vec<(u64, u64, u32)>) {
+fn our_map(node: &dyn BlockNode) -> (Runs, Runs) {
     let mut flags = Vec::new();
     let mut depth = Vec::new();
     let size = node.size();
@@ -170,20 +175,31 @@ fn check_clean(img: &Path) {
 fn build_chain(dir: &Path, cs: u64, compat: &str) -> PathBuf {
     let size = 4 << 20;
     let base = p(dir, "base.raw");
-    run("qemu-img", &["create", "-f", "raw", s(&base), &size.to_string()]);
+    run(
+        "qemu-img",
+        &["create", "-f", "raw", s(&base), &size.to_string()],
+    );
     qemu_io(
         &base,
         "raw",
-        &[
-            "write -P 0x11 0 1M".into(),
-            "write -P 0x12 3M 4096".into(),
-        ],
+        &["write -P 0x11 0 1M".into(), "write -P 0x12 3M 4096".into()],
     );
     let mid = p(dir, "mid.qcow2");
     let opts = format!("cluster_size={},compat={}", cs, compat);
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-o", &opts, "-b", "base.raw", "-F", "raw", s(&mid)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&mid),
+        ],
     );
     let mut cmds = vec![
         "write -P 0x21 512k 700k".to_string(),
@@ -197,7 +213,18 @@ fn build_chain(dir: &Path, cs: u64, compat: &str) -> PathBuf {
     let top = p(dir, "top.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-o", &opts, "-b", "mid.qcow2", "-F", "qcow2", s(&top)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
     );
     qemu_io(
         &top,
@@ -220,12 +247,22 @@ fn qcow2_chains_read_and_map_like_qemu() {
     if !have_qemu() {
         return;
     }
-    for (cs, compat) in [(65536, "1.1"), (512, "1.1"), (2 << 20, "1.1"), (65536, "0.10")] {
+    for (cs, compat) in [
+        (65536, "1.1"),
+        (512, "1.1"),
+        (2 << 20, "1.1"),
+        (65536, "0.10"),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let top = build_chain(dir.path(), cs, compat);
         let node = open(&top, true);
         let ours = read_all(node.as_ref());
-        assert!(ours == qemu_raw(&top, dir.path()), "data differs (cs {} {})", cs, compat);
+        assert!(
+            ours == qemu_raw(&top, dir.path()),
+            "data differs (cs {} {})",
+            cs,
+            compat
+        );
         let (qf, qd) = qemu_map(&top);
         let (of, od) = our_map(node.as_ref());
         assert_eq!(of, qf, "base:allocation differs (cs {} {})", cs, compat);
@@ -245,10 +282,23 @@ fn qcow2_compressed_images_read_like_qemu() {
         let opts = format!("compression_type={}", ctype);
         run(
             "qemu-img",
-            &["convert", "-c", "-O", "qcow2", "-o", &opts, s(&top), s(&packed)],
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &opts,
+                s(&top),
+                s(&packed),
+            ],
         );
         let node = open(&packed, true);
-        assert!(read_all(node.as_ref()) == qemu_raw(&packed, dir.path()), "{}", ctype);
+        assert!(
+            read_all(node.as_ref()) == qemu_raw(&packed, dir.path()),
+            "{}",
+            ctype
+        );
     }
 }
 
@@ -272,7 +322,10 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
     let d = dir.path();
     let size: u64 = 8 << 20;
     let base = p(d, "base.qcow2");
-    run("qemu-img", &["create", "-f", "qcow2", s(&base), &size.to_string()]);
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", s(&base), &size.to_string()],
+    );
     qemu_io(
         &base,
         "qcow2",
@@ -284,7 +337,18 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
     for img in [&ours, &theirs] {
         run(
             "qemu-img",
-            &["create", "-f", "qcow2", "-o", &opts, "-b", "base.qcow2", "-F", "qcow2", s(img)],
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                s(img),
+            ],
         );
     }
     let mut rng = Rng(seed | 1);
@@ -293,13 +357,18 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
         let node = open(&ours, false);
         for _ in 0..ops {
             let kind = rng.below(10);
-            let max = if rng.below(4) == 0 { 3 * cs + 5000 } else { 9000 };
+            let max = if rng.below(4) == 0 {
+                3 * cs + 5000
+            } else {
+                9000
+            };
             let len = 1 + rng.below(max.min(size));
             let off = rng.below(size - len);
             match kind {
                 0..=5 => {
                     let byte = (rng.below(255) + 1) as u8;
-                    node.write_at(&vec![byte; len as usize], off, false).expect("write");
+                    node.write_at(&vec![byte; len as usize], off, false)
+                        .expect("write");
                     cmds.push(format!("write -P {} {} {}", byte, off, len));
                 }
                 6 | 7 => {
@@ -309,7 +378,12 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
                         fast: false,
                     };
                     node.write_zeroes(off, len, flags).expect("zero");
-                    cmds.push(format!("write -z {}{} {}", if unmap { "-u " } else { "" }, off, len));
+                    cmds.push(format!(
+                        "write -z {}{} {}",
+                        if unmap { "-u " } else { "" },
+                        off,
+                        len
+                    ));
                 }
                 8 => {
                     node.discard(off, len).expect("discard");
@@ -337,7 +411,12 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
     );
     // And tidemark reads its own image as qemu does.
     let node = open(&ours, true);
-    assert!(read_all(node.as_ref()) == qemu_raw(&ours, d), "cs {} seed {}", cs, seed);
+    assert!(
+        read_all(node.as_ref()) == qemu_raw(&ours, d),
+        "cs {} seed {}",
+        cs,
+        seed
+    );
 }
 
 #[test]
@@ -412,8 +491,8 @@ fn qcow2_locks_exclude_qemu_writers() {
         .args(["-c", "write 0 512", s(&img)])
         .output()
         .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("lock"), "qemu-io was not refused: {}", text);
     drop(node);
     // qemu-io holds it writable: tidemark may not open it.
@@ -446,8 +525,14 @@ fn qcow2_locks_exclude_qemu_writers() {
     };
     drop(child.stdin.take());
     let _ = child.wait();
-    assert!(refused, "tidemark opened an image qemu-io holds for writing");
-    assert!(open_image(&img, None, false).is_ok(), "free again after qemu-io");
+    assert!(
+        refused,
+        "tidemark opened an image qemu-io holds for writing"
+    );
+    assert!(
+        open_image(&img, None, false).is_ok(),
+        "free again after qemu-io"
+    );
 }
 
 /// The fields of `qemu-img info --output=json` that do not depend on the
@@ -456,7 +541,12 @@ fn info_fields(img: &Path) -> serde_json::Value {
     let out = run("qemu-img", &["info", "--output=json", s(img)]);
     let mut v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let o = v.as_object_mut().expect("object");
-    for k in ["actual-size", "children", "filename", "full-backing-filename"] {
+    for k in [
+        "actual-size",
+        "children",
+        "filename",
+        "full-backing-filename",
+    ] {
         o.remove(k);
     }
     v
@@ -469,34 +559,52 @@ fn qcow2_create_matches_qemu_img_create() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    run("qemu-img", &["create", "-f", "raw", s(&p(d, "base.raw")), "3M"]);
+    run(
+        "qemu-img",
+        &["create", "-f", "raw", s(&p(d, "base.raw")), "3M"],
+    );
     let cases: Vec<(Vec<&str>, CreateOptions)> = vec![
-        (vec!["-o", "cluster_size=65536"], CreateOptions {
-            size: Some(64 << 20),
-            ..Default::default()
-        }),
-        (vec!["-o", "cluster_size=512"], CreateOptions {
-            size: Some(1 << 30),
-            cluster_size: 512,
-            ..Default::default()
-        }),
-        (vec!["-o", "cluster_size=2M,compat=0.10"], CreateOptions {
-            size: Some(10 << 30),
-            cluster_size: 2 << 20,
-            compat_v2: true,
-            ..Default::default()
-        }),
-        (vec!["-b", "base.raw", "-F", "raw"], CreateOptions {
-            size: None,
-            backing_file: Some("base.raw".into()),
-            backing_format: Some("raw".into()),
-            ..Default::default()
-        }),
-        (vec!["-o", "cluster_size=4096"], CreateOptions {
-            size: Some(1 << 40),
-            cluster_size: 4096,
-            ..Default::default()
-        }),
+        (
+            vec!["-o", "cluster_size=65536"],
+            CreateOptions {
+                size: Some(64 << 20),
+                ..Default::default()
+            },
+        ),
+        (
+            vec!["-o", "cluster_size=512"],
+            CreateOptions {
+                size: Some(1 << 30),
+                cluster_size: 512,
+                ..Default::default()
+            },
+        ),
+        (
+            vec!["-o", "cluster_size=2M,compat=0.10"],
+            CreateOptions {
+                size: Some(10 << 30),
+                cluster_size: 2 << 20,
+                compat_v2: true,
+                ..Default::default()
+            },
+        ),
+        (
+            vec!["-b", "base.raw", "-F", "raw"],
+            CreateOptions {
+                size: None,
+                backing_file: Some("base.raw".into()),
+                backing_format: Some("raw".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            vec!["-o", "cluster_size=4096"],
+            CreateOptions {
+                size: Some(1 << 40),
+                cluster_size: 4096,
+                ..Default::default()
+            },
+        ),
     ];
     for (i, (args, opts)) in cases.into_iter().enumerate() {
         let theirs = p(d, &format!("q{}.qcow2", i));
@@ -549,7 +657,8 @@ fn qcow2_refcount_table_growth_stays_clean() {
     let mut rng = Rng(99);
     for i in 0..40u64 {
         let off = rng.below(60 << 20);
-        node.write_at(&vec![(i + 1) as u8; 600_000], off, false).expect("write");
+        node.write_at(&vec![(i + 1) as u8; 600_000], off, false)
+            .expect("write");
     }
     let data = read_all(node.as_ref());
     drop(node);
@@ -569,7 +678,10 @@ fn sample_image(d: &Path) -> PathBuf {
 
 fn patch(img: &Path, at: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(img).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .expect("open");
     f.write_all_at(bytes, at).expect("patch");
 }
 
@@ -592,35 +704,83 @@ fn qcow2_corrupt_images_give_clear_errors() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
-        ("truncated header", Box::new(|i: &Path| {
-            std::fs::OpenOptions::new().write(true).open(i).expect("o").set_len(50).expect("t")
-        })),
-        ("truncated data", Box::new(|i: &Path| {
-            std::fs::OpenOptions::new().write(true).open(i).expect("o").set_len(0x50000).expect("t")
-        })),
-        ("L1 past EOF", Box::new(|i: &Path| patch(i, 40, &(1u64 << 40).to_be_bytes()))),
-        ("L1 unaligned", Box::new(|i: &Path| patch(i, 40, &0x30200u64.to_be_bytes()))),
-        ("L2 pointer past EOF", Box::new(|i: &Path| {
-            patch(i, 0x30000, &(0x8000_0000_0000_0000u64 | 1 << 40).to_be_bytes())
-        })),
-        ("L2 pointer unaligned", Box::new(|i: &Path| {
-            patch(i, 0x30000, &0x8000_0000_0004_0200u64.to_be_bytes())
-        })),
-        ("data pointer unaligned", Box::new(|i: &Path| {
-            patch(i, 0x40008, &0x8000_0000_0005_0100u64.to_be_bytes())
-        })),
-        ("refcount table past EOF", Box::new(|i: &Path| {
-            patch(i, 48, &(1u64 << 40).to_be_bytes())
-        })),
-        ("refcount table absurd", Box::new(|i: &Path| patch(i, 56, &u32::MAX.to_be_bytes()))),
-        ("header length absurd", Box::new(|i: &Path| patch(i, 100, &0xfff0u32.to_be_bytes()))),
-        ("cluster bits absurd", Box::new(|i: &Path| patch(i, 20, &40u32.to_be_bytes()))),
-        ("l1 size absurd", Box::new(|i: &Path| patch(i, 36, &u32::MAX.to_be_bytes()))),
-        ("virtual size beyond L1", Box::new(|i: &Path| patch(i, 24, &(1u64 << 50).to_be_bytes()))),
-        ("unknown incompatible feature", Box::new(|i: &Path| {
-            patch(i, 72, &(1u64 << 40).to_be_bytes())
-        })),
+    let cases: Vec<(&str, Damage)> = vec![
+        (
+            "truncated header",
+            Box::new(|i: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(i)
+                    .expect("o")
+                    .set_len(50)
+                    .expect("t")
+            }),
+        ),
+        (
+            "truncated data",
+            Box::new(|i: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(i)
+                    .expect("o")
+                    .set_len(0x50000)
+                    .expect("t")
+            }),
+        ),
+        (
+            "L1 past EOF",
+            Box::new(|i: &Path| patch(i, 40, &(1u64 << 40).to_be_bytes())),
+        ),
+        (
+            "L1 unaligned",
+            Box::new(|i: &Path| patch(i, 40, &0x30200u64.to_be_bytes())),
+        ),
+        (
+            "L2 pointer past EOF",
+            Box::new(|i: &Path| {
+                patch(
+                    i,
+                    0x30000,
+                    &(0x8000_0000_0000_0000u64 | 1 << 40).to_be_bytes(),
+                )
+            }),
+        ),
+        (
+            "L2 pointer unaligned",
+            Box::new(|i: &Path| patch(i, 0x30000, &0x8000_0000_0004_0200u64.to_be_bytes())),
+        ),
+        (
+            "data pointer unaligned",
+            Box::new(|i: &Path| patch(i, 0x40008, &0x8000_0000_0005_0100u64.to_be_bytes())),
+        ),
+        (
+            "refcount table past EOF",
+            Box::new(|i: &Path| patch(i, 48, &(1u64 << 40).to_be_bytes())),
+        ),
+        (
+            "refcount table absurd",
+            Box::new(|i: &Path| patch(i, 56, &u32::MAX.to_be_bytes())),
+        ),
+        (
+            "header length absurd",
+            Box::new(|i: &Path| patch(i, 100, &0x7fff_fff8u32.to_be_bytes())),
+        ),
+        (
+            "cluster bits absurd",
+            Box::new(|i: &Path| patch(i, 20, &40u32.to_be_bytes())),
+        ),
+        (
+            "l1 size absurd",
+            Box::new(|i: &Path| patch(i, 36, &u32::MAX.to_be_bytes())),
+        ),
+        (
+            "virtual size beyond L1",
+            Box::new(|i: &Path| patch(i, 24, &(1u64 << 50).to_be_bytes())),
+        ),
+        (
+            "unknown incompatible feature",
+            Box::new(|i: &Path| patch(i, 72, &(1u64 << 40).to_be_bytes())),
+        ),
     ];
     for (what, damage) in cases {
         let img = sample_image(d);
@@ -633,16 +793,18 @@ fn qcow2_corrupt_images_give_clear_errors() {
     let e = open_image(&img, None, false).err().expect("corrupt bit");
     assert_eq!(e.kind, ErrorKind::Corrupt);
     assert!(open_image(&img, None, true).is_ok());
-    // A data cluster mapped onto the L1 table: writes are refused and the
-    // image is marked corrupt instead of being damaged further.
+    // The L2 table's refcount says "free": the next allocation would land
+    // on it. The write is refused and the image marked corrupt instead.
     let img = sample_image(d);
-    patch(&img, 0x40008, &0x8000_0000_0003_0000u64.to_be_bytes());
-    patch(&img, 0x20000 + 2 * 5, &0u16.to_be_bytes());
+    patch(&img, 0x20000 + 2 * 4, &0u16.to_be_bytes());
     let node = open(&img, false);
-    let mut buf = vec![0u8; 512];
-    node.read_at(&mut buf, 64 << 10).expect("read of a bad mapping");
-    node.write_at(&[1u8; 512], 3 << 20, false)
+    let e = node
+        .write_at(&[1u8; 512], 3 << 20, false)
         .expect_err("allocation over metadata must fail");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{}", e);
+    let mut buf = vec![0u8; 512];
+    node.read_at(&mut buf, 64 << 10).expect("reads still work");
+    assert_eq!(buf, vec![0x44u8; 512]);
     drop(node);
     assert!(open_image(&img, None, false).is_err(), "marked corrupt");
 }
@@ -657,14 +819,57 @@ fn qcow2_backing_loops_and_missing_backings_are_errors() {
     let a = p(d, "a.qcow2");
     let b = p(d, "b.qcow2");
     run("qemu-img", &["create", "-f", "qcow2", s(&a), "1M"]);
-    run("qemu-img", &["create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&b)]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            s(&b),
+        ],
+    );
     // Point a at b: a loop qemu-img itself would refuse to create.
-    run("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
+    run(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            s(&a),
+        ],
+    );
     let e = open_image(&b, None, true).err().expect("loop");
     assert!(e.to_string().contains("loop"), "{}", e);
     assert!(tidemark::info::chain_info(&b, None).is_err());
     let c = p(d, "c.qcow2");
-    run("qemu-img", &["create", "-f", "qcow2", "-u", "-b", "nowhere.qcow2", "-F", "qcow2", s(&c), "1M"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nowhere.qcow2",
+            "-F",
+            "qcow2",
+            s(&c),
+            "1M",
+        ],
+    );
     let e = open_image(&c, None, true).err().expect("missing");
-    assert!(e.to_string().contains("Could not open backing file"), "{}", e);
+    assert!(
+        e.to_string().contains("Could not open backing file"),
+        "{}",
+        e
+    );
 }

@@ -34,10 +34,9 @@ impl TableCache {
     pub fn get(&mut self, off: u64) -> Option<&mut Slot> {
         self.tick += 1;
         let tick = self.tick;
-        self.slots.get_mut(&off).map(|s| {
-            s.used = tick;
-            s
-        })
+        let slot = self.slots.get_mut(&off)?;
+        slot.used = tick;
+        Some(slot)
     }
 
     /// Inserts a table. When the cache is full, returns the evicted

@@ -185,7 +185,7 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if h.header_length < V3_HEADER_LEN
-                || h.header_length % 8 != 0
+                || !h.header_length.is_multiple_of(8)
                 || h.header_length as usize > cs.min(buf.len())
             {
                 return Err(corrupt(format!(

@@ -7,6 +7,8 @@
 //! Freeing goes the other way (L2 first, synced, then the refcount drop),
 //! see [`Meta::free_after_unmap`].
 
+use std::collections::HashSet;
+
 use super::cache::TableCache;
 use super::header::Header;
 use super::io::HostFile;
@@ -29,6 +31,8 @@ pub struct Meta {
     pub refs: Refcounts,
     /// Set when corruption was found: no more writes.
     pub corrupt: bool,
+    /// Host offsets of the active L2 tables (for the overlap check).
+    l2_tables: HashSet<u64>,
 }
 
 impl Meta {
@@ -66,8 +70,12 @@ impl Meta {
         let l1: Vec<u64> = (0..header.l1_size as usize)
             .map(|i| get_be64(&raw, i))
             .collect();
+        let mut l2_tables = HashSet::new();
         for (i, &e) in l1.iter().enumerate() {
             let off = l1_l2_offset(e, cs, i)?;
+            if off != 0 {
+                l2_tables.insert(off);
+            }
             if off != 0 && off.saturating_add(cs) > file_len.div_ceil(cs) * cs {
                 return Err(BlockError::corrupt(format!(
                     "L1 entry {} points to an L2 table at {:#x}, past the end of the file",
@@ -92,6 +100,7 @@ impl Meta {
             l2: TableCache::new((L2_CACHE_BYTES / cs).clamp(16, 1024) as usize),
             refs,
             corrupt: false,
+            l2_tables,
         })
     }
 
@@ -166,7 +175,7 @@ impl Meta {
         while len < max {
             let at = guest + len;
             let gc = at / cs;
-            if at % cs == 0 && self.l2_offset(gc / per)? == 0 {
+            if at.is_multiple_of(cs) && self.l2_offset(gc / per)? == 0 {
                 if m != Mapping::Unallocated {
                     break;
                 }
@@ -246,7 +255,9 @@ impl Meta {
             self.cache_l2(f, new, data, true)?;
             if off != 0 {
                 self.refs.update(f, off / cs, -1)?;
+                self.l2_tables.remove(&off);
             }
+            self.l2_tables.insert(new);
             off = new;
             self.l1[l1i as usize] = new | COPIED;
             self.l1_dirty = true;
@@ -279,11 +290,15 @@ impl Meta {
         let overlaps = |start: u64, size: u64| off < start + size && start < off + len;
         let l1_bytes = (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
         let rt_bytes = u64::from(self.refs.table_clusters) * cs;
-        if overlaps(0, cs)
+        let clusters = (off / cs)..(off + len).div_ceil(cs);
+        let table_hit = clusters
+            .clone()
+            .any(|c| self.l2_tables.contains(&(c * cs)) || self.refs.blocks.contains(&(c * cs)));
+        if table_hit
+            || overlaps(0, cs)
             || (l1_bytes > 0 && overlaps(self.header.l1_table_offset, l1_bytes))
             || overlaps(self.refs.table_offset, rt_bytes)
         {
-            self.corrupt = true;
             return Err(BlockError::corrupt(format!(
                 "Preventing invalid allocation at {:#x}: it overlaps image metadata \
                  (the refcounts are corrupt; run 'qemu-img check -r all')",

@@ -7,6 +7,8 @@
 //! that points to them, and the table grows into fresh space at the end of
 //! the file with the header switched over only once the new table is stable.
 
+use std::collections::HashSet;
+
 use super::cache::TableCache;
 use super::io::HostFile;
 use super::tables::{get_be64, put_be64, OFFSET_MASK};
@@ -27,6 +29,8 @@ pub struct Refcounts {
     /// One past the highest cluster in use or allocated, written or not
     /// (new L2 tables may still sit only in the cache).
     end: u64,
+    /// Host offsets of all refcount blocks (for the metadata overlap check).
+    pub blocks: HashSet<u64>,
 }
 
 fn set_entry(block: &mut [u8], order: u32, i: u64, v: u64) {
@@ -103,7 +107,6 @@ impl Refcounts {
             }
         }
         Ok(Refcounts {
-            table,
             table_offset,
             table_clusters,
             order,
@@ -111,6 +114,8 @@ impl Refcounts {
             cache: TableCache::new(cache_tables),
             free_hint: 0,
             end: file_len.div_ceil(cs),
+            blocks: table.iter().copied().filter(|&e| e != 0).collect(),
+            table,
         })
     }
 
@@ -281,6 +286,7 @@ impl Refcounts {
                 }
             }
             self.table[idx as usize] = b * cs;
+            self.blocks.insert(b * cs);
             let entry = (b * cs).to_be_bytes();
             f.write(&entry, self.table_offset + idx * 8, "refcount table entry")?;
             return Ok(());
@@ -333,6 +339,7 @@ impl Refcounts {
             }
             f.write(&data, at * cs, "refcount block")?;
             table[idx as usize] = at * cs;
+            self.blocks.insert(at * cs);
         }
         // Space of the new area covered by blocks that already exist.
         for c in area..area_end {
