@@ -5,7 +5,8 @@
 //! take the status of the backing node, or HOLE|ZERO without one (or past
 //! its end). `qemu:allocation-depth`: 1 where this layer holds the range
 //! (data or zero clusters), the backing node's depth + 1 below that, 0 where
-//! no layer does. Adjacent runs with the same answer are merged.
+//! no layer does; past the end of a shorter backing file, that backing's
+//! depth. Adjacent runs with the same answer are merged.
 
 use super::tables::Mapping;
 use super::Qcow2Node;
@@ -97,7 +98,10 @@ impl Qcow2Node {
                     let d = if e.depth == 0 { 0 } else { e.depth + 1 };
                     (d, e.len.clamp(1, n))
                 }
-                _ => (0, n),
+                // qemu: the zeroes a short backing file reads past its end
+                // count as allocated in that backing layer.
+                Some(_) => (2, n),
+                None => (0, n),
             },
             _ => (1, n),
         })
