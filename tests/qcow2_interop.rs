@@ -202,16 +202,13 @@ fn check_clean(img: &Path) {
 /// A 3-deep chain over a raw base with data, zero clusters, discards,
 /// unaligned writes; then the same through a compressed copy.
 fn build_chain(dir: &Path, cs: u64, compat: &str) -> PathBuf {
-    let size = 4 << 20;
+    // The raw base is shorter than the overlays above it.
     let base = p(dir, "base.raw");
-    run(
-        "qemu-img",
-        &["create", "-f", "raw", s(&base), &size.to_string()],
-    );
+    run("qemu-img", &["create", "-f", "raw", s(&base), "3M"]);
     qemu_io(
         &base,
         "raw",
-        &["write -P 0x11 0 1M".into(), "write -P 0x12 3M 4096".into()],
+        &["write -P 0x11 0 1M".into(), "write -P 0x12 2M 4096".into()],
     );
     let mid = p(dir, "mid.qcow2");
     let opts = format!("cluster_size={},compat={}", cs, compat);
@@ -228,6 +225,7 @@ fn build_chain(dir: &Path, cs: u64, compat: &str) -> PathBuf {
             "-F",
             "raw",
             s(&mid),
+            "4M",
         ],
     );
     let mut cmds = vec![
