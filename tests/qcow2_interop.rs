@@ -233,7 +233,7 @@ fn build_chain(dir: &Path, cs: u64, compat: &str) -> PathBuf {
         "write -P 0x22 2M 100000".to_string(),
         "write -z 256k 128k".to_string(),
     ];
-    if compat == "1.1" {
+    if compat.starts_with("1.1") {
         cmds.push("discard 1536k 256k".into());
     }
     qemu_io(&mid, "qcow2", &cmds);
@@ -279,6 +279,7 @@ fn qcow2_chains_read_and_map_like_qemu() {
         (512, "1.1"),
         (2 << 20, "1.1"),
         (65536, "0.10"),
+        (65536, "1.1,extended_l2=on"),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let top = build_chain(dir.path(), cs, compat);

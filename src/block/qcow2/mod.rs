@@ -305,3 +305,108 @@ impl Drop for Qcow2Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::create::{create_qcow2, CreateOptions};
+    use super::*;
+    use crate::block::{STATE_HOLE, STATE_ZERO};
+
+    fn new_image(dir: &Path, size: u64, cluster_size: u64) -> PathBuf {
+        let path = dir.join("t.qcow2");
+        let opts = CreateOptions {
+            size: Some(size),
+            cluster_size,
+            ..Default::default()
+        };
+        create_qcow2(&path, &opts).expect("create");
+        path
+    }
+
+    #[test]
+    fn writes_read_back_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 8 << 20, 4096);
+        {
+            let node = Qcow2Node::open(&path, false).expect("open");
+            node.write_at(&[0xab; 10_000], 4000, false).expect("write");
+            node.write_at(&[0xcd; 100], 5000, false).expect("overwrite");
+        }
+        let node = Qcow2Node::open(&path, true).expect("reopen");
+        let mut buf = vec![0u8; 16_000];
+        node.read_at(&mut buf, 0).expect("read");
+        assert!(buf[..4000].iter().all(|&b| b == 0));
+        assert!(buf[4000..5000].iter().all(|&b| b == 0xab));
+        assert!(buf[5000..5100].iter().all(|&b| b == 0xcd));
+        assert!(buf[5100..14_000].iter().all(|&b| b == 0xab));
+        assert!(buf[14_000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zeroes_and_discards_become_zero_clusters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 20, 4096);
+        let node = Qcow2Node::open(&path, false).expect("open");
+        node.write_at(&[1; 65536], 0, false).expect("write");
+        node.write_zeroes(4096, 8192, ZeroFlags::default())
+            .expect("zero");
+        node.discard(16384, 4096).expect("discard");
+        let e = node.block_status(0, 1 << 20).expect("status");
+        assert_eq!(
+            e,
+            Extent {
+                len: 4096,
+                flags: 0
+            }
+        );
+        let e = node.block_status(4096, 1 << 20).expect("status");
+        assert_eq!(e.len, 8192);
+        assert_eq!(e.flags, STATE_HOLE | STATE_ZERO);
+        let mut buf = vec![9u8; 4096];
+        node.read_at(&mut buf, 16384).expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+        let d = node.allocation_depth(65536, 1 << 20).expect("depth");
+        assert_eq!(
+            d,
+            DepthExtent {
+                len: (1 << 20) - 65536,
+                depth: 0
+            }
+        );
+    }
+
+    #[test]
+    fn empty_terabyte_image_maps_in_one_extent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 40, 65536);
+        let node = Qcow2Node::open(&path, true).expect("open");
+        let e = node.block_status(0, 1 << 40).expect("status");
+        assert_eq!(
+            e,
+            Extent {
+                len: 1 << 40,
+                flags: STATE_HOLE | STATE_ZERO
+            }
+        );
+    }
+
+    #[test]
+    fn read_only_nodes_refuse_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 20, 65536);
+        let node = Qcow2Node::open(&path, true).expect("open");
+        let e = node.write_at(&[1], 0, false).expect_err("read-only");
+        assert_eq!(e.kind, ErrorKind::Permission);
+    }
+
+    #[test]
+    fn out_of_range_requests_are_invalid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 20, 65536);
+        let node = Qcow2Node::open(&path, false).expect("open");
+        let mut buf = [0u8; 16];
+        let e = node.read_at(&mut buf, (1 << 20) - 8).expect_err("past end");
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(node.discard(u64::MAX - 4, 8).is_err());
+    }
+}
