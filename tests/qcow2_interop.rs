@@ -114,6 +114,7 @@ fn have_qemu_nbd() -> bool {
 /// serves them, read with `nbdinfo --map`.
 fn qemu_nbd_map(img: &Path, dir: &Path) -> (Runs, Runs) {
     let sock = p(dir, "qemu-nbd.sock");
+    let _ = std::fs::remove_file(&sock);
     let mut server = Command::new("qemu-nbd")
         .args(["-A", "-r", "-t", "-f", "qcow2", "-k", s(&sock), s(img)])
         .stdout(Stdio::null())
@@ -448,6 +449,14 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
         cs,
         seed
     );
+    // Allocation matches too: zeroes and discards were done the qemu way.
+    if have_qemu_nbd() {
+        drop(node);
+        let (qf, qd) = qemu_nbd_map(&theirs, d);
+        let (of, od) = qemu_nbd_map(&ours, d);
+        assert_eq!(of, qf, "base:allocation, cs {} seed {}", cs, seed);
+        assert_eq!(od, qd, "allocation depth, cs {} seed {}", cs, seed);
+    }
 }
 
 #[test]

@@ -20,11 +20,22 @@ const ZERO_CHUNK: usize = 1 << 20;
 impl Qcow2Node {
     pub(super) fn write_range(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
         self.check_writable()?;
-        let _guard = self
-            .free_lock
-            .read()
-            .map_err(|_| BlockError::corrupt("qcow2 free lock poisoned"))?;
-        self.write_inner(buf, offset)
+        // Overwriting compressed or shared clusters frees them: that must
+        // not happen under a concurrent reader of those clusters. Writes
+        // can only turn other states into data, so this check cannot go stale.
+        let frees = self.plan(offset, buf.len() as u64)?.iter().any(|p| {
+            matches!(
+                p.map,
+                Mapping::Compressed { .. } | Mapping::Data { copied: false, .. }
+            )
+        });
+        if frees {
+            let _guard = self.free_lock.write().map_err(poisoned)?;
+            self.write_inner(buf, offset)
+        } else {
+            let _guard = self.free_lock.read().map_err(poisoned)?;
+            self.write_inner(buf, offset)
+        }
     }
 
     /// The write itself; the caller holds `free_lock` (either way).
@@ -69,6 +80,12 @@ impl Qcow2Node {
                 at += n;
                 continue;
             }
+            if let Mapping::Zero { .. } = map {
+                if let Some(n) = self.write_prealloc(meta, &src[..n as usize], at)? {
+                    at += n;
+                    continue;
+                }
+            }
             let c0 = at / cs;
             let max_clusters = (MAX_ALLOC_BYTES / cs).max(1);
             let c1 = (at + n).div_ceil(cs).min(c0 + max_clusters);
@@ -99,6 +116,26 @@ impl Qcow2Node {
         Ok(())
     }
 
+    /// Writes into the preallocated cluster of a zero cluster (refcount 1)
+    /// at `at`, as qemu does, instead of allocating and freeing. Returns the
+    /// bytes consumed, or `None` if the cluster has no usable preallocation.
+    fn write_prealloc(&self, meta: &mut Meta, src: &[u8], at: u64) -> BlockResult<Option<u64>> {
+        let cs = self.geo.cluster_size();
+        let gc = at / cs;
+        let (entry, _) = meta.entry(&self.f, gc)?;
+        let host = match self.geo.decode(entry)? {
+            Mapping::Zero { host } if host != 0 && entry & COPIED != 0 => host,
+            _ => return Ok(None),
+        };
+        let head = (at - gc * cs) as usize;
+        let n = (src.len()).min(cs as usize - head);
+        let mut data = vec![0u8; cs as usize];
+        data[head..head + n].copy_from_slice(&src[..n]);
+        self.f.write(&data, host, "data cluster")?;
+        meta.set_entry(&self.f, gc, host | COPIED)?;
+        Ok(Some(n as u64))
+    }
+
     /// The host range an L2 entry holds a reference to, if any.
     fn held_by(&self, entry: u64) -> BlockResult<Option<(u64, u64)>> {
         Ok(match self.geo.decode(entry)? {
@@ -109,6 +146,10 @@ impl Qcow2Node {
         })
     }
 
+    /// Write-zeroes as qemu does it: whole clusters become zero clusters
+    /// (v3) or unallocated (v2 without backing); a partial cluster that
+    /// already reads as zero throughout is treated as whole; other partial
+    /// clusters get zero buffers written.
     pub(super) fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
@@ -119,33 +160,46 @@ impl Qcow2Node {
         if len == 0 {
             return Ok(());
         }
-        let (a0, a1) = self.aligned_part(offset, len);
-        let zero_clusters = self.geo.version >= 3 && a0 < a1;
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let can_zero = self.geo.version >= 3 || self.backing.is_none();
+        let (mut a0, mut a1) = self.aligned_part(offset, len);
         let mut slow = Vec::new();
-        if zero_clusters {
-            if offset < a0 {
-                slow.push((offset, a0 - offset));
-            }
-            let end = (offset + len).min(self.size);
-            if a1 < end {
-                slow.push((a1, end - a1));
+        if !can_zero {
+            slow.push((offset, len));
+        } else if a0 > a1 || (a0 == a1 && offset / cs == (end - 1) / cs) {
+            // Inside one cluster.
+            let c = offset / cs * cs;
+            if self.reads_as_zero(c, cs.min(self.size - c))? {
+                (a0, a1) = (c, c + cs);
+            } else {
+                (a0, a1) = (c, c);
+                slow.push((offset, len));
             }
         } else {
-            slow.push((offset, len));
-        }
-        // Ranges that already read as zero need nothing.
-        let mut todo = Vec::new();
-        for (o, l) in slow {
-            if !self.reads_as_zero(o, l)? {
-                todo.push((o, l));
+            if offset < a0 {
+                let c = a0 - cs;
+                if self.reads_as_zero(c, cs)? {
+                    a0 = c;
+                } else {
+                    slow.push((offset, a0 - offset));
+                }
+            }
+            if a1 < end {
+                let tail = cs.min(self.size - a1);
+                if self.reads_as_zero(a1, tail)? {
+                    a1 += cs;
+                } else {
+                    slow.push((a1, end - a1));
+                }
             }
         }
-        if flags.fast && !todo.is_empty() {
+        if flags.fast && !slow.is_empty() {
             return Err(BlockError::not_supported(
                 "zeroing this range would need writing zero buffers",
             ));
         }
-        if zero_clusters {
+        if can_zero && a0 < a1 {
             let mut meta = self.lock_meta()?;
             if meta.corrupt {
                 return Err(corrupt_refusal());
@@ -157,7 +211,7 @@ impl Qcow2Node {
             r?;
         }
         let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
-        for (mut o, l) in todo {
+        for (mut o, l) in slow {
             let end = o + l;
             while o < end {
                 let n = (end - o).min(zeroes.len() as u64);
@@ -170,17 +224,19 @@ impl Qcow2Node {
 
     fn zero_clusters(&self, meta: &mut Meta, a0: u64, a1: u64, unmap: bool) -> BlockResult<()> {
         let cs = self.geo.cluster_size();
+        let v3 = self.geo.version >= 3;
         let mut freed = Vec::new();
         for gc in a0 / cs..a1 / cs {
             let (entry, _) = meta.entry(&self.f, gc)?;
             let new = match self.geo.decode(entry)? {
                 Mapping::Zero { host } if host == 0 || !unmap => continue,
-                Mapping::Unallocated if self.backing.is_none() => continue,
-                Mapping::Data { host, copied: true } if !unmap => host | COPIED | ZERO,
-                _ => ZERO,
+                Mapping::Unallocated if !v3 => continue,
+                Mapping::Data { host, copied: true } if !unmap && v3 => host | COPIED | ZERO,
+                _ if v3 => ZERO,
+                _ => 0,
             };
             let old = meta.set_entry(&self.f, gc, new)?;
-            if new == ZERO {
+            if new & !(COPIED | ZERO) == 0 {
                 freed.extend(self.held_by(old)?);
             }
         }
@@ -281,6 +337,10 @@ fn piece_at(map: Mapping, run_start: u64, guest: u64, len: u64) -> Piece {
         other => other,
     };
     Piece { guest, len, map }
+}
+
+fn poisoned<T>(_: T) -> BlockError {
+    BlockError::corrupt("qcow2 free lock poisoned")
 }
 
 fn corrupt_refusal() -> BlockError {
