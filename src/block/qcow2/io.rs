@@ -95,6 +95,13 @@ impl HostFile {
         })
     }
 
+    /// Extends (never shrinks, by caller's contract) the file to `len`.
+    pub fn set_len(&self, len: u64) -> BlockResult<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| BlockError::io(format!("Could not resize '{}'", self.path.display()), e))
+    }
+
     pub fn sync(&self) -> BlockResult<()> {
         self.file
             .sync_data()

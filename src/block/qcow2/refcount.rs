@@ -225,6 +225,10 @@ impl Refcounts {
             if self.get(f, c)? == 0 {
                 c += 1;
             } else {
+                if c == self.free_hint {
+                    // Keep "nothing below the hint is free" tight.
+                    self.free_hint = c + 1;
+                }
                 c += 1;
                 start = c;
             }

@@ -91,20 +91,37 @@ impl Qcow2Node {
             let c1 = (at + n).div_ceil(cs).min(c0 + max_clusters);
             let n = n.min(c1 * cs - at);
             let head = (at - c0 * cs) as usize;
-            let mut data = vec![0u8; ((c1 - c0) * cs) as usize];
-            // Copy-on-write: the uncovered parts keep what they read as.
-            if head > 0 {
-                let p = piece_at(map, at, c0 * cs, head as u64);
-                self.read_piece(&mut data[..head], p)?;
-            }
-            let tail = head + n as usize;
-            if tail < data.len() {
-                let p = piece_at(map, at, at + n, (data.len() - tail) as u64);
-                self.read_piece(&mut data[tail..], p)?;
-            }
-            data[head..tail].copy_from_slice(&src[..n as usize]);
+            let span = (c1 - c0) * cs;
             let host = meta.alloc(&self.f, c1 - c0)?;
-            self.f.write(&data, host, "data cluster")?;
+            let file_len = self.f.len()?;
+            let zero_source = match map {
+                Mapping::Zero { .. } => true,
+                Mapping::Unallocated => self.backing.as_ref().is_none_or(|b| b.size() <= c0 * cs),
+                _ => false,
+            };
+            if zero_source && host >= file_len {
+                // Fresh space past the end of the file reads as zeroes
+                // already: write only the data, then cover the whole span.
+                self.f
+                    .write(&src[..n as usize], host + head as u64, "data cluster")?;
+                if self.f.len()? < host + span {
+                    self.f.set_len(host + span)?;
+                }
+            } else {
+                let mut data = vec![0u8; span as usize];
+                // Copy-on-write: the uncovered parts keep what they read as.
+                if head > 0 {
+                    let p = piece_at(map, at, c0 * cs, head as u64);
+                    self.read_piece(&mut data[..head], p)?;
+                }
+                let tail = head + n as usize;
+                if tail < data.len() {
+                    let p = piece_at(map, at, at + n, (data.len() - tail) as u64);
+                    self.read_piece(&mut data[tail..], p)?;
+                }
+                data[head..tail].copy_from_slice(&src[..n as usize]);
+                self.f.write(&data, host, "data cluster")?;
+            }
             let mut freed = Vec::new();
             for i in 0..c1 - c0 {
                 let old = meta.set_entry(&self.f, c0 + i, (host + i * cs) | COPIED)?;
