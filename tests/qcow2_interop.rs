@@ -331,6 +331,36 @@ fn qcow2_compressed_images_read_like_qemu() {
             "{}",
             ctype
         );
+        drop(node);
+        // A standalone image with compressed clusters, a zero cluster and
+        // holes; then overwrite parts of compressed clusters (COW + free).
+        qemu_io(
+            &packed,
+            "qcow2",
+            &["write -z 1M 64k".into(), "discard 2M 64k".into()],
+        );
+        let node = open(&packed, true);
+        assert!(read_all(node.as_ref()) == qemu_raw(&packed, dir.path()));
+        if have_qemu_nbd() {
+            let ours = our_map(node.as_ref());
+            assert_eq!(ours, qemu_nbd_map(&packed, dir.path()), "{}", ctype);
+        }
+        drop(node);
+        let before = qemu_raw(&packed, dir.path());
+        let w = 700 * 1024 + 17;
+        let node = open(&packed, false);
+        node.write_at(&[9u8; 1000], w as u64, false)
+            .expect("write into compressed");
+        node.discard(64 << 10, 128 << 10)
+            .expect("discard compressed");
+        drop(node);
+        check_clean(&packed);
+        let after = qemu_raw(&packed, dir.path());
+        assert!(after[w..w + 1000].iter().all(|&b| b == 9));
+        assert_eq!(after[w - 4000..w], before[w - 4000..w], "COW kept the rest");
+        assert!(after[64 << 10..192 << 10].iter().all(|&b| b == 0));
+        let node = open(&packed, true);
+        assert!(read_all(node.as_ref()) == after);
     }
 }
 
@@ -350,6 +380,10 @@ impl Rng {
 }
 
 fn random_workload(cs: u64, seed: u64, ops: usize) {
+    random_workload_with(&format!("cluster_size={}", cs), cs, seed, ops);
+}
+
+fn random_workload_with(opts: &str, cs: u64, seed: u64, ops: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let size: u64 = 8 << 20;
@@ -365,7 +399,6 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
     );
     let ours = p(d, "ours.qcow2");
     let theirs = p(d, "theirs.qcow2");
-    let opts = format!("cluster_size={}", cs);
     for img in [&ours, &theirs] {
         run(
             "qemu-img",
@@ -374,7 +407,7 @@ fn random_workload(cs: u64, seed: u64, ops: usize) {
                 "-f",
                 "qcow2",
                 "-o",
-                &opts,
+                opts,
                 "-b",
                 "base.qcow2",
                 "-F",
@@ -466,6 +499,18 @@ fn qcow2_random_writes_match_qemu_io() {
     }
     for (i, cs) in [512u64, 4096, 65536, 2 << 20].into_iter().enumerate() {
         random_workload(cs, 0x7164_6d72 + i as u64, 150);
+    }
+}
+
+#[test]
+fn qcow2_random_writes_match_qemu_io_on_v2_and_odd_refcount_widths() {
+    if !have_qemu() {
+        return;
+    }
+    random_workload_with("cluster_size=65536,compat=0.10", 65536, 41, 150);
+    for bits in [1, 8, 64] {
+        let opts = format!("cluster_size=4096,refcount_bits={}", bits);
+        random_workload_with(&opts, 4096, 42 + bits, 150);
     }
 }
 
