@@ -1,0 +1,1 @@
+//! NBD client side (filled in next).
