@@ -129,27 +129,38 @@ async fn accept_loop(
     let mut conns = JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
-        tokio::select! {
+        // At the limit we stop accepting: new clients wait in the backlog
+        // until a slot frees, as with qemu's max-connections.
+        let permit = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = accept(&listener) => {
-                let Ok(stream) = accepted else { continue };
-                // Over the limit the connection is closed at once, as qemu does.
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    debug!("connection refused: max-connections reached");
-                    continue;
-                };
-                let exports = exports.clone();
-                let stop = shutdown.clone();
-                conns.spawn(async move {
-                    match stream {
-                        Stream::Unix(s) => { let (r, w) = s.into_split(); serve_conn(r, w, exports, stop).await }
-                        Stream::Tcp(s) => { let (r, w) = s.into_split(); serve_conn(r, w, exports, stop).await }
-                    }
-                    drop(permit);
-                });
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = accept(&listener) => match accepted {
+                Ok(s) => s,
+                Err(_) => continue,
+            },
+        };
+        let exports = exports.clone();
+        let stop = shutdown.clone();
+        conns.spawn(async move {
+            match stream {
+                Stream::Unix(s) => {
+                    let (r, w) = s.into_split();
+                    serve_conn(r, w, exports, stop).await
+                }
+                Stream::Tcp(s) => {
+                    let (r, w) = s.into_split();
+                    serve_conn(r, w, exports, stop).await
+                }
             }
-        }
+            drop(permit);
+        });
     }
     while conns.join_next().await.is_some() {}
 }
