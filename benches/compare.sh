@@ -81,6 +81,10 @@ esac
 tmp=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/var/tmp}}/tidemark-bench.XXXXXX") || die "mktemp failed"
 srv_pid=
 cleanup() {
+    if [[ -n ${load_pid:-} ]]; then
+        kill -TERM "$load_pid" 2>/dev/null
+        wait "$load_pid" 2>/dev/null
+    fi
     if [[ -n $srv_pid ]] && kill -0 "$srv_pid" 2>/dev/null; then
         kill -TERM "$srv_pid" 2>/dev/null
         wait "$srv_pid" 2>/dev/null
@@ -128,7 +132,6 @@ sync "$img" "$src"
 
 # ---- helpers -------------------------------------------------------------
 
-now() { echo "$EPOCHREALTIME"; }
 mibps() { awk -v b="$1" -v t0="$2" -v t1="$3" 'BEGIN { printf "%.0f", b / 1048576 / (t1 - t0) }'; }
 
 prepare_cache() {
@@ -196,37 +199,48 @@ stop_server() {
     srv_pid=
 }
 
-# Each load prints one number on stdout, or fails.
+# Loads run in the background and the script waits for them, so that a signal
+# to the script is handled at once (bash defers traps while a foreground child
+# runs); cleanup() then stops the load and the server.
+load_pid=
+run() { # run SECONDS CMD...: CMD under timeout(1), output to stderr
+    local t=$1 rc
+    shift
+    timeout -k 5 "$t" "$@" >&2 &
+    load_pid=$!
+    wait "$load_pid"
+    rc=$?
+    load_pid=
+    return $rc
+}
+
+# Each load sets v to one number, or fails.
 seq_read() {
-    local t0 t1
-    t0=$(now)
+    local t0=$EPOCHREALTIME
     # shellcheck disable=SC2086
-    timeout -k 5 "$op_timeout" nbdcopy $nbdcopy_opts "$uri" null: >&2 || return 1
-    t1=$(now)
-    mibps "$size" "$t0" "$t1"
+    run "$op_timeout" nbdcopy $nbdcopy_opts "$uri" null: || return 1
+    v=$(mibps "$size" "$t0" "$EPOCHREALTIME")
 }
 
 seq_write() {
-    local t0 t1
-    t0=$(now)
+    local t0=$EPOCHREALTIME
     # shellcheck disable=SC2086
-    timeout -k 5 "$op_timeout" nbdcopy $nbdcopy_opts "$src" "$uri" >&2 || return 1
-    t1=$(now)
-    mibps "$wsize" "$t0" "$t1"
+    run "$op_timeout" nbdcopy $nbdcopy_opts "$src" "$uri" || return 1
+    v=$(mibps "$wsize" "$t0" "$EPOCHREALTIME")
 }
 
 rand_io() { # rand_io read|write
     local out=$tmp/rand-$1.json
     if [[ $randio == fio ]]; then
-        timeout -k 5 $((rand_secs + 60)) fio --name="rand$1" --ioengine=nbd --uri="$uri" \
+        run $((rand_secs + 60)) fio --name="rand$1" --ioengine=nbd --uri="$uri" \
             --rw="rand$1" --bs="$bs" --iodepth="$qd" --numjobs=1 \
             --time_based --runtime="$rand_secs" \
-            --output-format=json --output="$out" >&2 || return 1
-        jq -e --arg op "$1" '.jobs[0] | select(.error == 0) | .[$op].iops | floor' "$out"
+            --output-format=json --output="$out" || return 1
+        v=$(jq -e --arg op "$1" '.jobs[0] | select(.error == 0) | .[$op].iops | floor' "$out")
     else
-        timeout -k 5 $((rand_secs + 60)) "$py" "$here/randio.py" "$uri" "$1" \
-            --secs "$rand_secs" --qd "$qd" --bs "$bs" >"$out" || return 1
-        jq -e '.iops | floor' "$out"
+        run $((rand_secs + 60)) sh -c '"$@" >"$0"' "$out" "$py" "$here/randio.py" "$uri" "$1" \
+            --secs "$rand_secs" --qd "$qd" --bs "$bs" || return 1
+        v=$(jq -e '.iops | floor' "$out")
     fi
 }
 
@@ -256,12 +270,12 @@ for s in $servers; do
     mconn[$s]=$(nbdinfo --can multi-conn "$uri" >/dev/null 2>&1 && echo yes || echo no)
     for row in seq_read seq_write rand_read rand_write; do
         log "$s: $row"
-        rc=0
+        rc=0 v=
         case $row in
-        seq_read) v=$(seq_read) || rc=1 ;;
-        seq_write) v=$(seq_write) || rc=1 ;;
-        rand_read) v=$(rand_io read) || rc=1 ;;
-        rand_write) v=$(rand_io write) || rc=1 ;;
+        seq_read) seq_read || rc=1 ;;
+        seq_write) seq_write || rc=1 ;;
+        rand_read) rand_io read || rc=1 ;;
+        rand_write) rand_io write || rc=1 ;;
         esac
         if [[ $rc == 0 && -n $v ]]; then
             res[$s,$row]=$v
