@@ -14,8 +14,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::export::ExportTable;
-use super::handshake::{negotiate, HandshakeEnd};
+use super::handshake::{negotiate, HandshakeEnd, Negotiated};
 use super::session;
+use super::sink::ReplySink;
 
 /// A client that has not finished the handshake by then is dropped (qemu's
 /// default handshake limit).
@@ -150,13 +151,17 @@ async fn accept_loop(
         let stop = shutdown.clone();
         conns.spawn(async move {
             match stream {
-                Stream::Unix(s) => {
-                    let (r, w) = s.into_split();
-                    serve_conn(r, w, exports, stop).await
+                Stream::Unix(mut s) => {
+                    let sink = ReplySink::new(&s);
+                    let (mut r, mut w) = s.split();
+                    let neg = handshake(&mut r, &mut w, &exports).await;
+                    serve_conn(neg, s, sink, stop).await
                 }
-                Stream::Tcp(s) => {
-                    let (r, w) = s.into_split();
-                    serve_conn(r, w, exports, stop).await
+                Stream::Tcp(mut s) => {
+                    let sink = ReplySink::new(&s);
+                    let (mut r, mut w) = s.split();
+                    let neg = handshake(&mut r, &mut w, &exports).await;
+                    serve_conn(neg, s, sink, stop).await
                 }
             }
             drop(permit);
@@ -183,31 +188,45 @@ async fn accept(l: &Listener) -> io::Result<Stream> {
     .inspect_err(|e| warn!(error = %e, "accept failed"))
 }
 
-/// One connection, from greeting to close.
-pub async fn serve_conn<R, W>(
-    mut r: R,
-    mut w: W,
-    exports: ExportTable,
-    shutdown: watch::Receiver<bool>,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+/// The handshake, bounded in time; `None` when it did not end in an export.
+pub async fn handshake<R, W>(r: &mut R, w: &mut W, exports: &ExportTable) -> Option<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
-    let neg = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut r, &mut w, &exports)).await
-    {
-        Ok(Ok(n)) => n,
-        Ok(Err(HandshakeEnd::Aborted)) => return,
+    match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(r, w, exports)).await {
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(HandshakeEnd::Aborted)) => None,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
-            return;
+            None
         }
         Err(_) => {
             debug!("handshake timed out");
+            None
+        }
+    }
+}
+
+/// The transmission phase of one connection, until it closes.
+async fn serve_conn<R>(
+    neg: Option<Negotiated>,
+    r: R,
+    sink: io::Result<ReplySink>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let Some(neg) = neg else { return };
+    let sink = match sink {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(error = %e, "could not set up the reply path");
             return;
         }
     };
     info!(export = %neg.export.name, mode = ?neg.mode, "client connected");
-    if let Err(e) = session::run(r, w, neg, shutdown).await {
+    if let Err(e) = session::run(r, sink, neg, shutdown).await {
         debug!(error = %e, "connection ended");
     }
 }

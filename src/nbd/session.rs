@@ -1,16 +1,16 @@
 //! One connection in the transmission phase.
 //!
-//! The reader (this task) owns the socket's read half: it frames requests,
-//! validates them, and hands each to the blocking pool. Each finished
-//! request yields one reply buffer, which goes to a writer task that owns
-//! the write half. Requests therefore run concurrently and may complete out
-//! of order; a semaphore bounds how much work and memory one client holds.
+//! The reader (this task) owns the socket's read side: it frames requests,
+//! validates them, and hands each to the blocking pool. The pool thread
+//! that finishes a request writes its reply straight to the socket (see
+//! [`super::sink`]). Requests therefore run concurrently and may complete
+//! out of order; a semaphore bounds how much work and memory one client holds.
 
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use super::exec::{execute, Command};
@@ -19,40 +19,40 @@ use super::handshake::Negotiated;
 use super::proto::*;
 use super::reply::ReplyTo;
 use super::request::{block_status_payload, payload_len, validate, Refusal};
+use super::sink::ReplySink;
 use crate::block::ZeroFlags;
 
-/// Budget of one connection, in units of one request plus one per MiB of
-/// payload: at most this many requests, or ~this many MiB, in flight.
-const INFLIGHT_UNITS: u32 = 128;
+/// Budget of one connection, in units of one request plus one per 256 KiB
+/// of payload: at most 32 small requests, or ~8 MiB of payload, in flight
+/// (qemu allows 16 requests per connection).
+const INFLIGHT_UNITS: u32 = 32;
+const UNIT_BYTES_SHIFT: u32 = 18;
 /// A payload this large is not drained for a refusal: the client is broken.
 const MAX_DRAIN: u64 = 64 << 20;
-const BUF_SIZE: usize = 256 << 10;
+const BUF_SIZE: usize = 128 << 10;
 
 fn units(len: u64) -> u32 {
-    1 + (len >> 20).min(INFLIGHT_UNITS as u64 / 2) as u32
+    (1 + (len >> UNIT_BYTES_SHIFT)).min(INFLIGHT_UNITS as u64) as u32
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or
 /// `shutdown` fires; in-flight requests always finish and are answered.
-pub async fn run<R, W>(
+pub async fn run<R>(
     r: R,
-    w: W,
+    sink: Arc<ReplySink>,
     neg: Negotiated,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(write_replies(w, rx));
     let mut conn = Conn {
         r: BufReader::with_capacity(BUF_SIZE, r),
         export: neg.export,
         mode: neg.mode,
         contexts: neg.contexts,
         budget: Arc::new(Semaphore::new(INFLIGHT_UNITS as usize)),
-        tx,
+        sink,
     };
     let result = tokio::select! {
         r = conn.serve() => r,
@@ -60,25 +60,7 @@ where
     };
     // Wait for every in-flight request: each holds budget until answered.
     let _ = conn.budget.acquire_many(INFLIGHT_UNITS).await;
-    drop(conn);
-    let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    result.and(written)
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    w: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(BUF_SIZE, w);
-    while let Some(buf) = rx.recv().await {
-        w.write_all(&buf).await?;
-        // Coalesce replies that are already waiting; flush when idle.
-        while let Ok(buf) = rx.try_recv() {
-            w.write_all(&buf).await?;
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await
+    result
 }
 
 struct Conn<R> {
@@ -87,7 +69,7 @@ struct Conn<R> {
     mode: Mode,
     contexts: Vec<u32>,
     budget: Arc<Semaphore>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    sink: Arc<ReplySink>,
 }
 
 enum Next {
@@ -126,15 +108,24 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
-    fn send(&self, buf: Vec<u8>) {
-        // The writer only goes away when the socket is dead; the reader
-        // finds out on its next read.
-        let _ = self.tx.send(buf);
+    /// Runs `work` on the blocking pool and sends the reply it makes. A
+    /// send error means the socket is dead; the reader finds out on its
+    /// next read.
+    fn spawn(&self, permit: OwnedSemaphorePermit, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || {
+            let reply = work();
+            if let Err(e) = sink.send(&reply) {
+                debug!(error = %e, "reply not sent");
+            }
+            drop(permit);
+        });
     }
 
-    fn refuse(&self, req: &Request, r: Refusal) {
+    fn refuse(&self, req: &Request, permit: OwnedSemaphorePermit, r: Refusal) {
         debug!(cmd = cmd_name(req.kind), errno = r.errno, msg = %r.msg, "request refused");
-        self.send(self.reply_to(req).error(r.errno, &r.msg));
+        let reply = self.reply_to(req).error(r.errno, &r.msg);
+        self.spawn(permit, move || reply);
     }
 
     async fn drain(&mut self, mut n: u64) -> io::Result<()> {
@@ -161,10 +152,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let mut ids = self.contexts.clone();
         let mut payload = Vec::new();
         let small_enough = plen <= MAX_BLOCK as u64;
+        // Reads cost their reply buffer, writes their payload.
+        let held = if req.kind == CMD_READ { req.length } else { plen };
         let permit = self
             .budget
             .clone()
-            .acquire_many_owned(units(plen.min(MAX_BLOCK as u64)))
+            .acquire_many_owned(units(held.min(MAX_BLOCK as u64)))
             .await;
         let Ok(permit) = permit else {
             return Ok(Next::Disconnect);
@@ -190,23 +183,21 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                     ids = chosen;
                 }
                 Err(r) => {
-                    self.refuse(&req, r);
+                    self.refuse(&req, permit, r);
                     return Ok(Next::Continue);
                 }
             }
         }
         if req.kind != CMD_WRITE && req.kind != CMD_BLOCK_STATUS && plen > 0 {
-            self.refuse(
-                &req,
-                Refusal {
-                    errno: EINVAL,
-                    msg: "unexpected payload".into(),
-                },
-            );
+            let r = Refusal {
+                errno: EINVAL,
+                msg: "unexpected payload".into(),
+            };
+            self.refuse(&req, permit, r);
             return Ok(Next::Continue);
         }
         if let Err(r) = validate(&req, effect, &self.export, self.mode, self.contexts.len()) {
-            self.refuse(&req, r);
+            self.refuse(&req, permit, r);
             return Ok(Next::Continue);
         }
         let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -237,12 +228,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         };
         let export = self.export.clone();
         let to = self.reply_to(&req);
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply = execute(&export, to, cmd);
-            let _ = tx.send(reply);
-            drop(permit);
-        });
+        self.spawn(permit, move || execute(&export, to, cmd));
         Ok(Next::Continue)
     }
 }
