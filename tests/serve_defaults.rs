@@ -134,7 +134,7 @@ fn serve_without_arguments_works_with_nbdinfo_and_exits_0_on_sigterm() {
         "nbdinfo does not show the demo image's size {demo_size}:\n{info}"
     );
     assert!(
-        info.contains("export-name: \"\""),
+        info.contains("export=\"\":"),
         "default export is not the empty name:\n{info}"
     );
     let json: serde_json::Value =
