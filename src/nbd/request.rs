@@ -71,14 +71,9 @@ pub fn validate(
     if !matches!(req.kind, CMD_FLUSH | CMD_DISC) {
         let size = export.size();
         if req.offset > size || effect_len > size - req.offset {
-            // Writes past the end get ENOSPC, like a full disk (spec, qemu).
-            let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
-                ENOSPC
-            } else {
-                EINVAL
-            };
+            // qemu 10 answers EINVAL for every command, writes included.
             return refuse(
-                errno,
+                EINVAL,
                 format!(
                     "operation from {}, len {} exceeds size {}",
                     req.offset, effect_len, size

@@ -153,7 +153,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let mut payload = Vec::new();
         let small_enough = plen <= MAX_BLOCK as u64;
         // Reads cost their reply buffer, writes their payload.
-        let held = if req.kind == CMD_READ { req.length } else { plen };
+        let held = if req.kind == CMD_READ {
+            req.length
+        } else {
+            plen
+        };
         let permit = self
             .budget
             .clone()
