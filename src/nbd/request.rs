@@ -102,7 +102,7 @@ pub fn block_status_payload(payload: &[u8], selected: &[u32]) -> Result<(u64, Ve
         errno: EINVAL,
         msg: "malformed block status payload".into(),
     };
-    if payload.len() < 8 || (payload.len() - 8) % 4 != 0 {
+    if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4) {
         return Err(bad());
     }
     let mut c = Cursor::new(payload);
