@@ -172,7 +172,9 @@ impl BlockNode for FileNode {
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
-            return Err(BlockError::invalid("block status past the end of the image"));
+            return Err(BlockError::invalid(
+                "block status past the end of the image",
+            ));
         }
         let status = |e: Errno| self.err("Could not query allocation", offset, errno_io(e));
         match self.seek_data(offset).map_err(status)? {
@@ -228,12 +230,25 @@ mod tests {
         drop(f);
         let node = FileNode::open(&path, false).expect("open");
         let first = node.block_status(0, 4 << 20).expect("status");
-        assert_eq!(first, Extent { len: 1 << 20, flags: 3 });
+        assert_eq!(
+            first,
+            Extent {
+                len: 1 << 20,
+                flags: 3
+            }
+        );
         let second = node.block_status(1 << 20, 4 << 20).expect("status");
         assert_eq!(second.flags, 0);
         assert!(second.len >= 65536);
-        node.write_zeroes(1 << 20, 65536, ZeroFlags { may_unmap: true, fast: false })
-            .expect("zero");
+        node.write_zeroes(
+            1 << 20,
+            65536,
+            ZeroFlags {
+                may_unmap: true,
+                fast: false,
+            },
+        )
+        .expect("zero");
         let mut buf = vec![9u8; 65536];
         node.read_at(&mut buf, 1 << 20).expect("read");
         assert!(buf.iter().all(|&b| b == 0));
