@@ -151,7 +151,7 @@ fn check_same(b: &DirtyBitmap, m: &Model) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
     fn random_operations_agree_with_the_model((size, shift, ops) in case()) {
