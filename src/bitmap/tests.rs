@@ -252,3 +252,20 @@ fn huge_disk_costs_one_bit_per_granule() {
     assert_eq!(b.words().len(), (1 << 24) / 64);
     assert!(DirtyBitmap::new("b0", u64::MAX, 512).is_err());
 }
+
+#[test]
+fn stream_matches_bitmap_data_written_by_qemu() {
+    // A 10 MiB qcow2 with a 64 KiB bitmap after qemu-io 10.0.2 wrote 64 KiB
+    // at 64 KiB, 512 B at 640 KiB and 4 KiB at 9 MiB: the first 20 bytes
+    // of its bitmap data cluster.
+    let from_qemu = [
+        0x02, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0,
+    ];
+    let mut b = bm(10 * K * K, 64 * K);
+    b.set_range(64 * K, 64 * K).unwrap();
+    b.set_range(640 * K, 512).unwrap();
+    b.set_range(9 * K * K, 4 * K).unwrap();
+    assert_eq!(b.to_bytes(), from_qemu);
+    let back = DirtyBitmap::from_bytes("b0", 10 * K * K, 64 * K, &from_qemu).unwrap();
+    assert_eq!(back, b);
+}
