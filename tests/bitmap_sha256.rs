@@ -5,8 +5,8 @@
 //! Each test starts its own daemon on sockets in a temporary directory. The
 //! daemon runs with `--daemonize`, whose parent exits only once every socket
 //! listens, so the test waits for that exit (with a timeout) instead of
-//! sleeping; dropping the handle sends `quit`, waits for the monitor to
-//! close, and kills the daemon by its pid if it did not.
+//! sleeping; dropping the handle sends `quit`, waits on a pidfd for the
+//! daemon to exit, and kills it by its pid if it does not.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -190,22 +190,35 @@ impl Qsd {
     }
 }
 
+/// Waits until process `pid` has exited (it need not be our child), up to
+/// `TIMEOUT`: a pidfd becomes readable when its process exits. Returns
+/// whether it has.
+fn wait_exit(pid: libc::pid_t) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        // ESRCH: already gone (and reaped).
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    let fd = fd as libc::c_int;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; then closing the fd we own.
+    let ready = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as libc::c_int) } == 1;
+    unsafe { libc::close(fd) };
+    ready
+}
+
 impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = writeln!(self.writer, "{}", json!({"execute": "quit"}));
-        // The monitor closes when the daemon exits; read until then.
-        let mut line = String::new();
-        let mut closed = false;
-        while let Ok(n) = self.reader.read_line(&mut line) {
-            if n == 0 {
-                closed = true;
-                break;
-            }
-            line.clear();
-        }
-        if !closed {
+        if !wait_exit(self.pid) {
             // SAFETY: kill(2) on the daemon's own pid, read from its pid file.
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            wait_exit(self.pid);
         }
     }
 }
