@@ -15,8 +15,8 @@ pub struct Extent {
 }
 
 impl DirtyBitmap {
-    /// The granules `[first, stop)` that hold bytes `[offset, end)`, with
-    /// `end` already clipped; `None` when the range is empty.
+    /// The granules `[first, stop)` that hold bytes `[offset, end)`, after
+    /// clipping `end` to the disk size; `None` when that range is empty.
     fn granule_span(&self, offset: u64, end: u64) -> Option<(u64, u64)> {
         let end = end.min(self.size());
         if offset >= end {
