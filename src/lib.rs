@@ -2,5 +2,6 @@
 //! their changes for incremental backup. See DESIGN.md in the project's
 //! shared folder for the map; README.md for use.
 
+pub mod bitmap;
 pub mod block;
 pub mod nbd;

@@ -54,9 +54,13 @@ fn round_trip(connections: u32) {
 
     let server = Server::start_under_test(&target, &ServeOpts::read_write());
     let conns = format!("--connections={connections}");
+    // nbdcopy caps connections at its thread count (default: the number of
+    // cores), so ask for as many threads as connections.
+    let threads = format!("--threads={connections}");
     let mut into = tool("nbdcopy");
     into.arg("-v")
         .arg(&conns)
+        .arg(&threads)
         .arg("--flush")
         .arg(&src)
         .arg(server.uri());
@@ -75,11 +79,15 @@ fn round_trip(connections: u32) {
         let log = String::from_utf8_lossy(&out.stderr);
         let last = format!("dst{}: nbd_connect_uri", connections - 1);
         assert!(
-            log.contains(&last),
+            log.contains(&format!("connections={connections} ")) && log.contains(&last),
             "nbdcopy {conns} did not open {connections} connections to the export (no {last:?} in its debug log)"
         );
     }
-    run(tool("nbdcopy").arg(&conns).arg(server.uri()).arg(&back));
+    run(tool("nbdcopy")
+        .arg(&conns)
+        .arg(&threads)
+        .arg(server.uri())
+        .arg(&back));
 
     let want = sha256(&src);
     assert_eq!(
