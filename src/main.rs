@@ -8,7 +8,12 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::info;
 
+use std::sync::Arc;
+
+use tidemark::block::node::Node;
 use tidemark::block::open::{open_image, Format};
+use tidemark::block::BlockNode;
+use tidemark::nbd::context::{DirtyBitmapContext, MetaContext};
 use tidemark::nbd::export::{Export, ExportConfig, ExportTable};
 use tidemark::nbd::server::{Address, NbdServer};
 
@@ -55,6 +60,9 @@ struct ServeArgs {
     /// Also expose the qemu:allocation-depth metadata context.
     #[arg(long, short = 'A')]
     allocation_depth: bool,
+    /// Export a dirty bitmap of the image as qemu:dirty-bitmap:NAME (repeatable).
+    #[arg(long = "bitmap", short = 'B', value_name = "NAME")]
+    bitmaps: Vec<String>,
 }
 
 const DEMO_IMAGE: &str = "tidemark-demo.img";
@@ -115,8 +123,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             p
         }
     };
-    let node = open_image(&image, args.format, args.read_only)
+    let driver = open_image(&image, args.format, args.read_only)
         .with_context(|| format!("Could not open '{}'", image.display()))?;
+    let node = Arc::new(Node::new("drive0", driver));
+    let mut extra_contexts: Vec<Arc<dyn MetaContext>> = Vec::new();
+    for name in &args.bitmaps {
+        let bitmap = node
+            .bitmaps()
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("Bitmap '{name}' is not found"))?;
+        extra_contexts.push(Arc::new(DirtyBitmapContext::new(name, bitmap)));
+    }
     let export = Export::new(
         node.clone(),
         ExportConfig {
@@ -125,7 +142,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             read_only: args.read_only,
             multi_conn: args.max_connections != Some(1),
             allocation_depth: args.allocation_depth,
-            extra_contexts: Vec::new(),
+            extra_contexts,
         },
     );
     let exports = ExportTable::new();

@@ -11,6 +11,7 @@
 //!   the rule checks that read them.
 //! - `serial.rs`: the qcow2 bitmap data stream.
 //! - `sha.rs`: `x-debug-block-dirty-bitmap-sha256`.
+//! - `set.rs`: the bitmaps of one node, marked on every write.
 
 mod dirty;
 mod error;
@@ -18,6 +19,7 @@ mod extents;
 mod limits;
 mod merge;
 mod serial;
+pub mod set;
 mod sha;
 mod state;
 mod words;

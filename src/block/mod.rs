@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod file;
+pub mod node;
 pub mod open;
 
 pub use error::{BlockError, BlockResult, ErrorKind};

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::bitmap::set::{lock, SharedBitmap};
 use crate::block::{BlockNode, BlockResult};
 
 /// One block-status descriptor: `len` bytes with status `flags`.
@@ -36,17 +37,23 @@ pub trait MetaContext: Send + Sync {
     ) -> BlockResult<()>;
 }
 
-/// Appends a descriptor, merging it into the previous one when the flags match.
-pub fn push_merged(out: &mut Vec<Descriptor>, first: usize, d: Descriptor) {
+/// Appends a descriptor to those a reply has from index `first` on,
+/// merging it into the previous one when the flags match. Returns false,
+/// adding nothing, when it would be descriptor number `max + 1`.
+pub fn push_capped(out: &mut Vec<Descriptor>, first: usize, max: usize, d: Descriptor) -> bool {
     if out.len() > first {
         if let Some(last) = out.last_mut() {
             if last.flags == d.flags {
                 last.len += d.len;
-                return;
+                return true;
             }
         }
     }
+    if out.len() - first >= max {
+        return false;
+    }
     out.push(d);
+    true
 }
 
 /// Runs `step` from `offset` until `len` is covered or `max` descriptors
@@ -67,11 +74,9 @@ fn collect(
             len: d.len.clamp(1, end - pos),
             flags: d.flags,
         };
-        let merges = out.len() > first && out.last().is_some_and(|l| l.flags == d.flags);
-        if !merges && out.len() - first >= max {
+        if !push_capped(out, first, max, d) {
             break;
         }
-        push_merged(out, first, d);
         pos += d.len;
     }
     Ok(())
@@ -127,6 +132,51 @@ impl MetaContext for AllocationDepth {
                 flags: e.depth as u64,
             })
         })
+    }
+}
+
+/// `qemu:dirty-bitmap:NAME`: bit 0 set where the bitmap is dirty.
+pub struct DirtyBitmapContext {
+    name: String,
+    bitmap: SharedBitmap,
+}
+
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+impl DirtyBitmapContext {
+    /// `export_as` is the leaf the client sees (qemu: the bitmap's name).
+    pub fn new(export_as: &str, bitmap: SharedBitmap) -> Self {
+        DirtyBitmapContext {
+            name: format!("{DIRTY_BITMAP_PREFIX}{export_as}"),
+            bitmap,
+        }
+    }
+}
+
+impl MetaContext for DirtyBitmapContext {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+        out: &mut Vec<Descriptor>,
+    ) -> BlockResult<()> {
+        let first = out.len();
+        let b = lock(&self.bitmap);
+        for e in b.extents(offset, offset + len) {
+            let d = Descriptor {
+                len: e.len,
+                flags: e.dirty as u64,
+            };
+            if !push_capped(out, first, max, d) {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
