@@ -125,7 +125,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let driver = open_image(&image, args.format, args.read_only)
         .with_context(|| format!("Could not open '{}'", image.display()))?;
-    let node = Arc::new(Node::new("drive0", driver));
+    let node = Arc::new(Node::open("drive0", driver)?);
     let mut extra_contexts: Vec<Arc<dyn MetaContext>> = Vec::new();
     for name in &args.bitmaps {
         let bitmap = node
@@ -167,10 +167,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             let _ = stop_tx.send(true);
         });
         server.run(stop_rx).await;
-        let flushed = tokio::task::spawn_blocking(move || node.flush()).await;
-        flushed
-            .context("flush task failed")?
-            .context("Could not flush the image")?;
+        let stored = tokio::task::spawn_blocking(move || node.store_bitmaps()).await;
+        stored
+            .context("close task failed")?
+            .context("Could not close the image cleanly")?;
         Ok(())
     })
 }

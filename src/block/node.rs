@@ -5,8 +5,9 @@
 
 use std::sync::Arc;
 
-use super::{BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags};
-use crate::bitmap::set::BitmapSet;
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags};
+use crate::bitmap::set::{lock, BitmapSet};
+use crate::bitmap::DirtyBitmap;
 
 pub struct Node {
     name: String,
@@ -15,12 +16,36 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(name: impl Into<String>, driver: Arc<dyn BlockNode>) -> Node {
-        Node {
+    /// Wraps `driver`, loading the bitmaps its image stores.
+    pub fn open(name: impl Into<String>, driver: Arc<dyn BlockNode>) -> BlockResult<Node> {
+        let bitmaps = BitmapSet::new();
+        for b in driver.load_bitmaps()? {
+            let name = b.name().to_owned();
+            bitmaps.add(b).map_err(|e| {
+                BlockError::corrupt(format!("bitmap '{name}' stored twice: {}", e.message))
+            })?;
+        }
+        Ok(Node {
             name: name.into(),
             driver,
-            bitmaps: Arc::new(BitmapSet::new()),
+            bitmaps: Arc::new(bitmaps),
+        })
+    }
+
+    /// Stores the persistent bitmaps in the image (a clean close, or an
+    /// explicit store point), then flushes.
+    pub fn store_bitmaps(&self) -> BlockResult<()> {
+        let all = self.bitmaps.all();
+        let guards: Vec<_> = all.iter().map(lock).collect();
+        let persistent: Vec<&DirtyBitmap> = guards
+            .iter()
+            .filter(|b| b.state.persistent)
+            .map(|b| &**b)
+            .collect();
+        if !self.driver.read_only() {
+            self.driver.store_bitmaps(&persistent)?;
         }
+        self.driver.flush()
     }
 
     pub fn name(&self) -> &str {
