@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use tidemark::block::node::Node;
 use tidemark::block::open::{open_image, Format};
-use tidemark::block::BlockNode;
 use tidemark::nbd::context::{DirtyBitmapContext, MetaContext};
 use tidemark::nbd::export::{Export, ExportConfig, ExportTable};
 use tidemark::nbd::server::{Address, NbdServer};
