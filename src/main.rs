@@ -158,7 +158,17 @@ fn serve(args: ServeArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         let server = NbdServer::bind(&addrs, exports, args.max_connections).await?;
-        info!(image = %image.display(), addrs = ?addrs, "serving");
+        info!(image = %image.display(), "serving");
+        for a in server.tcp_addrs() {
+            // The bound address, so `--listen HOST:0` users learn the port.
+            info!("listening on tcp {a}");
+        }
+        if let Some(p) = addrs.iter().find_map(|a| match a {
+            Address::Unix(p) => Some(p),
+            Address::Tcp(_) => None,
+        }) {
+            info!("listening on unix {}", p.display());
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
