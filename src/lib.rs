@@ -1,5 +1,8 @@
 //! tidemark: a storage daemon that serves disk images over NBD and tracks
-//! their changes for incremental backup. See ../shared/DESIGN.md for the map.
+//! their changes for incremental backup. See DESIGN.md in the project's
+//! shared folder for the map; README.md for use.
 
+pub mod bitmap;
 pub mod block;
 pub mod info;
+pub mod nbd;

@@ -1,1 +1,201 @@
-fn main() {}
+//! The tidemark command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::info;
+
+use std::sync::Arc;
+
+use tidemark::block::node::Node;
+use tidemark::block::open::{open_image, Format};
+use tidemark::nbd::context::{DirtyBitmapContext, MetaContext};
+use tidemark::nbd::export::{Export, ExportConfig, ExportTable};
+use tidemark::nbd::server::{Address, NbdServer};
+
+/// Serve disk images over NBD and track their changes for incremental backup.
+#[derive(Parser)]
+#[command(name = "tidemark", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve one image over NBD (the short form of `qemu-nbd`).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Image to serve; without it, a small demo image is created (if
+    /// missing) in the current directory and served.
+    image: Option<PathBuf>,
+    /// Unix socket to listen on (default ./tidemark.sock unless --listen is given).
+    #[arg(long, short = 'k')]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on, HOST:PORT.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Export name (default: the empty name, as qemu-nbd).
+    #[arg(long, short = 'x', default_value = "")]
+    export_name: String,
+    /// Human-readable description of the export.
+    #[arg(long, short = 'D')]
+    description: Option<String>,
+    /// Export read-only.
+    #[arg(long, short = 'r')]
+    read_only: bool,
+    /// Image format (default: probe).
+    #[arg(long, short = 'f', value_enum)]
+    format: Option<Format>,
+    /// Maximum number of simultaneous clients.
+    #[arg(long, short = 'e')]
+    max_connections: Option<usize>,
+    /// Also expose the qemu:allocation-depth metadata context.
+    #[arg(long, short = 'A')]
+    allocation_depth: bool,
+    /// Export a dirty bitmap of the image as qemu:dirty-bitmap:NAME (repeatable).
+    #[arg(long = "bitmap", short = 'B', value_name = "NAME")]
+    bitmaps: Vec<String>,
+}
+
+const DEMO_IMAGE: &str = "tidemark-demo.img";
+const DEMO_SIZE: u64 = 64 << 20;
+const DEFAULT_SOCKET: &str = "tidemark.sock";
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // The block layer runs here; bound it so a flood of clients
+        // cannot spawn unbounded threads.
+        .max_blocking_threads(64)
+        .build()
+        .context("Could not start the runtime")
+}
+
+/// Creates the demo image as a sparse raw file if it does not exist.
+fn ensure_demo_image(path: &Path) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let f = std::fs::File::create(path)
+        .with_context(|| format!("Could not create demo image '{}'", path.display()))?;
+    f.set_len(DEMO_SIZE)
+        .with_context(|| format!("Could not size demo image '{}'", path.display()))?;
+    info!(path = %path.display(), size = DEMO_SIZE, "created demo image");
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let image = match args.image {
+        Some(p) => p,
+        None => {
+            let p = PathBuf::from(DEMO_IMAGE);
+            ensure_demo_image(&p)?;
+            p
+        }
+    };
+    let driver = open_image(&image, args.format, args.read_only)
+        .with_context(|| format!("Could not open '{}'", image.display()))?;
+    let node = Arc::new(Node::open("drive0", driver)?);
+    let mut extra_contexts: Vec<Arc<dyn MetaContext>> = Vec::new();
+    for name in &args.bitmaps {
+        let bitmap = node
+            .bitmaps()
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("Bitmap '{name}' is not found"))?;
+        extra_contexts.push(Arc::new(DirtyBitmapContext::new(name, bitmap)));
+    }
+    let export = Export::new(
+        node.clone(),
+        ExportConfig {
+            name: args.export_name,
+            description: args.description,
+            read_only: args.read_only,
+            multi_conn: args.max_connections != Some(1),
+            allocation_depth: args.allocation_depth,
+            extra_contexts,
+        },
+    );
+    let exports = ExportTable::new();
+    exports.add(export).map_err(anyhow::Error::msg)?;
+    let mut addrs = Vec::new();
+    if let Some(l) = args.listen {
+        addrs.push(Address::Tcp(l));
+    }
+    if args.socket.is_some() || addrs.is_empty() {
+        addrs.push(Address::Unix(
+            args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        ));
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let server = NbdServer::bind(&addrs, exports, args.max_connections).await?;
+        info!(image = %image.display(), "serving");
+        for a in server.tcp_addrs() {
+            // The bound address, so `--listen HOST:0` users learn the port.
+            info!("listening on tcp {a}");
+        }
+        if let Some(p) = addrs.iter().find_map(|a| match a {
+            Address::Unix(p) => Some(p),
+            Address::Tcp(_) => None,
+        }) {
+            info!("listening on unix {}", p.display());
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("shutting down");
+            let _ = stop_tx.send(true);
+        });
+        server.run(stop_rx).await;
+        let stored = tokio::task::spawn_blocking(move || node.store_bitmaps()).await;
+        stored
+            .context("close task failed")?
+            .context("Could not close the image cleanly")?;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}

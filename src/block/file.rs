@@ -21,8 +21,12 @@ pub struct FileNode {
     file: File,
     path: PathBuf,
     read_only: bool,
+    /// The image size: the file's length rounded up to 512 bytes, as qemu
+    /// sees raw files; the tail past EOF reads as zeroes.
     size: u64,
 }
+
+const SECTOR: u64 = 512;
 
 impl FileNode {
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Self> {
@@ -41,7 +45,8 @@ impl FileNode {
         let size = file
             .metadata()
             .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?
-            .len();
+            .len()
+            .next_multiple_of(SECTOR);
         Ok(FileNode {
             file,
             path: path.to_owned(),
@@ -118,9 +123,21 @@ impl BlockNode for FileNode {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| self.err("Could not read", offset, e))
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                // Past EOF (the sector padding, or a file truncated under
+                // us) reads as zeroes, as in qemu.
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("Could not read", offset, e)),
+            }
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {

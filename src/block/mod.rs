@@ -12,10 +12,13 @@ pub mod chain;
 pub mod error;
 pub mod file;
 pub mod lock;
+pub mod node;
 pub mod open;
 pub mod qcow2;
 
 pub use error::{BlockError, BlockResult, ErrorKind};
+
+use crate::bitmap::DirtyBitmap;
 
 /// `base:allocation` bit: the range is not allocated (reads come from a
 /// backing layer or are zero).
@@ -99,4 +102,31 @@ pub trait BlockNode: Send + Sync + 'static {
 
     /// A short name of the format, as `qemu-img info` prints it ("raw", "qcow2").
     fn format_name(&self) -> &'static str;
+
+    /// The dirty bitmaps stored in the image, loaded when it is opened. A
+    /// bitmap found in use (not cleanly stored) comes back inconsistent.
+    fn load_bitmaps(&self) -> BlockResult<Vec<DirtyBitmap>> {
+        Ok(Vec::new())
+    }
+
+    /// Whether a new persistent bitmap `name` could be stored in this image;
+    /// the error says why not, in qemu's words.
+    fn can_store_bitmap(&self, name: &str, _granularity: u64) -> BlockResult<()> {
+        Err(BlockError::not_supported(format!(
+            "Can't make bitmap '{name}' persistent: the {} format cannot store bitmaps",
+            self.format_name()
+        )))
+    }
+
+    /// Writes `bitmaps` as the image's stored bitmaps (replacing what was
+    /// there), marked as cleanly stored.
+    fn store_bitmaps(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {
+        if bitmaps.is_empty() {
+            return Ok(());
+        }
+        Err(BlockError::not_supported(format!(
+            "the {} format cannot store bitmaps",
+            self.format_name()
+        )))
+    }
 }

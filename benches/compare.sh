@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# Run the same NBD load against tidemark, qemu-nbd and nbdkit (file plugin),
+# one server at a time, on the same raw file, and print a markdown table with
+# absolute figures and ratios to qemu-nbd.  Progress goes to stderr, the
+# report to stdout.  See benches/README.md.
+#
+# Usage: benches/compare.sh            (from anywhere; builds tidemark first)
+#
+# Environment (all optional):
+#   BENCH_SIZE=4G          size of the served raw file (sequential read size)
+#   BENCH_WRITE_SIZE=$BENCH_SIZE  bytes nbdcopy writes into the export (<= BENCH_SIZE)
+#   BENCH_RAND_SECS=10     seconds per random-I/O row
+#   BENCH_QD=16            random-I/O queue depth (requests in flight)
+#   BENCH_BS=4k            random-I/O request size
+#   BENCH_RANDIO=auto      fio | python | auto (fio if its nbd engine exists)
+#   BENCH_SERVERS="tidemark qemu-nbd nbdkit"   which columns to run, in this order
+#   BENCH_CACHE=warm       warm: read the file once before each server;
+#                          drop: sync + drop the page cache before each server (root)
+#   BENCH_DIR=${TMPDIR:-/var/tmp}  where the temp dir (image, sockets, logs) goes
+#   BENCH_NO_BUILD=1       don't run `cargo build --release`
+#   TIDEMARK_BIN=path      tidemark binary (default target/release/tidemark)
+#   BENCH_NBDCOPY_OPTS=""  extra nbdcopy options for both sequential rows
+#   BENCH_START_TIMEOUT=30 seconds a server gets to accept a connection
+#   BENCH_OP_TIMEOUT=180   seconds any one nbdcopy may take before it counts as failed
+#   BENCH_KEEP=1           keep the temp dir (server logs) instead of removing it
+
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+size_str=${BENCH_SIZE:-4G}
+wsize_str=${BENCH_WRITE_SIZE:-$size_str}
+rand_secs=${BENCH_RAND_SECS:-10}
+qd=${BENCH_QD:-16}
+bs_str=${BENCH_BS:-4k}
+randio=${BENCH_RANDIO:-auto}
+servers=${BENCH_SERVERS:-tidemark qemu-nbd nbdkit}
+cache_mode=${BENCH_CACHE:-warm}
+start_timeout=${BENCH_START_TIMEOUT:-30}
+op_timeout=${BENCH_OP_TIMEOUT:-180}
+nbdcopy_opts=${BENCH_NBDCOPY_OPTS:-}
+tidemark_bin=${TIDEMARK_BIN:-$repo/target/release/tidemark}
+py=/usr/bin/python3   # Debian's python has python3-libnbd; a pyenv python3 does not
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+to_bytes() { numfmt --from=iec "${1^^}" 2>/dev/null; }
+size=$(to_bytes "$size_str") || die "bad BENCH_SIZE: $size_str"
+wsize=$(to_bytes "$wsize_str") || die "bad BENCH_WRITE_SIZE: $wsize_str"
+bs=$(to_bytes "$bs_str") || die "bad BENCH_BS: $bs_str"
+[[ $rand_secs =~ ^[0-9]+$ && $qd =~ ^[0-9]+$ ]] || die "BENCH_RAND_SECS and BENCH_QD must be integers"
+((wsize <= size)) || die "BENCH_WRITE_SIZE ($wsize_str) must not exceed BENCH_SIZE ($size_str)"
+((size >= bs)) || die "BENCH_SIZE too small"
+[[ $cache_mode == warm || $cache_mode == drop ]] || die "BENCH_CACHE must be warm or drop"
+if [[ $cache_mode == drop ]]; then
+    [[ $(id -u) == 0 ]] || die "BENCH_CACHE=drop needs root"
+    { sync && echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null ||
+        die "cannot write /proc/sys/vm/drop_caches; use BENCH_CACHE=warm"
+fi
+for t in nbdcopy nbdinfo numfmt timeout; do
+    command -v "$t" >/dev/null || die "$t not found (Debian: apt-get install libnbd-bin coreutils)"
+done
+
+if [[ $randio == auto ]]; then
+    if command -v fio >/dev/null && fio --enghelp=nbd 2>/dev/null | grep -q uri; then
+        randio=fio
+    else
+        randio=python
+    fi
+fi
+case $randio in
+fio) fio --enghelp=nbd 2>/dev/null | grep -q uri || die "fio has no nbd engine; use BENCH_RANDIO=python" ;;
+python) "$py" -c 'import nbd' 2>/dev/null || die "$py cannot import nbd (apt-get install python3-libnbd)" ;;
+*) die "BENCH_RANDIO must be fio, python or auto" ;;
+esac
+
+# ---- temp dir and cleanup -------------------------------------------------
+
+tmp=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/var/tmp}}/tidemark-bench.XXXXXX") || die "mktemp failed"
+srv_pid=
+cleanup() {
+    if [[ -n ${load_pid:-} ]]; then
+        kill -TERM "$load_pid" 2>/dev/null
+        wait "$load_pid" 2>/dev/null
+    fi
+    if [[ -n $srv_pid ]] && kill -0 "$srv_pid" 2>/dev/null; then
+        kill -TERM "$srv_pid" 2>/dev/null
+        wait "$srv_pid" 2>/dev/null
+    fi
+    if [[ -n ${BENCH_KEEP:-} ]]; then
+        log "kept $tmp"
+    else
+        rm -rf "$tmp"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+img=$tmp/disk.raw
+src=$tmp/source.raw
+
+# ---- tidemark build ------------------------------------------------------
+
+declare -A note    # per-server reason for an n/a column
+if [[ " $servers " == *" tidemark "* && -z ${BENCH_NO_BUILD:-} ]]; then
+    log "cargo build --release (log: $tmp/cargo.log)"
+    if ! (cd "$repo" && cargo build --release) >"$tmp/cargo.log" 2>&1; then
+        note[tidemark]="cargo build --release failed"
+        tail -n 15 "$tmp/cargo.log" >&2
+    fi
+fi
+
+# ---- test data -----------------------------------------------------------
+# Fully allocated, incompressible, no zero runs: otherwise nbdcopy would skip
+# holes (base:allocation) or zero blocks and measure nothing.  A 64 MiB random
+# chunk repeated is enough for that and much faster than /dev/urandom for GiBs.
+
+fill() { # fill FILE BYTES
+    local chunk=$tmp/chunk
+    [[ -f $chunk ]] || head -c $((64 << 20)) /dev/urandom >"$chunk"
+    while cat "$chunk"; do :; done 2>/dev/null | head -c "$2" >"$1"
+    [[ $(stat -c %s "$1") == "$2" ]] || die "could not create $1"
+}
+log "creating $size_str image and $wsize_str write source in $tmp"
+fill "$img" "$size"
+fill "$src" "$wsize"
+rm -f "$tmp/chunk"
+sync "$img" "$src"
+
+# ---- helpers -------------------------------------------------------------
+
+mibps() { awk -v b="$1" -v t0="$2" -v t1="$3" 'BEGIN { printf "%.0f", b / 1048576 / (t1 - t0) }'; }
+
+prepare_cache() {
+    if [[ $cache_mode == drop ]]; then
+        sync && echo 3 >/proc/sys/vm/drop_caches
+    else
+        sync "$img" "$src"   # write back the previous server's dirty pages, untimed
+        cat "$img" "$src" >/dev/null
+    fi
+}
+
+server_cmd() { # server_cmd NAME SOCKET: sets the cmd array
+    case $1 in
+    tidemark) cmd=("$tidemark_bin" serve --socket "$2" --export-name '' --format raw "$img") ;;
+    # qemu-nbd's defaults, spelled out: write-back host cache, thread-pool AIO,
+    # no zero detection, discard ignored.  --shared=16 so nbdcopy's and the
+    # probes' connections are all accepted; --persistent keeps it up between loads.
+    qemu-nbd) cmd=(qemu-nbd -f raw --cache=writeback --aio=threads --shared=16 --persistent -k "$2" "$img") ;;
+    nbdkit) cmd=(nbdkit --foreground --unix "$2" file "$img") ;;
+    *) die "unknown server $1" ;;
+    esac
+}
+
+# start_server NAME: starts it on a fresh socket, waits until it answers an NBD
+# handshake.  Sets srv_pid and uri.  Returns 1 (with note[NAME]) on failure.
+start_server() {
+    local name=$1 sock=$tmp/$1.sock deadline
+    uri="nbd+unix:///?socket=$sock"
+    server_cmd "$name" "$sock"
+    if [[ $name == tidemark && ! -x $tidemark_bin ]]; then
+        note[$name]="${note[$name]:-no binary at $tidemark_bin}"
+        return 1
+    fi
+    if ! command -v "${cmd[0]}" >/dev/null; then
+        note[$name]="${cmd[0]} not installed"
+        return 1
+    fi
+    "${cmd[@]}" >"$tmp/$name.log" 2>&1 &
+    srv_pid=$!
+    deadline=$((SECONDS + start_timeout))
+    until nbdinfo --size "$uri" >/dev/null 2>&1; do
+        if ! kill -0 "$srv_pid" 2>/dev/null; then
+            wait "$srv_pid" 2>/dev/null
+            note[$name]="server exited during start-up"
+            tail -n 10 "$tmp/$name.log" >&2
+            srv_pid=
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            note[$name]="no NBD handshake within ${start_timeout}s"
+            stop_server
+            return 1
+        fi
+        sleep 0.05
+    done
+}
+
+stop_server() {
+    [[ -n $srv_pid ]] || return 0
+    kill -TERM "$srv_pid" 2>/dev/null
+    local deadline=$((SECONDS + 15))
+    while kill -0 "$srv_pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.05; done
+    kill -KILL "$srv_pid" 2>/dev/null
+    wait "$srv_pid" 2>/dev/null
+    srv_pid=
+}
+
+# Loads run in the background and the script waits for them, so that a signal
+# to the script is handled at once (bash defers traps while a foreground child
+# runs); cleanup() then stops the load and the server.
+load_pid=
+run() { # run SECONDS CMD...: CMD under timeout(1), output to stderr
+    local t=$1 rc
+    shift
+    timeout -k 5 "$t" "$@" >&2 &
+    load_pid=$!
+    wait "$load_pid"
+    rc=$?
+    load_pid=
+    return $rc
+}
+
+# Each load sets v to one number, or fails.
+seq_read() {
+    local t0=$EPOCHREALTIME
+    # shellcheck disable=SC2086
+    run "$op_timeout" nbdcopy $nbdcopy_opts "$uri" null: || return 1
+    v=$(mibps "$size" "$t0" "$EPOCHREALTIME")
+}
+
+seq_write() {
+    local t0=$EPOCHREALTIME
+    # shellcheck disable=SC2086
+    run "$op_timeout" nbdcopy $nbdcopy_opts "$src" "$uri" || return 1
+    v=$(mibps "$wsize" "$t0" "$EPOCHREALTIME")
+}
+
+rand_io() { # rand_io read|write
+    local out=$tmp/rand-$1.json
+    if [[ $randio == fio ]]; then
+        run $((rand_secs + 60)) fio --name="rand$1" --ioengine=nbd --uri="$uri" \
+            --rw="rand$1" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+            --time_based --runtime="$rand_secs" \
+            --output-format=json --output="$out" || return 1
+        v=$(jq -e --arg op "$1" '.jobs[0] | select(.error == 0) | .[$op].iops | floor' "$out")
+    else
+        run $((rand_secs + 60)) sh -c '"$@" >"$0"' "$out" "$py" "$here/randio.py" "$uri" "$1" \
+            --secs "$rand_secs" --qd "$qd" --bs "$bs" || return 1
+        v=$(jq -e '.iops | floor' "$out")
+    fi
+}
+
+peak_rss_mib() {
+    awk '/^VmHWM:/ { printf "%.1f", $2 / 1024; found = 1 } END { exit !found }' "/proc/$srv_pid/status"
+}
+
+# ---- the runs ------------------------------------------------------------
+
+rows=(seq_read seq_write rand_read rand_write rss)
+declare -A label=(
+    [seq_read]="sequential read, nbdcopy → null: (MiB/s)"
+    [seq_write]="sequential write, nbdcopy file → export (MiB/s)"
+    [rand_read]="$bs_str random read, QD $qd (IOPS)"
+    [rand_write]="$bs_str random write, QD $qd (IOPS)"
+    [rss]="peak RSS, VmHWM (MiB, lower is better)"
+)
+declare -A res      # res[server,row]
+declare -A mconn    # can_multi_conn as the server advertises it
+
+for s in $servers; do
+    [[ $s == tidemark && -n ${note[tidemark]:-} ]] && { log "tidemark: skipped (${note[tidemark]})"; continue; }
+    log "$s: preparing page cache ($cache_mode)"
+    prepare_cache
+    log "$s: starting"
+    start_server "$s" || { log "$s: ${note[$s]}"; continue; }
+    mconn[$s]=$(nbdinfo --can multi-conn "$uri" >/dev/null 2>&1 && echo yes || echo no)
+    for row in seq_read seq_write rand_read rand_write; do
+        log "$s: $row"
+        rc=0 v=
+        case $row in
+        seq_read) seq_read || rc=1 ;;
+        seq_write) seq_write || rc=1 ;;
+        rand_read) rand_io read || rc=1 ;;
+        rand_write) rand_io write || rc=1 ;;
+        esac
+        if [[ $rc == 0 && -n $v ]]; then
+            res[$s,$row]=$v
+            log "$s: $row = $v"
+        else
+            log "$s: $row failed"
+            note[$s]="${note[$s]:+${note[$s]}; }$row failed"
+            kill -0 "$srv_pid" 2>/dev/null || { note[$s]+=" (server died)"; break; }
+        fi
+    done
+    if kill -0 "$srv_pid" 2>/dev/null; then
+        res[$s,rss]=$(peak_rss_mib) || unset "res[$s,rss]"
+    fi
+    log "$s: stopping"
+    stop_server
+done
+
+# ---- report --------------------------------------------------------------
+
+ver() { "$@" 2>/dev/null | head -n 1; }
+cell() { echo "${res[$1,$2]:-n/a}"; }
+ratio() { # ratio SERVER ROW -> SERVER / qemu-nbd
+    local a=${res[$1,$2]:-} b=${res[qemu-nbd,$2]:-}
+    [[ -n $a && -n $b ]] || { echo n/a; return; }
+    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'
+}
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && commit+="+dirty"
+
+cat <<EOF
+## tidemark vs qemu-nbd vs nbdkit
+
+- host: $(nproc) CPUs, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC')
+- image: $(numfmt --to=iec "$size") raw, fully allocated random data, on $(df --output=fstype "$tmp" | tail -n 1); write source $(numfmt --to=iec "$wsize")
+- page cache: $([[ $cache_mode == warm ]] && echo "pre-warmed (sync, then image and write source read once) before each server" || echo "sync + drop_caches before each server")
+- servers run one at a time, in this order: $servers; each on a fresh unix socket
+- tidemark ($commit): \`target/release/tidemark serve --socket S --export-name '' --format raw IMG\`
+- $(ver qemu-nbd --version): \`qemu-nbd -f raw --cache=writeback --aio=threads --shared=16 --persistent -k S IMG\`
+- $(ver nbdkit --version): \`nbdkit --foreground --unix S file IMG\`
+- sequential: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` and \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} SRC URI\` (several connections only if the server advertises multi-conn)
+- random: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s per row, whole export
+
+| load | tidemark | qemu-nbd | nbdkit | tidemark / qemu-nbd | nbdkit / qemu-nbd |
+|---|---:|---:|---:|---:|---:|
+EOF
+for row in "${rows[@]}"; do
+    printf '| %s | %s | %s | %s | %s | %s |\n' "${label[$row]}" \
+        "$(cell tidemark "$row")" "$(cell qemu-nbd "$row")" "$(cell nbdkit "$row")" \
+        "$(ratio tidemark "$row")" "$(ratio nbdkit "$row")"
+done
+echo
+printf -- '- can_multi_conn:'
+for s in tidemark qemu-nbd nbdkit; do printf ' %s=%s' "$s" "${mconn[$s]:-n/a}"; done
+echo
+for s in tidemark qemu-nbd nbdkit; do
+    [[ -n ${note[$s]:-} ]] && echo "- $s: ${note[$s]}"
+    [[ " $servers " != *" $s "* ]] && echo "- $s: not run (BENCH_SERVERS)"
+done
+exit 0

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, as a new user or CI runs it: installs the Debian
+# packages the tests drive, then lints, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tools the integration tests use as clients and oracles. qemu-utils
+# (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon) is already on the machine;
+# never install qemu-system-* from plain bookworm: it replaces qemu-utils.
+packages=(libnbd-bin python3-libnbd nbdkit fio)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdcopy nbdsh; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (install qemu-utils)" >&2; exit 1; }
+done
+
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --release --no-fail-fast 2>&1

@@ -1,0 +1,214 @@
+//! `DirtyBitmap`: one bit per granule of a disk, set when the granule was
+//! written since the bitmap was created or last cleared.
+//!
+//! Range rules, decided once here:
+//! - A range is `(offset, len)` in bytes. `len == 0` is a no-op.
+//! - A range that reaches past the disk size is refused with an `Invalid`
+//!   error and changes nothing: the write path checks requests against the
+//!   node size first, so such a range is a bug in the caller, and silently
+//!   clipping it would hide one. Queries (`next_dirty_area`, `next_clean`,
+//!   extents) instead clip their end to the disk size, as QEMU's do.
+//! - Setting marks every granule the range touches, partial ones included.
+//! - Resetting clears only granules the range covers completely; the last,
+//!   partial granule of the disk counts as covered when the range reaches
+//!   the disk end. QEMU asserts such alignment; tidemark keeps a partly
+//!   covered granule dirty, so a reset never loses a write it did not cover.
+
+use std::fmt;
+
+use super::error::{BitmapError, BitmapErrorKind, BitmapResult};
+use super::limits::{check_name, granularity_shift, MAX_DISK_SIZE};
+use super::state::BitmapState;
+use super::words;
+
+/// A dirty bitmap over a disk of `size` bytes at a power-of-two granularity.
+///
+/// Memory is one bit per granule, rounded up to whole 64-bit words, and
+/// nothing else that grows with the disk. Bits past the last granule are
+/// always zero (the hash and the qcow2 format both rely on it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    name: String,
+    size: u64,
+    shift: u32,
+    granules: u64,
+    words: Vec<u64>,
+    /// Recording, busy, inconsistent, persistent, read-only: plain flags that
+    /// the rule checks in `state.rs` read.
+    pub state: BitmapState,
+}
+
+impl DirtyBitmap {
+    /// A named, recording, transient bitmap with no dirty granule. The name
+    /// and granularity are checked with QEMU's texts.
+    pub fn new(name: &str, size: u64, granularity: u64) -> BitmapResult<Self> {
+        check_name(name)?;
+        let mut bitmap = Self::anonymous(size, granularity)?;
+        bitmap.name = name.to_owned();
+        Ok(bitmap)
+    }
+
+    /// A bitmap without a name, for internal use (a job's copy bitmap, a
+    /// successor); otherwise as `new`.
+    pub fn anonymous(size: u64, granularity: u64) -> BitmapResult<Self> {
+        let shift = granularity_shift(granularity)?;
+        if size > MAX_DISK_SIZE {
+            return Err(BitmapError::invalid(format!(
+                "Disk size {size} exceeds maximum ({MAX_DISK_SIZE} bytes)"
+            )));
+        }
+        let granules = size.div_ceil(1u64 << shift);
+        let n_words =
+            usize::try_from(words::words_for(granules)).map_err(|_| no_memory(granules))?;
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(n_words)
+            .map_err(|_| no_memory(granules))?;
+        words.resize(n_words, 0);
+        Ok(DirtyBitmap {
+            name: String::new(),
+            size,
+            shift,
+            granules,
+            words,
+            state: BitmapState::default(),
+        })
+    }
+
+    /// The name; empty for an anonymous bitmap.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Renames the bitmap (as QEMU's successor takes its parent's name).
+    pub fn set_name(&mut self, name: &str) -> BitmapResult<()> {
+        check_name(name)?;
+        self.name = name.to_owned();
+        Ok(())
+    }
+
+    /// Size of the covered disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes per bit.
+    pub fn granularity(&self) -> u64 {
+        1u64 << self.shift
+    }
+
+    /// log2 of the granularity.
+    pub fn granularity_shift(&self) -> u32 {
+        self.shift
+    }
+
+    /// Number of granules (bits), the last one possibly partial.
+    pub fn granules(&self) -> u64 {
+        self.granules
+    }
+
+    /// The bits, granule `i` at bit `i % 64` of word `i / 64`.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    pub(crate) fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
+
+    /// Checks that `[offset, offset + len)` lies within the disk.
+    fn check_range(&self, offset: u64, len: u64) -> BitmapResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(BitmapError::invalid(format!(
+                "Range (offset {offset}, length {len}) exceeds the size of bitmap '{}' \
+                 ({} bytes)",
+                self.name, self.size
+            ))),
+        }
+    }
+
+    /// Marks every granule that `[offset, offset + len)` touches as dirty.
+    pub fn set_range(&mut self, offset: u64, len: u64) -> BitmapResult<()> {
+        self.check_range(offset, len)?;
+        if len > 0 {
+            let first = offset >> self.shift;
+            let last = (offset + len - 1) >> self.shift;
+            words::set(&mut self.words, first, last + 1);
+        }
+        Ok(())
+    }
+
+    /// Marks clean every granule that `[offset, offset + len)` covers
+    /// completely (see the module notes for the partial granules).
+    pub fn reset_range(&mut self, offset: u64, len: u64) -> BitmapResult<()> {
+        self.check_range(offset, len)?;
+        let first = (offset + self.granularity() - 1) >> self.shift;
+        let end = offset + len;
+        let stop = if end == self.size {
+            self.granules
+        } else {
+            end >> self.shift
+        };
+        if first < stop {
+            words::clear(&mut self.words, first, stop);
+        }
+        Ok(())
+    }
+
+    /// Marks every granule clean.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Whether the granule holding byte `offset` is dirty; bytes past the
+    /// end are clean.
+    pub fn is_dirty(&self, offset: u64) -> bool {
+        offset < self.size && words::get(&self.words, offset >> self.shift)
+    }
+
+    /// Number of dirty granules.
+    pub fn dirty_granules(&self) -> u64 {
+        words::count(&self.words)
+    }
+
+    /// QEMU's `count`: dirty granules times the granularity. A dirty partial
+    /// last granule counts as a whole one, so this can exceed the disk size
+    /// (checked against qemu-storage-daemon's query-named-block-nodes).
+    pub fn count(&self) -> u64 {
+        self.dirty_granules() << self.shift
+    }
+
+    /// Whether no granule is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// Clears the bits past the last granule, which must stay zero.
+    pub(crate) fn clear_tail(&mut self) {
+        let stored = self.words.len() as u64 * u64::from(u64::BITS);
+        if stored > self.granules {
+            words::clear(&mut self.words, self.granules, stored);
+        }
+    }
+}
+
+/// A summary: the bits of a large disk would flood a log or a test failure.
+impl fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyBitmap")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .field("granularity", &self.granularity())
+            .field("dirty_granules", &self.dirty_granules())
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+fn no_memory(granules: u64) -> BitmapError {
+    BitmapError::new(
+        BitmapErrorKind::NoMemory,
+        format!("Cannot allocate memory for a bitmap of {granules} bits"),
+    )
+}

@@ -1,0 +1,120 @@
+//! Finding dirty and clean areas, a word at a time: the queries behind
+//! NBD block status for `qemu:dirty-bitmap:NAME` and behind backup jobs.
+//! All of them clip their end to the disk size and never report bytes
+//! outside `[offset, end)`.
+
+use super::dirty::DirtyBitmap;
+use super::words;
+
+/// A run of bytes that are all dirty or all clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub dirty: bool,
+}
+
+impl DirtyBitmap {
+    /// The granules `[first, stop)` that hold bytes `[offset, end)`, after
+    /// clipping `end` to the disk size; `None` when that range is empty.
+    fn granule_span(&self, offset: u64, end: u64) -> Option<(u64, u64)> {
+        let end = end.min(self.size());
+        if offset >= end {
+            return None;
+        }
+        let shift = self.granularity_shift();
+        Some((offset >> shift, ((end - 1) >> shift) + 1))
+    }
+
+    /// The first dirty area in `[offset, end)`: its start and length in
+    /// bytes, clipped to `[offset, min(end, size))`. QEMU's
+    /// bdrv_dirty_bitmap_next_dirty_area without a length cap.
+    pub fn next_dirty_area(&self, offset: u64, end: u64) -> Option<(u64, u64)> {
+        let end = end.min(self.size());
+        let (first, stop) = self.granule_span(offset, end)?;
+        let shift = self.granularity_shift();
+        let dirty = words::next_set(self.words(), first, stop)?;
+        let start = (dirty << shift).max(offset);
+        let area_end = match words::next_clear(self.words(), dirty, stop) {
+            Some(clean) => (clean << shift).min(end),
+            None => end,
+        };
+        Some((start, area_end - start))
+    }
+
+    /// The first clean byte in `[offset, end)`, as QEMU's
+    /// bdrv_dirty_bitmap_next_zero.
+    pub fn next_clean(&self, offset: u64, end: u64) -> Option<u64> {
+        let (first, stop) = self.granule_span(offset, end)?;
+        let clean = words::next_clear(self.words(), first, stop)?;
+        Some((clean << self.granularity_shift()).max(offset))
+    }
+
+    /// The dirty areas in `[offset, end)`, in order, each maximal.
+    pub fn dirty_extents(&self, offset: u64, end: u64) -> DirtyExtents<'_> {
+        DirtyExtents {
+            bitmap: self,
+            pos: offset,
+            end: end.min(self.size()),
+        }
+    }
+
+    /// `[offset, end)` cut into alternating clean and dirty extents that
+    /// cover it exactly (clipped to the disk size), as NBD block status needs.
+    pub fn extents(&self, offset: u64, end: u64) -> Extents<'_> {
+        Extents {
+            bitmap: self,
+            pos: offset,
+            end: end.min(self.size()),
+        }
+    }
+}
+
+/// Iterator of `(start, len)` dirty areas; see `DirtyBitmap::dirty_extents`.
+pub struct DirtyExtents<'a> {
+    bitmap: &'a DirtyBitmap,
+    pos: u64,
+    end: u64,
+}
+
+impl Iterator for DirtyExtents<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let (start, len) = self.bitmap.next_dirty_area(self.pos, self.end)?;
+        self.pos = start + len;
+        Some((start, len))
+    }
+}
+
+/// Iterator of alternating extents; see `DirtyBitmap::extents`.
+pub struct Extents<'a> {
+    bitmap: &'a DirtyBitmap,
+    pos: u64,
+    end: u64,
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Extent;
+
+    fn next(&mut self) -> Option<Extent> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let offset = self.pos;
+        let dirty = self.bitmap.is_dirty(offset);
+        let stop = if dirty {
+            self.bitmap.next_clean(offset, self.end).unwrap_or(self.end)
+        } else {
+            self.bitmap
+                .next_dirty_area(offset, self.end)
+                .map_or(self.end, |(start, _)| start)
+        };
+        self.pos = stop;
+        Some(Extent {
+            offset,
+            len: stop - offset,
+            dirty,
+        })
+    }
+}

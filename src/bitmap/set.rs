@@ -1,0 +1,104 @@
+//! The dirty bitmaps of one block node: the node marks every recording
+//! bitmap before a write is acknowledged; exports, jobs and the control
+//! plane look bitmaps up here by name.
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use super::{BitmapError, BitmapErrorKind, BitmapResult, DirtyBitmap};
+
+/// A bitmap shared between the write path and its readers.
+pub type SharedBitmap = Arc<Mutex<DirtyBitmap>>;
+
+/// Locks a bitmap; a panic elsewhere while it was held does not make its
+/// bits less true, so poisoning is ignored.
+pub fn lock(b: &SharedBitmap) -> MutexGuard<'_, DirtyBitmap> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+pub struct BitmapSet {
+    bitmaps: RwLock<Vec<SharedBitmap>>,
+}
+
+impl BitmapSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks `[offset, offset + len)` dirty in every recording bitmap.
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let all = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
+        for b in all.iter() {
+            let mut b = lock(b);
+            if b.state.recording {
+                // The range was validated against the node's size; a bitmap
+                // of another size is a bug we must not turn into a failed write.
+                if let Err(e) = b.set_range(offset, len) {
+                    tracing::error!(bitmap = b.name(), error = %e.message, "could not mark bitmap");
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<SharedBitmap> {
+        let all = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
+        all.iter().find(|b| lock(b).name() == name).cloned()
+    }
+
+    /// Every bitmap, in creation order (qemu lists the newest first; callers
+    /// that report reverse this).
+    pub fn all(&self) -> Vec<SharedBitmap> {
+        self.bitmaps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adds a bitmap; its name must be new on this node.
+    pub fn add(&self, bitmap: DirtyBitmap) -> BitmapResult<SharedBitmap> {
+        let mut all = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        if all.iter().any(|b| lock(b).name() == bitmap.name()) {
+            return Err(BitmapError::new(
+                BitmapErrorKind::Invalid,
+                format!("Bitmap already exists: {}", bitmap.name()),
+            ));
+        }
+        let shared = Arc::new(Mutex::new(bitmap));
+        all.push(shared.clone());
+        Ok(shared)
+    }
+
+    /// Removes a bitmap by name and returns it.
+    pub fn remove(&self, name: &str) -> Option<SharedBitmap> {
+        let mut all = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        let i = all.iter().position(|b| lock(b).name() == name)?;
+        Some(all.remove(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_recording_bitmaps_are_marked() {
+        let set = BitmapSet::new();
+        let on = set
+            .add(DirtyBitmap::new("on", 1 << 20, 65536).expect("new"))
+            .expect("add");
+        let mut off = DirtyBitmap::new("off", 1 << 20, 65536).expect("new");
+        off.state.recording = false;
+        let off = set.add(off).expect("add");
+        set.mark(70000, 10);
+        assert_eq!(lock(&on).count(), 65536);
+        assert_eq!(lock(&off).count(), 0);
+        assert!(set
+            .add(DirtyBitmap::new("on", 1 << 20, 65536).expect("new"))
+            .is_err());
+        assert!(set.remove("on").is_some());
+        assert!(set.get("on").is_none());
+    }
+}

@@ -1,0 +1,114 @@
+//! What a server offers: named exports over block nodes, and the table the
+//! handshake looks them up in. The table is shared with the control plane,
+//! which adds and removes exports at run time.
+
+use std::sync::{Arc, RwLock};
+
+use super::context::{AllocationDepth, BaseAllocation, MetaContext};
+use super::proto::*;
+use crate::block::BlockNode;
+
+pub struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub node: Arc<dyn BlockNode>,
+    /// The export's view: read-only even when the node is writable.
+    pub read_only: bool,
+    /// Whether several connections may be used as one (CAN_MULTI_CONN).
+    pub multi_conn: bool,
+    /// In ID order: `base:allocation` first, as qemu numbers them.
+    pub contexts: Vec<Arc<dyn MetaContext>>,
+}
+
+/// What an export is built from; the rest is derived.
+pub struct ExportConfig {
+    pub name: String,
+    pub description: Option<String>,
+    pub read_only: bool,
+    pub multi_conn: bool,
+    pub allocation_depth: bool,
+    /// Further contexts (dirty bitmaps), after the built-in ones.
+    pub extra_contexts: Vec<Arc<dyn MetaContext>>,
+}
+
+impl Export {
+    pub fn new(node: Arc<dyn BlockNode>, cfg: ExportConfig) -> Export {
+        let mut contexts: Vec<Arc<dyn MetaContext>> = vec![Arc::new(BaseAllocation(node.clone()))];
+        if cfg.allocation_depth {
+            contexts.push(Arc::new(AllocationDepth(node.clone())));
+        }
+        contexts.extend(cfg.extra_contexts);
+        Export {
+            name: cfg.name,
+            description: cfg.description,
+            read_only: cfg.read_only || node.read_only(),
+            multi_conn: cfg.multi_conn,
+            node,
+            contexts,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.node.size()
+    }
+
+    /// Transmission flags, as qemu computes them for the same export.
+    pub fn flags(&self, mode: Mode) -> u16 {
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+        // DF only means something with structured replies (qemu does the same).
+        if mode >= Mode::Structured {
+            f |= FLAG_SEND_DF;
+        }
+        if self.read_only {
+            f |= FLAG_READ_ONLY;
+        } else {
+            f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+        }
+        if self.multi_conn {
+            f |= FLAG_CAN_MULTI_CONN;
+        }
+        if mode == Mode::Extended {
+            f |= FLAG_BLOCK_STAT_PAYLOAD;
+        }
+        f
+    }
+}
+
+/// The exports a server offers, in the order they were added (NBD_OPT_LIST
+/// order).
+#[derive(Default, Clone)]
+pub struct ExportTable {
+    inner: Arc<RwLock<Vec<Arc<Export>>>>,
+}
+
+impl ExportTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        let t = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        t.iter().find(|e| e.name == name).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Adds an export; fails if the name is taken.
+    pub fn add(&self, export: Export) -> Result<Arc<Export>, String> {
+        let mut t = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if t.iter().any(|e| e.name == export.name) {
+            return Err(format!("export '{}' already exists", export.name));
+        }
+        let e = Arc::new(export);
+        t.push(e.clone());
+        Ok(e)
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut t = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let i = t.iter().position(|e| e.name == name)?;
+        Some(t.remove(i))
+    }
+}

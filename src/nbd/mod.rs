@@ -1,0 +1,15 @@
+//! The NBD protocol: wire format, handshake, transmission, server and client.
+//! Nothing here knows about image formats; it sees only [`crate::block::BlockNode`]
+//! and [`context::MetaContext`].
+
+pub mod client;
+pub mod context;
+pub mod exec;
+pub mod export;
+pub mod handshake;
+pub mod proto;
+pub mod reply;
+pub mod request;
+pub mod server;
+pub mod session;
+pub mod sink;

@@ -1,0 +1,232 @@
+//! Listening sockets and connection lifecycle: accept, enforce the
+//! connection limit, run handshake then session, and on shutdown stop
+//! accepting, let sessions finish their in-flight requests, and clean up.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::export::ExportTable;
+use super::handshake::{negotiate, HandshakeEnd, Negotiated};
+use super::session;
+use super::sink::ReplySink;
+
+/// A client that has not finished the handshake by then is dropped (qemu's
+/// default handshake limit).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Where a server listens.
+#[derive(Debug, Clone)]
+pub enum Address {
+    Unix(PathBuf),
+    /// `host:port`; IPv6 hosts in brackets.
+    Tcp(String),
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// A bound server socket, not yet accepting. Binding is separate so a caller
+/// knows the socket exists (and can report errors) before it serves.
+pub struct NbdServer {
+    listeners: Vec<Listener>,
+    exports: ExportTable,
+    max_connections: Option<usize>,
+}
+
+impl NbdServer {
+    pub async fn bind(
+        addrs: &[Address],
+        exports: ExportTable,
+        max_connections: Option<usize>,
+    ) -> io::Result<NbdServer> {
+        let mut listeners = Vec::new();
+        for a in addrs {
+            listeners.push(match a {
+                Address::Unix(p) => Listener::Unix(bind_unix(p)?, p.clone()),
+                Address::Tcp(hp) => {
+                    let l = TcpListener::bind(hp.as_str()).await.map_err(|e| {
+                        io::Error::new(e.kind(), format!("Failed to listen on {hp}: {e}"))
+                    })?;
+                    Listener::Tcp(l)
+                }
+            });
+        }
+        Ok(NbdServer {
+            listeners,
+            exports,
+            max_connections,
+        })
+    }
+
+    /// The TCP addresses actually bound (useful with port 0).
+    pub fn tcp_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Tcp(t) => t.local_addr().ok(),
+                Listener::Unix(..) => None,
+            })
+            .collect()
+    }
+
+    /// Accepts and serves until `shutdown` becomes true, then waits for the
+    /// open connections to finish and removes unix sockets.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let limit = Arc::new(Semaphore::new(
+            self.max_connections.unwrap_or(Semaphore::MAX_PERMITS),
+        ));
+        let mut acceptors = JoinSet::new();
+        let mut paths = Vec::new();
+        for l in self.listeners {
+            if let Listener::Unix(_, p) = &l {
+                paths.push(p.clone());
+            }
+            acceptors.spawn(accept_loop(
+                l,
+                self.exports.clone(),
+                limit.clone(),
+                shutdown.clone(),
+            ));
+        }
+        while acceptors.join_next().await.is_some() {}
+        for p in paths {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    // A stale socket from a dead server is replaced, as qemu does.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("Failed to bind socket to {}: {e}", path.display()),
+        )
+    })
+}
+
+async fn accept_loop(
+    listener: Listener,
+    exports: ExportTable,
+    limit: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    let mut stop = shutdown.clone();
+    loop {
+        // At the limit we stop accepting: new clients wait in the backlog
+        // until a slot frees, as with qemu's max-connections.
+        let permit = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = accept(&listener) => match accepted {
+                Ok(s) => s,
+                Err(_) => continue,
+            },
+        };
+        let exports = exports.clone();
+        let stop = shutdown.clone();
+        conns.spawn(async move {
+            match stream {
+                Stream::Unix(mut s) => {
+                    let sink = ReplySink::new(&s);
+                    let (mut r, mut w) = s.split();
+                    let neg = handshake(&mut r, &mut w, &exports).await;
+                    serve_conn(neg, s, sink, stop).await
+                }
+                Stream::Tcp(mut s) => {
+                    let sink = ReplySink::new(&s);
+                    let (mut r, mut w) = s.split();
+                    let neg = handshake(&mut r, &mut w, &exports).await;
+                    serve_conn(neg, s, sink, stop).await
+                }
+            }
+            drop(permit);
+        });
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Stream> {
+    match l {
+        Listener::Unix(u, _) => u.accept().await.map(|(s, _)| Stream::Unix(s)),
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().await?;
+            // Replies are small and latency-bound: never wait to coalesce.
+            s.set_nodelay(true)?;
+            Ok(Stream::Tcp(s))
+        }
+    }
+    .inspect_err(|e| warn!(error = %e, "accept failed"))
+}
+
+/// The handshake, bounded in time; `None` when it did not end in an export.
+pub async fn handshake<R, W>(r: &mut R, w: &mut W, exports: &ExportTable) -> Option<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(r, w, exports)).await {
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(HandshakeEnd::Aborted)) => None,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!("handshake timed out");
+            None
+        }
+    }
+}
+
+/// The transmission phase of one connection, until it closes.
+async fn serve_conn<R>(
+    neg: Option<Negotiated>,
+    r: R,
+    sink: io::Result<ReplySink>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let Some(neg) = neg else { return };
+    let sink = match sink {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(error = %e, "could not set up the reply path");
+            return;
+        }
+    };
+    info!(export = %neg.export.name, mode = ?neg.mode, "client connected");
+    if let Err(e) = session::run(r, sink, neg, shutdown).await {
+        debug!(error = %e, "connection ended");
+    }
+}

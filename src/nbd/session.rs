@@ -1,0 +1,238 @@
+//! One connection in the transmission phase.
+//!
+//! The reader (this task) owns the socket's read side: it frames requests,
+//! validates them, and hands each to the blocking pool. The pool thread
+//! that finishes a request writes its reply straight to the socket (see
+//! [`super::sink`]). Requests therefore run concurrently and may complete
+//! out of order; a semaphore bounds how much work and memory one client holds.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
+
+use super::exec::{execute, Command};
+use super::export::Export;
+use super::handshake::Negotiated;
+use super::proto::*;
+use super::reply::ReplyTo;
+use super::request::{block_status_payload, payload_len, validate, Refusal};
+use super::sink::ReplySink;
+use crate::block::ZeroFlags;
+
+/// Budget of one connection, in units of one request plus one per 256 KiB
+/// of payload: at most 32 small requests, or ~8 MiB of payload, in flight
+/// (qemu allows 16 requests per connection).
+const INFLIGHT_UNITS: u32 = 32;
+const UNIT_BYTES_SHIFT: u32 = 18;
+/// A payload this large is not drained for a refusal: the client is broken.
+const MAX_DRAIN: u64 = 64 << 20;
+const BUF_SIZE: usize = 128 << 10;
+
+fn units(len: u64) -> u32 {
+    (1 + (len >> UNIT_BYTES_SHIFT)).min(INFLIGHT_UNITS as u64) as u32
+}
+
+/// Serves requests until the client disconnects, breaks the protocol, or
+/// `shutdown` fires; in-flight requests always finish and are answered.
+pub async fn run<R>(
+    r: R,
+    sink: Arc<ReplySink>,
+    neg: Negotiated,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let mut conn = Conn {
+        r: BufReader::with_capacity(BUF_SIZE, r),
+        export: neg.export,
+        mode: neg.mode,
+        contexts: neg.contexts,
+        budget: Arc::new(Semaphore::new(INFLIGHT_UNITS as usize)),
+        sink,
+    };
+    let result = tokio::select! {
+        r = conn.serve() => r,
+        _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+    };
+    // Wait for every in-flight request: each holds budget until answered.
+    let _ = conn.budget.acquire_many(INFLIGHT_UNITS).await;
+    result
+}
+
+struct Conn<R> {
+    r: BufReader<R>,
+    export: Arc<Export>,
+    mode: Mode,
+    contexts: Vec<u32>,
+    budget: Arc<Semaphore>,
+    sink: Arc<ReplySink>,
+}
+
+enum Next {
+    Continue,
+    Disconnect,
+}
+
+impl<R: AsyncRead + Unpin> Conn<R> {
+    async fn serve(&mut self) -> io::Result<()> {
+        let hlen = header_len(self.mode);
+        let mut head = [0u8; EXT_REQUEST_LEN];
+        loop {
+            match self.r.read_exact(&mut head[..hlen]).await {
+                Ok(_) => {}
+                // A client that closes between requests is just leaving.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            let Some(req) = Request::parse(&head[..hlen], self.mode) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad request magic",
+                ));
+            };
+            if let Next::Disconnect = self.request(req).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn reply_to(&self, req: &Request) -> ReplyTo {
+        ReplyTo {
+            mode: self.mode,
+            cookie: req.cookie,
+            offset: req.offset,
+        }
+    }
+
+    /// Runs `work` on the blocking pool and sends the reply it makes. A
+    /// send error means the socket is dead; the reader finds out on its
+    /// next read.
+    fn spawn(&self, permit: OwnedSemaphorePermit, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || {
+            let reply = work();
+            if let Err(e) = sink.send(&reply) {
+                debug!(error = %e, "reply not sent");
+            }
+            drop(permit);
+        });
+    }
+
+    fn refuse(&self, req: &Request, permit: OwnedSemaphorePermit, r: Refusal) {
+        debug!(cmd = cmd_name(req.kind), errno = r.errno, msg = %r.msg, "request refused");
+        let reply = self.reply_to(req).error(r.errno, &r.msg);
+        self.spawn(permit, move || reply);
+    }
+
+    async fn drain(&mut self, mut n: u64) -> io::Result<()> {
+        let mut sink = [0u8; 8192];
+        while n > 0 {
+            let k = n.min(sink.len() as u64) as usize;
+            self.r.read_exact(&mut sink[..k]).await?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    async fn request(&mut self, req: Request) -> io::Result<Next> {
+        let plen = payload_len(&req, self.mode);
+        if req.kind == CMD_DISC {
+            return Ok(Next::Disconnect);
+        }
+        // The length the command acts on; block status may carry it in a payload.
+        let mut effect = if req.kind == CMD_WRITE {
+            plen
+        } else {
+            req.length
+        };
+        let mut ids = self.contexts.clone();
+        let mut payload = Vec::new();
+        let small_enough = plen <= MAX_BLOCK as u64;
+        // Reads cost their reply buffer, writes their payload.
+        let held = if req.kind == CMD_READ {
+            req.length
+        } else {
+            plen
+        };
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(units(held.min(MAX_BLOCK as u64)))
+            .await;
+        let Ok(permit) = permit else {
+            return Ok(Next::Disconnect);
+        };
+        if plen > 0 {
+            if !small_enough {
+                if plen > MAX_DRAIN {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "payload too large",
+                    ));
+                }
+                self.drain(plen).await?;
+            } else {
+                payload.resize(plen as usize, 0);
+                self.r.read_exact(&mut payload).await?;
+            }
+        }
+        if req.kind == CMD_BLOCK_STATUS && plen > 0 {
+            match block_status_payload(&payload, &self.contexts) {
+                Ok((len, chosen)) => {
+                    effect = len;
+                    ids = chosen;
+                }
+                Err(r) => {
+                    self.refuse(&req, permit, r);
+                    return Ok(Next::Continue);
+                }
+            }
+        }
+        if req.kind != CMD_WRITE && req.kind != CMD_BLOCK_STATUS && plen > 0 {
+            let r = Refusal {
+                errno: EINVAL,
+                msg: "unexpected payload".into(),
+            };
+            self.refuse(&req, permit, r);
+            return Ok(Next::Continue);
+        }
+        if let Err(r) = validate(&req, effect, &self.export, self.mode, self.contexts.len()) {
+            self.refuse(&req, permit, r);
+            return Ok(Next::Continue);
+        }
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let cmd = match req.kind {
+            CMD_READ => Command::Read {
+                len: effect,
+                df: req.flags & CMD_FLAG_DF != 0,
+            },
+            CMD_WRITE => Command::Write { data: payload, fua },
+            CMD_WRITE_ZEROES => Command::WriteZeroes {
+                len: effect,
+                flags: ZeroFlags {
+                    may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
+                    fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                },
+                fua,
+            },
+            CMD_TRIM => Command::Trim { len: effect, fua },
+            CMD_FLUSH => Command::Flush,
+            CMD_CACHE => Command::Cache { len: effect },
+            CMD_BLOCK_STATUS => Command::BlockStatus {
+                len: effect,
+                req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+                ids,
+            },
+            // validate() refuses every other command.
+            _ => return Ok(Next::Continue),
+        };
+        let export = self.export.clone();
+        let to = self.reply_to(&req);
+        self.spawn(permit, move || execute(&export, to, cmd));
+        Ok(Next::Continue)
+    }
+}

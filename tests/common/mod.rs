@@ -1,0 +1,412 @@
+//! Shared harness for the integration tests: start a server (tidemark, or
+//! qemu-nbd as the reference) on a fresh unix socket in a temp dir, wait until
+//! it speaks NBD, and tear everything down on drop. Plus helpers that run the
+//! stock tools (nbdinfo, nbdcopy, qemu-img, ...) and fail with everything a
+//! reader needs: the command line, the exit status, stdout and stderr.
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+pub mod wire;
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The tidemark binary built by cargo for this test run.
+pub const TIDEMARK: &str = env!("CARGO_BIN_EXE_tidemark");
+
+/// Debian's python3, the one that has python3-libnbd (the pyenv `python3`
+/// on PATH does not).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// How long a server may take to accept its first connection.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Upper bound for any single external command, so a hung server fails the
+/// test instead of hanging the suite.
+const TOOL_TIMEOUT_SECS: u32 = 180;
+
+/// Which program serves the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tidemark,
+    QemuNbd,
+}
+
+impl Kind {
+    /// The server under test: tidemark, unless `TIDEMARK_TEST_SERVER=qemu-nbd`
+    /// asks for the reference instead (a way to check the tests themselves).
+    pub fn under_test() -> Kind {
+        match std::env::var("TIDEMARK_TEST_SERVER").as_deref() {
+            Ok("qemu-nbd") => Kind::QemuNbd,
+            Ok("tidemark") | Err(_) => Kind::Tidemark,
+            Ok(other) => panic!("TIDEMARK_TEST_SERVER={other:?}: expected tidemark or qemu-nbd"),
+        }
+    }
+}
+
+/// How to serve an image. The same options map onto tidemark's and
+/// qemu-nbd's command lines.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOpts {
+    /// Export name; "" is the default export (as in qemu-nbd).
+    pub export_name: String,
+    /// `--description` / qemu-nbd `-D`.
+    pub description: Option<String>,
+    /// `--read-only` / qemu-nbd `-r`.
+    pub read_only: bool,
+    /// `--max-connections` / qemu-nbd `--shared`. None leaves each server's
+    /// default (qemu-nbd: 1).
+    pub max_connections: Option<u32>,
+}
+
+impl ServeOpts {
+    pub fn read_write() -> ServeOpts {
+        ServeOpts::default()
+    }
+
+    pub fn read_only() -> ServeOpts {
+        ServeOpts {
+            read_only: true,
+            ..ServeOpts::default()
+        }
+    }
+}
+
+/// A running NBD server on a private unix socket. Dropping it kills and reaps
+/// the process and removes its directory (socket and log).
+pub struct Server {
+    pub kind: Kind,
+    child: Child,
+    dir: TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+    export_name: String,
+}
+
+impl Server {
+    /// Serve `image` (a raw file) with the server under test. When that is the
+    /// qemu-nbd stand-in, it gets what tidemark does by default and the tests
+    /// rely on: many connections, and discard that really punches holes.
+    pub fn start_under_test(image: &Path, opts: &ServeOpts) -> Server {
+        let kind = Kind::under_test();
+        let mut opts = opts.clone();
+        if kind == Kind::QemuNbd && opts.max_connections.is_none() {
+            opts.max_connections = Some(16);
+        }
+        Server::start(kind, image, &opts)
+    }
+
+    /// Serve `image` (a raw file) with `kind`, exactly as `opts` says.
+    pub fn start(kind: Kind, image: &Path, opts: &ServeOpts) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-srv-")
+            .tempdir()
+            .expect("create server temp dir");
+        let socket = dir.path().join("nbd.sock");
+        let log = dir.path().join("server.log");
+        let mut cmd = match kind {
+            Kind::Tidemark => {
+                let mut c = Command::new(TIDEMARK);
+                c.arg("serve")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--export-name")
+                    .arg(&opts.export_name)
+                    .arg("--format")
+                    .arg("raw");
+                if let Some(d) = &opts.description {
+                    c.arg("--description").arg(d);
+                }
+                if opts.read_only {
+                    c.arg("--read-only");
+                }
+                if let Some(n) = opts.max_connections {
+                    c.arg("--max-connections").arg(n.to_string());
+                }
+                c.arg(image);
+                c
+            }
+            Kind::QemuNbd => {
+                let mut c = Command::new("qemu-nbd");
+                c.arg("-f")
+                    .arg("raw")
+                    .arg("-k")
+                    .arg(&socket)
+                    .arg("-x")
+                    .arg(&opts.export_name)
+                    .arg("--persistent");
+                if let Some(d) = &opts.description {
+                    c.arg("-D").arg(d);
+                }
+                if opts.read_only {
+                    c.arg("-r");
+                } else {
+                    // qemu-nbd ignores discard by default; tidemark punches holes.
+                    c.arg("--discard=unmap");
+                }
+                if let Some(n) = opts.max_connections {
+                    c.arg(format!("--shared={n}"));
+                }
+                c.arg(image);
+                c
+            }
+        };
+        let log_file = File::create(&log).expect("create server log");
+        cmd.stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log fd"))
+            .stderr(log_file)
+            .env("RUST_LOG", "info");
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut server = Server {
+            kind,
+            child,
+            dir,
+            socket,
+            log,
+            export_name: opts.export_name.clone(),
+        };
+        server.wait_ready(&format!("{cmd:?}"));
+        server
+    }
+
+    /// Poll until the socket accepts a connection and sends the NBD greeting.
+    fn wait_ready(&mut self, what: &str) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "server exited ({status}) before accepting connections: {what}\n--- log ---\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(mut s) = UnixStream::connect(&self.socket) {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut greeting = [0u8; 16];
+                match s.read_exact(&mut greeting) {
+                    Ok(()) if &greeting == b"NBDMAGICIHAVEOPT" => return,
+                    Ok(()) => panic!(
+                        "{what}: server greeting is {greeting:02x?}, not NBDMAGIC IHAVEOPT\n--- log ---\n{}",
+                        self.log()
+                    ),
+                    // Accepted and closed: maybe still starting up; retry.
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "server did not accept an NBD connection on {} within {START_DEADLINE:?}: {what}\n--- log ---\n{}",
+                    self.socket.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn export_name(&self) -> &str {
+        &self.export_name
+    }
+
+    /// `nbd+unix:///NAME?socket=PATH` for this server's export.
+    pub fn uri(&self) -> String {
+        unix_uri(&self.export_name, &self.socket)
+    }
+
+    /// Everything the server wrote to stdout/stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panic (with the server log) if the server process has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!(
+                "{:?} server died: {status}\n--- log ---\n{}",
+                self.kind,
+                self.log()
+            );
+        }
+    }
+
+    /// Open a raw connection to the socket (no handshake yet).
+    pub fn connect(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// Send SIGTERM and wait (bounded) for the process to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        wait_with_deadline(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
+            panic!(
+                "{:?} server did not exit within 20s of SIGTERM\n--- log ---\n{}",
+                self.kind,
+                self.log()
+            )
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        // `dir` (socket, log) is removed by its own Drop after this.
+    }
+}
+
+/// Send `sig` to `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Wait for `child` to exit, polling with a deadline; None if it did not.
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `nbd+unix:///NAME?socket=PATH`.
+pub fn unix_uri(export_name: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{}?socket={}", export_name, socket.display())
+}
+
+/// A command wrapped in coreutils `timeout`, so that a hung server cannot hang
+/// the suite.
+pub fn tool<S: AsRef<OsStr>>(program: S) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("-k")
+        .arg("5")
+        .arg(TOOL_TIMEOUT_SECS.to_string())
+        .arg(program);
+    c
+}
+
+/// Run a command, return its output whatever the exit status.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Run a command that must succeed; return its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    if !out.status.success() {
+        panic!("{}", describe_failure(cmd, &out));
+    }
+    String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("{cmd:?}: stdout is not UTF-8: {e}"))
+}
+
+/// A readable account of a failed command.
+pub fn describe_failure(cmd: &Command, out: &Output) -> String {
+    let timed_out = if out.status.code() == Some(124) {
+        " (TIMED OUT)"
+    } else {
+        ""
+    };
+    format!(
+        "command failed: {cmd:?}\nstatus: {}{timed_out}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A fresh temp dir for a test's files.
+pub fn temp_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("tidemark-test-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// A sparse file of `size` bytes (all zeros, no data allocated).
+pub fn sparse_file(path: &Path, size: u64) {
+    let f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(size).expect("set_len");
+}
+
+/// A file of `size` bytes from /dev/urandom.
+pub fn random_file(path: &Path, size: u64) {
+    let mut src = File::open("/dev/urandom").expect("open /dev/urandom");
+    let mut dst = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let copied = std::io::copy(&mut (&mut src).take(size), &mut dst).expect("copy random data");
+    assert_eq!(copied, size);
+    dst.flush().unwrap();
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for data we check later.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// sha256 of a file, via sha256sum.
+pub fn sha256(path: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(path));
+    out.split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("sha256sum printed nothing for {}", path.display()))
+        .to_string()
+}
+
+/// Path of a helper script in tests/py.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("py")
+        .join(name)
+}
+
+/// Run a tests/py script with Debian's python3 (which has libnbd); it must
+/// exit 0. Returns its stdout.
+pub fn run_py(script: &str, args: &[&str]) -> String {
+    let mut cmd = tool(PYTHON);
+    cmd.arg(py_script(script)).args(args);
+    run(&mut cmd)
+}
