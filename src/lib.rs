@@ -4,5 +4,6 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod cli;
 pub mod info;
 pub mod nbd;

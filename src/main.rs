@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tidemark::block::node::Node;
 use tidemark::block::open::{open_image, Format};
-use tidemark::nbd::context::{DirtyBitmapContext, MetaContext};
+use tidemark::nbd::bitmaps::bitmap_contexts;
 use tidemark::nbd::export::{Export, ExportConfig, ExportTable};
 use tidemark::nbd::server::{Address, NbdServer};
 
@@ -28,6 +28,30 @@ struct Cli {
 enum Cmd {
     /// Serve one image over NBD (the short form of `qemu-nbd`).
     Serve(ServeArgs),
+    /// Change an image's persistent bitmaps offline, as `qemu-img bitmap`:
+    /// (--add | --remove | --clear | --enable | --disable | --merge SRC
+    /// [-b SRCFILE [-F FMT]])... [-g GRANULARITY] [-f FMT] IMAGE NAME.
+    /// `--sha256` prints the bitmap's hash as qemu's
+    /// x-debug-block-dirty-bitmap-sha256 (a tidemark extension).
+    Bitmap {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+    /// Describe an image as `qemu-img info --output=json`.
+    Info(InfoArgs),
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    image: PathBuf,
+    /// Only "json" is supported.
+    #[arg(long, default_value = "json")]
+    output: String,
+    /// Also describe every backing file (a JSON array, top first).
+    #[arg(long)]
+    backing_chain: bool,
+    #[arg(long, short = 'f', value_enum)]
+    format: Option<Format>,
 }
 
 #[derive(clap::Args)]
@@ -80,6 +104,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve(args) => serve(args),
+        Cmd::Bitmap { args } => tidemark::cli::bitmap::parse_args(&args)
+            .and_then(|a| tidemark::cli::bitmap::run(&a))
+            .map(|out| print!("{out}"))
+            .map_err(anyhow::Error::msg),
+        Cmd::Info(args) => info(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +117,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn info(args: InfoArgs) -> Result<()> {
+    use tidemark::info::{chain_info, image_info, to_qemu_json};
+    anyhow::ensure!(args.output == "json", "only --output=json is supported");
+    let text = if args.backing_chain {
+        to_qemu_json(&chain_info(&args.image, args.format)?)
+    } else {
+        to_qemu_json(&image_info(&args.image, args.format)?)
+    };
+    println!("{text}");
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -125,14 +166,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     let driver = open_image(&image, args.format, args.read_only)
         .with_context(|| format!("Could not open '{}'", image.display()))?;
     let node = Arc::new(Node::open("drive0", driver)?);
-    let mut extra_contexts: Vec<Arc<dyn MetaContext>> = Vec::new();
-    for name in &args.bitmaps {
-        let bitmap = node
-            .bitmaps()
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("Bitmap '{name}' is not found"))?;
-        extra_contexts.push(Arc::new(DirtyBitmapContext::new(name, bitmap)));
-    }
+    let extra_contexts = match bitmap_contexts(&node, &args.bitmaps, args.read_only) {
+        Ok(c) => c,
+        Err(e) => {
+            // Closed cleanly, as qemu-nbd does, so nothing stays in use.
+            node.store_bitmaps()?;
+            anyhow::bail!(e);
+        }
+    };
     let export = Export::new(
         node.clone(),
         ExportConfig {

@@ -5,31 +5,65 @@
 
 use std::sync::Arc;
 
-use super::{BlockError, BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags};
-use crate::bitmap::set::{lock, BitmapSet};
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
+use crate::bitmap::set::{lock, BitmapSet, SharedBitmap};
 use crate::bitmap::DirtyBitmap;
 
 pub struct Node {
     name: String,
     driver: Arc<dyn BlockNode>,
     bitmaps: Arc<BitmapSet>,
+    /// The bitmaps of each backing layer, top-most first. Those layers are
+    /// read-only, so their bitmaps are too, and no write marks them.
+    backing_bitmaps: Vec<Arc<BitmapSet>>,
 }
 
 impl Node {
-    /// Wraps `driver`, loading the bitmaps its image stores.
+    /// Wraps `driver`, loading the bitmaps its image stores, and those of
+    /// every layer of its backing chain.
     pub fn open(name: impl Into<String>, driver: Arc<dyn BlockNode>) -> BlockResult<Node> {
-        let bitmaps = BitmapSet::new();
-        for b in driver.load_bitmaps()? {
-            let name = b.name().to_owned();
-            bitmaps.add(b).map_err(|e| {
-                BlockError::corrupt(format!("bitmap '{name}' stored twice: {}", e.message))
-            })?;
+        let bitmaps = load_set(driver.as_ref())?;
+        let mut backing_bitmaps = Vec::new();
+        let mut layer = driver.backing_layer();
+        while let Some(l) = layer {
+            backing_bitmaps.push(Arc::new(load_set(l.as_ref())?));
+            layer = l.backing_layer();
         }
         Ok(Node {
             name: name.into(),
             driver,
             bitmaps: Arc::new(bitmaps),
+            backing_bitmaps,
         })
+    }
+
+    /// A bitmap by name, looked up as qemu's exports do: this node first,
+    /// then down the backing chain.
+    pub fn find_bitmap(&self, name: &str) -> Option<SharedBitmap> {
+        std::iter::once(&self.bitmaps)
+            .chain(self.backing_bitmaps.iter())
+            .find_map(|set| set.get(name))
+    }
+
+    /// Whether a new persistent bitmap `name` could be stored in this
+    /// node's image, with qemu's error texts.
+    pub fn can_store_bitmap(&self, name: &str, granularity: u64) -> BlockResult<()> {
+        self.driver
+            .can_store_bitmap(name, granularity)
+            .map_err(|e| {
+                let context = if e.kind == ErrorKind::NotSupported {
+                    format!(
+                        "Can't store persistent bitmaps to {}: {}",
+                        self.name, e.context
+                    )
+                } else {
+                    format!(
+                        "Can't make bitmap '{name}' persistent in '{}': {}",
+                        self.name, e.context
+                    )
+                };
+                BlockError { context, ..e }
+            })
     }
 
     /// Stores the persistent bitmaps in the image (a clean close, or an
@@ -59,6 +93,17 @@ impl Node {
     pub fn driver(&self) -> &Arc<dyn BlockNode> {
         &self.driver
     }
+}
+
+fn load_set(driver: &dyn BlockNode) -> BlockResult<BitmapSet> {
+    let set = BitmapSet::new();
+    for b in driver.load_bitmaps()? {
+        let name = b.name().to_owned();
+        set.add(b).map_err(|e| {
+            BlockError::corrupt(format!("bitmap '{name}' stored twice: {}", e.message))
+        })?;
+    }
+    Ok(set)
 }
 
 impl BlockNode for Node {
@@ -111,5 +156,13 @@ impl BlockNode for Node {
 
     fn format_name(&self) -> &'static str {
         self.driver.format_name()
+    }
+
+    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
+        self.driver.backing_layer()
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.driver.cluster_size()
     }
 }

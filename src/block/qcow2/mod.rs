@@ -5,19 +5,21 @@
 //! - refcount.rs: refcounts and the cluster allocator; meta.rs: the L1/L2
 //!   state behind the node's mutex, and the metadata write-back order;
 //! - read.rs, write.rs, status.rs: the [`BlockNode`] operations;
-//! - compress.rs: compressed clusters; create.rs: new images.
+//! - compress.rs: compressed clusters; create.rs: new images;
+//! - bitmaps/: the persistent dirty bitmaps extension.
 //!
 //! Concurrency: metadata sits behind one mutex, and data I/O to clusters
 //! that are already allocated happens outside it. Operations that free
 //! clusters take `free_lock` exclusively so no in-flight read or write can
 //! touch a cluster while it is freed and handed out again.
 
+pub mod bitmaps;
 mod cache;
 pub mod compress;
 pub mod create;
 pub mod header;
-mod io;
-mod meta;
+pub(crate) mod io;
+pub(crate) mod meta;
 mod read;
 mod refcount;
 mod status;
@@ -38,6 +40,8 @@ use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, 
 pub struct Qcow2Node {
     f: HostFile,
     meta: Mutex<Meta>,
+    /// The bitmap directory as on disk; locked after `meta`, never before.
+    stored: Mutex<bitmaps::Stored>,
     free_lock: RwLock<()>,
     backing: Option<Arc<dyn BlockNode>>,
     read_only: bool,
@@ -78,18 +82,30 @@ impl Qcow2Node {
             version: header.version,
             extended_l2: header.incompatible & INCOMPAT_EXTL2 != 0,
         };
-        if !read_only && header.autoclear & !KNOWN_AUTOCLEAR != 0 {
+        // Checked before anything is written: a corrupt directory fails
+        // the open and leaves the image as it was.
+        let mut stored = bitmaps::check_directory(&f, &header).map_err(ctx)?;
+        let stale = bitmaps::load::is_stale(&header);
+        if !read_only && (header.autoclear & !KNOWN_AUTOCLEAR != 0 || stale) {
             // We would not keep that data consistent: clear the bits first,
-            // as the spec requires of a writer that does not know them.
+            // as the spec requires of a writer that does not know them. A
+            // stale bitmaps extension goes too, as qemu drops it.
             header.autoclear &= KNOWN_AUTOCLEAR;
+            if stale {
+                bitmaps::store::set_extension(&mut header, None);
+            }
             let bytes = header.serialize().map_err(ctx)?;
             f.write(&bytes, 0, "header")?;
             f.sync()?;
+        }
+        if !read_only {
+            bitmaps::store::mark_in_use(&f, &mut stored).map_err(ctx)?;
         }
         let meta = Meta::load(&f, header.clone(), geo).map_err(ctx)?;
         Ok(Qcow2Node {
             f,
             meta: Mutex::new(meta),
+            stored: Mutex::new(stored),
             free_lock: RwLock::new(()),
             backing: None,
             read_only,
@@ -293,6 +309,26 @@ impl BlockNode for Qcow2Node {
 
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
+        self.backing.clone()
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    fn load_bitmaps(&self) -> BlockResult<Vec<crate::bitmap::DirtyBitmap>> {
+        self.load_stored_bitmaps()
+    }
+
+    fn can_store_bitmap(&self, name: &str, _granularity: u64) -> BlockResult<()> {
+        self.check_can_store(name)
+    }
+
+    fn store_bitmaps(&self, bitmaps: &[&crate::bitmap::DirtyBitmap]) -> BlockResult<()> {
+        self.store_all_bitmaps(bitmaps)
     }
 }
 
