@@ -71,9 +71,15 @@ impl Qcow2Node {
         let file_len = f.len()?;
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
         f.read_partial(&mut first, 0)?;
-        let ctx = |e: BlockError| BlockError {
-            context: format!("'{}': {}", path.display(), e.context),
-            ..e
+        let ctx = |e: BlockError| {
+            let named = format!("'{}'", path.display());
+            if e.context.starts_with(&named) {
+                return e;
+            }
+            BlockError {
+                context: format!("{named}: {}", e.context),
+                ..e
+            }
         };
         let mut header = Header::parse(&first).map_err(ctx)?;
         check_features(&header, read_only).map_err(ctx)?;

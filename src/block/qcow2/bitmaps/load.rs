@@ -42,10 +42,18 @@ pub fn check_directory(f: &HostFile, header: &Header) -> BlockResult<Stored> {
     }
     let cs = header.cluster_size();
     let ext = BitmapsExt::parse(data, cs)?;
-    let mut raw = vec![0u8; ext.directory_size as usize];
-    f.read(&mut raw, ext.directory_offset, "bitmap directory")?;
-    let entries = parse_directory(&raw, ext.nb_bitmaps)?;
     let file_len = f.len()?;
+    let mut raw = vec![0u8; ext.directory_size as usize];
+    // Like qemu, bytes past EOF within the last cluster read as zeroes;
+    // a directory beyond that is outside the file.
+    if ext.directory_offset.saturating_add(ext.directory_size) > file_len.div_ceil(cs) * cs {
+        return Err(BlockError::corrupt(format!(
+            "bitmap directory at offset {} (+{} bytes) lies past the end of the file",
+            ext.directory_offset, ext.directory_size
+        )));
+    }
+    f.read_partial(&mut raw, ext.directory_offset)?;
+    let entries = parse_directory(&raw, ext.nb_bitmaps)?;
     let mut names = HashSet::new();
     let mut bitmaps = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -122,7 +130,8 @@ pub fn load_bitmap(
             Cluster::Ones => b.deserialize_fill(granule, n, true),
             Cluster::Data(off) => {
                 let chunk = &mut buf[..n as usize];
-                f.read(chunk, off, "bitmap data")?;
+                // Checked to lie within the file (its last cluster may be short).
+                f.read_partial(chunk, off)?;
                 b.deserialize_range(granule, chunk)
             }
         };
