@@ -26,7 +26,7 @@ mod write;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use self::header::*;
 use self::io::HostFile;
@@ -45,6 +45,8 @@ pub struct Qcow2Node {
     geo: Geometry,
     compression: u8,
     header: Header,
+    /// Whether the image looks metadata-preallocated (see status.rs).
+    prealloc: OnceLock<bool>,
     _lock: ImageLock,
 }
 
@@ -97,6 +99,7 @@ impl Qcow2Node {
             geo,
             compression: header.compression_type,
             header,
+            prealloc: OnceLock::new(),
             _lock: lock,
         })
     }
