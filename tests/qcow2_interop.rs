@@ -1020,3 +1020,24 @@ fn qcow2_partial_writes_to_new_clusters_map_like_qemu_nbd() {
         "preallocated"
     );
 }
+
+#[test]
+fn qcow2_images_with_bitmaps_open_read_only_only() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = p(dir.path(), "b.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", s(&img), "4M"]);
+    run("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    let e = open_image(&img, None, false).err().expect("refused");
+    assert_eq!(e.kind, ErrorKind::NotSupported, "{}", e);
+    assert!(e.to_string().contains("bitmaps"), "{}", e);
+    let node = open(&img, true);
+    assert_eq!(node.size(), 4 << 20);
+    drop(node);
+    // The bitmap is untouched.
+    let info = run("qemu-img", &["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"b0\""), "{}", info);
+    check_clean(&img);
+}

@@ -239,6 +239,14 @@ fn check_features(h: &Header, read_only: bool) -> BlockResult<()> {
             "images with extended L2 entries (subclusters) can only be opened read-only",
         ));
     }
+    if h.autoclear & AUTOCLEAR_BITMAPS != 0 && h.extension(EXT_BITMAPS).is_some() {
+        // Writing would have to drop the bitmaps (clear the autoclear bit),
+        // which would silently break incremental backups built on them.
+        return Err(BlockError::not_supported(
+            "the image has persistent dirty bitmaps, which tidemark cannot keep \
+             consistent yet: it opens such images read-only only",
+        ));
+    }
     if h.nb_snapshots != 0 {
         return Err(BlockError::not_supported(
             "images with internal snapshots can only be opened read-only",
