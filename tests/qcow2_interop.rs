@@ -489,6 +489,11 @@ fn random_workload_with(opts: &str, cs: u64, seed: u64, ops: usize) {
         let (of, od) = qemu_nbd_map(&ours, d);
         assert_eq!(of, qf, "base:allocation, cs {} seed {}", cs, seed);
         assert_eq!(od, qd, "allocation depth, cs {} seed {}", cs, seed);
+        // And tidemark reports its image as qemu-nbd reports it.
+        let node = open(&ours, true);
+        let (tf, td) = our_map(node.as_ref());
+        assert_eq!(tf, of, "our base:allocation, cs {} seed {}", cs, seed);
+        assert_eq!(td, od, "our allocation depth, cs {} seed {}", cs, seed);
     }
 }
 
@@ -957,4 +962,81 @@ fn qcow2_backing_loops_and_missing_backings_are_errors() {
         "{}",
         e
     );
+}
+
+#[test]
+fn qcow2_partial_writes_to_new_clusters_map_like_qemu_nbd() {
+    if !have_qemu() || !have_qemu_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = p(dir.path(), "n.qcow2");
+    for cs in [65536u64, 2 << 20] {
+        create_qcow2(
+            &img,
+            &CreateOptions {
+                size: Some(16 << 20),
+                cluster_size: cs,
+                ..Default::default()
+            },
+        )
+        .expect("create");
+        let node = open(&img, false);
+        node.write_at(&[3u8; 4096], 8192, false).expect("write");
+        node.write_at(&[4u8; 100], (5 << 20) + 7, false)
+            .expect("write");
+        drop(node);
+        check_clean(&img);
+        let node = open(&img, true);
+        assert_eq!(
+            our_map(node.as_ref()),
+            qemu_nbd_map(&img, dir.path()),
+            "cs {}",
+            cs
+        );
+    }
+    // Metadata preallocation: every cluster mapped, the host file sparse.
+    let img = p(dir.path(), "pre.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            s(&img),
+            "8M",
+        ],
+    );
+    let node = open(&img, false);
+    node.write_at(&[6u8; 5000], 70_000, false).expect("write");
+    drop(node);
+    check_clean(&img);
+    let node = open(&img, true);
+    assert_eq!(
+        our_map(node.as_ref()),
+        qemu_nbd_map(&img, dir.path()),
+        "preallocated"
+    );
+}
+
+#[test]
+fn qcow2_images_with_bitmaps_keep_them_across_a_read_write_open() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = p(dir.path(), "b.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", s(&img), "4M"]);
+    run("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    let driver = open_image(&img, None, false).expect("open read-write");
+    let node = tidemark::block::node::Node::open("n", driver).expect("node");
+    node.write_at(&[1; 4096], 0, false).expect("write");
+    node.store_bitmaps().expect("clean close");
+    drop(node);
+    let info = run("qemu-img", &["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"b0\""), "{}", info);
+    assert!(!info.contains("in-use"), "{}", info);
+    check_clean(&img);
 }

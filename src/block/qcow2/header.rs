@@ -20,9 +20,10 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear bits whose data tidemark keeps consistent when it writes:
 /// bit 0, the bitmaps extension (bitmaps/ keeps it).
-pub const KNOWN_AUTOCLEAR: u64 = super::bitmaps::ext::AUTOCLEAR_BITMAPS;
+pub const KNOWN_AUTOCLEAR: u64 = AUTOCLEAR_BITMAPS;
 
 /// Longest backing file name qemu accepts.
 const MAX_BACKING_NAME: u32 = 1023;

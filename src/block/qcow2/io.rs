@@ -95,6 +95,23 @@ impl HostFile {
         })
     }
 
+    /// Whether the file holds data (true) or a hole (false) at `off`, and
+    /// for how many bytes of `len` that lasts. Past EOF is a hole. Errors
+    /// count as data: this only refines block status, as in qemu.
+    pub fn data_run(&self, off: u64, len: u64) -> (bool, u64) {
+        use rustix::fs::{seek, SeekFrom};
+        use rustix::io::Errno;
+        match seek(&self.file, SeekFrom::Data(off)) {
+            Ok(d) if d <= off => match seek(&self.file, SeekFrom::Hole(off)) {
+                Ok(h) if h > off => (true, (h - off).min(len)),
+                _ => (true, len),
+            },
+            Ok(d) => (false, (d - off).min(len)),
+            Err(Errno::NXIO) => (false, len),
+            Err(_) => (true, len),
+        }
+    }
+
     /// Extends (never shrinks, by caller's contract) the file to `len`.
     pub fn set_len(&self, len: u64) -> BlockResult<()> {
         self.file

@@ -169,39 +169,44 @@ impl Meta {
     pub fn mapping(&mut self, f: &HostFile, guest: u64, max: u64) -> BlockResult<(Mapping, u64)> {
         let cs = self.cs();
         let per = self.geo.l2_entries();
-        let first = self.one(f, guest)?;
-        let (mut m, mut len) = first;
+        let geo = self.geo;
+        let (mut m, mut len) = self.one(f, guest)?;
         len = len.min(max);
-        while len < max {
+        'outer: while len < max {
             let at = guest + len;
             let gc = at / cs;
-            if at.is_multiple_of(cs) && self.l2_offset(gc / per)? == 0 {
+            if !at.is_multiple_of(cs) || geo.extended_l2 {
+                let (next, nlen) = self.one(f, at)?;
+                if !joins(&mut m, len, next) {
+                    break;
+                }
+                len += nlen.min(max - len);
+                continue;
+            }
+            let off = self.l2_offset(gc / per)?;
+            if off == 0 {
                 if m != Mapping::Unallocated {
                     break;
                 }
                 len += ((gc / per + 1) * per * cs - at).min(max - len);
                 continue;
             }
-            let (next, nlen) = self.one(f, at)?;
-            let joined = match (m, next) {
-                (Mapping::Unallocated, Mapping::Unallocated) => true,
-                (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
-                (
-                    Mapping::Data { host, copied },
-                    Mapping::Data {
-                        host: h2,
-                        copied: c2,
-                    },
-                ) => h2 == host + len && copied == c2,
-                _ => false,
-            };
-            if !joined {
-                break;
-            }
-            len += nlen.min(max - len);
-            if let Mapping::Zero { .. } = m {
-                // Merged zero runs have no single preallocated host.
-                m = Mapping::Zero { host: 0 };
+            // Scan the rest of this L2 table in place: one cache lookup
+            // per table, not per cluster (maps of huge images).
+            self.load_l2(f, off)?;
+            let slot = self
+                .l2
+                .get(off)
+                .ok_or_else(|| BlockError::corrupt("L2 table vanished from the cache"))?;
+            for i in gc % per..per {
+                if len >= max {
+                    break 'outer;
+                }
+                let next = geo.decode(get_be64(&slot.data, i as usize))?;
+                if !joins(&mut m, len, next) {
+                    break 'outer;
+                }
+                len += cs.min(max - len);
             }
         }
         Ok((m, len))
@@ -386,4 +391,28 @@ impl Meta {
         }
         Ok(())
     }
+}
+
+/// Whether `next` (at `len` bytes into a run mapped as `m`) continues the
+/// run: unallocated and zero runs merge, data runs while contiguous.
+fn joins(m: &mut Mapping, len: u64, next: Mapping) -> bool {
+    let joined = match (*m, next) {
+        (Mapping::Unallocated, Mapping::Unallocated) => true,
+        (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+        (
+            Mapping::Data { host, copied },
+            Mapping::Data {
+                host: h2,
+                copied: c2,
+            },
+        ) => h2 == host + len && copied == c2,
+        _ => false,
+    };
+    if joined {
+        if let Mapping::Zero { .. } = m {
+            // Merged zero runs have no single preallocated host.
+            *m = Mapping::Zero { host: 0 };
+        }
+    }
+    joined
 }

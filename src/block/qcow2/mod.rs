@@ -28,7 +28,7 @@ mod write;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use self::header::*;
 use self::io::HostFile;
@@ -49,6 +49,8 @@ pub struct Qcow2Node {
     geo: Geometry,
     compression: u8,
     header: Header,
+    /// Whether the image looks metadata-preallocated (see status.rs).
+    prealloc: OnceLock<bool>,
     _lock: ImageLock,
 }
 
@@ -119,6 +121,7 @@ impl Qcow2Node {
             geo,
             compression: header.compression_type,
             header,
+            prealloc: OnceLock::new(),
             _lock: lock,
         })
     }

@@ -6,7 +6,14 @@
 //! its end). `qemu:allocation-depth`: 1 where this layer holds the range
 //! (data or zero clusters), the backing node's depth + 1 below that, 0 where
 //! no layer does; past the end of a shorter backing file, that backing's
-//! depth. Adjacent runs with the same answer are merged.
+//! depth.
+//!
+//! Like qemu, an image that looks metadata-preallocated (far more clusters
+//! in use than the host file has blocks for) also asks the host file, and
+//! reports data clusters over holes in it as data that reads as zero (ZERO).
+//! The guess is made once, at the first query, as qemu does. Adjacent runs with the same answer are merged.
+
+use std::os::unix::fs::MetadataExt;
 
 use super::tables::Mapping;
 use super::Qcow2Node;
@@ -30,6 +37,33 @@ impl Qcow2Node {
     fn map_run(&self, at: u64, max: u64) -> BlockResult<(Mapping, u64)> {
         let mut meta = self.lock_meta()?;
         meta.mapping(&self.f, at, max)
+    }
+
+    /// qemu's heuristic: count clusters in use (up to the end of the file)
+    /// against the blocks the host file really has; well above that means
+    /// metadata preallocation.
+    fn looks_preallocated(&self) -> BlockResult<bool> {
+        if let Some(&v) = self.prealloc.get() {
+            return Ok(v);
+        }
+        let md = self.f.file.metadata().map_err(|e| {
+            BlockError::io(format!("Could not stat '{}'", self.f.path.display()), e)
+        })?;
+        let cs = self.geo.cluster_size();
+        let real = md.blocks() * 512 / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end = md.len().div_ceil(cs);
+        let mut meta = self.lock_meta()?;
+        let mut used = 0;
+        let mut c = 0;
+        while c < end && used < threshold {
+            if meta.refs.get(&self.f, c)? > 0 {
+                used += 1;
+            }
+            c += 1;
+        }
+        drop(meta);
+        Ok(*self.prealloc.get_or_init(|| used >= threshold))
     }
 
     pub(super) fn status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
@@ -56,7 +90,14 @@ impl Qcow2Node {
     fn status_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
         let (m, n) = self.map_run(at, max)?;
         Ok(match m {
-            Mapping::Data { .. } | Mapping::Compressed { .. } => (0, n),
+            Mapping::Data { host, .. } if self.looks_preallocated()? => {
+                match self.f.data_run(host, n) {
+                    (true, run) => (0, run.max(1)),
+                    (false, run) => (STATE_ZERO, run.max(1)),
+                }
+            }
+            Mapping::Data { .. } => (0, n),
+            Mapping::Compressed { .. } => (0, n),
             Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
             Mapping::Unallocated => match &self.backing {
                 Some(b) if at < b.size() => {

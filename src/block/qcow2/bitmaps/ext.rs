@@ -5,7 +5,7 @@ use super::{MAX_BITMAPS, MAX_DIRECTORY_SIZE};
 use crate::block::{BlockError, BlockResult};
 
 /// Autoclear bit 0: the bitmaps extension is consistent with the image.
-pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+pub use crate::block::qcow2::header::AUTOCLEAR_BITMAPS;
 pub const EXT_LEN: usize = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
