@@ -80,3 +80,59 @@ pub fn bitmap_contexts(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitmap::DirtyBitmap;
+    use crate::block::open::open_image;
+    use crate::block::qcow2::create::{create_qcow2, CreateOptions};
+
+    fn node(dir: &std::path::Path) -> Node {
+        let path = dir.join("n.qcow2");
+        let opts = CreateOptions {
+            size: Some(1 << 20),
+            ..Default::default()
+        };
+        create_qcow2(&path, &opts).expect("create");
+        let node = Node::open("n", open_image(&path, None, false).expect("open")).expect("node");
+        for name in ["on", "off"] {
+            let mut b = DirtyBitmap::new(name, 1 << 20, 65536).expect("bitmap");
+            b.state.recording = name == "on";
+            node.bitmaps().add(b).expect("add");
+        }
+        node
+    }
+
+    fn err(r: Result<Vec<Arc<dyn MetaContext>>, String>) -> String {
+        r.err().expect("refused")
+    }
+
+    #[test]
+    fn export_rules_and_texts_match_qemu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path());
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            err(bitmap_contexts(&node, &names(&["nope"]), false)),
+            "Bitmap 'nope' is not found"
+        );
+        assert_eq!(
+            err(bitmap_contexts(&node, &names(&["off", "on"]), true)),
+            "Enabled bitmap 'on' incompatible with readonly export"
+        );
+        // Nothing was taken by the refused export.
+        let on = node.find_bitmap("on").expect("on");
+        assert!(!lock(&on).state.busy);
+        let ctxs = bitmap_contexts(&node, &names(&["on", "off"]), false).expect("export");
+        let order: Vec<&str> = ctxs.iter().map(|c| c.name()).collect();
+        assert_eq!(order, ["qemu:dirty-bitmap:off", "qemu:dirty-bitmap:on"]);
+        assert!(lock(&on).state.busy);
+        assert_eq!(
+            err(bitmap_contexts(&node, &names(&["on"]), false)),
+            "Bitmap 'on' is currently in use by another operation and cannot be used"
+        );
+        drop(ctxs);
+        assert!(!lock(&on).state.busy);
+    }
+}
