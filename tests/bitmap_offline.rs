@@ -88,13 +88,13 @@ struct Pair {
 }
 
 impl Pair {
-    fn new(dir: &Path, name: &str, create: &[&str]) -> Pair {
+    fn new(dir: &Path, name: &str, create: &[&str], size: &str) -> Pair {
         let theirs = dir.join(format!("{name}-qemu.qcow2"));
         let ours = dir.join(format!("{name}-tidemark.qcow2"));
         let mut args = vec!["create", "-q", "-f", "qcow2"];
         args.extend_from_slice(create);
         args.push(s(&theirs));
-        args.push("64M");
+        args.push(size);
         qemu_img(&args);
         run(tool("qemu-io").args([
             "-f",
@@ -155,7 +155,7 @@ impl Pair {
 #[test]
 fn offline_tool_matches_qemu_img_bitmap() {
     let dir = temp_dir();
-    let p = Pair::new(dir.path(), "v3", &[]);
+    let p = Pair::new(dir.path(), "v3", &[], "64M");
     p.same(&["--add"], "b0");
     p.same(&["--add", "-g", "4096", "--disable"], "b1");
     p.same(&["--add"], "b0");
@@ -184,8 +184,12 @@ fn offline_tool_matches_qemu_img_bitmap() {
     p.same(&["--merge", "nope", "-b", s(&src), "-F", "qcow2"], "b3");
     p.same(&["--remove"], "small");
 
-    let v2 = Pair::new(dir.path(), "v2", &["-o", "compat=0.10"]);
+    let v2 = Pair::new(dir.path(), "v2", &["-o", "compat=0.10"], "64M");
     v2.same(&["--add"], "b0");
+    // Bitmap data past qemu's limits is refused before it is written.
+    let huge = Pair::new(dir.path(), "huge", &[], "16T");
+    huge.same(&["--add", "-g", "512"], "b0");
+    huge.same(&["--add", "-g", "4096"], "b0");
 }
 
 /// Where the bitmaps extension's payload and the first directory entry

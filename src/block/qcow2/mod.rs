@@ -332,8 +332,8 @@ impl BlockNode for Qcow2Node {
         self.load_stored_bitmaps()
     }
 
-    fn can_store_bitmap(&self, name: &str, _granularity: u64) -> BlockResult<()> {
-        self.check_can_store(name)
+    fn can_store_bitmap(&self, name: &str, granularity: u64) -> BlockResult<()> {
+        self.check_can_store(name, granularity)
     }
 
     fn store_bitmaps(&self, bitmaps: &[&crate::bitmap::DirtyBitmap]) -> BlockResult<()> {

@@ -102,11 +102,11 @@ impl Qcow2Node {
             .collect()
     }
 
-    pub(super) fn check_can_store(&self, name: &str) -> BlockResult<()> {
+    pub(super) fn check_can_store(&self, name: &str, granularity: u64) -> BlockResult<()> {
         let meta = self.lock_meta()?;
         let stored = self.lock_stored()?;
         let dir = stored.ext.map_or(0, |e| e.directory_size);
-        store::check_can_store(&meta.header, stored.bitmaps.len(), dir, name)
+        store::check_can_store(&meta.header, stored.bitmaps.len(), dir, name, granularity)
     }
 
     pub(super) fn store_all_bitmaps(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {

@@ -13,7 +13,7 @@ use super::load::data_geometry;
 use super::table::{encode, Cluster};
 use super::{
     Stored, StoredBitmap, FLAG_AUTO, FLAG_EXTRA_DATA_COMPATIBLE, FLAG_IN_USE, MAX_BITMAPS,
-    MAX_DIRECTORY_SIZE, MAX_NAME_SIZE, TYPE_DIRTY_TRACKING,
+    MAX_DIRECTORY_SIZE, MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE, TYPE_DIRTY_TRACKING,
 };
 use crate::bitmap::DirtyBitmap;
 use crate::block::qcow2::header::{Header, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE};
@@ -64,12 +64,26 @@ pub fn mark_in_use(f: &HostFile, stored: &mut Stored) -> BlockResult<()> {
     f.sync()
 }
 
+/// Refuses a bitmap whose data would exceed qemu's table or data limits
+/// (qemu would then refuse to open the image).
+pub fn check_size(size: u64, granularity: u64, cluster_size: u64) -> BlockResult<()> {
+    let bits = granularity.trailing_zeros() as u8;
+    let (_, clusters) = data_geometry(size, bits, cluster_size);
+    if clusters > MAX_TABLE_SIZE || clusters.saturating_mul(cluster_size) > MAX_PHYS_SIZE {
+        return Err(BlockError::invalid(
+            "Too much space will be occupied by the bitmap. Use larger granularity",
+        ));
+    }
+    Ok(())
+}
+
 /// Why a new persistent bitmap `name` cannot be stored, in qemu's words.
 pub fn check_can_store(
     header: &Header,
     stored_count: usize,
     dir_size: u64,
     name: &str,
+    granularity: u64,
 ) -> BlockResult<()> {
     if header.version < 3 {
         return Err(BlockError::invalid(
@@ -81,6 +95,7 @@ pub fn check_can_store(
             "Name length exceeds maximum ({MAX_NAME_SIZE} characters)"
         )));
     }
+    check_size(header.size, granularity, header.cluster_size())?;
     if stored_count >= MAX_BITMAPS as usize {
         return Err(BlockError::invalid(
             "Maximum number of persistent bitmaps is already reached",
@@ -204,6 +219,10 @@ fn write_bitmap(
         )));
     }
     let cs = meta.geo.cluster_size();
+    check_size(b.size(), b.granularity(), cs).map_err(|e| BlockError {
+        context: format!("Can't store bitmap '{}': {}", b.name(), e.context),
+        ..e
+    })?;
     let gbits = b.granularity_shift() as u8;
     let (bytes, clusters) = data_geometry(b.size(), gbits, cs);
     let mut table = Vec::with_capacity(clusters as usize);
