@@ -397,3 +397,45 @@ fn bitmaps_down_the_chain_and_context_order_match_qemu_nbd() {
     assert_check_clean(&top);
     assert_check_clean(&base);
 }
+
+/// The bitmap table offset of the first directory entry of `img`.
+fn first_table_offset(img: &[u8]) -> usize {
+    let be32 = |at: usize| u32::from_be_bytes(img[at..at + 4].try_into().unwrap()) as usize;
+    let be64 = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap()) as usize;
+    let mut off = be32(100);
+    while be32(off) != 0x2385_2875 {
+        assert_ne!(be32(off), 0, "no bitmaps extension");
+        off += 8 + be32(off + 4).div_ceil(8) * 8;
+    }
+    be64(be64(off + 8 + 16))
+}
+
+#[test]
+fn all_ones_table_entries_read_dirty_as_in_qemu_nbd() {
+    let dir = temp_dir();
+    let img = dir.path().join("ones.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&img),
+        "64M",
+    ]);
+    qemu_img(&["bitmap", "--add", "-g", "4096", s(&img), "b0"]);
+    qemu_io(&img, &write_cmds(&writes(9, 30)));
+    // 16384 granules = 2048 bytes = 4 table entries; entry 1 becomes "all
+    // ones" (qemu never writes one, but reads it).
+    let mut bytes = std::fs::read(&img).expect("read");
+    let t = first_table_offset(&bytes);
+    bytes[t + 8..t + 16].copy_from_slice(&1u64.to_be_bytes());
+    std::fs::write(&img, &bytes).expect("write");
+    let maps: Vec<String> = [Kind::QemuNbd, Kind::Tidemark]
+        .iter()
+        .map(|&k| bitmap_map(&Server::start(k, &img, &opts(&["b0"], true)), "b0"))
+        .collect();
+    assert_eq!(maps[0], maps[1]);
+    assert!(maps[1].contains(&format!("{:>10} ", 16 * M)), "{}", maps[1]);
+}
