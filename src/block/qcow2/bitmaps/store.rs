@@ -182,13 +182,18 @@ pub fn store(
         header.refcount_table_clusters = meta.refs.table_clusters;
         set_extension(&mut header, ext);
         let bytes = header.serialize()?;
-        f.write(&bytes, 0, "header")?;
-        f.sync()?;
-        meta.header = header;
-        Ok(ext)
+        Ok((ext, header, bytes))
     })();
     let ext = match res {
-        Ok(ext) => ext,
+        Ok((ext, header, bytes)) => {
+            // The point of no return: once the header write was attempted,
+            // the new clusters may be referenced, so a failure leaks them
+            // rather than freeing them.
+            f.write(&bytes, 0, "header")?;
+            f.sync()?;
+            meta.header = header;
+            ext
+        }
         Err(e) => {
             // Give back what we took; the old directory is still current.
             for (off, len) in fresh {
