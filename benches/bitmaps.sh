@@ -13,6 +13,7 @@
 #   store    SIGTERM until exit on the read-write server (stores b0 again).
 # Ratio = qemu-nbd time / tidemark time: above 1x, tidemark is faster.
 #
+# qemu-nbd runs with --persistent (else it exits after the readiness probe).
 # Knobs: BENCH_EXTENTS (100000), BENCH_REPS (3), BENCH_DIR ($TMPDIR or
 # /var/tmp), BENCH_NO_BUILD / TIDEMARK_BIN, BENCH_KEEP (keep the temp dir).
 set -euo pipefail
@@ -54,7 +55,7 @@ start_server() { # kind mode(ro|rw)
     rm -f "$SOCK"
     case $1 in
         tidemark) "$BIN" serve -f qcow2 "${ro[@]}" -B b0 -k "$SOCK" "$IMG" 2>"$WORK/server.log" & ;;
-        qemu-nbd) qemu-nbd -f qcow2 "${ro[@]}" -B b0 -k "$SOCK" "$IMG" 2>"$WORK/server.log" & ;;
+        qemu-nbd) qemu-nbd --persistent -f qcow2 "${ro[@]}" -B b0 -k "$SOCK" "$IMG" 2>"$WORK/server.log" & ;;
     esac
     SERVER_PID=$!
 }

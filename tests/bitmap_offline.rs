@@ -35,6 +35,17 @@ fn info(img: &Path) -> Value {
     v
 }
 
+/// `tidemark info` with the same fields left out as in [`info`].
+fn tidemark_info(img: &Path) -> Value {
+    let mut v: Value =
+        serde_json::from_str(&run(tool(TIDEMARK).args(["info", s(img)]))).expect("info json");
+    let o = v.as_object_mut().expect("object");
+    for k in ["filename", "actual-size", "children"] {
+        o.remove(k);
+    }
+    v
+}
+
 /// The parts of `qemu-img check --output=json` that say whether the image
 /// is sound and how much it holds.
 fn check(img: &Path) -> Value {
