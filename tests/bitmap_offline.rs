@@ -156,6 +156,11 @@ impl Pair {
             "{what}: qemu-img info"
         );
         assert_eq!(
+            tidemark_info(&self.ours),
+            info(&self.ours),
+            "{what}: tidemark info"
+        );
+        assert_eq!(
             check(&self.ours),
             check(&self.theirs),
             "{what}: qemu-img check"
