@@ -46,7 +46,7 @@ qemu-img bitmap --add -g 64k "$IMG" b0
 awk -v n="$EXTENTS" 'BEGIN { srand(4); g = 65536; total = 16777216;
     for (i = 0; i < n; i++) {
         start = int(rand() * (total - 4)); len = 1 + int(rand() * 4);
-        printf "write -z %d %d\n", start * g, len * g } }' > "$WORK/cmds"
+        printf "write -z %.0f %.0f\n", start * g, len * g } }' > "$WORK/cmds"
 qemu-io -f qcow2 "$IMG" < "$WORK/cmds" > /dev/null
 
 start_server() { # kind mode(ro|rw)
