@@ -71,14 +71,14 @@ wait_ready() {
     done
 }
 
-stop_server() { # prints the seconds from SIGTERM to exit
-    local t0 t1
+stop_server() { # sets STOP_SECS: from SIGTERM to exit (not in a subshell,
+    local t0 t1  # which could not wait for the server)
     t0=$(now)
     kill -TERM "$SERVER_PID"
     wait "$SERVER_PID" || true
     t1=$(now)
     SERVER_PID=
-    elapsed "$t0" "$t1"
+    STOP_SECS=$(elapsed "$t0" "$t1")
 }
 
 min() { printf '%s\n' "$@" | sort -g | head -1; }
@@ -92,10 +92,11 @@ for kind in qemu-nbd tidemark; do
         loads_ro+=("$(elapsed "$t0" "$t1")")
         t0=$(now); nbdinfo --map=qemu:dirty-bitmap:b0 "$URI" > "$WORK/map.$kind"; t1=$(now)
         maps+=("$(elapsed "$t0" "$t1")")
-        stop_server >/dev/null
+        stop_server
         t0=$(now); start_server "$kind" rw; wait_ready; t1=$(now)
         loads_rw+=("$(elapsed "$t0" "$t1")")
-        stores+=("$(stop_server)")
+        stop_server
+        stores+=("$STOP_SECS")
     done
     T[$kind,map]=$(min "${maps[@]}")
     T[$kind,load_ro]=$(min "${loads_ro[@]}")
