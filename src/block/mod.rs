@@ -127,6 +127,12 @@ pub trait BlockNode: Send + Sync + 'static {
         Err(BlockError::not_supported("Operation not supported"))
     }
 
+    /// Marks the stored bitmaps in use on disk (they are about to change),
+    /// as a read-write open does; needed again after a store point.
+    fn mark_bitmaps_in_use(&self) -> BlockResult<()> {
+        Ok(())
+    }
+
     /// Writes `bitmaps` as the image's stored bitmaps (replacing what was
     /// there), marked as cleanly stored.
     fn store_bitmaps(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {

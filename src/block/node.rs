@@ -3,7 +3,8 @@
 //! bitmaps before it reaches the driver, so no acknowledged write can be
 //! missing from a bitmap, even after a crash mid-write.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 use crate::bitmap::set::{lock, BitmapSet, SharedBitmap};
@@ -16,6 +17,12 @@ pub struct Node {
     /// The bitmaps of each backing layer, top-most first. Those layers are
     /// read-only, so their bitmaps are too, and no write marks them.
     backing_bitmaps: Vec<Arc<BitmapSet>>,
+    /// Set by a store point: the stored bitmaps read as clean on disk, so
+    /// before the next write changes the image they must be marked in use
+    /// again, or a crash would leave stale bitmaps that look trustworthy.
+    stored_clean: AtomicBool,
+    /// Serialises that re-marking, so no write overtakes it.
+    remark: Mutex<()>,
 }
 
 impl Node {
@@ -34,6 +41,8 @@ impl Node {
             driver,
             bitmaps: Arc::new(bitmaps),
             backing_bitmaps,
+            stored_clean: AtomicBool::new(false),
+            remark: Mutex::new(()),
         })
     }
 
@@ -78,8 +87,23 @@ impl Node {
             .collect();
         if !self.driver.read_only() {
             self.driver.store_bitmaps(&persistent)?;
+            self.stored_clean.store(true, Ordering::SeqCst);
         }
         self.driver.flush()
+    }
+
+    /// Before a write: after a store point, marks the stored bitmaps in use
+    /// again (once), as a read-write open does.
+    fn before_write(&self) -> BlockResult<()> {
+        if !self.stored_clean.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _g = self.remark.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stored_clean.load(Ordering::SeqCst) {
+            self.driver.mark_bitmaps_in_use()?;
+            self.stored_clean.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -120,16 +144,19 @@ impl BlockNode for Node {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.before_write()?;
         self.bitmaps.mark(offset, buf.len() as u64);
         self.driver.write_at(buf, offset, fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.before_write()?;
         self.bitmaps.mark(offset, len);
         self.driver.write_zeroes(offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.before_write()?;
         self.bitmaps.mark(offset, len);
         self.driver.discard(offset, len)
     }

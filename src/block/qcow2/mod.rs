@@ -339,6 +339,10 @@ impl BlockNode for Qcow2Node {
     fn store_bitmaps(&self, bitmaps: &[&crate::bitmap::DirtyBitmap]) -> BlockResult<()> {
         self.store_all_bitmaps(bitmaps)
     }
+
+    fn mark_bitmaps_in_use(&self) -> BlockResult<()> {
+        self.mark_stored_in_use()
+    }
 }
 
 impl Drop for Qcow2Node {

@@ -109,6 +109,13 @@ impl Qcow2Node {
         store::check_can_store(&meta.header, stored.bitmaps.len(), dir, name, granularity)
     }
 
+    pub(super) fn mark_stored_in_use(&self) -> BlockResult<()> {
+        self.check_writable()?;
+        let _meta = self.lock_meta()?;
+        let mut stored = self.lock_stored()?;
+        store::mark_in_use(&self.f, &mut stored)
+    }
+
     pub(super) fn store_all_bitmaps(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {
         self.check_writable()?;
         let mut meta = self.lock_meta()?;
@@ -121,5 +128,65 @@ impl Qcow2Node {
             ),
             ..e
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dir::parse_directory;
+    use super::*;
+    use crate::block::node::Node;
+    use crate::block::open::open_image;
+    use crate::block::qcow2::create::{create_qcow2, CreateOptions};
+    use crate::block::qcow2::header::{Header, EXT_BITMAPS};
+    use crate::block::BlockNode;
+
+    /// The stored (name, flags) read straight from the file.
+    fn on_disk(path: &std::path::Path) -> Vec<(String, u32)> {
+        let img = std::fs::read(path).expect("read image");
+        let h = Header::parse(&img).expect("header");
+        let Some(ext) = h.extension(EXT_BITMAPS) else {
+            return Vec::new();
+        };
+        let ext = BitmapsExt::parse(ext, h.cluster_size()).expect("ext");
+        let at = ext.directory_offset as usize;
+        let dir = &img[at..at + ext.directory_size as usize];
+        parse_directory(dir, ext.nb_bitmaps)
+            .expect("dir")
+            .into_iter()
+            .map(|e| (e.name, e.flags))
+            .collect()
+    }
+
+    #[test]
+    fn store_point_then_write_marks_in_use_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.qcow2");
+        let opts = CreateOptions {
+            size: Some(4 << 20),
+            ..Default::default()
+        };
+        create_qcow2(&path, &opts).expect("create");
+        let node = Node::open("n", open_image(&path, None, false).expect("open")).expect("node");
+        node.can_store_bitmap("b0", 65536).expect("can store");
+        let mut b = DirtyBitmap::new("b0", 4 << 20, 65536).expect("bitmap");
+        b.state.persistent = true;
+        node.bitmaps().add(b).expect("add");
+        node.write_at(&[1; 512], 70000, false).expect("write");
+        node.store_bitmaps().expect("store point");
+        assert_eq!(on_disk(&path), vec![("b0".to_string(), FLAG_AUTO)]);
+        node.write_at(&[1; 512], 0, false).expect("write");
+        assert_eq!(
+            on_disk(&path),
+            vec![("b0".to_string(), FLAG_AUTO | FLAG_IN_USE)]
+        );
+        node.store_bitmaps().expect("close");
+        drop(node);
+        let node = Node::open("n", open_image(&path, None, true).expect("reopen")).expect("node");
+        let b = node.bitmaps().get("b0").expect("b0");
+        let b = crate::bitmap::set::lock(&b);
+        assert!(!b.state.inconsistent && b.state.recording && b.state.readonly);
+        assert_eq!(b.dirty_granules(), 2);
+        assert!(b.is_dirty(0) && b.is_dirty(70000));
     }
 }
