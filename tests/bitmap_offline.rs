@@ -360,3 +360,17 @@ fn stale_extension_without_autoclear_bit_is_ignored_as_qemu_does() {
     qemu_img(&["bitmap", "--add", s(&copy), "b1"]);
     assert_eq!(info(&img), info(&copy));
 }
+
+#[test]
+fn raw_images_cannot_store_bitmaps_as_in_qemu_img() {
+    let dir = temp_dir();
+    let img = dir.path().join("r.raw");
+    sparse_file(&img, 1 << 20);
+    let q = output(tool("qemu-img").args(["bitmap", "--add", "-f", "raw", s(&img), "b0"]));
+    let t = output(tool(TIDEMARK).args(["bitmap", "--add", "-f", "raw", s(&img), "b0"]));
+    assert!(!q.status.success() && !t.status.success());
+    assert_eq!(
+        error_line(&t.stderr, "tidemark", &img),
+        error_line(&q.stderr, "qemu-img", &img)
+    );
+}
