@@ -112,11 +112,11 @@ impl HostFile {
         }
     }
 
-    /// Extends (never shrinks, by caller's contract) the file to `len`.
-    pub fn set_len(&self, len: u64) -> BlockResult<()> {
-        self.file
-            .set_len(len)
-            .map_err(|e| BlockError::io(format!("Could not resize '{}'", self.path.display()), e))
+    /// Allocates `[off, off + len)` as zeroes (extending the file), if the
+    /// filesystem can do that without writing them; false if it cannot.
+    pub fn zero_range(&self, off: u64, len: u64) -> bool {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(&self.file, FallocateFlags::ZERO_RANGE, off, len).is_ok()
     }
 
     pub fn sync(&self) -> BlockResult<()> {

@@ -19,7 +19,7 @@ use crate::block::{BlockError, BlockResult};
 /// qemu refuses L1 tables larger than this.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Memory given to cached L2 tables and to cached refcount blocks.
-const L2_CACHE_BYTES: u64 = 8 << 20;
+const L2_CACHE_BYTES: u64 = 16 << 20;
 const REFCOUNT_CACHE_BYTES: u64 = 1 << 20;
 
 pub struct Meta {
@@ -121,8 +121,16 @@ impl Meta {
     fn cache_l2(&mut self, f: &HostFile, off: u64, data: Vec<u8>, dirty: bool) -> BlockResult<()> {
         if let Some((voff, victim)) = self.l2.insert(off, data, dirty) {
             if victim.dirty {
+                // One refcount sync pays for writing back every dirty
+                // table, so the next evictions are cheap.
                 self.before_l2_write(f)?;
                 f.write(&victim.data, voff, "L2 table")?;
+                for off in self.l2.dirty_offsets() {
+                    if let Some(slot) = self.l2.get(off) {
+                        f.write(&slot.data, off, "L2 table")?;
+                        slot.dirty = false;
+                    }
+                }
             }
         }
         Ok(())

@@ -93,20 +93,16 @@ impl Qcow2Node {
             let head = (at - c0 * cs) as usize;
             let span = (c1 - c0) * cs;
             let host = meta.alloc(&self.f, c1 - c0)?;
-            let file_len = self.f.len()?;
             let zero_source = match map {
                 Mapping::Zero { .. } => true,
                 Mapping::Unallocated => self.backing.as_ref().is_none_or(|b| b.size() <= c0 * cs),
                 _ => false,
             };
-            if zero_source && host >= file_len {
-                // Fresh space past the end of the file reads as zeroes
-                // already: write only the data, then cover the whole span.
+            if zero_source && self.f.zero_range(host, span) {
+                // The new clusters zeroed by the filesystem (allocated, as
+                // qemu does it): only the data itself needs writing.
                 self.f
                     .write(&src[..n as usize], host + head as u64, "data cluster")?;
-                if self.f.len()? < host + span {
-                    self.f.set_len(host + span)?;
-                }
             } else {
                 let mut data = vec![0u8; span as usize];
                 // Copy-on-write: the uncovered parts keep what they read as.
