@@ -1048,3 +1048,70 @@ fn qcow2_images_with_bitmaps_open_read_only_only() {
     assert!(info.contains("\"b0\""), "{}", info);
     check_clean(&img);
 }
+
+#[test]
+fn qcow2_overlapping_concurrent_requests_keep_the_image_consistent() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = p(d, "base.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", s(&base), "8M"]);
+    qemu_io(&base, "qcow2", &["write -P 0x77 0 8M".into()]);
+    let img = p(d, "o.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&img),
+        ],
+    );
+    let node = open(&img, false);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let node = node.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(t * 7 + 3);
+                let mut buf = vec![0u8; 70_000];
+                for _ in 0..300u64 {
+                    let len = 1 + rng.below(65536);
+                    let off = rng.below((8 << 20) - len);
+                    match rng.below(6) {
+                        0 => node.discard(off, len).expect("discard"),
+                        1 => node
+                            .write_zeroes(
+                                off,
+                                len,
+                                ZeroFlags {
+                                    may_unmap: true,
+                                    fast: false,
+                                },
+                            )
+                            .expect("zero"),
+                        2 => node.read_at(&mut buf[..len as usize], off).expect("read"),
+                        3 => node.flush().expect("flush"),
+                        _ => node
+                            .write_at(&vec![t as u8 + 1; len as usize], off, false)
+                            .expect("write"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let data = read_all(node.as_ref());
+    drop(node);
+    check_clean(&img);
+    assert!(data == qemu_raw(&img, d));
+}

@@ -376,6 +376,8 @@ impl Meta {
             }
         }
         if self.l1_dirty {
+            // New L2 tables must be stable before the L1 points to them.
+            f.sync()?;
             let l1 = std::mem::take(&mut self.l1);
             let r = self.write_l1_at(f, &l1, self.header.l1_table_offset, 0);
             self.l1 = l1;
