@@ -904,6 +904,19 @@ fn qcow2_corrupt_images_give_clear_errors() {
     assert_eq!(buf, vec![0x44u8; 512]);
     drop(node);
     assert!(open_image(&img, None, false).is_err(), "marked corrupt");
+    // A data cluster mapped onto the L1 table: the in-place write is
+    // refused instead of overwriting metadata.
+    let img = sample_image(d);
+    patch(&img, 0x40008, &0x8000_0000_0003_0000u64.to_be_bytes());
+    let node = open(&img, false);
+    let e = node
+        .write_at(&[1u8; 512], 64 << 10, false)
+        .expect_err("write over the L1 table must fail");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{}", e);
+    let mut buf = vec![0u8; 512];
+    node.read_at(&mut buf, 64 << 10).expect("reads still work");
+    drop(node);
+    assert!(open_image(&img, None, false).is_err(), "marked corrupt");
 }
 
 #[test]

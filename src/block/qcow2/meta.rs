@@ -296,9 +296,9 @@ impl Meta {
         Ok(off)
     }
 
-    /// Refuses to hand out space that holds fixed metadata: a free refcount
-    /// there means the refcounts are corrupt.
-    fn check_overlap(&mut self, off: u64, len: u64) -> BlockResult<()> {
+    /// Refuses data I/O to space that holds metadata (qemu's overlap check):
+    /// a cluster allocated or mapped there means the image is corrupt.
+    pub fn check_overlap(&mut self, off: u64, len: u64) -> BlockResult<()> {
         let cs = self.cs();
         let overlaps = |start: u64, size: u64| off < start + size && start < off + len;
         let l1_bytes = (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
@@ -313,8 +313,8 @@ impl Meta {
             || overlaps(self.refs.table_offset, rt_bytes)
         {
             return Err(BlockError::corrupt(format!(
-                "Preventing invalid allocation at {:#x}: it overlaps image metadata \
-                 (the refcounts are corrupt; run 'qemu-img check -r all')",
+                "Preventing invalid write at {:#x}: it overlaps image metadata \
+                 (the image is corrupt; run 'qemu-img check -r all')",
                 off
             )));
         }

@@ -45,9 +45,19 @@ impl Qcow2Node {
             .iter()
             .all(|p| matches!(p.map, Mapping::Data { copied: true, .. }));
         if in_place {
-            if self.lock_meta()?.corrupt {
+            let mut meta = self.lock_meta()?;
+            if meta.corrupt {
                 return Err(corrupt_refusal());
             }
+            for p in &pieces {
+                if let Mapping::Data { host, .. } = p.map {
+                    if let Err(e) = meta.check_overlap(host, p.len) {
+                        self.signal_corruption(&mut meta, &e);
+                        return Err(e);
+                    }
+                }
+            }
+            drop(meta);
             for p in pieces {
                 if let Mapping::Data { host, .. } = p.map {
                     let start = (p.guest - offset) as usize;
@@ -76,6 +86,7 @@ impl Qcow2Node {
             let (map, n) = meta.mapping(&self.f, at, end - at)?;
             let src = &buf[(at - offset) as usize..];
             if let Mapping::Data { host, copied: true } = map {
+                meta.check_overlap(host, n)?;
                 self.f.write(&src[..n as usize], host, "data cluster")?;
                 at += n;
                 continue;
@@ -140,6 +151,7 @@ impl Qcow2Node {
             Mapping::Zero { host } if host != 0 && entry & COPIED != 0 => host,
             _ => return Ok(None),
         };
+        meta.check_overlap(host, cs)?;
         let head = (at - gc * cs) as usize;
         let n = (src.len()).min(cs as usize - head);
         let mut data = vec![0u8; cs as usize];
