@@ -119,6 +119,14 @@ impl HostFile {
         fallocate(&self.file, FallocateFlags::ZERO_RANGE, off, len).is_ok()
     }
 
+    /// Deallocates a range of the host file (best effort: only space is
+    /// at stake, the range is free in the image).
+    pub fn punch(&self, off: u64, len: u64) {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        let _ = fallocate(&self.file, flags, off, len);
+    }
+
     pub fn sync(&self) -> BlockResult<()> {
         self.file
             .sync_data()

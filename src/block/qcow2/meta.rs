@@ -396,8 +396,22 @@ impl Meta {
         }
         self.write_back(f)?;
         f.sync()?;
+        let cs = self.cs();
+        let mut now_free = Vec::new();
         for &(off, len) in freed {
-            self.refs.free_range(f, off, len)?;
+            now_free.extend(self.refs.free_range(f, off, len)?);
+        }
+        // Give the space back to the host, as qemu passes discards down,
+        // one call per contiguous run.
+        now_free.sort_unstable();
+        let mut i = 0;
+        while i < now_free.len() {
+            let mut j = i + 1;
+            while j < now_free.len() && now_free[j] == now_free[j - 1] + 1 {
+                j += 1;
+            }
+            f.punch(now_free[i] * cs, (j - i) as u64 * cs);
+            i = j;
         }
         Ok(())
     }
