@@ -322,7 +322,7 @@ impl Meta {
     }
 
     /// Replaces the L1 table with a larger copy in new clusters.
-    fn grow_l1(&mut self, f: &HostFile, min_entries: u64) -> BlockResult<()> {
+    pub fn grow_l1(&mut self, f: &HostFile, min_entries: u64) -> BlockResult<()> {
         let cs = self.cs();
         let new_len = min_entries.max(self.l1.len() as u64 * 3 / 2);
         let bytes = new_len * 8;
