@@ -5,7 +5,8 @@
 //! - refcount.rs: refcounts and the cluster allocator; meta.rs: the L1/L2
 //!   state behind the node's mutex, and the metadata write-back order;
 //! - read.rs, write.rs, status.rs: the [`BlockNode`] operations;
-//! - compress.rs: compressed clusters; create.rs: new images.
+//! - compress.rs: compressed clusters; create.rs: new images;
+//! - io.rs: positioned file I/O with errors that name file and offset.
 //!
 //! Concurrency: metadata sits behind one mutex, and data I/O to clusters
 //! that are already allocated happens outside it. Operations that free
