@@ -1,12 +1,12 @@
 //! qcow2 images (docs/interop/qcow2.txt), versions 2 and 3.
 //!
 //! - header.rs: header and extensions, parsed and written back;
+//! - io.rs: positioned file I/O with errors that name file and offset;
 //! - tables.rs: what an L1/L2 entry means; cache.rs: bounded table cache;
 //! - refcount.rs: refcounts and the cluster allocator; meta.rs: the L1/L2
 //!   state behind the node's mutex, and the metadata write-back order;
 //! - read.rs, write.rs, status.rs: the [`BlockNode`] operations;
-//! - compress.rs: compressed clusters; create.rs: new images;
-//! - io.rs: positioned file I/O with errors that name file and offset.
+//! - compress.rs: compressed clusters; create.rs: new images.
 //!
 //! Concurrency: metadata sits behind one mutex, and data I/O to clusters
 //! that are already allocated happens outside it. Operations that free
