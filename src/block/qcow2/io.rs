@@ -112,11 +112,19 @@ impl HostFile {
         }
     }
 
-    /// Extends (never shrinks, by caller's contract) the file to `len`.
-    pub fn set_len(&self, len: u64) -> BlockResult<()> {
-        self.file
-            .set_len(len)
-            .map_err(|e| BlockError::io(format!("Could not resize '{}'", self.path.display()), e))
+    /// Allocates `[off, off + len)` as zeroes (extending the file), if the
+    /// filesystem can do that without writing them; false if it cannot.
+    pub fn zero_range(&self, off: u64, len: u64) -> bool {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(&self.file, FallocateFlags::ZERO_RANGE, off, len).is_ok()
+    }
+
+    /// Deallocates a range of the host file (best effort: only space is
+    /// at stake, the range is free in the image).
+    pub fn punch(&self, off: u64, len: u64) {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        let _ = fallocate(&self.file, flags, off, len);
     }
 
     pub fn sync(&self) -> BlockResult<()> {

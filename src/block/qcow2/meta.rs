@@ -19,11 +19,13 @@ use crate::block::{BlockError, BlockResult};
 /// qemu refuses L1 tables larger than this.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Memory given to cached L2 tables and to cached refcount blocks.
-const L2_CACHE_BYTES: u64 = 8 << 20;
+const L2_CACHE_BYTES: u64 = 16 << 20;
 const REFCOUNT_CACHE_BYTES: u64 = 1 << 20;
 
 pub struct Meta {
     pub geo: Geometry,
+    /// The header as it is on disk now (table moves are kept in step), so
+    /// it can be serialised and rewritten (e.g. by the bitmaps layer).
     pub header: Header,
     pub l1: Vec<u64>,
     l1_dirty: bool,
@@ -121,8 +123,16 @@ impl Meta {
     fn cache_l2(&mut self, f: &HostFile, off: u64, data: Vec<u8>, dirty: bool) -> BlockResult<()> {
         if let Some((voff, victim)) = self.l2.insert(off, data, dirty) {
             if victim.dirty {
+                // One refcount sync pays for writing back every dirty
+                // table, so the next evictions are cheap.
                 self.before_l2_write(f)?;
                 f.write(&victim.data, voff, "L2 table")?;
+                for off in self.l2.dirty_offsets() {
+                    if let Some(slot) = self.l2.get(off) {
+                        f.write(&slot.data, off, "L2 table")?;
+                        slot.dirty = false;
+                    }
+                }
             }
         }
         Ok(())
@@ -283,14 +293,17 @@ impl Meta {
     pub fn alloc(&mut self, f: &HostFile, n: u64) -> BlockResult<u64> {
         let cs = self.cs();
         let c = self.refs.alloc(f, n)?;
+        // The table may have moved; keep the header copy in step with disk.
+        self.header.refcount_table_offset = self.refs.table_offset;
+        self.header.refcount_table_clusters = self.refs.table_clusters;
         let off = c * cs;
         self.check_overlap(off, n * cs)?;
         Ok(off)
     }
 
-    /// Refuses to hand out space that holds fixed metadata: a free refcount
-    /// there means the refcounts are corrupt.
-    fn check_overlap(&mut self, off: u64, len: u64) -> BlockResult<()> {
+    /// Refuses data I/O to space that holds metadata (qemu's overlap check):
+    /// a cluster allocated or mapped there means the image is corrupt.
+    pub fn check_overlap(&mut self, off: u64, len: u64) -> BlockResult<()> {
         let cs = self.cs();
         let overlaps = |start: u64, size: u64| off < start + size && start < off + len;
         let l1_bytes = (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
@@ -305,8 +318,8 @@ impl Meta {
             || overlaps(self.refs.table_offset, rt_bytes)
         {
             return Err(BlockError::corrupt(format!(
-                "Preventing invalid allocation at {:#x}: it overlaps image metadata \
-                 (the refcounts are corrupt; run 'qemu-img check -r all')",
+                "Preventing invalid write at {:#x}: it overlaps image metadata \
+                 (the image is corrupt; run 'qemu-img check -r all')",
                 off
             )));
         }
@@ -314,7 +327,7 @@ impl Meta {
     }
 
     /// Replaces the L1 table with a larger copy in new clusters.
-    fn grow_l1(&mut self, f: &HostFile, min_entries: u64) -> BlockResult<()> {
+    pub fn grow_l1(&mut self, f: &HostFile, min_entries: u64) -> BlockResult<()> {
         let cs = self.cs();
         let new_len = min_entries.max(self.l1.len() as u64 * 3 / 2);
         let bytes = new_len * 8;
@@ -368,6 +381,8 @@ impl Meta {
             }
         }
         if self.l1_dirty {
+            // New L2 tables must be stable before the L1 points to them.
+            f.sync()?;
             let l1 = std::mem::take(&mut self.l1);
             let r = self.write_l1_at(f, &l1, self.header.l1_table_offset, 0);
             self.l1 = l1;
@@ -386,8 +401,22 @@ impl Meta {
         }
         self.write_back(f)?;
         f.sync()?;
+        let cs = self.cs();
+        let mut now_free = Vec::new();
         for &(off, len) in freed {
-            self.refs.free_range(f, off, len)?;
+            now_free.extend(self.refs.free_range(f, off, len)?);
+        }
+        // Give the space back to the host, as qemu passes discards down,
+        // one call per contiguous run.
+        now_free.sort_unstable();
+        let mut i = 0;
+        while i < now_free.len() {
+            let mut j = i + 1;
+            while j < now_free.len() && now_free[j] == now_free[j - 1] + 1 {
+                j += 1;
+            }
+            f.punch(now_free[i] * cs, (j - i) as u64 * cs);
+            i = j;
         }
         Ok(())
     }

@@ -377,12 +377,16 @@ impl Refcounts {
     }
 
     /// Frees the clusters overlapping `[off, off + len)` (one reference each).
-    pub fn free_range(&mut self, f: &HostFile, off: u64, len: u64) -> BlockResult<()> {
+    /// Returns the clusters that became free.
+    pub fn free_range(&mut self, f: &HostFile, off: u64, len: u64) -> BlockResult<Vec<u64>> {
         let cs = self.cs();
+        let mut now_free = Vec::new();
         for c in off / cs..(off + len).div_ceil(cs) {
-            self.update(f, c, -1)?;
+            if self.update(f, c, -1)? == 0 {
+                now_free.push(c);
+            }
         }
-        Ok(())
+        Ok(now_free)
     }
 
     /// Writes every dirty refcount block; true if any was written.

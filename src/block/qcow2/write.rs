@@ -45,9 +45,19 @@ impl Qcow2Node {
             .iter()
             .all(|p| matches!(p.map, Mapping::Data { copied: true, .. }));
         if in_place {
-            if self.lock_meta()?.corrupt {
+            let mut meta = self.lock_meta()?;
+            if meta.corrupt {
                 return Err(corrupt_refusal());
             }
+            for p in &pieces {
+                if let Mapping::Data { host, .. } = p.map {
+                    if let Err(e) = meta.check_overlap(host, p.len) {
+                        self.signal_corruption(&mut meta, &e);
+                        return Err(e);
+                    }
+                }
+            }
+            drop(meta);
             for p in pieces {
                 if let Mapping::Data { host, .. } = p.map {
                     let start = (p.guest - offset) as usize;
@@ -76,6 +86,7 @@ impl Qcow2Node {
             let (map, n) = meta.mapping(&self.f, at, end - at)?;
             let src = &buf[(at - offset) as usize..];
             if let Mapping::Data { host, copied: true } = map {
+                meta.check_overlap(host, n)?;
                 self.f.write(&src[..n as usize], host, "data cluster")?;
                 at += n;
                 continue;
@@ -93,20 +104,16 @@ impl Qcow2Node {
             let head = (at - c0 * cs) as usize;
             let span = (c1 - c0) * cs;
             let host = meta.alloc(&self.f, c1 - c0)?;
-            let file_len = self.f.len()?;
             let zero_source = match map {
                 Mapping::Zero { .. } => true,
                 Mapping::Unallocated => self.backing.as_ref().is_none_or(|b| b.size() <= c0 * cs),
                 _ => false,
             };
-            if zero_source && host >= file_len {
-                // Fresh space past the end of the file reads as zeroes
-                // already: write only the data, then cover the whole span.
+            if zero_source && self.f.zero_range(host, span) {
+                // The new clusters zeroed by the filesystem (allocated, as
+                // qemu does it): only the data itself needs writing.
                 self.f
                     .write(&src[..n as usize], host + head as u64, "data cluster")?;
-                if self.f.len()? < host + span {
-                    self.f.set_len(host + span)?;
-                }
             } else {
                 let mut data = vec![0u8; span as usize];
                 // Copy-on-write: the uncovered parts keep what they read as.
@@ -144,6 +151,7 @@ impl Qcow2Node {
             Mapping::Zero { host } if host != 0 && entry & COPIED != 0 => host,
             _ => return Ok(None),
         };
+        meta.check_overlap(host, cs)?;
         let head = (at - gc * cs) as usize;
         let n = (src.len()).min(cs as usize - head);
         let mut data = vec![0u8; cs as usize];
@@ -187,7 +195,7 @@ impl Qcow2Node {
         } else if a0 > a1 || (a0 == a1 && offset / cs == (end - 1) / cs) {
             // Inside one cluster.
             let c = offset / cs * cs;
-            if self.reads_as_zero(c, cs.min(self.size - c))? {
+            if self.reads_as_zero(c, cs.min(self.vsize() - c))? {
                 (a0, a1) = (c, c + cs);
             } else {
                 (a0, a1) = (c, c);
@@ -203,7 +211,7 @@ impl Qcow2Node {
                 }
             }
             if a1 < end {
-                let tail = cs.min(self.size - a1);
+                let tail = cs.min(self.vsize() - a1);
                 if self.reads_as_zero(a1, tail)? {
                     a1 += cs;
                 } else {
@@ -307,10 +315,12 @@ impl Qcow2Node {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if offset.checked_add(len).is_none_or(|e| e > self.vsize()) {
             return Err(BlockError::invalid(format!(
                 "request at {} (+{}) is past the end of the image ({})",
-                offset, len, self.size
+                offset,
+                len,
+                self.vsize()
             )));
         }
         Ok(())
@@ -322,7 +332,7 @@ impl Qcow2Node {
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let a0 = offset.div_ceil(cs) * cs;
-        let a1 = if end == self.size {
+        let a1 = if end == self.vsize() {
             end.div_ceil(cs) * cs
         } else {
             end / cs * cs
