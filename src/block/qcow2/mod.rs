@@ -191,6 +191,15 @@ impl Qcow2Node {
                 "the image was found corrupt; writes are refused",
             ));
         }
+        if new_size != old && !self.stored_bitmaps().is_empty() {
+            // Stored bitmap tables are sized for the old size; qemu resizes
+            // the bitmaps with the image, which needs the node's in-memory
+            // bitmaps. Until that exists, refuse rather than leave tables
+            // that no longer match (the image would not open again).
+            return Err(BlockError::not_supported(
+                "resizing an image with persistent dirty bitmaps is not supported yet",
+            ));
+        }
         let needed = new_size
             .div_ceil(self.geo.cluster_size())
             .div_ceil(self.geo.l2_entries());
