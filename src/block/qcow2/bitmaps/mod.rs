@@ -17,6 +17,14 @@
 //!   inconsistent, and kept on disk exactly as it is until removed;
 //! - opening read-write sets `in_use` on every stored bitmap, so a crash
 //!   leaves them marked; a clean close writes them again with it cleared.
+//!
+//! Where tidemark differs on purpose: a bitmap table or data cluster that
+//! lies past the end of the file is an error (qemu reads it as zeroes, which
+//! would hand a backup tool a bitmap that silently lost its bits); a name
+//! stored twice, or one that is not UTF-8, is a broken directory; the whole
+//! directory is rewritten at every store (qemu updates some entries in
+//! place), so the cluster layout differs while `qemu-img info` and `check`
+//! agree.
 
 pub mod dir;
 pub mod ext;
