@@ -166,6 +166,73 @@ mod tests {
             .collect()
     }
 
+    /// Seeded mutations of the extension, directory and tables: every
+    /// open either succeeds or fails with an error, never panics, and a
+    /// failed read-write open leaves the file as it was.
+    #[test]
+    fn mutated_bitmap_metadata_never_panics_nor_changes_the_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.qcow2");
+        let opts = CreateOptions {
+            size: Some(8 << 20),
+            cluster_size: 4096,
+            ..Default::default()
+        };
+        create_qcow2(&path, &opts).expect("create");
+        {
+            let node =
+                Node::open("n", open_image(&path, None, false).expect("open")).expect("node");
+            for (name, g) in [("b0", 4096), ("b1", 512)] {
+                let mut b = DirtyBitmap::new(name, 8 << 20, g).expect("bitmap");
+                b.state.persistent = true;
+                node.bitmaps().add(b).expect("add");
+            }
+            node.write_at(&[7; 9000], 100_000, false).expect("write");
+            node.store_bitmaps().expect("store");
+        }
+        let pristine = std::fs::read(&path).expect("read");
+        let h = Header::parse(&pristine).expect("header");
+        let ext = BitmapsExt::parse(h.extension(EXT_BITMAPS).expect("ext"), 4096).expect("ext");
+        let entries = parse_directory(
+            &pristine[ext.directory_offset as usize..][..ext.directory_size as usize],
+            ext.nb_bitmaps,
+        )
+        .expect("dir");
+        // Byte ranges worth hitting: the header cluster, the directory and
+        // the tables.
+        let mut spots = vec![(0usize, 4096usize), (ext.directory_offset as usize, 64)];
+        spots.extend(
+            entries
+                .iter()
+                .map(|e| (e.table_offset as usize, 8 * e.table_size as usize)),
+        );
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let mut img = pristine.clone();
+            for _ in 0..1 + rnd() % 3 {
+                let (at, len) = spots[(rnd() % spots.len() as u64) as usize];
+                let i = at + (rnd() % len.max(1) as u64) as usize;
+                if let Some(b) = img.get_mut(i) {
+                    *b ^= 1 << (rnd() % 8);
+                }
+            }
+            std::fs::write(&path, &img).expect("write image");
+            for ro in [true, false] {
+                let opened = open_image(&path, None, ro).and_then(|d| Node::open("n", d));
+                if opened.is_err() && !ro {
+                    let now = std::fs::read(&path).expect("read");
+                    assert!(now == img, "a failed read-write open changed the image");
+                }
+            }
+        }
+    }
+
     #[test]
     fn store_point_then_write_marks_in_use_again() {
         let dir = tempfile::tempdir().expect("tempdir");
