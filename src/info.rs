@@ -100,6 +100,16 @@ fn bitmap_infos(node: &Qcow2Node) -> Option<Vec<BitmapInfo>> {
 
 /// Information on one image (its backing file is named, not opened).
 pub fn image_info(path: &Path, format: Option<Format>) -> BlockResult<ImageInfo> {
+    image_info_opts(path, format, false)
+}
+
+/// As [`image_info`]; with `force_share` (qemu-img's `-U`), a qcow2 image
+/// another process holds is read without taking its locks.
+pub fn image_info_opts(
+    path: &Path,
+    format: Option<Format>,
+    force_share: bool,
+) -> BlockResult<ImageInfo> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -125,7 +135,11 @@ pub fn image_info(path: &Path, format: Option<Format>) -> BlockResult<ImageInfo>
             dirty_flag: false,
         });
     }
-    let node = Qcow2Node::open(path, true)?;
+    let node = if force_share {
+        Qcow2Node::open_force_share(path)?
+    } else {
+        Qcow2Node::open(path, true)?
+    };
     let h = node.header();
     let v3 = h.version >= 3;
     let data = Qcow2Specific {

@@ -52,6 +52,9 @@ struct InfoArgs {
     backing_chain: bool,
     #[arg(long, short = 'f', value_enum)]
     format: Option<Format>,
+    /// Read a qcow2 image another process holds, without its locks (qemu-img -U).
+    #[arg(long, short = 'U')]
+    force_share: bool,
 }
 
 #[derive(clap::Args)]
@@ -120,12 +123,16 @@ fn main() -> ExitCode {
 }
 
 fn info(args: InfoArgs) -> Result<()> {
-    use tidemark::info::{chain_info, image_info, to_qemu_json};
+    use tidemark::info::{chain_info, image_info_opts, to_qemu_json};
     anyhow::ensure!(args.output == "json", "only --output=json is supported");
     let text = if args.backing_chain {
         to_qemu_json(&chain_info(&args.image, args.format)?)
     } else {
-        to_qemu_json(&image_info(&args.image, args.format)?)
+        to_qemu_json(&image_info_opts(
+            &args.image,
+            args.format,
+            args.force_share,
+        )?)
     };
     println!("{text}");
     Ok(())

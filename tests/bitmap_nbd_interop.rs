@@ -141,7 +141,21 @@ fn qemu_flags(img: &Path, force_share: bool) -> Vec<(String, Vec<String>)> {
         args.push("-U");
     }
     args.push(s(img));
-    let v: Value = serde_json::from_str(&qemu_img(&args)).expect("info json");
+    flags_of(&qemu_img(&args))
+}
+
+/// The same from `tidemark info` (which takes the same `-U`).
+fn tidemark_flags(img: &Path, force_share: bool) -> Vec<(String, Vec<String>)> {
+    let mut args = vec!["info"];
+    if force_share {
+        args.push("-U");
+    }
+    args.push(s(img));
+    flags_of(&run(tool(TIDEMARK).args(&args)))
+}
+
+fn flags_of(info_json: &str) -> Vec<(String, Vec<String>)> {
+    let v: Value = serde_json::from_str(info_json).expect("info json");
     v["format-specific"]["data"]["bitmaps"]
         .as_array()
         .map(|a| {
@@ -314,12 +328,14 @@ fn crashed_bitmap_is_in_use_and_refused_until_removed() {
         flags,
         vec![("b0".into(), in_use.clone()), ("b1".into(), in_use.clone())]
     );
+    assert_eq!(tidemark_flags(&img, true), flags);
     run(tool("qemu-io")
         .args(["-f", "raw", "-c", "write 0 64k"])
         .arg(srv.uri()));
     signal(srv.pid(), libc::SIGKILL);
     drop(srv);
     assert_eq!(qemu_flags(&img, false), flags, "in use after kill -9");
+    assert_eq!(tidemark_flags(&img, false), flags);
     let theirs = qemu_nbd_refuses(&img, "b0");
     assert_eq!(theirs, "Bitmap 'b0' is inconsistent and cannot be used");
     assert_eq!(tidemark_refuses(&img, "b0"), theirs);

@@ -61,6 +61,17 @@ impl Qcow2Node {
     /// Opens a qcow2 image without its backing file; the chain opener
     /// attaches that with [`Qcow2Node::set_backing`].
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Qcow2Node> {
+        Self::open_with(path, read_only, false)
+    }
+
+    /// Opens read-only without taking the image locks, as qemu-img's `-U`
+    /// (force share): for looking at an image another process has open,
+    /// e.g. its bitmaps marked in use. What it reads may be changing.
+    pub fn open_force_share(path: &Path) -> BlockResult<Qcow2Node> {
+        Self::open_with(path, true, true)
+    }
+
+    fn open_with(path: &Path, read_only: bool, force_share: bool) -> BlockResult<Qcow2Node> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -71,7 +82,13 @@ impl Qcow2Node {
         } else {
             LockMode::Write
         };
-        let lock = ImageLock::acquire(&file, path, mode)?;
+        let lock = if force_share {
+            // Byte-range locks belong to the open file; taking none is
+            // all that sharing needs.
+            ImageLock { mode }
+        } else {
+            ImageLock::acquire(&file, path, mode)?
+        };
         let f = HostFile::new(file, path);
         let file_len = f.len()?;
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
