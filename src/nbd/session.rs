@@ -108,18 +108,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
-    /// Runs `work` on the blocking pool and sends the reply it makes. A
-    /// send error means the socket is dead; the reader finds out on its
-    /// next read.
+    /// Runs `work` on the blocking pool and sends the reply it makes; the
+    /// permit returns to the budget once the reply is on the wire.
     fn spawn(&self, permit: OwnedSemaphorePermit, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
         let sink = self.sink.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply = work();
-            if let Err(e) = sink.send(&reply) {
-                debug!(error = %e, "reply not sent");
-            }
-            drop(permit);
-        });
+        tokio::task::spawn_blocking(move || sink.send(work(), permit));
     }
 
     fn refuse(&self, req: &Request, permit: OwnedSemaphorePermit, r: Refusal) {
