@@ -7,7 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
-use rustix::io::Errno;
+use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BlockError, BlockNode, BlockResult, ErrorKind, Extent, ZeroFlags};
 use super::{STATE_HOLE, STATE_ZERO};
@@ -23,6 +24,8 @@ pub struct FileNode {
     /// The image size: the file's length rounded up to 512 bytes, as qemu
     /// sees raw files; the tail past EOF reads as zeroes.
     size: u64,
+    /// RWF_NOWAIT turned out not to work here; don't try again.
+    nowait_unsupported: AtomicBool,
 }
 
 const SECTOR: u64 = 512;
@@ -44,6 +47,7 @@ impl FileNode {
             path: path.to_owned(),
             read_only,
             size,
+            nowait_unsupported: AtomicBool::new(false),
         })
     }
 
@@ -89,6 +93,19 @@ impl FileNode {
             offset += n as u64;
         }
         Ok(())
+    }
+
+    /// Whether a RWF_NOWAIT transfer did the whole job; remembers when the
+    /// kernel or filesystem does not know the flag, to stop asking.
+    fn nowait_done(&self, r: Result<usize, Errno>, len: usize) -> bool {
+        match r {
+            Ok(n) => n == len,
+            Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {
+                self.nowait_unsupported.store(true, Ordering::Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// The offset of the next data at or after `offset`, or `None` at EOF.
@@ -211,6 +228,35 @@ impl BlockNode for FileNode {
                 })
             }
         }
+    }
+
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let len = buf.len();
+        if self.nowait_unsupported.load(Ordering::Relaxed) {
+            return false;
+        }
+        let r = preadv2(
+            &self.file,
+            &mut [IoSliceMut::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        );
+        self.nowait_done(r, len)
+    }
+
+    fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
+        if self.read_only || self.nowait_unsupported.load(Ordering::Relaxed) {
+            return false;
+        }
+        let r = pwritev2(
+            &self.file,
+            &[IoSlice::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        );
+        // A short write leaves the rest for write_at, which rewrites the
+        // whole buffer: the same bytes, so harmless.
+        self.nowait_done(r, buf.len())
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
-use super::exec::{execute, Command};
+use super::exec::{execute, try_inline, Command};
 use super::export::Export;
 use super::handshake::Negotiated;
 use super::proto::*;
@@ -223,8 +223,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             // validate() refuses every other command.
             _ => return Ok(Next::Continue),
         };
-        let export = self.export.clone();
         let to = self.reply_to(&req);
+        if let Some(reply) = try_inline(&self.export, &to, &cmd) {
+            self.sink.send(reply, permit);
+            return Ok(Next::Continue);
+        }
+        let export = self.export.clone();
         self.spawn(permit, move || execute(&export, to, cmd));
         Ok(Next::Continue)
     }
