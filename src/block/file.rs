@@ -24,8 +24,10 @@ pub struct FileNode {
     /// The image size: the file's length rounded up to 512 bytes, as qemu
     /// sees raw files; the tail past EOF reads as zeroes.
     size: u64,
-    /// RWF_NOWAIT turned out not to work here; don't try again.
-    nowait_unsupported: AtomicBool,
+    /// RWF_NOWAIT turned out not to work here for reads / for writes
+    /// (ext4 takes it for buffered reads only); don't ask again.
+    nowait_read_unsupported: AtomicBool,
+    nowait_write_unsupported: AtomicBool,
 }
 
 const SECTOR: u64 = 512;
@@ -47,7 +49,8 @@ impl FileNode {
             path: path.to_owned(),
             read_only,
             size,
-            nowait_unsupported: AtomicBool::new(false),
+            nowait_read_unsupported: AtomicBool::new(false),
+            nowait_write_unsupported: AtomicBool::new(false),
         })
     }
 
@@ -95,19 +98,6 @@ impl FileNode {
         Ok(())
     }
 
-    /// Whether a RWF_NOWAIT transfer did the whole job; remembers when the
-    /// kernel or filesystem does not know the flag, to stop asking.
-    fn nowait_done(&self, r: Result<usize, Errno>, len: usize) -> bool {
-        match r {
-            Ok(n) => n == len,
-            Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {
-                self.nowait_unsupported.store(true, Ordering::Relaxed);
-                false
-            }
-            Err(_) => false,
-        }
-    }
-
     /// The offset of the next data at or after `offset`, or `None` at EOF.
     fn seek_data(&self, offset: u64) -> Result<Option<u64>, Errno> {
         match seek(&self.file, SeekFrom::Data(offset)) {
@@ -115,6 +105,19 @@ impl FileNode {
             Err(Errno::NXIO) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Whether a RWF_NOWAIT transfer did the whole job; remembers in
+/// `unsupported` when the kernel or filesystem does not take the flag.
+fn nowait_done(r: Result<usize, Errno>, len: usize, unsupported: &AtomicBool) -> bool {
+    match r {
+        Ok(n) => n == len,
+        Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {
+            unsupported.store(true, Ordering::Relaxed);
+            false
+        }
+        Err(_) => false,
     }
 }
 
@@ -232,20 +235,18 @@ impl BlockNode for FileNode {
 
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
         let len = buf.len();
-        if self.nowait_unsupported.load(Ordering::Relaxed) {
+        let unsupported = &self.nowait_read_unsupported;
+        if unsupported.load(Ordering::Relaxed) {
             return false;
         }
-        let r = preadv2(
-            &self.file,
-            &mut [IoSliceMut::new(buf)],
-            offset,
-            ReadWriteFlags::NOWAIT,
-        );
-        self.nowait_done(r, len)
+        let mut iov = [IoSliceMut::new(buf)];
+        let r = preadv2(&self.file, &mut iov, offset, ReadWriteFlags::NOWAIT);
+        nowait_done(r, len, unsupported)
     }
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
-        if self.read_only || self.nowait_unsupported.load(Ordering::Relaxed) {
+        let unsupported = &self.nowait_write_unsupported;
+        if self.read_only || unsupported.load(Ordering::Relaxed) {
             return false;
         }
         let r = pwritev2(
@@ -256,7 +257,7 @@ impl BlockNode for FileNode {
         );
         // A short write leaves the rest for write_at, which rewrites the
         // whole buffer: the same bytes, so harmless.
-        self.nowait_done(r, buf.len())
+        nowait_done(r, buf.len(), unsupported)
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -282,6 +283,24 @@ impl BlockNode for FileNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_nowait_write_leaves_nowait_reads_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).expect("write");
+        let node = FileNode::open(&path, false).expect("open");
+        node.write_at(&[5u8; 4096], 0, false).expect("write");
+        // ext4 refuses buffered RWF_NOWAIT writes; others may take them.
+        let wrote = node.try_write_nowait(&[6u8; 4096], 4096);
+        let mut buf = vec![0u8; 8192];
+        assert!(
+            node.try_read_nowait(&mut buf, 0),
+            "cached data reads without waiting"
+        );
+        assert_eq!(buf[..4096], [5u8; 4096]);
+        assert_eq!(buf[4096], if wrote { 6 } else { 7 });
+    }
 
     #[test]
     fn holes_and_data_are_reported_in_runs() {
