@@ -4,4 +4,5 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod info;
 pub mod nbd;

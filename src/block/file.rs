@@ -10,6 +10,7 @@ use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
 use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::lock::{ImageLock, LockMode};
 use super::{BlockError, BlockNode, BlockResult, ErrorKind, Extent, ZeroFlags};
 use super::{STATE_HOLE, STATE_ZERO};
 
@@ -39,6 +40,13 @@ impl FileNode {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        let mode = if read_only {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        };
+        // qemu-compatible image locks; they live as long as `file`.
+        ImageLock::acquire(&file, path, mode)?;
         let size = file
             .metadata()
             .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?

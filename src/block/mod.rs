@@ -8,10 +8,13 @@
 //! Formats (raw, qcow2) and filters (copy-before-write) all implement the same
 //! trait, so a protocol server never knows which one it is talking to.
 
+pub mod chain;
 pub mod error;
 pub mod file;
+pub mod lock;
 pub mod node;
 pub mod open;
+pub mod qcow2;
 
 pub use error::{BlockError, BlockResult, ErrorKind};
 
