@@ -1128,3 +1128,32 @@ fn qcow2_overlapping_concurrent_requests_keep_the_image_consistent() {
     check_clean(&img);
     assert!(data == qemu_raw(&img, d));
 }
+
+#[test]
+fn qcow2_grow_moves_the_l1_table_and_stays_clean() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = p(dir.path(), "g.qcow2");
+    let opts = "cluster_size=512";
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", opts, s(&img), "1M"],
+    );
+    qemu_io(&img, "qcow2", &["write -P 0x61 0 1M".into()]);
+    let node = tidemark::block::qcow2::Qcow2Node::open(&img, false).expect("open");
+    node.grow_to(64 << 20).expect("grow");
+    assert_eq!(node.size(), 64 << 20);
+    node.write_at(&[0x62; 70_000], (64 << 20) - 70_000, false)
+        .expect("write at the new end");
+    drop(node);
+    check_clean(&img);
+    let info = info_fields(&img);
+    assert_eq!(info["virtual-size"].as_u64(), Some(64 << 20));
+    let data = qemu_raw(&img, dir.path());
+    assert!(data[..1 << 20].iter().all(|&b| b == 0x61));
+    assert!(data[(64 << 20) - 70_000..].iter().all(|&b| b == 0x62));
+    let node = open(&img, true);
+    assert!(read_all(node.as_ref()) == data);
+}

@@ -24,6 +24,8 @@ const REFCOUNT_CACHE_BYTES: u64 = 1 << 20;
 
 pub struct Meta {
     pub geo: Geometry,
+    /// The header as it is on disk now (table moves are kept in step), so
+    /// it can be serialised and rewritten (e.g. by the bitmaps layer).
     pub header: Header,
     pub l1: Vec<u64>,
     l1_dirty: bool,
@@ -291,6 +293,9 @@ impl Meta {
     pub fn alloc(&mut self, f: &HostFile, n: u64) -> BlockResult<u64> {
         let cs = self.cs();
         let c = self.refs.alloc(f, n)?;
+        // The table may have moved; keep the header copy in step with disk.
+        self.header.refcount_table_offset = self.refs.table_offset;
+        self.header.refcount_table_clusters = self.refs.table_clusters;
         let off = c * cs;
         self.check_overlap(off, n * cs)?;
         Ok(off)
@@ -322,7 +327,7 @@ impl Meta {
     }
 
     /// Replaces the L1 table with a larger copy in new clusters.
-    fn grow_l1(&mut self, f: &HostFile, min_entries: u64) -> BlockResult<()> {
+    pub fn grow_l1(&mut self, f: &HostFile, min_entries: u64) -> BlockResult<()> {
         let cs = self.cs();
         let new_len = min_entries.max(self.l1.len() as u64 * 3 / 2);
         let bytes = new_len * 8;

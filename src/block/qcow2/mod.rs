@@ -1,6 +1,7 @@
 //! qcow2 images (docs/interop/qcow2.txt), versions 2 and 3.
 //!
 //! - header.rs: header and extensions, parsed and written back;
+//! - io.rs: positioned file I/O with errors that name file and offset;
 //! - tables.rs: what an L1/L2 entry means; cache.rs: bounded table cache;
 //! - refcount.rs: refcounts and the cluster allocator; meta.rs: the L1/L2
 //!   state behind the node's mutex, and the metadata write-back order;
@@ -26,6 +27,7 @@ mod write;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use self::header::*;
@@ -41,7 +43,8 @@ pub struct Qcow2Node {
     free_lock: RwLock<()>,
     backing: Option<Arc<dyn BlockNode>>,
     read_only: bool,
-    size: u64,
+    /// Virtual size; grows with [`Qcow2Node::grow_to`].
+    size: AtomicU64,
     geo: Geometry,
     compression: u8,
     header: Header,
@@ -95,7 +98,7 @@ impl Qcow2Node {
             free_lock: RwLock::new(()),
             backing: None,
             read_only,
-            size: header.size,
+            size: AtomicU64::new(header.size),
             geo,
             compression: header.compression_type,
             header,
@@ -135,6 +138,54 @@ impl Qcow2Node {
 
     pub fn backing(&self) -> Option<&Arc<dyn BlockNode>> {
         self.backing.as_ref()
+    }
+
+    fn vsize(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the virtual size (like `qemu-img resize` without shrinking),
+    /// moving the L1 table to a larger one when it no longer covers it.
+    pub fn grow_to(&self, new_size: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        let _guard = self
+            .free_lock
+            .write()
+            .map_err(|_| BlockError::corrupt("qcow2 free lock poisoned"))?;
+        let old = self.vsize();
+        if new_size < old {
+            return Err(BlockError::not_supported(
+                "shrinking a qcow2 image is not supported",
+            ));
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(BlockError::invalid(
+                "the new size must be a multiple of 512 bytes",
+            ));
+        }
+        let mut meta = self.lock_meta()?;
+        if meta.corrupt {
+            return Err(BlockError::corrupt(
+                "the image was found corrupt; writes are refused",
+            ));
+        }
+        let needed = new_size
+            .div_ceil(self.geo.cluster_size())
+            .div_ceil(self.geo.l2_entries());
+        if needed > meta.l1.len() as u64 {
+            let r = meta.grow_l1(&self.f, needed);
+            if let Err(e) = &r {
+                self.signal_corruption(&mut meta, e);
+            }
+            r?;
+        }
+        meta.write_back(&self.f)?;
+        self.f.sync()?;
+        self.f.write(&new_size.to_be_bytes(), 24, "header")?;
+        self.f.sync()?;
+        meta.header.size = new_size;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn lock_meta(&self) -> BlockResult<MutexGuard<'_, Meta>> {
@@ -257,7 +308,7 @@ fn check_features(h: &Header, read_only: bool) -> BlockResult<()> {
 
 impl BlockNode for Qcow2Node {
     fn size(&self) -> u64 {
-        self.size
+        self.vsize()
     }
 
     fn read_only(&self) -> bool {

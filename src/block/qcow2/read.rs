@@ -17,10 +17,12 @@ pub(super) struct Piece {
 impl Qcow2Node {
     /// The pieces `[offset, offset + len)` is made of, in order.
     pub(super) fn plan(&self, offset: u64, len: u64) -> BlockResult<Vec<Piece>> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+        if offset.checked_add(len).is_none_or(|end| end > self.vsize()) {
             return Err(BlockError::invalid(format!(
                 "request at {} (+{}) is past the end of the image ({})",
-                offset, len, self.size
+                offset,
+                len,
+                self.vsize()
             )));
         }
         let mut meta = self.lock_meta()?;

@@ -25,13 +25,15 @@ const MAX_STEPS: usize = 1 << 16;
 
 impl Qcow2Node {
     fn clamp(&self, offset: u64, len: u64) -> BlockResult<u64> {
-        if offset >= self.size || len == 0 {
+        if offset >= self.vsize() || len == 0 {
             return Err(BlockError::invalid(format!(
                 "block status at {} (+{}) is outside the image ({})",
-                offset, len, self.size
+                offset,
+                len,
+                self.vsize()
             )));
         }
-        Ok(len.min(self.size - offset))
+        Ok(len.min(self.vsize() - offset))
     }
 
     fn map_run(&self, at: u64, max: u64) -> BlockResult<(Mapping, u64)> {

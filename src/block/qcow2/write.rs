@@ -195,7 +195,7 @@ impl Qcow2Node {
         } else if a0 > a1 || (a0 == a1 && offset / cs == (end - 1) / cs) {
             // Inside one cluster.
             let c = offset / cs * cs;
-            if self.reads_as_zero(c, cs.min(self.size - c))? {
+            if self.reads_as_zero(c, cs.min(self.vsize() - c))? {
                 (a0, a1) = (c, c + cs);
             } else {
                 (a0, a1) = (c, c);
@@ -211,7 +211,7 @@ impl Qcow2Node {
                 }
             }
             if a1 < end {
-                let tail = cs.min(self.size - a1);
+                let tail = cs.min(self.vsize() - a1);
                 if self.reads_as_zero(a1, tail)? {
                     a1 += cs;
                 } else {
@@ -315,10 +315,12 @@ impl Qcow2Node {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if offset.checked_add(len).is_none_or(|e| e > self.vsize()) {
             return Err(BlockError::invalid(format!(
                 "request at {} (+{}) is past the end of the image ({})",
-                offset, len, self.size
+                offset,
+                len,
+                self.vsize()
             )));
         }
         Ok(())
@@ -330,7 +332,7 @@ impl Qcow2Node {
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let a0 = offset.div_ceil(cs) * cs;
-        let a1 = if end == self.size {
+        let a1 = if end == self.vsize() {
             end.div_ceil(cs) * cs
         } else {
             end / cs * cs
