@@ -11,7 +11,7 @@ use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::lock::{ImageLock, LockMode};
-use super::{BlockError, BlockNode, BlockResult, ErrorKind, Extent, ZeroFlags};
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 use super::{STATE_HOLE, STATE_ZERO};
 
 /// Largest zero buffer written at once when the filesystem cannot zero a
@@ -239,6 +239,20 @@ impl BlockNode for FileNode {
                 })
             }
         }
+    }
+
+    /// qemu counts every byte of a raw image as allocated in its layer,
+    /// holes included: depth 1 everywhere (as `qemu-nbd -A` reports).
+    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        if offset >= self.size || len == 0 {
+            return Err(BlockError::invalid(
+                "allocation depth past the end of the image",
+            ));
+        }
+        Ok(DepthExtent {
+            len: len.min(self.size - offset),
+            depth: 1,
+        })
     }
 
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
