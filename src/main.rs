@@ -39,6 +39,8 @@ enum Cmd {
     },
     /// Describe an image as `qemu-img info --output=json`.
     Info(InfoArgs),
+    /// Create an image, as `qemu-img create`.
+    Create(CreateArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +57,26 @@ struct InfoArgs {
     /// Read a qcow2 image another process holds, without its locks (qemu-img -U).
     #[arg(long, short = 'U')]
     force_share: bool,
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Image format.
+    #[arg(short = 'f', value_enum, default_value = "raw")]
+    format: Format,
+    /// Backing file (qcow2 only), recorded as given.
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format (default: probed).
+    #[arg(short = 'F', value_enum)]
+    backing_format: Option<Format>,
+    /// Options: cluster_size=N, compat=0.10|1.1 (comma-separated).
+    #[arg(short = 'o')]
+    options: Option<String>,
+    file: PathBuf,
+    /// Size in bytes, or with a k/M/G/T/P suffix (powers of 1024); a
+    /// qcow2 with a backing file takes the backing file's size by default.
+    size: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +134,7 @@ fn main() -> ExitCode {
             .map(|out| print!("{out}"))
             .map_err(anyhow::Error::msg),
         Cmd::Info(args) => info(args),
+        Cmd::Create(args) => create(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,6 +158,73 @@ fn info(args: InfoArgs) -> Result<()> {
         )?)
     };
     println!("{text}");
+    Ok(())
+}
+
+/// A size as qemu-img reads it: bytes, or a number with a binary suffix.
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'b' => 0,
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                'p' => 50,
+                'e' => 60,
+                _ => anyhow::bail!("Invalid image size specified: '{text}'"),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("Invalid image size specified: '{text}'"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| anyhow::anyhow!("Image size is too large: '{text}'"))
+}
+
+fn create(args: CreateArgs) -> Result<()> {
+    use tidemark::block::qcow2::create::{create_qcow2, create_raw, CreateOptions};
+    let size = args.size.as_deref().map(parse_size).transpose()?;
+    match args.format {
+        Format::Raw => {
+            anyhow::ensure!(
+                args.backing.is_none(),
+                "raw images cannot have a backing file"
+            );
+            let size =
+                size.ok_or_else(|| anyhow::anyhow!("Image creation needs a size parameter"))?;
+            create_raw(&args.file, size)?;
+            println!("Formatting '{}', fmt=raw size={size}", args.file.display());
+        }
+        Format::Qcow2 => {
+            let mut opts = CreateOptions {
+                size,
+                backing_file: args.backing,
+                backing_format: args.backing_format.map(|f| f.name().to_owned()),
+                ..CreateOptions::default()
+            };
+            for kv in args.options.iter().flat_map(|o| o.split(',')) {
+                match kv.split_once('=') {
+                    Some(("cluster_size", v)) => opts.cluster_size = parse_size(v)?,
+                    Some(("compat", "0.10")) => opts.compat_v2 = true,
+                    Some(("compat", "1.1" | "v3")) => opts.compat_v2 = false,
+                    _ => anyhow::bail!("Invalid option '{kv}' (supported: cluster_size, compat)"),
+                }
+            }
+            create_qcow2(&args.file, &opts)?;
+            println!(
+                "Formatting '{}', fmt=qcow2 cluster_size={} compat={}",
+                args.file.display(),
+                opts.cluster_size,
+                if opts.compat_v2 { "0.10" } else { "1.1" }
+            );
+        }
+    }
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::file::FileNode;
 use super::open::{probe, Format};
 use super::qcow2::Qcow2Node;
-use super::{BlockError, BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags};
+use super::{BlockError, BlockNode, BlockResult};
 
 /// Layers below the top image at most.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -56,7 +56,7 @@ fn open_layer(
         None => probe(path)?,
     };
     match format {
-        Format::Raw => Ok(Arc::new(RawLayer(FileNode::open(path, read_only)?))),
+        Format::Raw => Ok(Arc::new(FileNode::open(path, read_only)?)),
         Format::Qcow2 => {
             let mut node = Qcow2Node::open(path, read_only)?;
             if let Some(bpath) = node.backing_path() {
@@ -81,57 +81,5 @@ fn open_layer(
             }
             Ok(Arc::new(node))
         }
-    }
-}
-
-/// A raw file as a chain layer. qemu counts every byte of a raw image as
-/// allocated in its layer (holes included), so its allocation depth is 1
-/// everywhere; everything else is the file's.
-pub struct RawLayer(pub FileNode);
-
-impl BlockNode for RawLayer {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_only(&self) -> bool {
-        self.0.read_only()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
-        self.0.write_at(buf, offset, fua)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
-        self.0.write_zeroes(offset, len, flags)
-    }
-    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.0.discard(offset, len)
-    }
-    fn flush(&self) -> BlockResult<()> {
-        self.0.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        self.0.block_status(offset, len)
-    }
-    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
-        if offset >= self.size() || len == 0 {
-            return Err(BlockError::invalid(
-                "allocation depth past the end of the image",
-            ));
-        }
-        Ok(DepthExtent {
-            len: len.min(self.size() - offset),
-            depth: 1,
-        })
-    }
-    fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.0.cache(offset, len)
-    }
-    fn discard_zeroes(&self) -> bool {
-        self.0.discard_zeroes()
-    }
-    fn format_name(&self) -> &'static str {
-        "raw"
     }
 }

@@ -90,6 +90,19 @@ pub trait BlockNode: Send + Sync + 'static {
         Ok(DepthExtent { len: e.len, depth })
     }
 
+    /// Fills `buf` from `offset` only if that needs no waiting (the data is
+    /// in the page cache). False means "not done": use [`BlockNode::read_at`]
+    /// on the blocking pool. Lets async callers skip a thread hand-off.
+    fn try_read_nowait(&self, _buf: &mut [u8], _offset: u64) -> bool {
+        false
+    }
+
+    /// Writes `buf` at `offset` only if that needs no waiting; false means
+    /// nothing was written and [`BlockNode::write_at`] must be used.
+    fn try_write_nowait(&self, _buf: &[u8], _offset: u64) -> bool {
+        false
+    }
+
     /// A hint that the range will be read soon (NBD_CMD_CACHE).
     fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
