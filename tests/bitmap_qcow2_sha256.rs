@@ -10,6 +10,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -24,7 +25,12 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
     let dir = temp_dir();
     let qmp = dir.path().join("qmp.sock");
     let pidfile = dir.path().join("qsd.pid");
-    run(tool("qemu-storage-daemon")
+    // Not under `timeout`: the daemon must outlive the parent that
+    // daemonizes, and nothing may signal its process group.
+    // Its output goes to a file: a daemon writing into a closed pipe
+    // would die of SIGPIPE.
+    let log = std::fs::File::create(dir.path().join("qsd.log")).expect("log");
+    let status = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!("driver=file,node-name=f,filename={}", s(img)))
         .arg("--blockdev")
@@ -35,7 +41,18 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
         .arg("chardev=m")
         .arg("--pidfile")
         .arg(&pidfile)
-        .arg("--daemonize"));
+        .arg("--daemonize")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .status()
+        .expect("start qemu-storage-daemon");
+    let qsd_log = || std::fs::read_to_string(dir.path().join("qsd.log")).unwrap_or_default();
+    assert!(
+        status.success(),
+        "qemu-storage-daemon failed: {}",
+        qsd_log()
+    );
     // --daemonize returns once the monitor socket listens.
     let stream = UnixStream::connect(&qmp).expect("connect to qsd monitor");
     stream
@@ -43,12 +60,16 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
         .expect("timeout");
     let mut writer = stream.try_clone().expect("clone");
     let mut reader = BufReader::new(stream);
+    // The greeting first: the monitor is up and talking to us.
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("qmp greeting");
+    assert!(greeting.contains("QMP"), "qsd greeting: {greeting:?}");
     let mut call = |cmd: Value| -> Value {
-        writeln!(writer, "{cmd}").expect("send");
+        writeln!(writer, "{cmd}").unwrap_or_else(|e| panic!("send: {e}: {}", qsd_log()));
         loop {
             let mut line = String::new();
             reader.read_line(&mut line).expect("qmp reply");
-            assert!(!line.is_empty(), "qsd closed the monitor");
+            assert!(!line.is_empty(), "qsd closed the monitor: {}", qsd_log());
             let v: Value = serde_json::from_str(&line).expect("qmp json");
             if v.get("return").is_some() || v.get("error").is_some() {
                 return v;
