@@ -43,6 +43,7 @@ impl Op {
     }
 }
 
+/// What `tidemark bitmap` was asked to do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BitmapArgs {
     pub ops: Vec<Op>,
@@ -110,6 +111,7 @@ pub fn parse_args(args: &[String]) -> Result<BitmapArgs, String> {
             "--disable" => a.ops.push(Op::Disable),
             "--merge" => a.ops.push(Op::Merge(value("--merge")?)),
             "--sha256" => a.sha256 = true,
+            "-h" | "--help" => return Err(USAGE.to_string()),
             "-g" | "--granularity" => a.granularity = Some(parse_size(&value(arg)?)?),
             "-f" => a.format = Some(parse_format(&value("-f")?)?),
             "-b" => a.source_file = Some(PathBuf::from(value("-b")?)),
@@ -125,6 +127,9 @@ pub fn parse_args(args: &[String]) -> Result<BitmapArgs, String> {
         .map_err(|_| format!("Expecting image file name and bitmap name\n{USAGE}"))?;
     a.image = PathBuf::from(image);
     a.name = name;
+    if a.sha256 && !a.ops.is_empty() {
+        return Err("--sha256 only reads; it cannot be combined with other operations".into());
+    }
     if a.ops.is_empty() && !a.sha256 {
         return Err(
             "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge".into(),
@@ -251,4 +256,41 @@ fn sha256(a: &BitmapArgs) -> Result<String, String> {
         .ok_or_else(|| not_found(&a.name))?;
     let g = lock(&b);
     Ok(format!("{}\n", g.sha256()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Result<BitmapArgs, String> {
+        parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn operations_keep_their_order_and_options_are_checked() {
+        let a = args(&[
+            "--disable",
+            "--merge",
+            "b1",
+            "-g",
+            "64k",
+            "--add",
+            "i.qcow2",
+            "b0",
+        ])
+        .expect("parse");
+        assert_eq!(a.ops, vec![Op::Disable, Op::Merge("b1".into()), Op::Add]);
+        assert_eq!(a.granularity, Some(65536));
+        assert_eq!(
+            args(&["i.qcow2", "b0"]).expect_err("no op"),
+            "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge"
+        );
+        assert_eq!(
+            args(&["-g", "4096", "--clear", "i", "b"]).expect_err("-g"),
+            "granularity only supported with --add"
+        );
+        assert!(args(&["--add", "i"]).is_err());
+        assert!(args(&["--sha256", "--add", "i", "b"]).is_err());
+        assert!(args(&["--add", "-f", "vmdk", "i", "b"]).is_err());
+    }
 }
