@@ -204,8 +204,9 @@ pub fn store(
     };
     let old = std::mem::replace(stored, Stored { ext, bitmaps: new });
     free_old(f, meta, &old, &kept)?;
-    meta.write_back(f)?;
-    f.sync()
+    // No sync of its own: losing these refcount drops in a crash only
+    // leaks the old clusters, and the caller's flush makes them stable.
+    meta.write_back(f)
 }
 
 /// Writes one bitmap's data clusters (all-zero clusters become 0 entries,
