@@ -83,25 +83,28 @@ stop_server() { # sets STOP_SECS: from SIGTERM to exit (not in a subshell,
 
 min() { printf '%s\n' "$@" | sort -g | head -1; }
 
-declare -A T
-for kind in qemu-nbd tidemark; do
-    maps=() loads_ro=() loads_rw=() stores=()
-    for ((r = 0; r < REPS; r++)); do
+# Runs alternate between the servers, so load from other work on the
+# machine affects both alike.
+declare -A L T
+for ((r = 0; r < REPS; r++)); do
+    for kind in qemu-nbd tidemark; do
         echo "$kind run $((r + 1))/$REPS..." >&2
         t0=$(now); start_server "$kind" ro; wait_ready; t1=$(now)
-        loads_ro+=("$(elapsed "$t0" "$t1")")
+        L[$kind,load_ro]+=" $(elapsed "$t0" "$t1")"
         t0=$(now); nbdinfo --map=qemu:dirty-bitmap:b0 "$URI" > "$WORK/map.$kind"; t1=$(now)
-        maps+=("$(elapsed "$t0" "$t1")")
+        L[$kind,map]+=" $(elapsed "$t0" "$t1")"
         stop_server
         t0=$(now); start_server "$kind" rw; wait_ready; t1=$(now)
-        loads_rw+=("$(elapsed "$t0" "$t1")")
+        L[$kind,load_rw]+=" $(elapsed "$t0" "$t1")"
         stop_server
-        stores+=("$STOP_SECS")
+        L[$kind,store]+=" $STOP_SECS"
     done
-    T[$kind,map]=$(min "${maps[@]}")
-    T[$kind,load_ro]=$(min "${loads_ro[@]}")
-    T[$kind,load_rw]=$(min "${loads_rw[@]}")
-    T[$kind,store]=$(min "${stores[@]}")
+done
+for kind in qemu-nbd tidemark; do
+    for row in map load_ro load_rw store; do
+        # shellcheck disable=SC2086 # the list is meant to split
+        T[$kind,$row]=$(min ${L[$kind,$row]})
+    done
 done
 
 if ! cmp -s "$WORK/map.qemu-nbd" "$WORK/map.tidemark"; then

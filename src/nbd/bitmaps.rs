@@ -36,6 +36,10 @@ impl MetaContext for ExportedBitmap {
         self.ctx.name()
     }
 
+    fn in_memory(&self) -> bool {
+        true
+    }
+
     fn extents(
         &self,
         offset: u64,

@@ -24,6 +24,12 @@ pub trait MetaContext: Send + Sync {
     /// The full name, `namespace:leaf`.
     fn name(&self) -> &str;
 
+    /// True when `extents` only reads memory (no I/O), so a request may be
+    /// answered without the blocking pool.
+    fn in_memory(&self) -> bool {
+        false
+    }
+
     /// Appends descriptors for `[offset, offset + len)`, consecutive from
     /// `offset`, each nonzero, never past the range, with equal neighbours
     /// merged; stops after `max` descriptors. Adds at least one when
@@ -156,6 +162,10 @@ impl DirtyBitmapContext {
 impl MetaContext for DirtyBitmapContext {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn in_memory(&self) -> bool {
+        true
     }
 
     fn extents(

@@ -128,6 +128,18 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
             .node
             .try_write_nowait(data, to.offset)
             .then(|| to.ok()),
+        // Contexts answered from memory (dirty bitmaps) never wait: a
+        // trip through the pool would cost more than the scan.
+        Command::BlockStatus { len, req_one, ids }
+            if ids.iter().all(|&id| {
+                export
+                    .contexts
+                    .get(id as usize)
+                    .is_some_and(|c| c.in_memory())
+            }) =>
+        {
+            Some(block_status(export, *to, *len, *req_one, ids))
+        }
         _ => None,
     }
 }
