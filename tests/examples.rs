@@ -8,7 +8,9 @@ use std::path::Path;
 use common::{run, tool, TIDEMARK};
 
 fn example(name: &str) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
     run(tool("bash").arg(&script).env("TIDEMARK", TIDEMARK))
 }
 
