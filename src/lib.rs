@@ -4,4 +4,6 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod daemon;
 pub mod nbd;
+pub mod qmp;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod file;
 pub mod node;
 pub mod open;
+pub mod raw;
 
 pub use error::{BlockError, BlockResult, ErrorKind};
 
