@@ -258,3 +258,31 @@ async fn next_event(rx: &mut Option<broadcast::Receiver<Event>>) -> Option<Event
         }
     }
 }
+
+/// Serves the monitors until `quit` or `signal`, then shuts down as qsd
+/// does: exports and the NBD server go, every node stores its persistent
+/// bitmaps, and the monitor sockets are removed.
+pub async fn serve_until_quit(
+    daemon: Arc<Daemon>,
+    monitors: Vec<QmpListener>,
+    signal: impl std::future::Future<Output = ()>,
+) {
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for m in monitors {
+        tasks.spawn(m.run(daemon.clone(), stop_rx.clone()));
+    }
+    let mut quit = daemon.quit_requested();
+    tokio::select! {
+        _ = signal => info!("shutting down on signal"),
+        _ = quit.wait_for(|q| *q) => info!("shutting down on quit"),
+    }
+    let _ = stop.send(true);
+    // No NBD server running is the normal case here, not an error.
+    let _ = daemon.stop_nbd().await;
+    let d = daemon.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || d.close_all()).await {
+        warn!(error = %e, "closing the nodes failed");
+    }
+    while tasks.join_next().await.is_some() {}
+}
