@@ -64,8 +64,10 @@ impl BlockNode for RawFormat {
         self.child.block_status(offset, len)
     }
 
-    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
-        self.child.allocation_depth(offset, len)
+    /// A raw image has no backing layer: every byte belongs to it (depth
+    /// 1), holes in the host file included, as qemu reports for raw.
+    fn allocation_depth(&self, _offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        Ok(DepthExtent { len, depth: 1 })
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {

@@ -204,15 +204,16 @@ impl Connection {
     async fn dispatch(&mut self, r: &Request) -> Result<Value, QmpError> {
         let negotiated = self.events.is_some();
         if r.name == "qmp_capabilities" {
+            // qemu checks the arguments before it looks at the state.
+            let cmd = schema()
+                .command("qmp_capabilities")
+                .ok_or_else(|| QmpError::generic("qmp_capabilities is missing from the schema"))?;
+            schema().check_args(cmd, &r.args)?;
             if negotiated {
                 return Err(QmpError::command_not_found(
                     "Capabilities negotiation is already complete, command ignored",
                 ));
             }
-            let cmd = schema()
-                .command("qmp_capabilities")
-                .ok_or_else(|| QmpError::generic("qmp_capabilities is missing from the schema"))?;
-            schema().check_args(cmd, &r.args)?;
             self.oob = r
                 .args
                 .get("enable")

@@ -305,10 +305,12 @@ impl Action for Merge {
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let (node, target) = lookup(d, &self.args.node, &self.args.target)?;
-        // Sources are OR-ed into a scratch bitmap first (their checks come
-        // first, as in qemu), then the scratch into the target in one step.
+        // The target's checks come first, then each source's as it is
+        // OR-ed into a scratch bitmap; the scratch goes into the target in
+        // one step (qemu's order, checked against qemu-storage-daemon).
         let mut scratch = {
             let g = lock(&target);
+            g.check(Checks::DEFAULT)?;
             DirtyBitmap::anonymous(g.size(), g.granularity())?
         };
         for s in &self.args.bitmaps {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::bitmap::Source;
+use super::bitmap::{self, Source};
 use crate::bitmap::set::{lock, SharedBitmap};
 use crate::bitmap::Checks;
 use crate::block::BlockNode;
@@ -172,14 +172,7 @@ fn claim_bitmaps(
                 .bitmaps()
                 .get(name)
                 .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
-            Source::External(r) => {
-                let n = d
-                    .find_node(&r.node)
-                    .ok_or_else(|| QmpError::generic(format!("Node '{}' not found", r.node)))?;
-                n.bitmaps()
-                    .get(&r.name)
-                    .ok_or_else(|| QmpError::generic(format!("Bitmap '{}' is not found", r.name)))?
-            }
+            Source::External(r) => bitmap::lookup(d, &r.node, &r.name)?.1,
         };
         {
             let g = lock(&b);
