@@ -11,7 +11,7 @@
 //! and scanning resumes after them: a client's garbage costs that client
 //! one error reply, nothing more.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// qemu's json-streamer limits.
@@ -190,14 +190,31 @@ fn is_scalar_byte(b: u8) -> bool {
 
 /// Parses a frame's text: a JSON value, or qemu's parse-error text.
 pub fn parse(text: &[u8]) -> Result<Value, String> {
-    serde_json::from_slice(text).map_err(|e| {
-        use serde_json::error::Category;
-        let what = match e.classify() {
-            Category::Eof => "premature EOF",
-            _ => "expecting value",
-        };
-        format!("JSON parse error, {what}")
-    })
+    // serde_json stops at 128 levels; qemu allows 1024, and the framer
+    // has already refused anything deeper, so the stack stays bounded.
+    let mut de = serde_json::Deserializer::from_slice(text);
+    de.disable_recursion_limit();
+    let parsed = Value::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    parsed.map_err(|e| format!("JSON parse error, {}", qemu_parse_error(&e)))
+}
+
+/// qemu's parser texts for the mistakes serde_json finds in a value whose
+/// brackets balance (the framer has handled everything else).
+fn qemu_parse_error(e: &serde_json::Error) -> &'static str {
+    let msg = e.to_string();
+    if msg.starts_with("expected `:`") {
+        "missing : in object pair"
+    } else if msg.starts_with("key must be a string") {
+        "key is not a string in object"
+    } else if msg.starts_with("expected `,` or `}`") {
+        "expected separator in dict"
+    } else if msg.starts_with("expected `,` or `]`") {
+        "expected separator in list"
+    } else if e.classify() == serde_json::error::Category::Eof {
+        "premature EOF"
+    } else {
+        "expecting value"
+    }
 }
 
 /// qemu's output spacing: `{"a": 1, "b": [1, 2]}`.

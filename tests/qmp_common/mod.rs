@@ -215,6 +215,11 @@ impl Qmp {
         q
     }
 
+    /// Another handle on the socket, to write from another thread.
+    pub fn writer(&self) -> UnixStream {
+        self.writer.try_clone().expect("clone socket")
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).expect("send");
     }
