@@ -5,5 +5,6 @@
 pub mod bitmap;
 pub mod block;
 pub mod daemon;
+pub mod daemonize;
 pub mod nbd;
 pub mod qmp;

@@ -215,6 +215,11 @@ fn bind_monitors(paths: &[PathBuf]) -> Result<Vec<QmpListener>> {
 /// `tidemark daemon`: qemu-storage-daemon's command line.
 fn daemon(args: DaemonArgs) -> Result<()> {
     let opts = cmdline::parse_args(&args.args).map_err(anyhow::Error::msg)?;
+    let ready = if opts.contains(&Opt::Daemonize) {
+        tidemark::daemonize::daemonize().context("Could not daemonize")?
+    } else {
+        tidemark::daemonize::Ready::none()
+    };
     let rt = runtime()?;
     rt.block_on(async move {
         let d = Daemon::new();
@@ -225,7 +230,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
         for o in &opts {
             match o {
                 Opt::Monitor(p) => monitors.push(QmpListener::bind(p)?),
-                Opt::Pidfile(_) | Opt::Blockdev(_) | Opt::NbdServer(_) | Opt::Export(_) => {}
+                _ => {}
             }
         }
         // Written last, as qsd does: scripts take the pidfile to mean ready.
@@ -235,6 +240,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
                     .with_context(|| format!("Could not write pidfile '{}'", p.display()))?;
             }
         }
+        ready.done();
         serve_until_quit(d, monitors, wait_for_signal()).await;
         for o in &opts {
             if let Opt::Pidfile(p) = o {

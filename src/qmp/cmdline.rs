@@ -27,6 +27,8 @@ pub enum Opt {
     /// A monitor on a unix socket (`--chardev` plus `--monitor`).
     Monitor(PathBuf),
     Pidfile(PathBuf),
+    /// Fork; the parent exits once the daemon is ready.
+    Daemonize,
 }
 
 /// Parses the arguments after `tidemark daemon`.
@@ -85,6 +87,7 @@ pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
                 opts.push(Opt::Monitor(path.clone()));
             }
             "pidfile" => opts.push(Opt::Pidfile(PathBuf::from(value()?))),
+            "daemonize" => opts.push(Opt::Daemonize),
             _ => return Err(format!("unrecognized option '{arg}'")),
         }
     }
@@ -215,7 +218,7 @@ pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
             Opt::Export(v) => {
                 commands::execute(d, "block-export-add", as_map(v)).await?;
             }
-            Opt::Monitor(_) | Opt::Pidfile(_) => {}
+            Opt::Monitor(_) | Opt::Pidfile(_) | Opt::Daemonize => {}
         }
     }
     Ok(())
