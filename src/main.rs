@@ -228,9 +228,8 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             .map_err(anyhow::Error::msg)?;
         let mut monitors = Vec::new();
         for o in &opts {
-            match o {
-                Opt::Monitor(p) => monitors.push(QmpListener::bind(p)?),
-                _ => {}
+            if let Opt::Monitor(p) = o {
+                monitors.push(QmpListener::bind(p)?);
             }
         }
         // Written last, as qsd does: scripts take the pidfile to mean ready.
