@@ -139,4 +139,5 @@ scenarios!(
     exports,
     legacy_exports,
     argument_types,
+    events,
 );

@@ -35,12 +35,13 @@ pub fn schema() -> &'static Schema {
     SCHEMA.get_or_init(|| Schema::parse(SCHEMA_TEXT).unwrap_or_else(|e| panic!("{e}")))
 }
 
-const BUILTINS: [(&str, &str); 6] = [
+const BUILTINS: [(&str, &str); 7] = [
     ("str", "string"),
     ("bool", "boolean"),
     ("int", "int"),
     ("uint32", "int"),
     ("uint64", "int"),
+    ("null", "null"),
     ("any", "value"),
 ];
 
@@ -239,6 +240,10 @@ impl Schema {
                 Ok(())
             }
             "any" => Ok(()),
+            "null" => v
+                .is_null()
+                .then_some(())
+                .ok_or_else(|| invalid_type(path, "null")),
             _ => {
                 let Some(def) = self.types.get(name) else {
                     return Ok(());
@@ -274,6 +279,7 @@ impl Schema {
                 Some("str") => v.is_string(),
                 Some("bool") => v.is_boolean(),
                 Some("int" | "uint32" | "uint64") => v.is_number(),
+                Some("null") => v.is_null(),
                 Some(_) => v.is_object(),
                 None => false,
             };
