@@ -72,10 +72,8 @@ fn compare(ours: &Schema, qsd: &Schema, a: &str, b: &str, path: &str, errs: &mut
         return;
     }
     match ma {
-        Some("builtin") => {
-            if ta["json-type"] != tb["json-type"] {
-                errs.push(format!("{path}: {a} here, {b} in qsd"));
-            }
+        Some("builtin") if ta["json-type"] != tb["json-type"] => {
+            errs.push(format!("{path}: {a} here, {b} in qsd"));
         }
         Some("enum") => {
             let vb: Vec<&Value> = tb["values"].as_array().into_iter().flatten().collect();
