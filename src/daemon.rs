@@ -385,6 +385,9 @@ impl Daemon {
         }
         let rec = st.exports.remove(i);
         drop(st);
+        if hard {
+            rec.export.close();
+        }
         self.drop_export(rec);
         Ok(())
     }

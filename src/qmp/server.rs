@@ -152,6 +152,13 @@ impl Connection {
         if let Some(id) = id {
             reply["id"] = id;
         }
+        // Events the command itself caused go out before its reply, as
+        // qemu emits them synchronously.
+        if let Some(rx) = self.events.as_mut() {
+            while let Ok(ev) = rx.try_recv() {
+                self.stream.write_all(&to_line(&ev.to_json())).await?;
+            }
+        }
         self.stream.write_all(&to_line(&reply)).await?;
         if quit {
             // Only now: the client has its reply before the daemon goes.
