@@ -31,5 +31,9 @@ for cmd in sys.argv[2:]:
     f.write(cmd.encode() + b"\n")
     print(json.dumps(reply(), sort_keys=True))
     if json.loads(cmd).get("execute") == "quit":
-        while f.readline():
+        # EOF, or a reset when the daemon exits with our bytes unread.
+        try:
+            while f.readline():
+                pass
+        except ConnectionResetError:
             pass
