@@ -178,7 +178,6 @@ fn serve(args: ServeArgs) -> Result<()> {
             })
             .map_err(anyhow::Error::msg)?;
     }
-    let monitors = bind_monitors(&args.qmp)?;
     let mut addrs = Vec::new();
     if let Some(l) = args.listen {
         addrs.push(Address::Tcp(l));
@@ -190,6 +189,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
+        // Listeners register with the runtime, so they are bound inside it.
+        let monitors = bind_monitors(&args.qmp)?;
         let server = NbdServer::bind(&addrs, exports, args.max_connections).await?;
         info!(image = %image.display(), addrs = ?addrs, "serving");
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -103,18 +103,7 @@ impl Instance {
             qmp_path,
             log,
         };
-        let deadline = Instant::now() + START_DEADLINE;
-        while !pidfile.exists() {
-            if let Some(st) = inst.child.try_wait().expect("try_wait") {
-                panic!("{kind:?} exited ({st}) at start:\n{}", inst.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{kind:?} not ready in time:\n{}",
-                inst.log()
-            );
-            watch.wait(Duration::from_millis(200));
-        }
+        wait_for_path(&watch, &pidfile, &mut inst.child, &inst.log);
         inst
     }
 
@@ -154,17 +143,7 @@ impl Instance {
 
     /// Waits for the process to exit on its own (after `quit`).
     pub fn wait_exit(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let pidfd = PidFd::open(self.child.id());
-        loop {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            pidfd.wait(Duration::from_millis(200));
-        }
+        wait_child(&mut self.child, limit)
     }
 
     /// NBD URI of an export on the instance's NBD socket.
@@ -188,6 +167,23 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (on a pidfd, with a deadline) for `child` to exit on its own.
+pub fn wait_child(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let pidfd = PidFd::open(child.id());
+    loop {
+        if child.try_wait().ok().flatten().is_some() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        pidfd.wait(Duration::from_millis(200));
     }
 }
 
@@ -355,14 +351,28 @@ pub fn raw_image(path: &Path, size: u64) {
     f.set_len(size).expect("size image");
 }
 
+/// Waits until `path` exists (it appears in the directory `watch` watches),
+/// panicking with the log if `child` exits first or the deadline passes.
+pub fn wait_for_path(watch: &DirWatch, path: &Path, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + START_DEADLINE;
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    while !path.exists() {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            panic!("exited ({st}) at start:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "not ready in time:\n{}", log());
+        watch.wait(Duration::from_millis(200));
+    }
+}
+
 /// Waits for changes in a directory (inotify), so readiness is a kernel
 /// event with a deadline rather than a guessed sleep.
-struct DirWatch {
+pub struct DirWatch {
     fd: i32,
 }
 
 impl DirWatch {
-    fn new(dir: &Path) -> DirWatch {
+    pub fn new(dir: &Path) -> DirWatch {
         // SAFETY: plain syscalls on an fd we own; the path is NUL-terminated.
         unsafe {
             let fd = libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK);
@@ -377,7 +387,7 @@ impl DirWatch {
         }
     }
 
-    fn wait(&self, limit: Duration) {
+    pub fn wait(&self, limit: Duration) {
         poll_fd(self.fd, limit);
         let mut buf = [0u8; 4096];
         // SAFETY: reading into a buffer we own; non-blocking fd.
