@@ -41,6 +41,10 @@ pub struct BlockDev {
     /// Created by the user (blockdev-add, --blockdev) rather than implicitly
     /// as a nested child: only those may be deleted with blockdev-del.
     pub monitor_owned: bool,
+    /// For a `file` node that holds its host file open (and locked): the
+    /// file's (device, inode), so another node of this daemon on the same
+    /// file shares the open file instead of fighting over its locks.
+    pub file_id: Option<(u64, u64)>,
 }
 
 /// One block export, as query-block-exports lists it.
@@ -213,6 +217,39 @@ impl Daemon {
         }
         st.nodes.push(dev);
         Ok(())
+    }
+
+    /// The open host file a `file` node already holds for `id`, and
+    /// whether that node is read-only.
+    pub fn open_file(&self, id: (u64, u64)) -> Option<(Arc<dyn BlockNode>, bool)> {
+        let st = self.state();
+        st.nodes
+            .iter()
+            .find(|n| n.file_id == Some(id))
+            .map(|n| (n.node.driver().clone(), n.node.read_only()))
+    }
+
+    /// Replaces node `name`'s implementation (a `file` node whose image a
+    /// format driver opens itself) and returns the old one, which nothing
+    /// else may be using: its host file is about to be reopened.
+    pub fn replace_node(&self, name: &str, node: Arc<Node>) -> QmpResult<Arc<Node>> {
+        let mut st = self.state();
+        let dev = st
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                ))
+            })?;
+        if Arc::strong_count(&dev.node) > 1 || !dev.node.bitmaps().all().is_empty() {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is in use and cannot become the file of a qcow2 node"
+            )));
+        }
+        dev.file_id = None;
+        Ok(std::mem::replace(&mut dev.node, node))
     }
 
     /// The `file` child's node-name, filename and node, for a format node

@@ -175,6 +175,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 file_child: None,
                 node: node.clone(),
                 monitor_owned: false,
+                file_id: None,
             })
             .map_err(anyhow::Error::msg)?;
     }
@@ -192,7 +193,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         // Listeners register with the runtime, so they are bound inside it.
         let monitors = bind_monitors(&args.qmp)?;
         let server = NbdServer::bind(&addrs, exports, args.max_connections).await?;
-        info!(image = %image.display(), addrs = ?addrs, "serving");
+        info!(image = %image.display(), "serving");
+        for a in server.tcp_addrs() {
+            // The bound address, so `--listen HOST:0` users learn the port.
+            info!("listening on tcp {a}");
+        }
+        if let Some(p) = addrs.iter().find_map(|a| match a {
+            Address::Unix(p) => Some(p),
+            Address::Tcp(_) => None,
+        }) {
+            info!("listening on unix {}", p.display());
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             // Without monitors this waits for a signal only.

@@ -58,6 +58,9 @@ fn transcript(kind: Impl, sc: &Value) -> Vec<(usize, Value)> {
             .expect("step stays JSON");
         let step = &step;
         let c = step["client"].as_u64().unwrap_or(0);
+        if std::env::var_os("QMP_TRACE").is_some() {
+            eprintln!("{kind:?} step {i}: {step}");
+        }
         let mut record = |v: Value| out.push((i, normalise(&v, &dir)));
         if let Some(k) = step["connect"].as_u64() {
             let q = Qmp::connect(&inst.monitor(k as usize));

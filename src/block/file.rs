@@ -7,9 +7,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
-use rustix::io::Errno;
+use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{BlockError, BlockNode, BlockResult, ErrorKind, Extent, ZeroFlags};
+use super::lock::{ImageLock, LockMode};
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 use super::{STATE_HOLE, STATE_ZERO};
 
 /// Largest zero buffer written at once when the filesystem cannot zero a
@@ -20,8 +22,16 @@ pub struct FileNode {
     file: File,
     path: PathBuf,
     read_only: bool,
+    /// The image size: the file's length rounded up to 512 bytes, as qemu
+    /// sees raw files; the tail past EOF reads as zeroes.
     size: u64,
+    /// RWF_NOWAIT turned out not to work here for reads / for writes
+    /// (ext4 takes it for buffered reads only); don't ask again.
+    nowait_read_unsupported: AtomicBool,
+    nowait_write_unsupported: AtomicBool,
 }
+
+const SECTOR: u64 = 512;
 
 impl FileNode {
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Self> {
@@ -30,15 +40,25 @@ impl FileNode {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        let mode = if read_only {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        };
+        // qemu-compatible image locks; they live as long as `file`.
+        ImageLock::acquire(&file, path, mode)?;
         let size = file
             .metadata()
             .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?
-            .len();
+            .len()
+            .next_multiple_of(SECTOR);
         Ok(FileNode {
             file,
             path: path.to_owned(),
             read_only,
             size,
+            nowait_read_unsupported: AtomicBool::new(false),
+            nowait_write_unsupported: AtomicBool::new(false),
         })
     }
 
@@ -96,6 +116,19 @@ impl FileNode {
     }
 }
 
+/// Whether a RWF_NOWAIT transfer did the whole job; remembers in
+/// `unsupported` when the kernel or filesystem does not take the flag.
+fn nowait_done(r: Result<usize, Errno>, len: usize, unsupported: &AtomicBool) -> bool {
+    match r {
+        Ok(n) => n == len,
+        Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => {
+            unsupported.store(true, Ordering::Relaxed);
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 fn errno_io(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.raw_os_error())
 }
@@ -110,9 +143,21 @@ impl BlockNode for FileNode {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| self.err("Could not read", offset, e))
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                // Past EOF (the sector padding, or a file truncated under
+                // us) reads as zeroes, as in qemu.
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("Could not read", offset, e)),
+            }
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
@@ -196,6 +241,47 @@ impl BlockNode for FileNode {
         }
     }
 
+    /// qemu counts every byte of a raw image as allocated in its layer,
+    /// holes included: depth 1 everywhere (as `qemu-nbd -A` reports).
+    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        if offset >= self.size || len == 0 {
+            return Err(BlockError::invalid(
+                "allocation depth past the end of the image",
+            ));
+        }
+        Ok(DepthExtent {
+            len: len.min(self.size - offset),
+            depth: 1,
+        })
+    }
+
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let len = buf.len();
+        let unsupported = &self.nowait_read_unsupported;
+        if unsupported.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut iov = [IoSliceMut::new(buf)];
+        let r = preadv2(&self.file, &mut iov, offset, ReadWriteFlags::NOWAIT);
+        nowait_done(r, len, unsupported)
+    }
+
+    fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
+        let unsupported = &self.nowait_write_unsupported;
+        if self.read_only || unsupported.load(Ordering::Relaxed) {
+            return false;
+        }
+        let r = pwritev2(
+            &self.file,
+            &[IoSlice::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        );
+        // A short write leaves the rest for write_at, which rewrites the
+        // whole buffer: the same bytes, so harmless.
+        nowait_done(r, buf.len(), unsupported)
+    }
+
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         // Best effort: a failed readahead hint is not an error for the client.
         let _ = fadvise(
@@ -219,6 +305,24 @@ impl BlockNode for FileNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_nowait_write_leaves_nowait_reads_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).expect("write");
+        let node = FileNode::open(&path, false).expect("open");
+        node.write_at(&[5u8; 4096], 0, false).expect("write");
+        // ext4 refuses buffered RWF_NOWAIT writes; others may take them.
+        let wrote = node.try_write_nowait(&[6u8; 4096], 4096);
+        let mut buf = vec![0u8; 8192];
+        assert!(
+            node.try_read_nowait(&mut buf, 0),
+            "cached data reads without waiting"
+        );
+        assert_eq!(buf[..4096], [5u8; 4096]);
+        assert_eq!(buf[4096], if wrote { 6 } else { 7 });
+    }
 
     #[test]
     fn holes_and_data_are_reported_in_runs() {

@@ -8,10 +8,13 @@
 //! Formats (raw, qcow2) and filters (copy-before-write) all implement the same
 //! trait, so a protocol server never knows which one it is talking to.
 
+pub mod chain;
 pub mod error;
 pub mod file;
+pub mod lock;
 pub mod node;
 pub mod open;
+pub mod qcow2;
 pub mod raw;
 
 pub use error::{BlockError, BlockResult, ErrorKind};
@@ -86,6 +89,19 @@ pub trait BlockNode: Send + Sync + 'static {
         let e = self.block_status(offset, len)?;
         let depth = if e.flags & STATE_HOLE != 0 { 0 } else { 1 };
         Ok(DepthExtent { len: e.len, depth })
+    }
+
+    /// Fills `buf` from `offset` only if that needs no waiting (the data is
+    /// in the page cache). False means "not done": use [`BlockNode::read_at`]
+    /// on the blocking pool. Lets async callers skip a thread hand-off.
+    fn try_read_nowait(&self, _buf: &mut [u8], _offset: u64) -> bool {
+        false
+    }
+
+    /// Writes `buf` at `offset` only if that needs no waiting; false means
+    /// nothing was written and [`BlockNode::write_at`] must be used.
+    fn try_write_nowait(&self, _buf: &[u8], _offset: u64) -> bool {
+        false
     }
 
     /// A hint that the range will be read soon (NBD_CMD_CACHE).

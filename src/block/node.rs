@@ -79,6 +79,17 @@ impl BlockNode for Node {
         self.driver.write_at(buf, offset, fua)
     }
 
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        self.driver.try_read_nowait(buf, offset)
+    }
+
+    fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
+        // Marking first keeps the rule; if the fast path declines, the
+        // slow path marks the same range again, which changes nothing.
+        self.bitmaps.mark(offset, buf.len() as u64);
+        self.driver.try_write_nowait(buf, offset)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.bitmaps.mark(offset, len);
         self.driver.write_zeroes(offset, len, flags)

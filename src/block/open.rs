@@ -5,7 +5,6 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::file::FileNode;
 use super::{BlockError, BlockNode, BlockResult};
 
 /// Image formats tidemark understands.
@@ -52,11 +51,5 @@ pub fn open_image(
         Some(f) => f,
         None => probe(path)?,
     };
-    match format {
-        Format::Raw => Ok(Arc::new(FileNode::open(path, read_only)?)),
-        Format::Qcow2 => Err(BlockError::not_supported(format!(
-            "'{}': the qcow2 format is not supported yet",
-            path.display()
-        ))),
-    }
+    super::chain::open_chain(path, Some(format), read_only)
 }

@@ -71,7 +71,8 @@ struct OptReply {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
-    pub async fn handshake(stream: S, opts: &ConnectOptions) -> Result<Self> {
+    /// Reads the greeting and answers it: the start of every session.
+    async fn greet(stream: S) -> Result<Self> {
         let mut io = BufReader::new(stream);
         if io.read_u64().await? != NBDMAGIC || io.read_u64().await? != IHAVEOPT {
             return protocol("not a fixed-newstyle NBD server");
@@ -82,14 +83,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         }
         let cflags = FLAG_C_FIXED_NEWSTYLE | (sflags & FLAG_NO_ZEROES) as u32;
         io.get_mut().write_u32(cflags).await?;
-        let mut c = NbdClient {
+        Ok(NbdClient {
             io,
             mode: Mode::Simple,
             size: 0,
             flags: 0,
             contexts: Vec::new(),
             cookie: 0,
-        };
+        })
+    }
+
+    pub async fn handshake(stream: S, opts: &ConnectOptions) -> Result<Self> {
+        let mut c = Self::greet(stream).await?;
         if opts.extended_headers && c.simple_option(OPT_EXTENDED_HEADERS).await? {
             c.mode = Mode::Extended;
         }
@@ -446,22 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
 pub async fn list_exports<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
 ) -> Result<Vec<(String, String)>> {
-    let mut io = BufReader::new(stream);
-    if io.read_u64().await? != NBDMAGIC || io.read_u64().await? != IHAVEOPT {
-        return protocol("not a fixed-newstyle NBD server");
-    }
-    let sflags = io.read_u16().await?;
-    io.get_mut()
-        .write_u32(FLAG_C_FIXED_NEWSTYLE | (sflags & FLAG_NO_ZEROES) as u32)
-        .await?;
-    let mut c = NbdClient {
-        io,
-        mode: Mode::Simple,
-        size: 0,
-        flags: 0,
-        contexts: Vec::new(),
-        cookie: 0,
-    };
+    let mut c = NbdClient::greet(stream).await?;
     c.send_option(OPT_LIST, &[]).await?;
     let mut out = Vec::new();
     loop {

@@ -88,48 +88,70 @@ pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Vec<u8> {
     }
 }
 
+/// Largest request carried out on the reader's own thread when the node can
+/// do it without waiting: beyond this the copy itself is worth a pool thread.
+pub const INLINE_MAX: u64 = 256 << 10;
+
+/// A reply carrying `len` bytes of read data as one piece (a simple reply,
+/// or one final OFFSET_DATA chunk), zero-filled, with where the data starts.
+fn data_reply(to: &ReplyTo, len: u64) -> (Vec<u8>, usize) {
+    let len = len as usize;
+    let mut out;
+    if to.mode == Mode::Simple {
+        out = Vec::with_capacity(SIMPLE_REPLY_LEN + len);
+        simple_reply(&mut out, 0, to.cookie);
+    } else {
+        out = Vec::with_capacity(chunk_header_len(to.mode) + 8 + len);
+        to.chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + len);
+        put64(&mut out, to.offset);
+    }
+    let at = out.len();
+    out.resize(at + len, 0);
+    (out, at)
+}
+
+/// Carries out `cmd` at once if the node can do it without waiting (data
+/// in the page cache); `None` means it must go to the blocking pool.
+pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8>> {
+    match cmd {
+        Command::Read { len, df } if *len > 0 && *len <= INLINE_MAX => {
+            if !*df && to.mode != Mode::Simple && *len >= SPARSE_READ_MIN {
+                return None;
+            }
+            let (mut out, at) = data_reply(to, *len);
+            export
+                .node
+                .try_read_nowait(&mut out[at..], to.offset)
+                .then_some(out)
+        }
+        Command::Write { data, fua: false } if data.len() as u64 <= INLINE_MAX => export
+            .node
+            .try_write_nowait(data, to.offset)
+            .then(|| to.ok()),
+        _ => None,
+    }
+}
+
 fn read(export: &Export, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
     let node = &export.node;
-    if to.mode == Mode::Simple {
-        let mut out = Vec::with_capacity(SIMPLE_REPLY_LEN + len as usize);
-        simple_reply(&mut out, 0, to.cookie);
-        out.resize(SIMPLE_REPLY_LEN + len as usize, 0);
-        return match node.read_at(&mut out[SIMPLE_REPLY_LEN..], to.offset) {
+    if len == 0 && to.mode != Mode::Simple {
+        return to.ok();
+    }
+    let sparse = to.mode != Mode::Simple && !df && len >= SPARSE_READ_MIN;
+    let runs = if sparse {
+        zero_runs(export, to.offset, len)
+    } else {
+        None
+    };
+    let Some(runs) = runs else {
+        let (mut out, at) = data_reply(&to, len);
+        return match node.read_at(&mut out[at..], to.offset) {
             Ok(()) => out,
             Err(e) => fail(&to, e),
         };
-    }
-    if len == 0 {
-        return to.ok();
-    }
-    // Where holes are worth finding, ask the node; otherwise one data run.
-    let mut runs = Vec::new();
-    if !df && len >= SPARSE_READ_MIN {
-        let mut pos = to.offset;
-        let end = to.offset + len;
-        while pos < end {
-            match node.block_status(pos, end - pos) {
-                Ok(e) => {
-                    let n = e.len.clamp(1, end - pos);
-                    let zero = e.flags & STATE_ZERO != 0;
-                    match runs.last_mut() {
-                        Some((_, l, z)) if *z == zero => *l += n,
-                        _ => runs.push((pos, n, zero)),
-                    }
-                    pos += n;
-                }
-                // Status is an optimisation: fall back to reading it all.
-                Err(_) => {
-                    runs = vec![(to.offset, len, false)];
-                    break;
-                }
-            }
-        }
-    } else {
-        runs.push((to.offset, len, false));
-    }
-    let hdr = chunk_header_len(to.mode);
+    };
     let data_bytes: u64 = runs.iter().filter(|r| !r.2).map(|r| r.1).sum();
+    let hdr = chunk_header_len(to.mode);
     let mut out = Vec::with_capacity(runs.len() * (hdr + 12) + data_bytes as usize);
     let last = runs.len() - 1;
     for (i, &(pos, n, zero)) in runs.iter().enumerate() {
@@ -149,6 +171,27 @@ fn read(export: &Export, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The range as (offset, length, reads-as-zero) runs, or `None` when it is
+/// all data (or the node cannot say): then one data chunk is best.
+fn zero_runs(export: &Export, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        // Status is an optimisation: on error, just read it all.
+        let e = export.node.block_status(pos, end - pos).ok()?;
+        let n = e.len.clamp(1, end - pos);
+        let zero = e.flags & STATE_ZERO != 0;
+        match runs.last_mut() {
+            Some((_, l, z)) if *z == zero => *l += n,
+            _ => runs.push((pos, n, zero)),
+        }
+        pos += n;
+    }
+    let all_data = runs.len() == 1 && !runs[0].2;
+    (!all_data).then_some(runs)
 }
 
 fn block_status(export: &Export, to: ReplyTo, len: u64, req_one: bool, ids: &[u32]) -> Vec<u8> {

@@ -259,7 +259,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
             d.extend_from_slice(export.name.as_bytes());
             self.reply(opt, REP_INFO, &d).await?;
         }
-        if let (true, Some(desc)) = (reqs.contains(&INFO_DESCRIPTION), &export.description) {
+        // qemu sends the description whenever there is one, asked or not.
+        if let Some(desc) = &export.description {
             let mut d = Vec::new();
             put16(&mut d, INFO_DESCRIPTION);
             d.extend_from_slice(desc.as_bytes());
@@ -328,7 +329,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
             // SET replaces the selection, even when it fails.
             self.selection = None;
         }
-        if self.mode < Mode::Structured {
+        // Only selecting needs structured replies; listing is harmless (qemu).
+        if set && self.mode < Mode::Structured {
             let msg = format!(
                 "request option '{}' when structured reply is not negotiated",
                 opt_name(opt)

@@ -71,9 +71,15 @@ pub fn validate(
     if !matches!(req.kind, CMD_FLUSH | CMD_DISC) {
         let size = export.size();
         if req.offset > size || effect_len > size - req.offset {
-            // qemu 10 answers EINVAL for every command, writes included.
+            // The spec's errors: a write past the end is a full disk.
+            // (qemu 10 answers EINVAL to all; see proto/nbd.md.)
+            let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+                ENOSPC
+            } else {
+                EINVAL
+            };
             return refuse(
-                EINVAL,
+                errno,
                 format!(
                     "operation from {}, len {} exceeds size {}",
                     req.offset, effect_len, size

@@ -212,14 +212,14 @@ where
 async fn serve_conn<R>(
     neg: Option<Negotiated>,
     r: R,
-    sink: io::Result<ReplySink>,
+    sink: io::Result<Arc<ReplySink>>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
 {
     let Some(neg) = neg else { return };
     let sink = match sink {
-        Ok(s) => Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "could not set up the reply path");
             return;

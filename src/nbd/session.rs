@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
-use super::exec::{execute, Command};
+use super::exec::{execute, try_inline, Command};
 use super::export::Export;
 use super::handshake::Negotiated;
 use super::proto::*;
@@ -110,18 +110,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
-    /// Runs `work` on the blocking pool and sends the reply it makes. A
-    /// send error means the socket is dead; the reader finds out on its
-    /// next read.
+    /// Runs `work` on the blocking pool and sends the reply it makes; the
+    /// permit returns to the budget once the reply is on the wire.
     fn spawn(&self, permit: OwnedSemaphorePermit, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
         let sink = self.sink.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply = work();
-            if let Err(e) = sink.send(&reply) {
-                debug!(error = %e, "reply not sent");
-            }
-            drop(permit);
-        });
+        tokio::task::spawn_blocking(move || sink.send(work(), permit));
     }
 
     fn refuse(&self, req: &Request, permit: OwnedSemaphorePermit, r: Refusal) {
@@ -232,8 +225,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             // validate() refuses every other command.
             _ => return Ok(Next::Continue),
         };
-        let export = self.export.clone();
         let to = self.reply_to(&req);
+        if let Some(reply) = try_inline(&self.export, &to, &cmd) {
+            self.sink.send(reply, permit);
+            return Ok(Next::Continue);
+        }
+        let export = self.export.clone();
         self.spawn(permit, move || execute(&export, to, cmd));
         Ok(Next::Continue)
     }

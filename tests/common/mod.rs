@@ -272,8 +272,7 @@ impl Drop for Server {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
-        // TempDir (socket, log) is removed after this by its own Drop.
-        let _ = &self.dir;
+        // `dir` (socket, log) is removed by its own Drop after this.
     }
 }
 

@@ -10,7 +10,7 @@ use crate::bitmap::set::lock;
 use crate::block::file::FileNode;
 use crate::block::node::Node;
 use crate::block::open::{open_image, Format};
-use crate::block::raw::RawFormat;
+use crate::block::raw::{FileView, RawFormat};
 use crate::block::BlockNode;
 use crate::daemon::{allocated_size, BlockDev, Daemon};
 use crate::qmp::error::{QmpError, QmpResult};
@@ -46,46 +46,38 @@ fn open_node(
         }
         None => d.auto_node_name(),
     };
-    let (driver_name, filename, file_child, node): (&'static str, PathBuf, Option<String>, Node) =
-        match driver {
-            "file" => {
-                let filename =
-                    PathBuf::from(opts.get("filename").and_then(Value::as_str).unwrap_or(""));
-                let f = FileNode::open(&filename, read_only)?;
-                let node = Node::open(&name, Arc::new(f))?;
-                ("file", filename, None, node)
-            }
-            "raw" | "qcow2" => {
-                let (child, created) = child(d, opts.get("file"), read_only)?;
-                let opened = (|| -> QmpResult<_> {
-                    let (filename, child_node) = d.child_info(&child)?;
-                    let (drv, driver): (&'static str, Arc<dyn BlockNode>) = if driver == "raw" {
-                        ("raw", Arc::new(RawFormat::new(child_node, read_only)))
-                    } else {
-                        (
-                            "qcow2",
-                            open_image(&filename, Some(Format::Qcow2), read_only)?,
-                        )
-                    };
-                    Ok((drv, filename, Node::open(&name, driver)?))
-                })();
-                match opened {
-                    Ok((drv, filename, node)) => (drv, filename, Some(child), node),
-                    Err(e) => {
-                        if created {
-                            // The nested child was only for this node.
-                            let _ = d.delete_implicit(&child);
-                        }
-                        return Err(e);
+    let (driver_name, filename, file_child, node, file_id) = match driver {
+        "file" => {
+            let filename =
+                PathBuf::from(opts.get("filename").and_then(Value::as_str).unwrap_or(""));
+            let (file, id) = open_file(d, &filename, read_only)?;
+            let node = Node::open(&name, file)?;
+            ("file", filename, None, node, id)
+        }
+        "raw" | "qcow2" => {
+            let (child, created) = child(d, opts.get("file"), read_only)?;
+            let opened = if driver == "raw" {
+                open_raw(d, &name, &child, read_only)
+            } else {
+                open_qcow2(d, &name, &child, read_only)
+            };
+            match opened {
+                Ok((drv, filename, node)) => (drv, filename, Some(child), node, None),
+                Err(e) => {
+                    if created {
+                        // The nested child was only for this node.
+                        let _ = d.delete_implicit(&child);
                     }
+                    return Err(e);
                 }
             }
-            other => {
-                return Err(QmpError::generic(format!(
-                    "Parameter 'driver' does not accept value '{other}'"
-                )))
-            }
-        };
+        }
+        other => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'driver' does not accept value '{other}'"
+            )))
+        }
+    };
     d.insert_node(BlockDev {
         name: name.clone(),
         driver: driver_name,
@@ -93,8 +85,63 @@ fn open_node(
         file_child,
         node: Arc::new(node),
         monitor_owned: root,
+        file_id,
     })?;
     Ok(name)
+}
+
+type Opened = (&'static str, PathBuf, Node);
+
+/// Opens a host file for a `file` node. A file another node of this daemon
+/// already holds is shared (qemu-storage-daemon lets several nodes open one
+/// file; tidemark's image locks would otherwise refuse the second open).
+fn open_file(
+    d: &Daemon,
+    path: &std::path::Path,
+    read_only: bool,
+) -> QmpResult<(Arc<dyn BlockNode>, Option<(u64, u64)>)> {
+    use std::os::unix::fs::MetadataExt;
+    let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    if let Some((shared, shared_ro)) = id.and_then(|id| d.open_file(id)) {
+        if read_only || !shared_ro {
+            return Ok((Arc::new(RawFormat::new(shared, read_only)), None));
+        }
+    }
+    let f = FileNode::open(path, read_only)?;
+    Ok((Arc::new(f), id))
+}
+
+fn open_raw(d: &Daemon, name: &str, child: &str, read_only: bool) -> QmpResult<Opened> {
+    let (filename, child_node) = d.child_info(child)?;
+    let driver = Arc::new(RawFormat::new(child_node, read_only));
+    Ok(("raw", filename, Node::open(name, driver)?))
+}
+
+/// qcow2 opens (and locks) the image itself, so the `file` child's own
+/// open file is closed first and the child becomes an unlocked read-only
+/// view of the same file; if the qcow2 open fails, the child gets its file
+/// back.
+fn open_qcow2(d: &Daemon, name: &str, child: &str, read_only: bool) -> QmpResult<Opened> {
+    let (filename, child_ro) = {
+        let (f, n) = d.child_info(child)?;
+        (f, n.read_only())
+    };
+    let view = Node::open(child, Arc::new(FileView::open(&filename, child_ro)?))?;
+    let old = d.replace_node(child, Arc::new(view))?;
+    drop(old);
+    match open_image(&filename, Some(Format::Qcow2), read_only) {
+        Ok(driver) => Ok(("qcow2", filename.clone(), Node::open(name, driver)?)),
+        Err(e) => {
+            let restored = FileNode::open(&filename, child_ro)
+                .map_err(QmpError::from)
+                .and_then(|f| Node::open(child, Arc::new(f)).map_err(QmpError::from))
+                .and_then(|n| d.replace_node(child, Arc::new(n)));
+            if let Err(r) = restored {
+                tracing::warn!(node = child, error = %r, "could not reopen the file node");
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Resolves a `file` member: a node-name, or a nested definition opened

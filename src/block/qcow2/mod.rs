@@ -1,0 +1,536 @@
+//! qcow2 images (docs/interop/qcow2.txt), versions 2 and 3.
+//!
+//! - header.rs: header and extensions, parsed and written back;
+//! - io.rs: positioned file I/O with errors that name file and offset;
+//! - tables.rs: what an L1/L2 entry means; cache.rs: bounded table cache;
+//! - refcount.rs: refcounts and the cluster allocator; meta.rs: the L1/L2
+//!   state behind the node's mutex, and the metadata write-back order;
+//! - read.rs, write.rs, status.rs: the [`BlockNode`] operations;
+//! - compress.rs: compressed clusters; create.rs: new images.
+//!
+//! Concurrency: metadata sits behind one mutex, and data I/O to clusters
+//! that are already allocated happens outside it. Operations that free
+//! clusters take `free_lock` exclusively so no in-flight read or write can
+//! touch a cluster while it is freed and handed out again.
+
+mod cache;
+pub mod compress;
+pub mod create;
+pub mod header;
+mod io;
+mod meta;
+mod read;
+mod refcount;
+mod status;
+pub mod tables;
+mod write;
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+
+use self::header::*;
+use self::io::HostFile;
+use self::meta::Meta;
+use self::tables::Geometry;
+use super::lock::{ImageLock, LockMode};
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
+
+pub struct Qcow2Node {
+    f: HostFile,
+    meta: Mutex<Meta>,
+    free_lock: RwLock<()>,
+    backing: Option<Arc<dyn BlockNode>>,
+    read_only: bool,
+    /// Virtual size; grows with [`Qcow2Node::grow_to`].
+    size: AtomicU64,
+    geo: Geometry,
+    compression: u8,
+    header: Header,
+    /// Whether the image looks metadata-preallocated (see status.rs).
+    prealloc: OnceLock<bool>,
+    _lock: ImageLock,
+}
+
+impl Qcow2Node {
+    /// Opens a qcow2 image without its backing file; the chain opener
+    /// attaches that with [`Qcow2Node::set_backing`].
+    pub fn open(path: &Path, read_only: bool) -> BlockResult<Qcow2Node> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        let mode = if read_only {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        };
+        let lock = ImageLock::acquire(&file, path, mode)?;
+        let f = HostFile::new(file, path);
+        let file_len = f.len()?;
+        let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
+        f.read_partial(&mut first, 0)?;
+        let ctx = |e: BlockError| BlockError {
+            context: format!("'{}': {}", path.display(), e.context),
+            ..e
+        };
+        let mut header = Header::parse(&first).map_err(ctx)?;
+        check_features(&header, read_only).map_err(ctx)?;
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            version: header.version,
+            extended_l2: header.incompatible & INCOMPAT_EXTL2 != 0,
+        };
+        if !read_only && header.autoclear & !KNOWN_AUTOCLEAR != 0 {
+            // We would not keep that data consistent: clear the bits first,
+            // as the spec requires of a writer that does not know them.
+            header.autoclear &= KNOWN_AUTOCLEAR;
+            let bytes = header.serialize().map_err(ctx)?;
+            f.write(&bytes, 0, "header")?;
+            f.sync()?;
+        }
+        let meta = Meta::load(&f, header.clone(), geo).map_err(ctx)?;
+        Ok(Qcow2Node {
+            f,
+            meta: Mutex::new(meta),
+            free_lock: RwLock::new(()),
+            backing: None,
+            read_only,
+            size: AtomicU64::new(header.size),
+            geo,
+            compression: header.compression_type,
+            header,
+            prealloc: OnceLock::new(),
+            _lock: lock,
+        })
+    }
+
+    /// The header as it was when the image was opened.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.f.path
+    }
+
+    /// The backing file name exactly as stored in the image.
+    pub fn backing_file(&self) -> Option<&str> {
+        self.header.backing_file.as_deref()
+    }
+
+    /// The backing file name resolved as qemu does: relative names are
+    /// relative to the directory of this image.
+    pub fn backing_path(&self) -> Option<PathBuf> {
+        self.backing_file()
+            .map(|name| resolve_backing(&self.f.path, name))
+    }
+
+    pub fn backing_format(&self) -> Option<String> {
+        self.header.backing_format()
+    }
+
+    pub fn set_backing(&mut self, backing: Option<Arc<dyn BlockNode>>) {
+        self.backing = backing;
+    }
+
+    pub fn backing(&self) -> Option<&Arc<dyn BlockNode>> {
+        self.backing.as_ref()
+    }
+
+    fn vsize(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the virtual size (like `qemu-img resize` without shrinking),
+    /// moving the L1 table to a larger one when it no longer covers it.
+    pub fn grow_to(&self, new_size: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        let _guard = self
+            .free_lock
+            .write()
+            .map_err(|_| BlockError::corrupt("qcow2 free lock poisoned"))?;
+        let old = self.vsize();
+        if new_size < old {
+            return Err(BlockError::not_supported(
+                "shrinking a qcow2 image is not supported",
+            ));
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(BlockError::invalid(
+                "the new size must be a multiple of 512 bytes",
+            ));
+        }
+        let mut meta = self.lock_meta()?;
+        if meta.corrupt {
+            return Err(BlockError::corrupt(
+                "the image was found corrupt; writes are refused",
+            ));
+        }
+        let needed = new_size
+            .div_ceil(self.geo.cluster_size())
+            .div_ceil(self.geo.l2_entries());
+        if needed > meta.l1.len() as u64 {
+            let r = meta.grow_l1(&self.f, needed);
+            if let Err(e) = &r {
+                self.signal_corruption(&mut meta, e);
+            }
+            r?;
+        }
+        meta.write_back(&self.f)?;
+        self.f.sync()?;
+        self.f.write(&new_size.to_be_bytes(), 24, "header")?;
+        self.f.sync()?;
+        meta.header.size = new_size;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    fn lock_meta(&self) -> BlockResult<MutexGuard<'_, Meta>> {
+        self.meta
+            .lock()
+            .map_err(|_| BlockError::new(ErrorKind::Io, "qcow2 metadata lock poisoned"))
+    }
+
+    fn check_writable(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Err(BlockError::new(
+                ErrorKind::Permission,
+                format!("'{}' is opened read-only", self.f.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt on disk (v3) after corruption was found
+    /// while writing, as qemu does; later writes are refused.
+    fn signal_corruption(&self, meta: &mut Meta, err: &BlockError) {
+        if err.kind != ErrorKind::Corrupt || meta.corrupt {
+            return;
+        }
+        meta.corrupt = true;
+        tracing::error!(
+            "'{}': {}; the image is marked corrupt",
+            self.f.path.display(),
+            err
+        );
+        if !self.read_only && self.geo.version >= 3 {
+            let bits = (meta.header.incompatible | INCOMPAT_CORRUPT).to_be_bytes();
+            let _ = self
+                .f
+                .write(&bits, 72, "header")
+                .and_then(|_| self.f.sync());
+        }
+    }
+}
+
+/// Joins a backing file name to the directory of the image that names it,
+/// unless it is absolute (qemu's rule for relative backing names).
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_owned(),
+    }
+}
+
+fn check_features(h: &Header, read_only: bool) -> BlockResult<()> {
+    if h.crypt_method != 0 {
+        return Err(BlockError::not_supported(
+            "encrypted qcow2 images are not supported",
+        ));
+    }
+    let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+    let unknown = h.incompatible & !known;
+    if unknown != 0 {
+        let names: Vec<String> = (0..64)
+            .filter(|b| unknown & (1u64 << b) != 0)
+            .map(|b| h.feature_name(0, b))
+            .collect();
+        return Err(BlockError::not_supported(format!(
+            "Unsupported qcow2 feature(s): {}",
+            names.join(", ")
+        )));
+    }
+    let ct = h.compression_type;
+    let has_ct = h.incompatible & INCOMPAT_COMPRESSION != 0;
+    if (has_ct && ct != compress::TYPE_ZSTD) || (!has_ct && ct != 0) {
+        return Err(BlockError::corrupt(format!(
+            "compression type {} does not match the compression type feature bit",
+            ct
+        )));
+    }
+    if h.incompatible & INCOMPAT_EXTL2 != 0 && h.cluster_bits < 14 {
+        return Err(BlockError::corrupt(
+            "extended L2 entries need a cluster size of at least 16 KiB",
+        ));
+    }
+    if read_only {
+        return Ok(());
+    }
+    if h.incompatible & INCOMPAT_CORRUPT != 0 {
+        return Err(BlockError::corrupt(
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ));
+    }
+    if h.incompatible & INCOMPAT_DIRTY != 0 {
+        return Err(BlockError::new(
+            ErrorKind::Permission,
+            "the image is dirty (lazy refcounts were in use); tidemark does not repair \
+             refcounts: run 'qemu-img check -r all' first, or open it read-only",
+        ));
+    }
+    if h.incompatible & INCOMPAT_EXTL2 != 0 {
+        return Err(BlockError::not_supported(
+            "images with extended L2 entries (subclusters) can only be opened read-only",
+        ));
+    }
+    if h.autoclear & AUTOCLEAR_BITMAPS != 0 && h.extension(EXT_BITMAPS).is_some() {
+        // Writing would have to drop the bitmaps (clear the autoclear bit),
+        // which would silently break incremental backups built on them.
+        return Err(BlockError::not_supported(
+            "the image has persistent dirty bitmaps, which tidemark cannot keep \
+             consistent yet: it opens such images read-only only",
+        ));
+    }
+    if h.nb_snapshots != 0 {
+        return Err(BlockError::not_supported(
+            "images with internal snapshots can only be opened read-only",
+        ));
+    }
+    Ok(())
+}
+
+impl BlockNode for Qcow2Node {
+    fn size(&self) -> u64 {
+        self.vsize()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.read_range(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.write_range(buf, offset)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.zero_range(offset, len, flags)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.discard_range(offset, len)
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock_meta()?;
+        meta.write_back(&self.f)?;
+        drop(meta);
+        self.f.sync()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.status(offset, len)
+    }
+
+    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        self.depth(offset, len)
+    }
+
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+}
+
+impl Drop for Qcow2Node {
+    fn drop(&mut self) {
+        if !self.read_only {
+            if let Err(e) = self.flush() {
+                tracing::error!("'{}': flush on close failed: {}", self.f.path.display(), e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::create::{create_qcow2, CreateOptions};
+    use super::*;
+    use crate::block::{STATE_HOLE, STATE_ZERO};
+
+    fn new_image(dir: &Path, size: u64, cluster_size: u64) -> PathBuf {
+        let path = dir.join("t.qcow2");
+        let opts = CreateOptions {
+            size: Some(size),
+            cluster_size,
+            ..Default::default()
+        };
+        create_qcow2(&path, &opts).expect("create");
+        path
+    }
+
+    #[test]
+    fn writes_read_back_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 8 << 20, 4096);
+        {
+            let node = Qcow2Node::open(&path, false).expect("open");
+            node.write_at(&[0xab; 10_000], 4000, false).expect("write");
+            node.write_at(&[0xcd; 100], 5000, false).expect("overwrite");
+        }
+        let node = Qcow2Node::open(&path, true).expect("reopen");
+        let mut buf = vec![0u8; 16_000];
+        node.read_at(&mut buf, 0).expect("read");
+        assert!(buf[..4000].iter().all(|&b| b == 0));
+        assert!(buf[4000..5000].iter().all(|&b| b == 0xab));
+        assert!(buf[5000..5100].iter().all(|&b| b == 0xcd));
+        assert!(buf[5100..14_000].iter().all(|&b| b == 0xab));
+        assert!(buf[14_000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn zeroes_and_discards_become_zero_clusters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 20, 4096);
+        let node = Qcow2Node::open(&path, false).expect("open");
+        node.write_at(&[1; 65536], 0, false).expect("write");
+        node.write_zeroes(4096, 8192, ZeroFlags::default())
+            .expect("zero");
+        node.discard(16384, 4096).expect("discard");
+        let e = node.block_status(0, 1 << 20).expect("status");
+        assert_eq!(
+            e,
+            Extent {
+                len: 4096,
+                flags: 0
+            }
+        );
+        let e = node.block_status(4096, 1 << 20).expect("status");
+        assert_eq!(e.len, 8192);
+        assert_eq!(e.flags, STATE_HOLE | STATE_ZERO);
+        let mut buf = vec![9u8; 4096];
+        node.read_at(&mut buf, 16384).expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+        let d = node.allocation_depth(65536, 1 << 20).expect("depth");
+        assert_eq!(
+            d,
+            DepthExtent {
+                len: (1 << 20) - 65536,
+                depth: 0
+            }
+        );
+    }
+
+    #[test]
+    fn empty_terabyte_image_maps_in_one_extent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 40, 65536);
+        let node = Qcow2Node::open(&path, true).expect("open");
+        let e = node.block_status(0, 1 << 40).expect("status");
+        assert_eq!(
+            e,
+            Extent {
+                len: 1 << 40,
+                flags: STATE_HOLE | STATE_ZERO
+            }
+        );
+    }
+
+    /// Seeded mutation of headers and tables: every outcome is a value or
+    /// an error, never a panic (overflow checks are on in tests).
+    #[test]
+    fn mutated_images_never_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 4 << 20, 4096);
+        {
+            let node = Qcow2Node::open(&path, false).expect("open");
+            node.write_at(&[5; 20_000], 3000, false).expect("write");
+            node.write_zeroes(65536, 8192, ZeroFlags::default())
+                .expect("zero");
+        }
+        let pristine = std::fs::read(&path).expect("read image");
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut buf = vec![0u8; 4 << 20];
+        for _ in 0..300 {
+            let mut img = pristine.clone();
+            for _ in 0..1 + rnd() % 4 {
+                // Mostly the header and the first tables, sometimes anywhere.
+                let span = if rnd() % 4 == 0 { img.len() } else { 5 * 4096 };
+                let at = (rnd() % span.min(img.len()) as u64) as usize;
+                let val = rnd();
+                let n = 1 + (val % 8) as usize;
+                for (i, b) in val.to_be_bytes()[..n].iter().enumerate() {
+                    if let Some(t) = img.get_mut(at + i) {
+                        *t = *b;
+                    }
+                }
+            }
+            if rnd() % 8 == 0 {
+                img.truncate((rnd() % img.len() as u64) as usize);
+            }
+            std::fs::write(&path, &img).expect("write image");
+            for ro in [true, false] {
+                let Ok(node) = Qcow2Node::open(&path, ro) else {
+                    continue;
+                };
+                let size = node.size().min(buf.len() as u64);
+                let _ = node.read_at(&mut buf[..size as usize], 0);
+                let mut at = 0;
+                while at < size {
+                    match node.block_status(at, size - at) {
+                        Ok(e) => at += e.len,
+                        Err(_) => break,
+                    }
+                }
+                if !ro && size > 70_000 {
+                    let _ = node.write_at(&[1; 5000], 60_000, false);
+                    let _ = node.discard(0, 65536);
+                    let _ = node.write_zeroes(4096, 10_000, ZeroFlags::default());
+                    let _ = node.flush();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn read_only_nodes_refuse_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 20, 65536);
+        let node = Qcow2Node::open(&path, true).expect("open");
+        let e = node.write_at(&[1], 0, false).expect_err("read-only");
+        assert_eq!(e.kind, ErrorKind::Permission);
+    }
+
+    #[test]
+    fn out_of_range_requests_are_invalid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 1 << 20, 65536);
+        let node = Qcow2Node::open(&path, false).expect("open");
+        let mut buf = [0u8; 16];
+        let e = node.read_at(&mut buf, (1 << 20) - 8).expect_err("past end");
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(node.discard(u64::MAX - 4, 8).is_err());
+    }
+}

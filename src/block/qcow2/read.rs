@@ -1,0 +1,116 @@
+//! Reads: map the range under the metadata lock, then do the data I/O
+//! without it.
+
+use super::compress::decompress;
+use super::tables::Mapping;
+use super::Qcow2Node;
+use crate::block::{BlockError, BlockResult};
+
+/// One piece of a request: `len` guest bytes at `guest` mapped as `map`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Piece {
+    pub guest: u64,
+    pub len: u64,
+    pub map: Mapping,
+}
+
+impl Qcow2Node {
+    /// The pieces `[offset, offset + len)` is made of, in order.
+    pub(super) fn plan(&self, offset: u64, len: u64) -> BlockResult<Vec<Piece>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.vsize()) {
+            return Err(BlockError::invalid(format!(
+                "request at {} (+{}) is past the end of the image ({})",
+                offset,
+                len,
+                self.vsize()
+            )));
+        }
+        let mut meta = self.lock_meta()?;
+        let mut pieces = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let (map, n) = meta.mapping(&self.f, at, offset + len - at)?;
+            pieces.push(Piece {
+                guest: at,
+                len: n,
+                map,
+            });
+            at += n;
+        }
+        Ok(pieces)
+    }
+
+    pub(super) fn read_range(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        let _guard = self
+            .free_lock
+            .read()
+            .map_err(|_| BlockError::corrupt("qcow2 free lock poisoned"))?;
+        let pieces = self.plan(offset, buf.len() as u64)?;
+        for p in pieces {
+            let start = (p.guest - offset) as usize;
+            self.read_piece(&mut buf[start..start + p.len as usize], p)?;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` with what this layer (and below it, the chain) holds
+    /// for the piece.
+    pub(super) fn read_piece(&self, buf: &mut [u8], p: Piece) -> BlockResult<()> {
+        match p.map {
+            Mapping::Unallocated => self.read_backing(buf, p.guest),
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Data { host, .. } => self.f.read(buf, host, "data cluster"),
+            Mapping::Compressed { host, len } => {
+                let cluster = self.read_compressed(host, len)?;
+                let at = (p.guest % self.geo.cluster_size()) as usize;
+                buf.copy_from_slice(&cluster[at..at + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads from the backing node, with zeroes past its end.
+    pub(super) fn read_backing(&self, buf: &mut [u8], guest: u64) -> BlockResult<()> {
+        let n = match &self.backing {
+            Some(b) => {
+                let n = (buf.len() as u64).min(b.size().saturating_sub(guest)) as usize;
+                if n > 0 {
+                    b.read_at(&mut buf[..n], guest)?;
+                }
+                n
+            }
+            None => 0,
+        };
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// One whole decompressed cluster.
+    pub(super) fn read_compressed(&self, host: u64, len: u64) -> BlockResult<Vec<u8>> {
+        let cs = self.geo.cluster_size();
+        // The descriptor can claim at most about two clusters of input.
+        if len > 2 * cs + 512 {
+            return Err(BlockError::corrupt(format!(
+                "compressed cluster at {:#x} claims {} bytes",
+                host, len
+            )));
+        }
+        let mut input = vec![0u8; len as usize];
+        // The last sector may be cut short by the end of the file.
+        self.f.read_partial(&mut input, host)?;
+        let mut out = vec![0u8; cs as usize];
+        decompress(self.compression, &input, &mut out).map_err(|e| BlockError {
+            context: format!(
+                "'{}': {} (at {:#x})",
+                self.f.path.display(),
+                e.context,
+                host
+            ),
+            ..e
+        })?;
+        Ok(out)
+    }
+}

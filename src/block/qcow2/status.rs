@@ -1,0 +1,152 @@
+//! Allocation status through the chain, as qemu reports it over NBD.
+//!
+//! `base:allocation`: data and compressed clusters are data (0); zero
+//! clusters read as zero and are not data (HOLE|ZERO); unallocated ranges
+//! take the status of the backing node, or HOLE|ZERO without one (or past
+//! its end). `qemu:allocation-depth`: 1 where this layer holds the range
+//! (data or zero clusters), the backing node's depth + 1 below that, 0 where
+//! no layer does; past the end of a shorter backing file, that backing's
+//! depth.
+//!
+//! Like qemu, an image that looks metadata-preallocated (far more clusters
+//! in use than the host file has blocks for) also asks the host file, and
+//! reports data clusters over holes in it as data that reads as zero (ZERO).
+//! The guess is made once, at the first query, as qemu does. Adjacent runs with the same answer are merged.
+
+use std::os::unix::fs::MetadataExt;
+
+use super::tables::Mapping;
+use super::Qcow2Node;
+use crate::block::{BlockError, BlockResult, DepthExtent, Extent, STATE_HOLE, STATE_ZERO};
+
+/// Runs merged by one call at most, so a single query stays cheap on huge
+/// fragmented images (the caller asks again for the rest).
+const MAX_STEPS: usize = 1 << 16;
+
+impl Qcow2Node {
+    fn clamp(&self, offset: u64, len: u64) -> BlockResult<u64> {
+        if offset >= self.vsize() || len == 0 {
+            return Err(BlockError::invalid(format!(
+                "block status at {} (+{}) is outside the image ({})",
+                offset,
+                len,
+                self.vsize()
+            )));
+        }
+        Ok(len.min(self.vsize() - offset))
+    }
+
+    fn map_run(&self, at: u64, max: u64) -> BlockResult<(Mapping, u64)> {
+        let mut meta = self.lock_meta()?;
+        meta.mapping(&self.f, at, max)
+    }
+
+    /// qemu's heuristic: count clusters in use (up to the end of the file)
+    /// against the blocks the host file really has; well above that means
+    /// metadata preallocation.
+    fn looks_preallocated(&self) -> BlockResult<bool> {
+        if let Some(&v) = self.prealloc.get() {
+            return Ok(v);
+        }
+        let md = self.f.file.metadata().map_err(|e| {
+            BlockError::io(format!("Could not stat '{}'", self.f.path.display()), e)
+        })?;
+        let cs = self.geo.cluster_size();
+        let real = md.blocks() * 512 / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end = md.len().div_ceil(cs);
+        let mut meta = self.lock_meta()?;
+        let mut used = 0;
+        let mut c = 0;
+        while c < end && used < threshold {
+            if meta.refs.get(&self.f, c)? > 0 {
+                used += 1;
+            }
+            c += 1;
+        }
+        drop(meta);
+        Ok(*self.prealloc.get_or_init(|| used >= threshold))
+    }
+
+    pub(super) fn status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        let len = self.clamp(offset, len)?;
+        let mut done = 0;
+        let mut flags = None;
+        for _ in 0..MAX_STEPS {
+            if done >= len {
+                break;
+            }
+            let (f, n) = self.status_one(offset + done, len - done)?;
+            if flags.is_some_and(|prev| prev != f) {
+                break;
+            }
+            flags = Some(f);
+            done += n;
+        }
+        Ok(Extent {
+            len: done,
+            flags: flags.unwrap_or(STATE_HOLE | STATE_ZERO),
+        })
+    }
+
+    fn status_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
+        let (m, n) = self.map_run(at, max)?;
+        Ok(match m {
+            Mapping::Data { host, .. } if self.looks_preallocated()? => {
+                match self.f.data_run(host, n) {
+                    (true, run) => (0, run.max(1)),
+                    (false, run) => (STATE_ZERO, run.max(1)),
+                }
+            }
+            Mapping::Data { .. } => (0, n),
+            Mapping::Compressed { .. } => (0, n),
+            Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
+            Mapping::Unallocated => match &self.backing {
+                Some(b) if at < b.size() => {
+                    let e = b.block_status(at, n.min(b.size() - at))?;
+                    (e.flags, e.len.clamp(1, n))
+                }
+                _ => (STATE_HOLE | STATE_ZERO, n),
+            },
+        })
+    }
+
+    pub(super) fn depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        let len = self.clamp(offset, len)?;
+        let mut done = 0;
+        let mut depth = None;
+        for _ in 0..MAX_STEPS {
+            if done >= len {
+                break;
+            }
+            let (d, n) = self.depth_one(offset + done, len - done)?;
+            if depth.is_some_and(|prev| prev != d) {
+                break;
+            }
+            depth = Some(d);
+            done += n;
+        }
+        Ok(DepthExtent {
+            len: done,
+            depth: depth.unwrap_or(0),
+        })
+    }
+
+    fn depth_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
+        let (m, n) = self.map_run(at, max)?;
+        Ok(match m {
+            Mapping::Unallocated => match &self.backing {
+                Some(b) if at < b.size() => {
+                    let e = b.allocation_depth(at, n.min(b.size() - at))?;
+                    let d = if e.depth == 0 { 0 } else { e.depth + 1 };
+                    (d, e.len.clamp(1, n))
+                }
+                // qemu: the zeroes a short backing file reads past its end
+                // count as allocated in that backing layer.
+                Some(_) => (2, n),
+                None => (0, n),
+            },
+            _ => (1, n),
+        })
+    }
+}

@@ -1,0 +1,22 @@
+//! The walkthroughs in examples/ run as documented and end cleanly: they are
+//! what a new user tries first, so they must not rot.
+
+mod common;
+
+use std::path::Path;
+
+use common::{run, tool, TIDEMARK};
+
+fn example(name: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
+    run(tool("bash").arg(&script).env("TIDEMARK", TIDEMARK))
+}
+
+#[test]
+fn full_pull_example_copies_the_disk_exactly() {
+    let out = example("full-pull.sh");
+    assert!(out.contains("Images are identical."), "{out}");
+    assert!(out.contains("socket removed: yes"), "{out}");
+}
