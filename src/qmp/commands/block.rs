@@ -92,6 +92,9 @@ fn open_node(
 
 type Opened = (&'static str, PathBuf, Node);
 
+/// A host file's (device, inode).
+type FileId = (u64, u64);
+
 /// Opens a host file for a `file` node. A file another node of this daemon
 /// already holds is shared (qemu-storage-daemon lets several nodes open one
 /// file; tidemark's image locks would otherwise refuse the second open).
@@ -99,7 +102,7 @@ fn open_file(
     d: &Daemon,
     path: &std::path::Path,
     read_only: bool,
-) -> QmpResult<(Arc<dyn BlockNode>, Option<(u64, u64)>)> {
+) -> QmpResult<(Arc<dyn BlockNode>, Option<FileId>)> {
     use std::os::unix::fs::MetadataExt;
     let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
     if let Some((shared, shared_ro)) = id.and_then(|id| d.open_file(id)) {
