@@ -45,6 +45,9 @@ pub struct BlockDev {
     /// file's (device, inode), so another node of this daemon on the same
     /// file shares the open file instead of fighting over its locks.
     pub file_id: Option<(u64, u64)>,
+    /// Format details for query-named-block-nodes' `image` (cluster-size,
+    /// format-specific, backing names), read when the node was opened.
+    pub image_extra: Option<Value>,
 }
 
 /// One block export, as query-block-exports lists it.

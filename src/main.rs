@@ -176,6 +176,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 node: node.clone(),
                 monitor_owned: false,
                 file_id: None,
+                image_extra: None,
             })
             .map_err(anyhow::Error::msg)?;
     }

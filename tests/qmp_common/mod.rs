@@ -345,6 +345,17 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) {
     );
 }
 
+/// Creates an empty qcow2 image with qemu-img.
+pub fn qcow2_image(path: &Path, size: u64) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img create: {out:?}");
+}
+
 /// Creates a sparse raw image.
 pub fn raw_image(path: &Path, size: u64) {
     let f = std::fs::File::create(path).expect("create image");

@@ -46,13 +46,13 @@ fn open_node(
         }
         None => d.auto_node_name(),
     };
-    let (driver_name, filename, file_child, node, file_id) = match driver {
+    let (driver_name, filename, file_child, node, file_id, image_extra) = match driver {
         "file" => {
             let filename =
                 PathBuf::from(opts.get("filename").and_then(Value::as_str).unwrap_or(""));
             let (file, id) = open_file(d, &filename, read_only)?;
             let node = Node::open(&name, file)?;
-            ("file", filename, None, node, id)
+            ("file", filename, None, node, id, None)
         }
         "raw" | "qcow2" => {
             let (child, created) = child(d, opts.get("file"), read_only)?;
@@ -62,7 +62,7 @@ fn open_node(
                 open_qcow2(d, &name, &child, read_only)
             };
             match opened {
-                Ok((drv, filename, node)) => (drv, filename, Some(child), node, None),
+                Ok((drv, filename, node, extra)) => (drv, filename, Some(child), node, None, extra),
                 Err(e) => {
                     if created {
                         // The nested child was only for this node.
@@ -86,11 +86,12 @@ fn open_node(
         node: Arc::new(node),
         monitor_owned: root,
         file_id,
+        image_extra,
     })?;
     Ok(name)
 }
 
-type Opened = (&'static str, PathBuf, Node);
+type Opened = (&'static str, PathBuf, Node, Option<Value>);
 
 /// A host file's (device, inode).
 type FileId = (u64, u64);
@@ -117,7 +118,7 @@ fn open_file(
 fn open_raw(d: &Daemon, name: &str, child: &str, read_only: bool) -> QmpResult<Opened> {
     let (filename, child_node) = d.child_info(child)?;
     let driver = Arc::new(RawFormat::new(child_node, read_only));
-    Ok(("raw", filename, Node::open(name, driver)?))
+    Ok(("raw", filename, Node::open(name, driver)?, None))
 }
 
 /// qcow2 opens (and locks) the image itself, so the `file` child's own
@@ -132,8 +133,13 @@ fn open_qcow2(d: &Daemon, name: &str, child: &str, read_only: bool) -> QmpResult
     let view = Node::open(child, Arc::new(FileView::open(&filename, child_ro)?))?;
     let old = d.replace_node(child, Arc::new(view))?;
     drop(old);
+    // Read while nothing holds the image: the header details that
+    // query-named-block-nodes shows, in qemu-img info's form.
+    let extra = crate::info::image_info(&filename, Some(Format::Qcow2))
+        .ok()
+        .and_then(|i| serde_json::to_value(i).ok());
     match open_image(&filename, Some(Format::Qcow2), read_only) {
-        Ok(driver) => Ok(("qcow2", filename.clone(), Node::open(name, driver)?)),
+        Ok(driver) => Ok(("qcow2", filename.clone(), Node::open(name, driver)?, extra)),
         Err(e) => {
             let restored = FileNode::open(&filename, child_ro)
                 .map_err(QmpError::from)
@@ -177,8 +183,13 @@ pub fn query_named_block_nodes(d: &Daemon, _args: Map<String, Value>) -> QmpResu
 fn node_info(dev: &BlockDev) -> Value {
     let filename = dev.filename.display().to_string();
     let format = dev.driver;
+    // qemu measures protocol and raw nodes in whole sectors.
+    let virtual_size = match format {
+        "qcow2" => dev.node.size(),
+        _ => dev.node.size().div_ceil(512) * 512,
+    };
     let mut image = json!({
-        "virtual-size": dev.node.size(),
+        "virtual-size": virtual_size,
         "filename": filename,
         "format": format,
         "dirty-flag": false,
@@ -188,6 +199,17 @@ fn node_info(dev: &BlockDev) -> Value {
     }
     if format == "file" {
         image["format-specific"] = json!({"type": "file", "data": {}});
+    }
+    for key in [
+        "cluster-size",
+        "format-specific",
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+    ] {
+        if let Some(v) = dev.image_extra.as_ref().and_then(|e| e.get(key)) {
+            image[key] = v.clone();
+        }
     }
     let mut info = json!({
         "iops_rd": 0, "detect_zeroes": "off", "active": true, "image": image,
