@@ -79,6 +79,7 @@ pub fn action(kind: &str, data: Value) -> QmpResult<Box<dyn Action>> {
         "block-dirty-bitmap-clear" => Box::new(Clear {
             args: parse(data)?,
             backup: None,
+            undo: true,
         }),
         "block-dirty-bitmap-enable" => Box::new(Toggle {
             args: parse(data)?,
@@ -93,6 +94,7 @@ pub fn action(kind: &str, data: Value) -> QmpResult<Box<dyn Action>> {
         "block-dirty-bitmap-merge" => Box::new(Merge {
             args: parse(data)?,
             backup: None,
+            undo: true,
         }),
         other => {
             return Err(QmpError::generic(format!(
@@ -219,6 +221,9 @@ fn restore(b: &SharedBitmap, backup: &DirtyBitmap, keep_current: bool) {
 struct Clear {
     args: BitmapRef,
     backup: Option<(SharedBitmap, DirtyBitmap)>,
+    /// False when no later action can fail (a group of one): then the bits
+    /// are not copied for an abort that cannot happen.
+    undo: bool,
 }
 
 impl Action for Clear {
@@ -231,12 +236,16 @@ impl Action for Clear {
         let backup = {
             let mut g = lock(&b);
             g.check(Checks::DEFAULT)?;
-            let backup = g.clone();
+            let backup = self.undo.then(|| g.clone());
             g.clear();
             backup
         };
-        self.backup = Some((b, backup));
+        self.backup = backup.map(|k| (b, k));
         Ok(())
+    }
+
+    fn set_undo_needed(&mut self, needed: bool) {
+        self.undo = needed;
     }
 
     fn abort(&mut self, _d: &Daemon) {
@@ -296,6 +305,8 @@ pub fn source(d: &Daemon, node: &Arc<Node>, s: &Source) -> QmpResult<SharedBitma
 struct Merge {
     args: MergeArgs,
     backup: Option<(SharedBitmap, DirtyBitmap)>,
+    /// As in [`Clear`]: no copy when no abort can follow.
+    undo: bool,
 }
 
 impl Action for Merge {
@@ -303,33 +314,55 @@ impl Action for Merge {
         "block-dirty-bitmap-merge"
     }
 
+    fn set_undo_needed(&mut self, needed: bool) {
+        self.undo = needed;
+    }
+
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let (node, target) = lookup(d, &self.args.node, &self.args.target)?;
-        // The target's checks come first, then each source's as it is
-        // OR-ed into a scratch bitmap; the scratch goes into the target in
-        // one step (qemu's order, checked against qemu-storage-daemon).
-        let mut scratch = {
-            let g = lock(&target);
-            g.check(Checks::DEFAULT)?;
-            DirtyBitmap::anonymous(g.size(), g.granularity())?
-        };
-        for s in &self.args.bitmaps {
-            let src = source(d, &node, s)?;
-            if Arc::ptr_eq(&src, &target) {
-                let copy = lock(&target).clone();
-                scratch.merge(&copy)?;
-            } else {
-                scratch.merge(&lock(&src))?;
+        // The target's checks come first, then each source's in order
+        // (qemu's order, checked against qemu-storage-daemon).
+        lock(&target).check(Checks::DEFAULT)?;
+        let merged = match self.args.bitmaps.as_slice() {
+            // One source: OR it straight into the target (merge_bits checks
+            // the sizes before it changes anything).
+            [one] => {
+                let src = source(d, &node, one)?;
+                if Arc::ptr_eq(&src, &target) {
+                    return Ok(());
+                }
+                let src = lock(&src);
+                src.check(Checks::ALLOW_RO)?;
+                let mut g = lock(&target);
+                if src.size() != g.size() {
+                    // Same text as a failed merge, nothing changed.
+                    return g.merge_bits(&src).map_err(Into::into);
+                }
+                let backup = self.undo.then(|| g.clone());
+                g.merge_bits(&src)?;
+                backup
             }
-        }
-        let backup = {
-            let mut g = lock(&target);
-            g.check(Checks::DEFAULT)?;
-            let backup = g.clone();
-            g.merge_bits(&scratch)?;
-            backup
+            // Several: OR them into a scratch bitmap first, so a source that
+            // fails leaves the target untouched; then the scratch in one step.
+            many => {
+                let mut scratch = {
+                    let g = lock(&target);
+                    DirtyBitmap::anonymous(g.size(), g.granularity())?
+                };
+                for s in many {
+                    let src = source(d, &node, s)?;
+                    if Arc::ptr_eq(&src, &target) {
+                        continue;
+                    }
+                    scratch.merge(&lock(&src))?;
+                }
+                let mut g = lock(&target);
+                let backup = self.undo.then(|| g.clone());
+                g.merge_bits(&scratch)?;
+                backup
+            }
         };
-        self.backup = Some((target, backup));
+        self.backup = merged.map(|b| (target, b));
         Ok(())
     }
 

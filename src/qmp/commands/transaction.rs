@@ -18,6 +18,9 @@ pub trait Action: Send {
     /// The action's name, as in the `type` member.
     fn kind(&self) -> &'static str;
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()>;
+    /// Told before `prepare` whether an abort may follow (false for a group
+    /// of one), so an action may skip saving state it would never restore.
+    fn set_undo_needed(&mut self, _needed: bool) {}
     fn commit(&mut self, _d: &Daemon) {}
     fn abort(&mut self, _d: &Daemon) {}
     fn clean(&mut self, _d: &Daemon) {}
@@ -27,7 +30,9 @@ pub trait Action: Send {
 pub fn run(d: &Daemon, mut actions: Vec<Box<dyn Action>>) -> QmpResult<()> {
     let mut prepared = 0;
     let mut failure = None;
+    let undo = actions.len() > 1;
     for a in actions.iter_mut() {
+        a.set_undo_needed(undo);
         match a.prepare(d) {
             Ok(()) => prepared += 1,
             Err(e) => {
