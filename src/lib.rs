@@ -4,5 +4,8 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod daemon;
+pub mod daemonize;
 pub mod info;
 pub mod nbd;
+pub mod qmp;
