@@ -19,6 +19,8 @@
 #   BENCH_MAP_SIZE=1T      virtual size of the sparse and the empty image
 #   BENCH_MAP_EVERY=100    the sparse image has one cluster allocated in every
 #                          BENCH_MAP_EVERY (at a seeded random place in each group)
+#   BENCH_EMPTY_OPTS=""    extra qemu-img create options for the empty image,
+#                          e.g. "-o preallocation=metadata" (every L2 table present)
 #   BENCH_SERVERS="tidemark qemu-nbd"   which columns to run, in this order
 #   BENCH_DIR=${TMPDIR:-/var/tmp}  where the temp dir (images, sockets, logs) goes
 #   BENCH_NO_BUILD=1       don't run `cargo build --release`
@@ -43,6 +45,7 @@ randio=${BENCH_RANDIO:-auto}
 cluster_str=${BENCH_CLUSTER:-64k}
 map_size_str=${BENCH_MAP_SIZE:-1T}
 map_every=${BENCH_MAP_EVERY:-100}
+empty_opts=${BENCH_EMPTY_OPTS:-}
 servers=${BENCH_SERVERS:-tidemark qemu-nbd}
 start_timeout=${BENCH_START_TIMEOUT:-30}
 op_timeout=${BENCH_OP_TIMEOUT:-180}
@@ -91,7 +94,7 @@ base=$tmp/base.qcow2     # BENCH_SIZE, every cluster written
 top=$tmp/top.qcow2       # overlay on base: every other MiB written
 src=$tmp/source.raw      # BENCH_WRITE_SIZE of random data for the write row
 sparse=$tmp/sparse.qcow2 # BENCH_MAP_SIZE, 1 cluster in BENCH_MAP_EVERY written
-empty=$tmp/empty.qcow2   # BENCH_MAP_SIZE, nothing written
+empty=$tmp/empty.qcow2   # BENCH_MAP_SIZE, nothing written (BENCH_EMPTY_OPTS)
 
 # ---- tidemark build ------------------------------------------------------
 
@@ -163,7 +166,9 @@ rm -f "$tmp/chunk"
 
 log "creating $map_size_str sparse qcow2 ($n_sparse clusters of $cluster_str, one in every $map_every) and $map_size_str empty qcow2"
 qcreate "$sparse" "$map_size"
-qcreate "$empty" "$map_size"
+# shellcheck disable=SC2086
+qcreate $empty_opts "$empty" "$map_size"
+qemu-img check -q "$empty" || die "qemu-img check $empty failed"
 awk -v n="$n_sparse" -v every="$map_every" -v c="$cluster" 'BEGIN {
     srand(1)
     for (i = 0; i < n; i++) {
@@ -196,12 +201,13 @@ server_cmd() { # server_cmd NAME SOCKET: sets the cmd array; serves $serve_img
 
 # Before each server: write back what the previous one left dirty, and read
 # what the loads read so that each server starts with the same warm cache.
-# For the sparse image only the metadata is read (qemu-img check reads every
-# L1/L2/refcount table), not its data, which no row reads.
+# For the map images only the metadata is read (qemu-img check reads every
+# L1/L2/refcount table), not the sparse image's data, which no row reads.
 prepare_cache() {
     sync
-    cat "$base" "$top" "$src" "$empty" >/dev/null
+    cat "$base" "$top" "$src" >/dev/null
     qemu-img check -q "$sparse" >/dev/null 2>&1
+    qemu-img check -q "$empty" >/dev/null 2>&1
 }
 
 # cpu_ticks: utime + stime of the whole server process (all threads), in ticks
@@ -329,8 +335,8 @@ cat <<EOF
 - images ($(df --output=fstype "$tmp" | tail -n 1), cluster $cluster_str, built in ${t_build}s with $(ver qemu-img --version | cut -d' ' -f1-3)):
   chain = top.qcow2 (every other MiB written) over base.qcow2 ($(numfmt --to=iec "$size"), every cluster written);
   write rows: a fresh empty overlay over base.qcow2 per server;
-  map rows: $(numfmt --to=iec "$map_size") qcow2 with $n_sparse clusters written (one at a seeded random place in every $map_every), and an empty one
-- page cache: before each server, sync, then the chain, write source and empty image read once and the sparse image's metadata read (qemu-img check)
+  map rows: $(numfmt --to=iec "$map_size") qcow2 with $n_sparse clusters written (one at a seeded random place in every $map_every), and an empty one${empty_opts:+ (\`$empty_opts\`)}
+- page cache: before each server, sync, then the chain and write source read once and the map images' metadata read (qemu-img check)
 - servers run one at a time, in this order: $servers; each image on a fresh unix socket; the write rows on the server's own overlay
 - tidemark ($commit): \`target/release/tidemark serve --socket S --export-name '' IMG\` (format probed)
 - $(ver qemu-nbd --version): \`qemu-nbd -f qcow2 --cache=writeback --aio=threads --shared=16 --persistent -k S IMG\`

@@ -5,5 +5,8 @@
 pub mod bitmap;
 pub mod block;
 pub mod cli;
+pub mod daemon;
+pub mod daemonize;
 pub mod info;
 pub mod nbd;
+pub mod qmp;

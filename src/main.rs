@@ -12,9 +12,13 @@ use std::sync::Arc;
 
 use tidemark::block::node::Node;
 use tidemark::block::open::{open_image, Format};
+use tidemark::block::BlockNode;
+use tidemark::daemon::{BlockDev, Daemon};
 use tidemark::nbd::bitmaps::bitmap_contexts;
-use tidemark::nbd::export::{Export, ExportConfig, ExportTable};
+use tidemark::nbd::export::{Export, ExportConfig};
 use tidemark::nbd::server::{Address, NbdServer};
+use tidemark::qmp::cmdline::{self, Opt};
+use tidemark::qmp::server::{serve_until_quit, QmpListener};
 
 /// Serve disk images over NBD and track their changes for incremental backup.
 #[derive(Parser)]
@@ -41,6 +45,10 @@ enum Cmd {
     Info(InfoArgs),
     /// Create an image, as `qemu-img create`.
     Create(CreateArgs),
+    /// Run as qemu-storage-daemon: --blockdev, --nbd-server, --export,
+    /// --chardev socket,id=X,path=P,server=on,wait=off --monitor chardev=X,
+    /// --pidfile (keyval or JSON values, as qsd).
+    Daemon(DaemonArgs),
 }
 
 #[derive(clap::Args)]
@@ -80,6 +88,12 @@ struct CreateArgs {
 }
 
 #[derive(clap::Args)]
+struct DaemonArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
+#[derive(clap::Args)]
 struct ServeArgs {
     /// Image to serve; without it, a small demo image is created (if
     /// missing) in the current directory and served.
@@ -111,6 +125,10 @@ struct ServeArgs {
     /// Export a dirty bitmap of the image as qemu:dirty-bitmap:NAME (repeatable).
     #[arg(long = "bitmap", short = 'B', value_name = "NAME")]
     bitmaps: Vec<String>,
+    /// Also accept QMP clients on this unix socket (repeatable); the image
+    /// is node `drive0`.
+    #[arg(long = "qmp", value_name = "PATH")]
+    qmp: Vec<PathBuf>,
 }
 
 const DEMO_IMAGE: &str = "tidemark-demo.img";
@@ -135,6 +153,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::msg),
         Cmd::Info(args) => info(args),
         Cmd::Create(args) => create(args),
+        Cmd::Daemon(args) => daemon(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -282,8 +301,23 @@ fn serve(args: ServeArgs) -> Result<()> {
             extra_contexts,
         },
     );
-    let exports = ExportTable::new();
+    let control = Daemon::new();
+    let exports = control.exports().clone();
     exports.add(export).map_err(anyhow::Error::msg)?;
+    if !args.qmp.is_empty() {
+        control
+            .insert_node(BlockDev {
+                name: "drive0".into(),
+                driver: node.format_name(),
+                filename: image.clone(),
+                file_child: None,
+                node: node.clone(),
+                monitor_owned: false,
+                file_id: None,
+                image_extra: None,
+            })
+            .map_err(anyhow::Error::msg)?;
+    }
     let mut addrs = Vec::new();
     if let Some(l) = args.listen {
         addrs.push(Address::Tcp(l));
@@ -295,6 +329,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
+        // Listeners register with the runtime, so they are bound inside it.
+        let monitors = bind_monitors(&args.qmp)?;
         let server = NbdServer::bind(&addrs, exports, args.max_connections).await?;
         info!(image = %image.display(), "serving");
         for a in server.tcp_addrs() {
@@ -309,7 +345,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            // Without monitors this waits for a signal only.
+            serve_until_quit(control, monitors, wait_for_signal()).await;
             info!("shutting down");
             let _ = stop_tx.send(true);
         });
@@ -318,6 +355,48 @@ fn serve(args: ServeArgs) -> Result<()> {
         stored
             .context("close task failed")?
             .context("Could not close the image cleanly")?;
+        Ok(())
+    })
+}
+
+fn bind_monitors(paths: &[PathBuf]) -> Result<Vec<QmpListener>> {
+    paths.iter().map(|p| Ok(QmpListener::bind(p)?)).collect()
+}
+
+/// `tidemark daemon`: qemu-storage-daemon's command line.
+fn daemon(args: DaemonArgs) -> Result<()> {
+    let opts = cmdline::parse_args(&args.args).map_err(anyhow::Error::msg)?;
+    let ready = if opts.contains(&Opt::Daemonize) {
+        tidemark::daemonize::daemonize().context("Could not daemonize")?
+    } else {
+        tidemark::daemonize::Ready::none()
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let d = Daemon::new();
+        cmdline::apply(&d, &opts)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut monitors = Vec::new();
+        for o in &opts {
+            if let Opt::Monitor(p) = o {
+                monitors.push(QmpListener::bind(p)?);
+            }
+        }
+        // Written last, as qsd does: scripts take the pidfile to mean ready.
+        for o in &opts {
+            if let Opt::Pidfile(p) = o {
+                std::fs::write(p, format!("{}\n", std::process::id()))
+                    .with_context(|| format!("Could not write pidfile '{}'", p.display()))?;
+            }
+        }
+        ready.done();
+        serve_until_quit(d, monitors, wait_for_signal()).await;
+        for o in &opts {
+            if let Opt::Pidfile(p) = o {
+                let _ = std::fs::remove_file(p);
+            }
+        }
         Ok(())
     })
 }

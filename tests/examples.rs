@@ -20,3 +20,12 @@ fn full_pull_example_copies_the_disk_exactly() {
     assert!(out.contains("Images are identical."), "{out}");
     assert!(out.contains("socket removed: yes"), "{out}");
 }
+
+#[test]
+fn incremental_pull_example_copies_only_dirty_extents_and_matches() {
+    let out = example("incremental-pull.sh");
+    assert!(out.contains("flags:") && out.contains("auto"), "{out}");
+    assert!(out.contains("in 3 dirty extents"), "{out}");
+    assert!(out.contains("Images are identical."), "{out}");
+    assert!(out.contains("No errors were found on the image."), "{out}");
+}

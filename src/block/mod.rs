@@ -15,6 +15,7 @@ pub mod lock;
 pub mod node;
 pub mod open;
 pub mod qcow2;
+pub mod raw;
 
 pub use error::{BlockError, BlockResult, ErrorKind};
 

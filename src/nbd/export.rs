@@ -18,6 +18,9 @@ pub struct Export {
     pub multi_conn: bool,
     /// In ID order: `base:allocation` first, as qemu numbers them.
     pub contexts: Vec<Arc<dyn MetaContext>>,
+    /// Turns true when the export is removed by force (QMP
+    /// block-export-del mode=hard): its connections end, as in qemu.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 /// What an export is built from; the rest is derived.
@@ -45,7 +48,19 @@ impl Export {
             multi_conn: cfg.multi_conn,
             node,
             contexts,
+            closed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Ends every connection to this export (after their in-flight
+    /// requests are answered).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Fires when [`Export::close`] is called.
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.subscribe()
     }
 
     pub fn size(&self) -> u64 {

@@ -46,6 +46,7 @@ pub async fn run<R>(
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    let mut closed = neg.export.closed();
     let mut conn = Conn {
         r: BufReader::with_capacity(BUF_SIZE, r),
         export: neg.export,
@@ -57,6 +58,7 @@ where
     let result = tokio::select! {
         r = conn.serve() => r,
         _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+        _ = closed.wait_for(|c| *c) => Ok(()),
     };
     // Wait for every in-flight request: each holds budget until answered.
     let _ = conn.budget.acquire_many(INFLIGHT_UNITS).await;

@@ -1,0 +1,288 @@
+//! qemu-storage-daemon's command line: `--blockdev`, `--nbd-server`,
+//! `--export`, `--chardev socket,...`, `--monitor`, `--pidfile`. Each option
+//! is its QMP command in another syntax: its value (keyval `a.b=c,l.0=x`, or
+//! JSON when it starts with `{`) is typed and checked by the same schema,
+//! then runs through the same command code, in command-line order.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::commands::{self, export};
+use super::error::{QmpError, QmpResult};
+use super::schema::schema;
+use crate::daemon::Daemon;
+
+/// One option, in command-line order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Opt {
+    /// blockdev-add arguments.
+    Blockdev(Value),
+    /// NbdServerOptions (flat socket address).
+    NbdServer(Value),
+    /// block-export-add arguments.
+    Export(Value),
+    /// A monitor on a unix socket (`--chardev` plus `--monitor`).
+    Monitor(PathBuf),
+    Pidfile(PathBuf),
+    /// Fork; the parent exits once the daemon is ready.
+    Daemonize,
+}
+
+/// Parses the arguments after `tidemark daemon`.
+pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
+    let mut opts = Vec::new();
+    let mut chardevs: HashMap<String, PathBuf> = HashMap::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let name = name.trim_start_matches('-');
+        let mut value = || -> Result<String, String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("option '--{name}' requires an argument")),
+            }
+        };
+        match name {
+            "blockdev" => opts.push(Opt::Blockdev(typed(&value()?, None, "BlockdevOptions")?)),
+            "nbd-server" => opts.push(Opt::NbdServer(typed(&value()?, None, "NbdServerOptions")?)),
+            "export" => opts.push(Opt::Export(typed(&value()?, None, "BlockExportOptions")?)),
+            "chardev" => {
+                let v = keyval(&value()?, Some("backend"))?;
+                let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+                if get("backend").as_deref() != Some("socket") {
+                    return Err("--chardev: only 'socket' chardevs are supported".into());
+                }
+                let id = get("id").ok_or("--chardev: Parameter 'id' is missing")?;
+                let path =
+                    get("path").ok_or("--chardev: only unix sockets (path=) are supported")?;
+                if get("server").is_some_and(|s| !matches!(s.as_str(), "on" | "yes" | "true")) {
+                    return Err("--chardev: only server=on is supported".into());
+                }
+                chardevs.insert(id, PathBuf::from(path));
+            }
+            "monitor" => {
+                let v = keyval(&value()?, Some("chardev"))?;
+                let id = v
+                    .get("chardev")
+                    .and_then(Value::as_str)
+                    .ok_or("--monitor: Parameter 'chardev' is missing")?;
+                if v.get("mode")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| m != "control")
+                {
+                    return Err("--monitor: only mode=control is supported".into());
+                }
+                let path = chardevs
+                    .get(id)
+                    .ok_or_else(|| format!("chardev \"{id}\" not found"))?;
+                opts.push(Opt::Monitor(path.clone()));
+            }
+            "pidfile" => opts.push(Opt::Pidfile(PathBuf::from(value()?))),
+            "daemonize" => opts.push(Opt::Daemonize),
+            _ => return Err(format!("unrecognized option '{arg}'")),
+        }
+    }
+    Ok(opts)
+}
+
+/// An option's value as the JSON its QMP command takes.
+fn typed(text: &str, implied: Option<&str>, type_name: &str) -> Result<Value, String> {
+    let v = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| format!("JSON parse error: {e}"))?
+    } else {
+        let mut v = keyval(text, implied)?;
+        schema().coerce_keyval(&mut v, type_name);
+        v
+    };
+    // qsd's JSON form may omit nothing the QMP form needs; check both.
+    schema().check_type(&v, type_name).map_err(|e| e.desc)?;
+    Ok(v)
+}
+
+/// Parses qemu's keyval syntax into nested JSON strings: `a.b=c` nests,
+/// numeric keys make lists, `,,` is a literal comma, and a first item
+/// without `=` is the value of `implied`.
+pub fn keyval(text: &str, implied: Option<&str>) -> Result<Value, String> {
+    let mut root = Value::Object(Map::new());
+    let mut first = true;
+    for item in split_items(text) {
+        let (key, val) = match item.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None if first && implied.is_some() => {
+                (implied.unwrap_or_default().to_owned(), item.clone())
+            }
+            None => return Err(format!("Expected '=' after parameter '{item}'")),
+        };
+        first = false;
+        insert(&mut root, &key, Value::String(val))?;
+    }
+    lists(&mut root);
+    Ok(root)
+}
+
+fn split_items(text: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        items.push(cur);
+    }
+    items
+}
+
+fn insert(root: &mut Value, key: &str, val: Value) -> Result<(), String> {
+    let mut cur = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(format!("Invalid parameter '{key}'"));
+        }
+        let Value::Object(m) = cur else {
+            return Err(format!("Parameter '{key}' conflicts with a scalar"));
+        };
+        if i + 1 == parts.len() {
+            if m.insert((*p).to_owned(), val).is_some() {
+                return Err(format!("Parameter '{key}' given twice"));
+            }
+            return Ok(());
+        }
+        cur = m
+            .entry((*p).to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    Ok(())
+}
+
+/// Objects whose keys are all 0..n become lists, as keyval's `l.0=x`.
+fn lists(v: &mut Value) {
+    if let Value::Object(m) = v {
+        for x in m.values_mut() {
+            lists(x);
+        }
+        let n = m.len();
+        if n > 0 && (0..n).all(|i| m.contains_key(&i.to_string())) {
+            let items = (0..n).filter_map(|i| m.remove(&i.to_string())).collect();
+            *v = Value::Array(items);
+        }
+    }
+}
+
+fn as_map(v: &Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// Applies the block and export options in order, as their QMP commands.
+/// Monitors and the pidfile are the caller's: they are not state.
+pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
+    for o in opts {
+        match o {
+            Opt::Blockdev(v) => {
+                commands::execute(d, "blockdev-add", as_map(v)).await?;
+            }
+            Opt::NbdServer(v) => {
+                // The flat address of the command line, as nbd-server-start
+                // takes it after unwrapping its legacy `data` level.
+                let addr = export::address(v.get("addr").unwrap_or(&Value::Null))?;
+                let max = v
+                    .get("max-connections")
+                    .and_then(Value::as_u64)
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize);
+                if v.get("tls-creds").is_some() {
+                    return Err(QmpError::generic("TLS is not supported by tidemark yet"));
+                }
+                let _serial = d.command_lock.lock().await;
+                d.start_nbd(addr, max).await?;
+            }
+            Opt::Export(v) => {
+                commands::execute(d, "block-export-add", as_map(v)).await?;
+            }
+            Opt::Monitor(_) | Opt::Pidfile(_) | Opt::Daemonize => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn keyval_nests_lists_and_escapes() {
+        let v = keyval("type=nbd,bitmaps.0=b0,bitmaps.1=b1,addr.path=/a,,b", None).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "nbd", "bitmaps": ["b0", "b1"], "addr": {"path": "/a,b"}})
+        );
+        assert_eq!(
+            keyval("socket,id=m", Some("backend")).unwrap(),
+            json!({"backend": "socket", "id": "m"})
+        );
+    }
+
+    #[test]
+    fn qsd_command_line_parses() {
+        let opts = parse_args(&args(&[
+            "--blockdev",
+            "driver=file,node-name=f0,filename=/x,read-only=on",
+            "--blockdev",
+            r#"{"driver":"raw","node-name":"r0","file":"f0"}"#,
+            "--nbd-server",
+            "addr.type=unix,addr.path=/n.sock,max-connections=4",
+            "--export",
+            "type=nbd,id=e0,node-name=r0,writable=on,bitmaps.0=b0",
+            "--chardev",
+            "socket,id=m,path=/q.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ]))
+        .unwrap();
+        assert_eq!(opts.len(), 5);
+        assert_eq!(
+            opts[0],
+            Opt::Blockdev(
+                json!({"driver": "file", "node-name": "f0", "filename": "/x",
+                                 "read-only": true})
+            )
+        );
+        assert_eq!(
+            opts[2],
+            Opt::NbdServer(json!({"addr": {"type": "unix", "path": "/n.sock"},
+                                  "max-connections": 4}))
+        );
+        assert_eq!(opts[4], Opt::Monitor(PathBuf::from("/q.sock")));
+    }
+
+    #[test]
+    fn bad_options_say_why() {
+        let e = parse_args(&args(&["--blockdev", "driver=nope"])).unwrap_err();
+        assert_eq!(e, "Parameter 'driver' does not accept value 'nope'");
+        assert!(parse_args(&args(&["--monitor", "chardev=zz"])).is_err());
+    }
+}

@@ -1,0 +1,247 @@
+//! NBD exports over QMP: nbd-server-start/-stop, block-export-add/-del,
+//! query-block-exports, and the older nbd-server-add/-remove that libvirt
+//! still sends (the same rules, by another name).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::bitmap::{self, Source};
+use crate::bitmap::set::{lock, SharedBitmap};
+use crate::bitmap::Checks;
+use crate::block::BlockNode;
+use crate::daemon::Daemon;
+use crate::nbd::context::{DirtyBitmapContext, MetaContext};
+use crate::nbd::export::{Export, ExportConfig};
+use crate::nbd::server::Address;
+use crate::qmp::error::{QmpError, QmpResult};
+
+/// qemu's limit on NBD export names (NBD_MAX_STRING_SIZE).
+const MAX_EXPORT_NAME: usize = 4096;
+
+fn parse<T: for<'de> Deserialize<'de>>(v: Value) -> QmpResult<T> {
+    serde_json::from_value(v).map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))
+}
+
+/// A socket address, legacy (`{"type":"unix","data":{...}}`, QMP) or flat
+/// (`{"type":"unix","path":...}`, the command line).
+pub fn address(addr: &Value) -> QmpResult<Address> {
+    let kind = addr.get("type").and_then(Value::as_str).unwrap_or("");
+    let data = addr.get("data").unwrap_or(addr);
+    let field = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    match kind {
+        "unix" => {
+            if data.get("abstract").and_then(Value::as_bool) == Some(true) {
+                return Err(QmpError::generic(
+                    "Abstract unix sockets are not supported by tidemark",
+                ));
+            }
+            Ok(Address::Unix(PathBuf::from(field("path"))))
+        }
+        "inet" => {
+            let host = field("host");
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            Ok(Address::Tcp(format!("{host}:{}", field("port"))))
+        }
+        other => Err(QmpError::generic(format!(
+            "Parameter 'type' does not accept value '{other}'"
+        ))),
+    }
+}
+
+pub async fn nbd_server_start(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    if args.get("tls-creds").is_some() {
+        return Err(QmpError::generic("TLS is not supported by tidemark yet"));
+    }
+    let addr = address(args.get("addr").unwrap_or(&Value::Null))?;
+    let max = args
+        .get("max-connections")
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 0)
+        .map(|n| n as usize);
+    d.start_nbd(addr, max).await?;
+    Ok(json!({}))
+}
+
+pub async fn nbd_server_stop(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
+    d.stop_nbd().await?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct ExportArgs {
+    id: String,
+    node_name: String,
+    writable: Option<bool>,
+    iothread: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    bitmaps: Option<Vec<Source>>,
+    allocation_depth: Option<bool>,
+}
+
+pub fn block_export_add(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    add(d, parse(Value::Object(args))?)?;
+    Ok(json!({}))
+}
+
+/// The rules of qemu's blk_exp_add and nbd_export_create, in their order.
+fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
+    if d.export_id_taken(&a.id) {
+        return Err(QmpError::generic(format!(
+            "Block export id '{}' is already in use",
+            a.id
+        )));
+    }
+    let node = d.find_node(&a.node_name).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{}'",
+            a.node_name
+        ))
+    })?;
+    let writable = a.writable.unwrap_or(false);
+    if writable && node.read_only() {
+        return Err(QmpError::generic(
+            "Cannot export read-only node as writable",
+        ));
+    }
+    if let Some(t) = &a.iothread {
+        return Err(QmpError::generic(format!("iothread \"{t}\" not found")));
+    }
+    let max_connections = d.nbd_max_connections()?;
+    let name = a.name.unwrap_or_else(|| a.node_name.clone());
+    if name.len() > MAX_EXPORT_NAME {
+        return Err(QmpError::generic(format!("export name '{name}' too long")));
+    }
+    if a.description
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_EXPORT_NAME)
+    {
+        return Err(QmpError::generic(format!(
+            "description '{}' too long",
+            a.description.unwrap_or_default()
+        )));
+    }
+    if d.nbd_name_taken(&name) {
+        return Err(QmpError::generic(format!(
+            "NBD server already has export named '{name}'"
+        )));
+    }
+    let bitmaps = claim_bitmaps(d, &node, a.bitmaps.unwrap_or_default(), !writable)?;
+    let contexts: Vec<Arc<dyn MetaContext>> = bitmaps
+        .iter()
+        .map(|b| {
+            let name = lock(b).name().to_owned();
+            Arc::new(DirtyBitmapContext::new(&name, b.clone())) as Arc<dyn MetaContext>
+        })
+        .collect();
+    let export = Export::new(
+        node,
+        ExportConfig {
+            name,
+            description: a.description,
+            read_only: !writable,
+            multi_conn: max_connections != Some(1),
+            allocation_depth: a.allocation_depth.unwrap_or(false),
+            extra_contexts: contexts,
+        },
+    );
+    d.insert_export(&a.id, &a.node_name, export, bitmaps)
+}
+
+/// Finds the exported bitmaps, checks them (qemu: not busy, consistent; an
+/// enabled bitmap would keep changing under a read-only export's reader)
+/// and marks them busy. On error none stays marked.
+fn claim_bitmaps(
+    d: &Daemon,
+    node: &Arc<crate::block::node::Node>,
+    sources: Vec<Source>,
+    read_only: bool,
+) -> QmpResult<Vec<SharedBitmap>> {
+    let mut found = Vec::new();
+    for s in &sources {
+        let b = match s {
+            Source::Local(name) => node
+                .bitmaps()
+                .get(name)
+                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
+            Source::External(r) => bitmap::lookup(d, &r.node, &r.name)?.1,
+        };
+        {
+            let g = lock(&b);
+            g.check(Checks::ALLOW_RO)?;
+            if read_only && g.state.recording {
+                return Err(QmpError::generic(format!(
+                    "Enabled bitmap '{}' incompatible with readonly export",
+                    g.name()
+                )));
+            }
+        }
+        found.push(b);
+    }
+    for b in &found {
+        lock(b).state.busy = true;
+    }
+    Ok(found)
+}
+
+pub fn block_export_del(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let id = args.get("id").and_then(Value::as_str).unwrap_or("");
+    let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
+    d.delete_export(id, false, hard)?;
+    Ok(json!({}))
+}
+
+pub fn query_block_exports(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
+    let list: Vec<Value> = d
+        .export_list()
+        .into_iter()
+        .map(|(id, node)| json!({"node-name": node, "shutting-down": false, "type": "nbd", "id": id}))
+        .collect();
+    Ok(Value::Array(list))
+}
+
+/// nbd-server-add: block-export-add with the export name as its id.
+pub fn nbd_server_add(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    d.nbd_max_connections()?;
+    let device = args
+        .get("device")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let name = args
+        .get("name")
+        .and_then(Value::as_str)
+        .map_or_else(|| device.clone(), str::to_owned);
+    let str_arg = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
+    // The legacy command looked the device up by either name.
+    d.node(&device)?;
+    add(
+        d,
+        ExportArgs {
+            id: name.clone(),
+            node_name: device,
+            writable: args.get("writable").and_then(Value::as_bool),
+            iothread: None,
+            name: Some(name),
+            description: str_arg("description"),
+            bitmaps: str_arg("bitmap").map(|b| vec![Source::Local(b)]),
+            allocation_depth: None,
+        },
+    )?;
+    Ok(json!({}))
+}
+
+pub fn nbd_server_remove(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let name = args.get("name").and_then(Value::as_str).unwrap_or("");
+    let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
+    d.delete_export(name, true, hard)?;
+    Ok(json!({}))
+}

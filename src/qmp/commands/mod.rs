@@ -1,0 +1,65 @@
+//! QMP commands, one file per family; [`execute`] is the one dispatcher.
+//! Arguments reach a command already checked against proto/qmp-schema.json.
+
+pub mod bitmap;
+pub mod block;
+pub mod export;
+pub mod misc;
+pub mod transaction;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::daemon::Daemon;
+use crate::qmp::error::{QmpError, QmpResult};
+
+type SyncCommand = fn(&Daemon, Map<String, Value>) -> QmpResult<Value>;
+
+/// Commands that only touch memory and open files: run on the blocking
+/// pool, so a slow disk never stalls a tokio worker.
+fn sync_command(name: &str) -> Option<SyncCommand> {
+    Some(match name {
+        "query-version" => misc::query_version,
+        "query-commands" => misc::query_commands,
+        "query-qmp-schema" => misc::query_qmp_schema,
+        "quit" => misc::quit,
+        "blockdev-add" => block::blockdev_add,
+        "blockdev-del" => block::blockdev_del,
+        "query-named-block-nodes" => block::query_named_block_nodes,
+        "query-block" => block::query_block,
+        "block-dirty-bitmap-add" => |d, a| bitmap::command(d, "block-dirty-bitmap-add", a),
+        "block-dirty-bitmap-remove" => |d, a| bitmap::command(d, "block-dirty-bitmap-remove", a),
+        "block-dirty-bitmap-clear" => |d, a| bitmap::command(d, "block-dirty-bitmap-clear", a),
+        "block-dirty-bitmap-enable" => |d, a| bitmap::command(d, "block-dirty-bitmap-enable", a),
+        "block-dirty-bitmap-disable" => |d, a| bitmap::command(d, "block-dirty-bitmap-disable", a),
+        "block-dirty-bitmap-merge" => |d, a| bitmap::command(d, "block-dirty-bitmap-merge", a),
+        "x-debug-block-dirty-bitmap-sha256" => bitmap::sha256,
+        "transaction" => transaction::transaction,
+        "block-export-add" => export::block_export_add,
+        "block-export-del" => export::block_export_del,
+        "query-block-exports" => export::query_block_exports,
+        "nbd-server-add" => export::nbd_server_add,
+        "nbd-server-remove" => export::nbd_server_remove,
+        _ => return None,
+    })
+}
+
+/// Runs a command whose arguments the schema accepted. Commands run one at
+/// a time across all monitors (see [`Daemon::command_lock`]).
+pub async fn execute(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> QmpResult<Value> {
+    let _serial = d.command_lock.lock().await;
+    match name {
+        "nbd-server-start" => export::nbd_server_start(d, args).await,
+        "nbd-server-stop" => export::nbd_server_stop(d, args).await,
+        _ => {
+            let f = sync_command(name).ok_or_else(|| {
+                QmpError::command_not_found(format!("The command {name} has not been found"))
+            })?;
+            let d = d.clone();
+            tokio::task::spawn_blocking(move || f(&d, args))
+                .await
+                .map_err(|e| QmpError::generic(format!("command failed: {e}")))?
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `tidemark serve --qmp PATH` (repeatable): the served image is node
+//! `drive0` for QMP clients on every socket; `quit` ends the server.
+
+mod qmp_common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use qmp_common::{nbd_map, qemu_io, raw_image, wait_for_path, DirWatch, Qmp, TIDEMARK};
+use serde_json::json;
+
+#[test]
+fn serve_with_qmp_exposes_drive0_and_quits() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let img = dir.path().join("disk.img");
+    raw_image(&img, 4 << 20);
+    let (q1, q2) = (dir.path().join("q1.sock"), dir.path().join("q2.sock"));
+    let nbd = dir.path().join("nbd.sock");
+    let log = dir.path().join("log");
+    let watch = DirWatch::new(dir.path());
+    let mut child = Command::new(TIDEMARK)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&nbd)
+        .arg("--qmp")
+        .arg(&q1)
+        .arg("--qmp")
+        .arg(&q2)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn tidemark serve");
+    for p in [&q1, &q2, &nbd] {
+        wait_for_path(&watch, p, &mut child, &log);
+    }
+    let mut a = Qmp::connect(&q1);
+    let mut b = Qmp::connect(&q2);
+    for q in [&mut a, &mut b] {
+        assert_eq!(
+            q.cmd(json!({"execute": "qmp_capabilities"})),
+            json!({"return": {}})
+        );
+    }
+    let r = a.exec(
+        "block-dirty-bitmap-add",
+        json!({"node": "drive0", "name": "b0"}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let uri = format!("nbd+unix:///?socket={}", nbd.display());
+    qemu_io(&uri, &["write -P 1 1M 4k"]);
+    let nodes = b.exec("query-named-block-nodes", json!({}));
+    assert_eq!(nodes["return"][0]["node-name"], "drive0");
+    assert_eq!(nodes["return"][0]["dirty-bitmaps"][0]["count"], 65536);
+    assert!(nbd_map(&uri, "base:allocation").contains("data"));
+    assert_eq!(
+        b.exec("blockdev-del", json!({"node-name": "drive0"}))["error"]["desc"],
+        "Node drive0 is not owned by the monitor"
+    );
+    assert_eq!(a.exec("quit", json!({})), json!({"return": {}}));
+    let status = qmp_common::wait_child(&mut child, Duration::from_secs(20));
+    assert!(status, "serve did not exit after quit");
+    assert!(
+        !q1.exists() && !q2.exists() && !nbd.exists(),
+        "sockets left behind"
+    );
+}
