@@ -43,10 +43,9 @@ nbdcopy_opts=${BENCH_NBDCOPY_OPTS:-}
 tidemark_bin=${TIDEMARK_BIN:-$repo/target/release/tidemark}
 py=/usr/bin/python3   # Debian's python has python3-libnbd; a pyenv python3 does not
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
 
-to_bytes() { numfmt --from=iec "${1^^}" 2>/dev/null; }
 size=$(to_bytes "$size_str") || die "bad BENCH_SIZE: $size_str"
 wsize=$(to_bytes "$wsize_str") || die "bad BENCH_WRITE_SIZE: $wsize_str"
 bs=$(to_bytes "$bs_str") || die "bad BENCH_BS: $bs_str"
@@ -63,38 +62,11 @@ for t in nbdcopy nbdinfo numfmt timeout; do
     command -v "$t" >/dev/null || die "$t not found (Debian: apt-get install libnbd-bin coreutils)"
 done
 
-if [[ $randio == auto ]]; then
-    if command -v fio >/dev/null && fio --enghelp=nbd 2>/dev/null | grep -q uri; then
-        randio=fio
-    else
-        randio=python
-    fi
-fi
-case $randio in
-fio) fio --enghelp=nbd 2>/dev/null | grep -q uri || die "fio has no nbd engine; use BENCH_RANDIO=python" ;;
-python) "$py" -c 'import nbd' 2>/dev/null || die "$py cannot import nbd (apt-get install python3-libnbd)" ;;
-*) die "BENCH_RANDIO must be fio, python or auto" ;;
-esac
+select_randio
 
 # ---- temp dir and cleanup -------------------------------------------------
 
 tmp=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/var/tmp}}/tidemark-bench.XXXXXX") || die "mktemp failed"
-srv_pid=
-cleanup() {
-    if [[ -n ${load_pid:-} ]]; then
-        kill -TERM "$load_pid" 2>/dev/null
-        wait "$load_pid" 2>/dev/null
-    fi
-    if [[ -n $srv_pid ]] && kill -0 "$srv_pid" 2>/dev/null; then
-        kill -TERM "$srv_pid" 2>/dev/null
-        wait "$srv_pid" 2>/dev/null
-    fi
-    if [[ -n ${BENCH_KEEP:-} ]]; then
-        log "kept $tmp"
-    else
-        rm -rf "$tmp"
-    fi
-}
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -113,17 +85,6 @@ if [[ " $servers " == *" tidemark "* && -z ${BENCH_NO_BUILD:-} ]]; then
     fi
 fi
 
-# ---- test data -----------------------------------------------------------
-# Fully allocated, incompressible, no zero runs: otherwise nbdcopy would skip
-# holes (base:allocation) or zero blocks and measure nothing.  A 64 MiB random
-# chunk repeated is enough for that and much faster than /dev/urandom for GiBs.
-
-fill() { # fill FILE BYTES
-    local chunk=$tmp/chunk
-    [[ -f $chunk ]] || head -c $((64 << 20)) /dev/urandom >"$chunk"
-    while cat "$chunk"; do :; done 2>/dev/null | head -c "$2" >"$1"
-    [[ $(stat -c %s "$1") == "$2" ]] || die "could not create $1"
-}
 log "creating $size_str image and $wsize_str write source in $tmp"
 fill "$img" "$size"
 fill "$src" "$wsize"
@@ -131,8 +92,6 @@ rm -f "$tmp/chunk"
 sync "$img" "$src"
 
 # ---- helpers -------------------------------------------------------------
-
-mibps() { awk -v b="$1" -v t0="$2" -v t1="$3" 'BEGIN { printf "%.0f", b / 1048576 / (t1 - t0) }'; }
 
 prepare_cache() {
     if [[ $cache_mode == drop ]]; then
@@ -155,65 +114,6 @@ server_cmd() { # server_cmd NAME SOCKET: sets the cmd array
     esac
 }
 
-# start_server NAME: starts it on a fresh socket, waits until it answers an NBD
-# handshake.  Sets srv_pid and uri.  Returns 1 (with note[NAME]) on failure.
-start_server() {
-    local name=$1 sock=$tmp/$1.sock deadline
-    uri="nbd+unix:///?socket=$sock"
-    server_cmd "$name" "$sock"
-    if [[ $name == tidemark && ! -x $tidemark_bin ]]; then
-        note[$name]="${note[$name]:-no binary at $tidemark_bin}"
-        return 1
-    fi
-    if ! command -v "${cmd[0]}" >/dev/null; then
-        note[$name]="${cmd[0]} not installed"
-        return 1
-    fi
-    "${cmd[@]}" >"$tmp/$name.log" 2>&1 &
-    srv_pid=$!
-    deadline=$((SECONDS + start_timeout))
-    until nbdinfo --size "$uri" >/dev/null 2>&1; do
-        if ! kill -0 "$srv_pid" 2>/dev/null; then
-            wait "$srv_pid" 2>/dev/null
-            note[$name]="server exited during start-up"
-            tail -n 10 "$tmp/$name.log" >&2
-            srv_pid=
-            return 1
-        fi
-        if ((SECONDS >= deadline)); then
-            note[$name]="no NBD handshake within ${start_timeout}s"
-            stop_server
-            return 1
-        fi
-        sleep 0.05
-    done
-}
-
-stop_server() {
-    [[ -n $srv_pid ]] || return 0
-    kill -TERM "$srv_pid" 2>/dev/null
-    local deadline=$((SECONDS + 15))
-    while kill -0 "$srv_pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.05; done
-    kill -KILL "$srv_pid" 2>/dev/null
-    wait "$srv_pid" 2>/dev/null
-    srv_pid=
-}
-
-# Loads run in the background and the script waits for them, so that a signal
-# to the script is handled at once (bash defers traps while a foreground child
-# runs); cleanup() then stops the load and the server.
-load_pid=
-run() { # run SECONDS CMD...: CMD under timeout(1), output to stderr
-    local t=$1 rc
-    shift
-    timeout -k 5 "$t" "$@" >&2 &
-    load_pid=$!
-    wait "$load_pid"
-    rc=$?
-    load_pid=
-    return $rc
-}
-
 # Each load sets v to one number, or fails.
 seq_read() {
     local t0=$EPOCHREALTIME
@@ -227,25 +127,6 @@ seq_write() {
     # shellcheck disable=SC2086
     run "$op_timeout" nbdcopy $nbdcopy_opts "$src" "$uri" || return 1
     v=$(mibps "$wsize" "$t0" "$EPOCHREALTIME")
-}
-
-rand_io() { # rand_io read|write
-    local out=$tmp/rand-$1.json
-    if [[ $randio == fio ]]; then
-        run $((rand_secs + 60)) fio --name="rand$1" --ioengine=nbd --uri="$uri" \
-            --rw="rand$1" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-            --time_based --runtime="$rand_secs" \
-            --output-format=json --output="$out" || return 1
-        v=$(jq -e --arg op "$1" '.jobs[0] | select(.error == 0) | .[$op].iops | floor' "$out")
-    else
-        run $((rand_secs + 60)) sh -c '"$@" >"$0"' "$out" "$py" "$here/randio.py" "$uri" "$1" \
-            --secs "$rand_secs" --qd "$qd" --bs "$bs" || return 1
-        v=$(jq -e '.iops | floor' "$out")
-    fi
-}
-
-peak_rss_mib() {
-    awk '/^VmHWM:/ { printf "%.1f", $2 / 1024; found = 1 } END { exit !found }' "/proc/$srv_pid/status"
 }
 
 # ---- the runs ------------------------------------------------------------
@@ -295,13 +176,6 @@ done
 
 # ---- report --------------------------------------------------------------
 
-ver() { "$@" 2>/dev/null | head -n 1; }
-cell() { echo "${res[$1,$2]:-n/a}"; }
-ratio() { # ratio SERVER ROW -> SERVER / qemu-nbd
-    local a=${res[$1,$2]:-} b=${res[qemu-nbd,$2]:-}
-    [[ -n $a && -n $b ]] || { echo n/a; return; }
-    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'
-}
 commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && commit+="+dirty"
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Tools the integration tests use as clients and oracles. qemu-utils
 # (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon) is already on the machine;
 # never install qemu-system-* from plain bookworm: it replaces qemu-utils.
-packages=(libnbd-bin python3-libnbd nbdkit fio)
+packages=(libnbd-bin python3-libnbd nbdkit fio python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -56,6 +56,9 @@ pub struct Qcow2Specific {
     pub compression_type: String,
     #[serde(rename = "lazy-refcounts", skip_serializing_if = "Option::is_none")]
     pub lazy_refcounts: Option<bool>,
+    /// The stored bitmaps, in directory order; absent when there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapInfo>>,
     #[serde(rename = "refcount-bits")]
     pub refcount_bits: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,8 +67,49 @@ pub struct Qcow2Specific {
     pub extended_l2: Option<bool>,
 }
 
+/// One stored bitmap as `qemu-img info` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// "in-use" and "auto", in that order, when set.
+    pub flags: Vec<String>,
+    pub name: String,
+    pub granularity: u64,
+}
+
+fn bitmap_infos(node: &Qcow2Node) -> Option<Vec<BitmapInfo>> {
+    let list: Vec<BitmapInfo> = node
+        .stored_bitmaps()
+        .into_iter()
+        .map(|e| {
+            let mut flags = Vec::new();
+            if e.in_use() {
+                flags.push("in-use".to_string());
+            }
+            if e.auto() {
+                flags.push("auto".to_string());
+            }
+            BitmapInfo {
+                flags,
+                granularity: e.granularity(),
+                name: e.name,
+            }
+        })
+        .collect();
+    (!list.is_empty()).then_some(list)
+}
+
 /// Information on one image (its backing file is named, not opened).
 pub fn image_info(path: &Path, format: Option<Format>) -> BlockResult<ImageInfo> {
+    image_info_opts(path, format, false)
+}
+
+/// As [`image_info`]; with `force_share` (qemu-img's `-U`), a qcow2 image
+/// another process holds is read without taking its locks.
+pub fn image_info_opts(
+    path: &Path,
+    format: Option<Format>,
+    force_share: bool,
+) -> BlockResult<ImageInfo> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -91,7 +135,11 @@ pub fn image_info(path: &Path, format: Option<Format>) -> BlockResult<ImageInfo>
             dirty_flag: false,
         });
     }
-    let node = Qcow2Node::open(path, true)?;
+    let node = if force_share {
+        Qcow2Node::open_force_share(path)?
+    } else {
+        Qcow2Node::open(path, true)?
+    };
     let h = node.header();
     let v3 = h.version >= 3;
     let data = Qcow2Specific {
@@ -103,6 +151,7 @@ pub fn image_info(path: &Path, format: Option<Format>) -> BlockResult<ImageInfo>
         }
         .into(),
         lazy_refcounts: v3.then_some(h.compatible & COMPAT_LAZY_REFCOUNTS != 0),
+        bitmaps: bitmap_infos(&node),
         refcount_bits: 1 << h.refcount_order,
         corrupt: v3.then_some(h.incompatible & INCOMPAT_CORRUPT != 0),
         extended_l2: v3.then_some(h.incompatible & INCOMPAT_EXTL2 != 0),

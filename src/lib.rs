@@ -4,6 +4,7 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod cli;
 pub mod daemon;
 pub mod daemonize;
 pub mod info;

@@ -14,7 +14,7 @@ use tidemark::block::node::Node;
 use tidemark::block::open::{open_image, Format};
 use tidemark::block::BlockNode;
 use tidemark::daemon::{BlockDev, Daemon};
-use tidemark::nbd::context::{DirtyBitmapContext, MetaContext};
+use tidemark::nbd::bitmaps::bitmap_contexts;
 use tidemark::nbd::export::{Export, ExportConfig};
 use tidemark::nbd::server::{Address, NbdServer};
 use tidemark::qmp::cmdline::{self, Opt};
@@ -32,10 +32,59 @@ struct Cli {
 enum Cmd {
     /// Serve one image over NBD (the short form of `qemu-nbd`).
     Serve(ServeArgs),
+    /// Change an image's persistent bitmaps offline, as `qemu-img bitmap`:
+    /// (--add | --remove | --clear | --enable | --disable | --merge SRC
+    /// [-b SRCFILE [-F FMT]])... [-g GRANULARITY] [-f FMT] IMAGE NAME.
+    /// `--sha256` prints the bitmap's hash as qemu's
+    /// x-debug-block-dirty-bitmap-sha256 (a tidemark extension).
+    Bitmap {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+    /// Describe an image as `qemu-img info --output=json`.
+    Info(InfoArgs),
+    /// Create an image, as `qemu-img create`.
+    Create(CreateArgs),
     /// Run as qemu-storage-daemon: --blockdev, --nbd-server, --export,
     /// --chardev socket,id=X,path=P,server=on,wait=off --monitor chardev=X,
     /// --pidfile (keyval or JSON values, as qsd).
     Daemon(DaemonArgs),
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    image: PathBuf,
+    /// Only "json" is supported.
+    #[arg(long, default_value = "json")]
+    output: String,
+    /// Also describe every backing file (a JSON array, top first).
+    #[arg(long)]
+    backing_chain: bool,
+    #[arg(long, short = 'f', value_enum)]
+    format: Option<Format>,
+    /// Read a qcow2 image another process holds, without its locks (qemu-img -U).
+    #[arg(long, short = 'U')]
+    force_share: bool,
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Image format.
+    #[arg(short = 'f', value_enum, default_value = "raw")]
+    format: Format,
+    /// Backing file (qcow2 only), recorded as given.
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format (default: probed).
+    #[arg(short = 'F', value_enum)]
+    backing_format: Option<Format>,
+    /// Options: cluster_size=N, compat=0.10|1.1 (comma-separated).
+    #[arg(short = 'o')]
+    options: Option<String>,
+    file: PathBuf,
+    /// Size in bytes, or with a k/M/G/T/P suffix (powers of 1024); a
+    /// qcow2 with a backing file takes the backing file's size by default.
+    size: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -98,6 +147,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve(args) => serve(args),
+        Cmd::Bitmap { args } => tidemark::cli::bitmap::parse_args(&args)
+            .and_then(|a| tidemark::cli::bitmap::run(&a))
+            .map(|out| print!("{out}"))
+            .map_err(anyhow::Error::msg),
+        Cmd::Info(args) => info(args),
+        Cmd::Create(args) => create(args),
         Cmd::Daemon(args) => daemon(args),
     };
     match result {
@@ -107,6 +162,89 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn info(args: InfoArgs) -> Result<()> {
+    use tidemark::info::{chain_info, image_info_opts, to_qemu_json};
+    anyhow::ensure!(args.output == "json", "only --output=json is supported");
+    let text = if args.backing_chain {
+        to_qemu_json(&chain_info(&args.image, args.format)?)
+    } else {
+        to_qemu_json(&image_info_opts(
+            &args.image,
+            args.format,
+            args.force_share,
+        )?)
+    };
+    println!("{text}");
+    Ok(())
+}
+
+/// A size as qemu-img reads it: bytes, or a number with a binary suffix.
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'b' => 0,
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                'p' => 50,
+                'e' => 60,
+                _ => anyhow::bail!("Invalid image size specified: '{text}'"),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("Invalid image size specified: '{text}'"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| anyhow::anyhow!("Image size is too large: '{text}'"))
+}
+
+fn create(args: CreateArgs) -> Result<()> {
+    use tidemark::block::qcow2::create::{create_qcow2, create_raw, CreateOptions};
+    let size = args.size.as_deref().map(parse_size).transpose()?;
+    match args.format {
+        Format::Raw => {
+            anyhow::ensure!(
+                args.backing.is_none(),
+                "raw images cannot have a backing file"
+            );
+            let size =
+                size.ok_or_else(|| anyhow::anyhow!("Image creation needs a size parameter"))?;
+            create_raw(&args.file, size)?;
+            println!("Formatting '{}', fmt=raw size={size}", args.file.display());
+        }
+        Format::Qcow2 => {
+            let mut opts = CreateOptions {
+                size,
+                backing_file: args.backing,
+                backing_format: args.backing_format.map(|f| f.name().to_owned()),
+                ..CreateOptions::default()
+            };
+            for kv in args.options.iter().flat_map(|o| o.split(',')) {
+                match kv.split_once('=') {
+                    Some(("cluster_size", v)) => opts.cluster_size = parse_size(v)?,
+                    Some(("compat", "0.10")) => opts.compat_v2 = true,
+                    Some(("compat", "1.1" | "v3")) => opts.compat_v2 = false,
+                    _ => anyhow::bail!("Invalid option '{kv}' (supported: cluster_size, compat)"),
+                }
+            }
+            create_qcow2(&args.file, &opts)?;
+            println!(
+                "Formatting '{}', fmt=qcow2 cluster_size={} compat={}",
+                args.file.display(),
+                opts.cluster_size,
+                if opts.compat_v2 { "0.10" } else { "1.1" }
+            );
+        }
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -144,14 +282,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     let driver = open_image(&image, args.format, args.read_only)
         .with_context(|| format!("Could not open '{}'", image.display()))?;
     let node = Arc::new(Node::open("drive0", driver)?);
-    let mut extra_contexts: Vec<Arc<dyn MetaContext>> = Vec::new();
-    for name in &args.bitmaps {
-        let bitmap = node
-            .bitmaps()
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("Bitmap '{name}' is not found"))?;
-        extra_contexts.push(Arc::new(DirtyBitmapContext::new(name, bitmap)));
-    }
+    let extra_contexts = match bitmap_contexts(&node, &args.bitmaps, args.read_only) {
+        Ok(c) => c,
+        Err(e) => {
+            // Closed cleanly, as qemu-nbd does, so nothing stays in use.
+            node.store_bitmaps()?;
+            anyhow::bail!(e);
+        }
+    };
     let export = Export::new(
         node.clone(),
         ExportConfig {

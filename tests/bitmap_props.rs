@@ -34,6 +34,10 @@ impl Model {
     }
 
     fn set(&mut self, offset: u64, len: u64) {
+        // A zero-length range touches no granule.
+        if len == 0 {
+            return;
+        }
         for i in 0..self.dirty.len() {
             let (s, e) = self.bytes_of(i);
             if s < offset + len && offset < e {

@@ -117,6 +117,17 @@ pub trait BlockNode: Send + Sync + 'static {
     /// A short name of the format, as `qemu-img info` prints it ("raw", "qcow2").
     fn format_name(&self) -> &'static str;
 
+    /// The cluster size of the format, 0 when it has none (raw); the
+    /// default bitmap granularity derives from it.
+    fn cluster_size(&self) -> u64 {
+        0
+    }
+
+    /// The layer below this one in a backing chain, if any.
+    fn backing_layer(&self) -> Option<std::sync::Arc<dyn BlockNode>> {
+        None
+    }
+
     /// The dirty bitmaps stored in the image, loaded when it is opened. A
     /// bitmap found in use (not cleanly stored) comes back inconsistent.
     fn load_bitmaps(&self) -> BlockResult<Vec<DirtyBitmap>> {
@@ -124,12 +135,16 @@ pub trait BlockNode: Send + Sync + 'static {
     }
 
     /// Whether a new persistent bitmap `name` could be stored in this image;
-    /// the error says why not, in qemu's words.
-    fn can_store_bitmap(&self, name: &str, _granularity: u64) -> BlockResult<()> {
-        Err(BlockError::not_supported(format!(
-            "Can't make bitmap '{name}' persistent: the {} format cannot store bitmaps",
-            self.format_name()
-        )))
+    /// the error says why not, in qemu's words. A format that stores no
+    /// bitmaps at all answers `NotSupported` (the node words the message).
+    fn can_store_bitmap(&self, _name: &str, _granularity: u64) -> BlockResult<()> {
+        Err(BlockError::not_supported("Operation not supported"))
+    }
+
+    /// Marks the stored bitmaps in use on disk (they are about to change),
+    /// as a read-write open does; needed again after a store point.
+    fn mark_bitmaps_in_use(&self) -> BlockResult<()> {
+        Ok(())
     }
 
     /// Writes `bitmaps` as the image's stored bitmaps (replacing what was

@@ -3,33 +3,76 @@
 //! bitmaps before it reaches the driver, so no acknowledged write can be
 //! missing from a bitmap, even after a crash mid-write.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::{BlockError, BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags};
-use crate::bitmap::set::{lock, BitmapSet};
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
+use crate::bitmap::set::{lock, BitmapSet, SharedBitmap};
 use crate::bitmap::DirtyBitmap;
 
 pub struct Node {
     name: String,
     driver: Arc<dyn BlockNode>,
     bitmaps: Arc<BitmapSet>,
+    /// The bitmaps of each backing layer, top-most first. Those layers are
+    /// read-only, so their bitmaps are too, and no write marks them.
+    backing_bitmaps: Vec<Arc<BitmapSet>>,
+    /// Set by a store point: the stored bitmaps read as clean on disk, so
+    /// before the next write changes the image they must be marked in use
+    /// again, or a crash would leave stale bitmaps that look trustworthy.
+    stored_clean: AtomicBool,
+    /// Serialises that re-marking, so no write overtakes it.
+    remark: Mutex<()>,
 }
 
 impl Node {
-    /// Wraps `driver`, loading the bitmaps its image stores.
+    /// Wraps `driver`, loading the bitmaps its image stores, and those of
+    /// every layer of its backing chain.
     pub fn open(name: impl Into<String>, driver: Arc<dyn BlockNode>) -> BlockResult<Node> {
-        let bitmaps = BitmapSet::new();
-        for b in driver.load_bitmaps()? {
-            let name = b.name().to_owned();
-            bitmaps.add(b).map_err(|e| {
-                BlockError::corrupt(format!("bitmap '{name}' stored twice: {}", e.message))
-            })?;
+        let bitmaps = load_set(driver.as_ref())?;
+        let mut backing_bitmaps = Vec::new();
+        let mut layer = driver.backing_layer();
+        while let Some(l) = layer {
+            backing_bitmaps.push(Arc::new(load_set(l.as_ref())?));
+            layer = l.backing_layer();
         }
         Ok(Node {
             name: name.into(),
             driver,
             bitmaps: Arc::new(bitmaps),
+            backing_bitmaps,
+            stored_clean: AtomicBool::new(false),
+            remark: Mutex::new(()),
         })
+    }
+
+    /// A bitmap by name, looked up as qemu's exports do: this node first,
+    /// then down the backing chain.
+    pub fn find_bitmap(&self, name: &str) -> Option<SharedBitmap> {
+        std::iter::once(&self.bitmaps)
+            .chain(self.backing_bitmaps.iter())
+            .find_map(|set| set.get(name))
+    }
+
+    /// Whether a new persistent bitmap `name` could be stored in this
+    /// node's image, with qemu's error texts.
+    pub fn can_store_bitmap(&self, name: &str, granularity: u64) -> BlockResult<()> {
+        self.driver
+            .can_store_bitmap(name, granularity)
+            .map_err(|e| {
+                let context = if e.kind == ErrorKind::NotSupported {
+                    format!(
+                        "Can't store persistent bitmaps to {}: {}",
+                        self.name, e.context
+                    )
+                } else {
+                    format!(
+                        "Can't make bitmap '{name}' persistent in '{}': {}",
+                        self.name, e.context
+                    )
+                };
+                BlockError { context, ..e }
+            })
     }
 
     /// Stores the persistent bitmaps in the image (a clean close, or an
@@ -44,8 +87,23 @@ impl Node {
             .collect();
         if !self.driver.read_only() {
             self.driver.store_bitmaps(&persistent)?;
+            self.stored_clean.store(true, Ordering::SeqCst);
         }
         self.driver.flush()
+    }
+
+    /// Before a write: after a store point, marks the stored bitmaps in use
+    /// again (once), as a read-write open does.
+    fn before_write(&self) -> BlockResult<()> {
+        if !self.stored_clean.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _g = self.remark.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stored_clean.load(Ordering::SeqCst) {
+            self.driver.mark_bitmaps_in_use()?;
+            self.stored_clean.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -59,6 +117,17 @@ impl Node {
     pub fn driver(&self) -> &Arc<dyn BlockNode> {
         &self.driver
     }
+}
+
+fn load_set(driver: &dyn BlockNode) -> BlockResult<BitmapSet> {
+    let set = BitmapSet::new();
+    for b in driver.load_bitmaps()? {
+        let name = b.name().to_owned();
+        set.add(b).map_err(|e| {
+            BlockError::corrupt(format!("bitmap '{name}' stored twice: {}", e.message))
+        })?;
+    }
+    Ok(set)
 }
 
 impl BlockNode for Node {
@@ -75,6 +144,7 @@ impl BlockNode for Node {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.before_write()?;
         self.bitmaps.mark(offset, buf.len() as u64);
         self.driver.write_at(buf, offset, fua)
     }
@@ -91,11 +161,13 @@ impl BlockNode for Node {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.before_write()?;
         self.bitmaps.mark(offset, len);
         self.driver.write_zeroes(offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.before_write()?;
         self.bitmaps.mark(offset, len);
         self.driver.discard(offset, len)
     }
@@ -122,5 +194,13 @@ impl BlockNode for Node {
 
     fn format_name(&self) -> &'static str {
         self.driver.format_name()
+    }
+
+    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
+        self.driver.backing_layer()
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.driver.cluster_size()
     }
 }

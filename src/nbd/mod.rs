@@ -2,6 +2,7 @@
 //! Nothing here knows about image formats; it sees only [`crate::block::BlockNode`]
 //! and [`context::MetaContext`].
 
+pub mod bitmaps;
 pub mod client;
 pub mod context;
 pub mod exec;

@@ -65,6 +65,10 @@ pub struct ServeOpts {
     /// `--max-connections` / qemu-nbd `--shared`. None leaves each server's
     /// default (qemu-nbd: 1).
     pub max_connections: Option<u32>,
+    /// Image format (`--format` / qemu-nbd `-f`); None means "raw".
+    pub format: Option<&'static str>,
+    /// Dirty bitmaps to export, in order (`--bitmap` / qemu-nbd `-B`).
+    pub bitmaps: Vec<String>,
 }
 
 impl ServeOpts {
@@ -121,9 +125,12 @@ impl Server {
                     .arg("--export-name")
                     .arg(&opts.export_name)
                     .arg("--format")
-                    .arg("raw");
+                    .arg(opts.format.unwrap_or("raw"));
                 if let Some(d) = &opts.description {
                     c.arg("--description").arg(d);
+                }
+                for b in &opts.bitmaps {
+                    c.arg("--bitmap").arg(b);
                 }
                 if opts.read_only {
                     c.arg("--read-only");
@@ -137,7 +144,7 @@ impl Server {
             Kind::QemuNbd => {
                 let mut c = Command::new("qemu-nbd");
                 c.arg("-f")
-                    .arg("raw")
+                    .arg(opts.format.unwrap_or("raw"))
                     .arg("-k")
                     .arg(&socket)
                     .arg("-x")
@@ -145,6 +152,9 @@ impl Server {
                     .arg("--persistent");
                 if let Some(d) = &opts.description {
                     c.arg("-D").arg(d);
+                }
+                for b in &opts.bitmaps {
+                    c.arg("-B").arg(b);
                 }
                 if opts.read_only {
                     c.arg("-r");

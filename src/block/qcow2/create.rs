@@ -169,9 +169,15 @@ fn backing_facts(path: &Path, opts: &CreateOptions) -> BlockResult<(Option<u64>,
 
 /// Creates (or truncates) a raw image of `size` bytes.
 pub fn create_raw(path: &Path, size: u64) -> BlockResult<()> {
+    use std::os::unix::fs::FileExt;
     let f = open_locked(path)?;
     f.set_len(size)
-        .map_err(|e| BlockError::io(format!("Could not resize '{}'", path.display()), e))
+        .map_err(|e| BlockError::io(format!("Could not resize '{}'", path.display()), e))?;
+    // qemu allocates the first block of a new raw image (so later opens can
+    // probe the alignment); its map then starts with 4 KiB of data.
+    let first = vec![0u8; size.min(4096) as usize];
+    f.write_all_at(&first, 0)
+        .map_err(|e| BlockError::io(format!("Could not write '{}'", path.display()), e))
 }
 
 fn open_locked(path: &Path) -> BlockResult<std::fs::File> {

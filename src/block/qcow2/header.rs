@@ -21,9 +21,9 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
-/// Autoclear bits whose data tidemark keeps consistent when it writes.
-/// None yet: the bitmaps layer adds bit 0 once it updates bitmaps on write.
-pub const KNOWN_AUTOCLEAR: u64 = 0;
+/// Autoclear bits whose data tidemark keeps consistent when it writes:
+/// bit 0, the bitmaps extension (bitmaps/ keeps it).
+pub const KNOWN_AUTOCLEAR: u64 = AUTOCLEAR_BITMAPS;
 
 /// Longest backing file name qemu accepts.
 const MAX_BACKING_NAME: u32 = 1023;

@@ -6,19 +6,21 @@
 //! - refcount.rs: refcounts and the cluster allocator; meta.rs: the L1/L2
 //!   state behind the node's mutex, and the metadata write-back order;
 //! - read.rs, write.rs, status.rs: the [`BlockNode`] operations;
-//! - compress.rs: compressed clusters; create.rs: new images.
+//! - compress.rs: compressed clusters; create.rs: new images;
+//! - bitmaps/: the persistent dirty bitmaps extension.
 //!
 //! Concurrency: metadata sits behind one mutex, and data I/O to clusters
 //! that are already allocated happens outside it. Operations that free
 //! clusters take `free_lock` exclusively so no in-flight read or write can
 //! touch a cluster while it is freed and handed out again.
 
+pub mod bitmaps;
 mod cache;
 pub mod compress;
 pub mod create;
 pub mod header;
-mod io;
-mod meta;
+pub(crate) mod io;
+pub(crate) mod meta;
 mod read;
 mod refcount;
 mod status;
@@ -40,6 +42,8 @@ use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, 
 pub struct Qcow2Node {
     f: HostFile,
     meta: Mutex<Meta>,
+    /// The bitmap directory as on disk; locked after `meta`, never before.
+    stored: Mutex<bitmaps::Stored>,
     free_lock: RwLock<()>,
     backing: Option<Arc<dyn BlockNode>>,
     read_only: bool,
@@ -57,6 +61,17 @@ impl Qcow2Node {
     /// Opens a qcow2 image without its backing file; the chain opener
     /// attaches that with [`Qcow2Node::set_backing`].
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Qcow2Node> {
+        Self::open_with(path, read_only, false)
+    }
+
+    /// Opens read-only without taking the image locks, as qemu-img's `-U`
+    /// (force share): for looking at an image another process has open,
+    /// e.g. its bitmaps marked in use. What it reads may be changing.
+    pub fn open_force_share(path: &Path) -> BlockResult<Qcow2Node> {
+        Self::open_with(path, true, true)
+    }
+
+    fn open_with(path: &Path, read_only: bool, force_share: bool) -> BlockResult<Qcow2Node> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -67,14 +82,26 @@ impl Qcow2Node {
         } else {
             LockMode::Write
         };
-        let lock = ImageLock::acquire(&file, path, mode)?;
+        let lock = if force_share {
+            // Byte-range locks belong to the open file; taking none is
+            // all that sharing needs.
+            ImageLock { mode }
+        } else {
+            ImageLock::acquire(&file, path, mode)?
+        };
         let f = HostFile::new(file, path);
         let file_len = f.len()?;
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
         f.read_partial(&mut first, 0)?;
-        let ctx = |e: BlockError| BlockError {
-            context: format!("'{}': {}", path.display(), e.context),
-            ..e
+        let ctx = |e: BlockError| {
+            let named = format!("'{}'", path.display());
+            if e.context.starts_with(&named) {
+                return e;
+            }
+            BlockError {
+                context: format!("{named}: {}", e.context),
+                ..e
+            }
         };
         let mut header = Header::parse(&first).map_err(ctx)?;
         check_features(&header, read_only).map_err(ctx)?;
@@ -83,18 +110,30 @@ impl Qcow2Node {
             version: header.version,
             extended_l2: header.incompatible & INCOMPAT_EXTL2 != 0,
         };
-        if !read_only && header.autoclear & !KNOWN_AUTOCLEAR != 0 {
+        // Checked before anything is written: a corrupt directory fails
+        // the open and leaves the image as it was.
+        let mut stored = bitmaps::check_directory(&f, &header).map_err(ctx)?;
+        let stale = bitmaps::load::is_stale(&header);
+        if !read_only && (header.autoclear & !KNOWN_AUTOCLEAR != 0 || stale) {
             // We would not keep that data consistent: clear the bits first,
-            // as the spec requires of a writer that does not know them.
+            // as the spec requires of a writer that does not know them. A
+            // stale bitmaps extension goes too, as qemu drops it.
             header.autoclear &= KNOWN_AUTOCLEAR;
+            if stale {
+                bitmaps::store::set_extension(&mut header, None);
+            }
             let bytes = header.serialize().map_err(ctx)?;
             f.write(&bytes, 0, "header")?;
             f.sync()?;
+        }
+        if !read_only {
+            bitmaps::store::mark_in_use(&f, &mut stored).map_err(ctx)?;
         }
         let meta = Meta::load(&f, header.clone(), geo).map_err(ctx)?;
         Ok(Qcow2Node {
             f,
             meta: Mutex::new(meta),
+            stored: Mutex::new(stored),
             free_lock: RwLock::new(()),
             backing: None,
             read_only,
@@ -167,6 +206,15 @@ impl Qcow2Node {
         if meta.corrupt {
             return Err(BlockError::corrupt(
                 "the image was found corrupt; writes are refused",
+            ));
+        }
+        if new_size != old && !self.stored_bitmaps().is_empty() {
+            // Stored bitmap tables are sized for the old size; qemu resizes
+            // the bitmaps with the image, which needs the node's in-memory
+            // bitmaps. Until that exists, refuse rather than leave tables
+            // that no longer match (the image would not open again).
+            return Err(BlockError::not_supported(
+                "resizing an image with persistent dirty bitmaps is not supported yet",
             ));
         }
         let needed = new_size
@@ -290,14 +338,6 @@ fn check_features(h: &Header, read_only: bool) -> BlockResult<()> {
             "images with extended L2 entries (subclusters) can only be opened read-only",
         ));
     }
-    if h.autoclear & AUTOCLEAR_BITMAPS != 0 && h.extension(EXT_BITMAPS).is_some() {
-        // Writing would have to drop the bitmaps (clear the autoclear bit),
-        // which would silently break incremental backups built on them.
-        return Err(BlockError::not_supported(
-            "the image has persistent dirty bitmaps, which tidemark cannot keep \
-             consistent yet: it opens such images read-only only",
-        ));
-    }
     if h.nb_snapshots != 0 {
         return Err(BlockError::not_supported(
             "images with internal snapshots can only be opened read-only",
@@ -355,6 +395,30 @@ impl BlockNode for Qcow2Node {
 
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
+        self.backing.clone()
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    fn load_bitmaps(&self) -> BlockResult<Vec<crate::bitmap::DirtyBitmap>> {
+        self.load_stored_bitmaps()
+    }
+
+    fn can_store_bitmap(&self, name: &str, granularity: u64) -> BlockResult<()> {
+        self.check_can_store(name, granularity)
+    }
+
+    fn store_bitmaps(&self, bitmaps: &[&crate::bitmap::DirtyBitmap]) -> BlockResult<()> {
+        self.store_all_bitmaps(bitmaps)
+    }
+
+    fn mark_bitmaps_in_use(&self) -> BlockResult<()> {
+        self.mark_stored_in_use()
     }
 }
 

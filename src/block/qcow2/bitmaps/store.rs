@@ -1,0 +1,305 @@
+//! Writing the bitmaps extension.
+//!
+//! Crash safety comes from ordering: new data clusters, tables and the
+//! directory are written and their refcounts made stable first; then one
+//! header write switches to them; only then are the old clusters freed. A
+//! crash at any point leaves either the old or the new directory, at worst
+//! with leaked clusters (which `qemu-img check -r` reclaims), never a
+//! directory that points at freed space.
+
+use super::dir::{serialize_directory, DirEntry};
+use super::ext::{BitmapsExt, AUTOCLEAR_BITMAPS};
+use super::load::data_geometry;
+use super::table::{encode, Cluster};
+use super::{
+    Stored, StoredBitmap, FLAG_AUTO, FLAG_EXTRA_DATA_COMPATIBLE, FLAG_IN_USE, MAX_BITMAPS,
+    MAX_DIRECTORY_SIZE, MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE, TYPE_DIRTY_TRACKING,
+};
+use crate::bitmap::DirtyBitmap;
+use crate::block::qcow2::header::{Header, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE};
+use crate::block::qcow2::io::HostFile;
+use crate::block::qcow2::meta::Meta;
+use crate::block::{BlockError, BlockResult};
+
+/// Puts the bitmaps extension where qemu writes it (after the feature
+/// table, else after the backing format), or removes it.
+pub fn set_extension(header: &mut Header, ext: Option<BitmapsExt>) {
+    let Some(ext) = ext else {
+        header.set_extension(EXT_BITMAPS, None);
+        header.autoclear &= !AUTOCLEAR_BITMAPS;
+        return;
+    };
+    header.autoclear |= AUTOCLEAR_BITMAPS;
+    if header.extension(EXT_BITMAPS).is_some() {
+        header.set_extension(EXT_BITMAPS, Some(ext.serialize()));
+        return;
+    }
+    let after = [EXT_FEATURE_TABLE, EXT_BACKING_FORMAT]
+        .iter()
+        .find_map(|k| header.extensions.iter().position(|e| e.kind == *k))
+        .map_or(0, |i| i + 1);
+    header.extensions.insert(
+        after,
+        crate::block::qcow2::header::Extension {
+            kind: EXT_BITMAPS,
+            data: ext.serialize(),
+        },
+    );
+}
+
+/// Sets `in_use` on every stored bitmap (a read-write open): the
+/// directory is rewritten in place, same size, and synced.
+pub fn mark_in_use(f: &HostFile, stored: &mut Stored) -> BlockResult<()> {
+    let Some(ext) = stored.ext else {
+        return Ok(());
+    };
+    if stored.bitmaps.iter().all(|b| b.entry.in_use()) {
+        return Ok(());
+    }
+    for b in &mut stored.bitmaps {
+        b.entry.flags |= FLAG_IN_USE;
+    }
+    let raw = serialize_directory(stored.bitmaps.iter().map(|b| &b.entry));
+    f.write(&raw, ext.directory_offset, "bitmap directory")?;
+    f.sync()
+}
+
+/// Refuses a bitmap whose data would exceed qemu's table or data limits
+/// (qemu would then refuse to open the image).
+pub fn check_size(size: u64, granularity: u64, cluster_size: u64) -> BlockResult<()> {
+    let bits = granularity.trailing_zeros() as u8;
+    let (_, clusters) = data_geometry(size, bits, cluster_size);
+    if clusters > MAX_TABLE_SIZE || clusters.saturating_mul(cluster_size) > MAX_PHYS_SIZE {
+        return Err(BlockError::invalid(
+            "Too much space will be occupied by the bitmap. Use larger granularity",
+        ));
+    }
+    Ok(())
+}
+
+/// Why a new persistent bitmap `name` cannot be stored, in qemu's words.
+pub fn check_can_store(
+    header: &Header,
+    stored_count: usize,
+    dir_size: u64,
+    name: &str,
+    granularity: u64,
+) -> BlockResult<()> {
+    if header.version < 3 {
+        return Err(BlockError::invalid(
+            "Cannot store dirty bitmaps in qcow2 v2 files",
+        ));
+    }
+    if name.len() > MAX_NAME_SIZE {
+        return Err(BlockError::invalid(format!(
+            "Name length exceeds maximum ({MAX_NAME_SIZE} characters)"
+        )));
+    }
+    check_size(header.size, granularity, header.cluster_size())?;
+    if stored_count >= MAX_BITMAPS as usize {
+        return Err(BlockError::invalid(
+            "Maximum number of persistent bitmaps is already reached",
+        ));
+    }
+    if dir_size + (24 + name.len() as u64).div_ceil(8) * 8 > MAX_DIRECTORY_SIZE {
+        return Err(BlockError::invalid(
+            "Not enough space in the bitmap directory",
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `bitmaps` as the image's whole bitmap directory, with `in_use`
+/// clear. An inconsistent bitmap keeps its old entry and clusters exactly
+/// as found (still in use), as qemu does.
+pub fn store(
+    f: &HostFile,
+    meta: &mut Meta,
+    stored: &mut Stored,
+    bitmaps: &[&DirtyBitmap],
+) -> BlockResult<()> {
+    if bitmaps.is_empty() && stored.ext.is_none() {
+        return Ok(());
+    }
+    if meta.header.version < 3 {
+        return Err(BlockError::invalid(
+            "Cannot store dirty bitmaps in qcow2 v2 files",
+        ));
+    }
+    if bitmaps.len() > MAX_BITMAPS as usize {
+        return Err(BlockError::invalid(format!(
+            "Cannot store more than {MAX_BITMAPS} persistent bitmaps"
+        )));
+    }
+    let cs = meta.geo.cluster_size();
+    let mut new: Vec<StoredBitmap> = Vec::with_capacity(bitmaps.len());
+    let mut kept = Vec::new();
+    let mut fresh: Vec<(u64, u64)> = Vec::new();
+    let res = (|| {
+        for b in bitmaps {
+            let old = stored.bitmaps.iter().position(|s| s.entry.name == b.name());
+            if b.state.inconsistent {
+                if let Some(i) = old {
+                    kept.push(i);
+                    new.push(stored.bitmaps[i].clone());
+                }
+                continue;
+            }
+            let sb = write_bitmap(
+                f,
+                meta,
+                b,
+                old.map(|i| &stored.bitmaps[i].entry),
+                &mut fresh,
+            )?;
+            new.push(sb);
+        }
+        let raw = serialize_directory(new.iter().map(|b| &b.entry));
+        if raw.len() as u64 > MAX_DIRECTORY_SIZE {
+            return Err(BlockError::invalid(
+                "Not enough space in the bitmap directory",
+            ));
+        }
+        let ext = if new.is_empty() {
+            None
+        } else {
+            let clusters = (raw.len() as u64).div_ceil(cs);
+            let off = meta.alloc(f, clusters)?;
+            fresh.push((off, clusters * cs));
+            f.write(&raw, off, "bitmap directory")?;
+            Some(BitmapsExt {
+                nb_bitmaps: new.len() as u32,
+                directory_size: raw.len() as u64,
+                directory_offset: off,
+            })
+        };
+        // Everything the new header points to, and its refcounts, is stable
+        // before the header switches over.
+        meta.write_back(f)?;
+        f.sync()?;
+        let mut header = meta.header.clone();
+        header.refcount_table_offset = meta.refs.table_offset;
+        header.refcount_table_clusters = meta.refs.table_clusters;
+        set_extension(&mut header, ext);
+        let bytes = header.serialize()?;
+        Ok((ext, header, bytes))
+    })();
+    let ext = match res {
+        Ok((ext, header, bytes)) => {
+            // The point of no return: once the header write was attempted,
+            // the new clusters may be referenced, so a failure leaks them
+            // rather than freeing them.
+            f.write(&bytes, 0, "header")?;
+            f.sync()?;
+            meta.header = header;
+            ext
+        }
+        Err(e) => {
+            // Give back what we took; the old directory is still current.
+            for (off, len) in fresh {
+                let _ = meta.refs.free_range(f, off, len);
+            }
+            return Err(e);
+        }
+    };
+    let old = std::mem::replace(stored, Stored { ext, bitmaps: new });
+    free_old(f, meta, &old, &kept)?;
+    meta.write_back(f)?;
+    f.sync()
+}
+
+/// Writes one bitmap's data clusters (all-zero clusters become 0 entries,
+/// as qemu stores them) and its table; returns its new directory entry.
+fn write_bitmap(
+    f: &HostFile,
+    meta: &mut Meta,
+    b: &DirtyBitmap,
+    old: Option<&DirEntry>,
+    fresh: &mut Vec<(u64, u64)>,
+) -> BlockResult<StoredBitmap> {
+    if b.name().len() > MAX_NAME_SIZE {
+        return Err(BlockError::invalid(format!(
+            "Can't store bitmap '{}': Name length exceeds maximum ({MAX_NAME_SIZE} characters)",
+            b.name()
+        )));
+    }
+    let cs = meta.geo.cluster_size();
+    check_size(b.size(), b.granularity(), cs).map_err(|e| BlockError {
+        context: format!("Can't store bitmap '{}': {}", b.name(), e.context),
+        ..e
+    })?;
+    let gbits = b.granularity_shift() as u8;
+    let (bytes, clusters) = data_geometry(b.size(), gbits, cs);
+    let mut table = Vec::with_capacity(clusters as usize);
+    for i in 0..clusters {
+        let at = i * cs;
+        let granule = at * 8;
+        if b.is_range_zero(granule, cs * 8) {
+            table.push(encode(Cluster::Zeros));
+            continue;
+        }
+        let n = cs.min(bytes - at);
+        let mut data = b
+            .serialize_range(granule, n)
+            .map_err(|e| BlockError::invalid(e.message))?;
+        data.resize(cs as usize, 0);
+        let off = meta.alloc(f, 1)?;
+        fresh.push((off, cs));
+        f.write(&data, off, "bitmap data")?;
+        table.push(encode(Cluster::Data(off)));
+    }
+    let mut raw = Vec::with_capacity(table.len() * 8);
+    for t in &table {
+        raw.extend_from_slice(&t.to_be_bytes());
+    }
+    let tclusters = (raw.len() as u64).div_ceil(cs).max(1);
+    raw.resize((tclusters * cs) as usize, 0);
+    let table_offset = meta.alloc(f, tclusters)?;
+    fresh.push((table_offset, tclusters * cs));
+    f.write(&raw, table_offset, "bitmap table")?;
+    let mut flags = if b.state.recording { FLAG_AUTO } else { 0 };
+    // Extra data the entry had (known compatible, or it would be
+    // inconsistent) is kept as it was.
+    let extra_data = old.map(|o| o.extra_data.clone()).unwrap_or_default();
+    if !extra_data.is_empty() {
+        flags |= FLAG_EXTRA_DATA_COMPATIBLE;
+    }
+    Ok(StoredBitmap {
+        entry: DirEntry {
+            table_offset,
+            table_size: clusters as u32,
+            flags,
+            kind: TYPE_DIRTY_TRACKING,
+            granularity_bits: gbits,
+            name: b.name().to_owned(),
+            extra_data,
+        },
+        table,
+        inconsistent: false,
+    })
+}
+
+/// Frees the clusters of the previous directory and of every bitmap not in
+/// `kept` (inconsistent bitmaps whose clusters live on).
+fn free_old(f: &HostFile, meta: &mut Meta, old: &Stored, kept: &[usize]) -> BlockResult<()> {
+    let cs = meta.geo.cluster_size();
+    if let Some(ext) = old.ext {
+        meta.refs
+            .free_range(f, ext.directory_offset, ext.directory_size.max(1))?;
+    }
+    for (i, b) in old.bitmaps.iter().enumerate() {
+        if kept.contains(&i) {
+            continue;
+        }
+        for &t in &b.table {
+            let off = super::table::data_offset(t);
+            if off != 0 {
+                meta.refs.free_range(f, off, cs)?;
+            }
+        }
+        let tbytes = u64::from(b.entry.table_size) * 8;
+        meta.refs
+            .free_range(f, b.entry.table_offset, tbytes.max(1))?;
+    }
+    Ok(())
+}
