@@ -150,12 +150,5 @@ scenarios!(
     argument_types,
     events,
     qcow2,
+    qcow2_persistent,
 );
-
-/// Needs persistent bitmaps in qcow2 (the qcow2-bitmaps work): enable once
-/// Qcow2Node implements can_store_bitmap/store_bitmaps.
-#[test]
-#[ignore = "needs qcow2 persistent bitmaps (qcow2-bitmaps branch)"]
-fn qcow2_persistent() {
-    run("qcow2_persistent");
-}

@@ -78,7 +78,6 @@ fn run(kind: Impl) -> (Value, String) {
 }
 
 #[test]
-#[ignore = "needs qcow2 persistent bitmaps (qcow2-bitmaps branch)"]
 fn persistent_bitmaps_survive_quit_as_with_qsd() {
     let qsd = run(Impl::Qsd);
     let tm = run(Impl::Tidemark);
