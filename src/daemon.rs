@@ -48,6 +48,9 @@ pub struct BlockDev {
     /// Format details for query-named-block-nodes' `image` (cluster-size,
     /// format-specific, backing names), read when the node was opened.
     pub image_extra: Option<Value>,
+    /// The bitmaps loaded from the image at open: those qemu shows as
+    /// stored in the image (new ones are written only at close).
+    pub loaded_bitmaps: Vec<SharedBitmap>,
 }
 
 /// One block export, as query-block-exports lists it.
