@@ -13,7 +13,7 @@ use super::transaction::{self, Action};
 use crate::bitmap::set::{lock, SharedBitmap};
 use crate::bitmap::{check_name, default_granularity, granularity_shift, Checks, DirtyBitmap};
 use crate::block::node::Node;
-use crate::block::{BlockNode, ErrorKind};
+use crate::block::BlockNode;
 use crate::daemon::Daemon;
 use crate::qmp::error::{QmpError, QmpResult};
 
@@ -131,21 +131,16 @@ impl Action for Add {
         let a = &self.args;
         let node = d.node(&a.node)?;
         check_name(&a.name)?;
-        // Formats without clusters (raw, file) get 64 KiB; tidemark's qcow2
-        // images use 64 KiB clusters too, which clamps to the same value.
-        let granularity = a.granularity.unwrap_or_else(|| default_granularity(0));
+        // The image's cluster size clamped to [4 KiB, 64 KiB]; 64 KiB for
+        // formats without clusters (raw, file), as qemu.
+        let granularity = a
+            .granularity
+            .unwrap_or_else(|| default_granularity(node.cluster_size()));
         granularity_shift(granularity)?;
         let persistent = a.persistent.unwrap_or(false);
         if persistent {
-            node.driver()
-                .can_store_bitmap(&a.name, granularity)
-                .map_err(|e| match e.kind {
-                    ErrorKind::NotSupported => QmpError::generic(format!(
-                        "Can't store persistent bitmaps to {}: Operation not supported",
-                        a.node
-                    )),
-                    _ => QmpError::from(e),
-                })?;
+            // The driver decides, and the node words it as qemu does.
+            node.can_store_bitmap(&a.name, granularity)?;
         }
         let mut bitmap = DirtyBitmap::new(&a.name, node.size(), granularity)?;
         bitmap.state.persistent = persistent;
