@@ -48,6 +48,9 @@ pub struct BlockDev {
     /// Format details for query-named-block-nodes' `image` (cluster-size,
     /// format-specific, backing names), read when the node was opened.
     pub image_extra: Option<Value>,
+    /// The bitmaps loaded from the image at open: those qemu shows as
+    /// stored in the image (new ones are written only at close).
+    pub loaded_bitmaps: Vec<SharedBitmap>,
 }
 
 /// One block export, as query-block-exports lists it.
@@ -83,7 +86,6 @@ impl Event {
 struct NbdRunning {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    max_connections: Option<usize>,
 }
 
 #[derive(Default)]
@@ -452,11 +454,7 @@ impl Daemon {
             .map_err(|e| QmpError::generic(crate::qmp::error::strip_os_error(&e.to_string())))?;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.run(stop_rx));
-        *nbd = Some(NbdRunning {
-            stop,
-            task,
-            max_connections,
-        });
+        *nbd = Some(NbdRunning { stop, task });
         self.state().nbd_max_connections = Some(max_connections);
         Ok(())
     }
@@ -479,7 +477,6 @@ impl Daemon {
             self.drop_export(rec);
         }
         let _ = running.stop.send(true);
-        let _ = running.max_connections;
         // Wait until the old server has removed its socket, so a new one
         // may bind the same path at once.
         if tokio::time::timeout(NBD_STOP_LIMIT, running.task)
@@ -508,9 +505,4 @@ fn close_node(d: &BlockDev) {
 pub fn allocated_size(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
-}
-
-/// Whether a node may be written, for the export rules.
-pub fn node_read_only(node: &Node) -> bool {
-    node.read_only()
 }

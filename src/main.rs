@@ -315,6 +315,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 monitor_owned: false,
                 file_id: None,
                 image_extra: None,
+                loaded_bitmaps: Vec::new(),
             })
             .map_err(anyhow::Error::msg)?;
     }

@@ -8,6 +8,7 @@
 //! ```json
 //! {"images": {"a.img": 4194304},                   // sparse raw images in $DIR
 //!  "qcow2_images": {"c.qcow2": 4194304},            // made by qemu-img create
+//!  "stale_bitmap_images": {"s.qcow2": [4194304, "b"]}, // bitmap b left in use
 //!  "monitors": 3,                                    // client k talks to monitor k
 //!  "args": ["--blockdev", "driver=file,node-name=f0,filename=$DIR/a.img"],
 //!  "steps": [
@@ -26,7 +27,10 @@ mod qmp_common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use qmp_common::{nbd_map, normalise, qcow2_image, qemu_io, raw_image, Impl, Instance, Qmp};
+use qmp_common::{
+    nbd_map, normalise, qcow2_image, qcow2_with_stale_bitmap, qemu_io, raw_image, Impl, Instance,
+    Qmp,
+};
 use serde_json::{json, Value};
 
 fn load(name: &str) -> Value {
@@ -45,12 +49,17 @@ fn transcript(kind: Impl, sc: &Value) -> Vec<(usize, Value)> {
     let monitors = sc["monitors"].as_u64().unwrap_or(1) as usize;
     let qcow2: BTreeMap<String, u64> =
         serde_json::from_value(sc["qcow2_images"].clone()).unwrap_or_default();
+    let stale: BTreeMap<String, (u64, String)> =
+        serde_json::from_value(sc["stale_bitmap_images"].clone()).unwrap_or_default();
     let inst = Instance::start_with_monitors(kind, &args, monitors, |dir| {
         for (name, size) in &images {
             raw_image(&dir.join(name), *size);
         }
         for (name, size) in &qcow2 {
             qcow2_image(&dir.join(name), *size);
+        }
+        for (name, (size, bitmap)) in &stale {
+            qcow2_with_stale_bitmap(&dir.join(name), *size, bitmap);
         }
     });
     let dir = inst.dir.path().to_owned();
@@ -150,12 +159,6 @@ scenarios!(
     argument_types,
     events,
     qcow2,
+    qcow2_persistent,
+    inconsistent_bitmap,
 );
-
-/// Needs persistent bitmaps in qcow2 (the qcow2-bitmaps work): enable once
-/// Qcow2Node implements can_store_bitmap/store_bitmaps.
-#[test]
-#[ignore = "needs qcow2 persistent bitmaps (qcow2-bitmaps branch)"]
-fn qcow2_persistent() {
-    run("qcow2_persistent");
-}

@@ -94,6 +94,14 @@ impl BlockNode for RawFormat {
     fn format_name(&self) -> &'static str {
         "raw"
     }
+
+    fn cluster_size(&self) -> u64 {
+        self.child.cluster_size()
+    }
+
+    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
+        self.child.backing_layer()
+    }
 }
 
 pub struct FileView {

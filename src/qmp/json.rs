@@ -194,7 +194,7 @@ pub fn parse(text: &[u8]) -> Result<Value, String> {
     // has already refused anything deeper, so the stack stays bounded.
     let mut de = serde_json::Deserializer::from_slice(text);
     de.disable_recursion_limit();
-    let parsed = Value::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    let parsed = Strict::deserialize(&mut de).and_then(|v| de.end().map(|()| v.0));
     parsed.map_err(|e| format!("JSON parse error, {}", qemu_parse_error(&e)))
 }
 
@@ -202,7 +202,9 @@ pub fn parse(text: &[u8]) -> Result<Value, String> {
 /// brackets balance (the framer has handled everything else).
 fn qemu_parse_error(e: &serde_json::Error) -> &'static str {
     let msg = e.to_string();
-    if msg.starts_with("expected `:`") {
+    if msg.starts_with(DUPLICATE_KEY) {
+        DUPLICATE_KEY
+    } else if msg.starts_with("expected `:`") {
         "missing : in object pair"
     } else if msg.starts_with("key must be a string") {
         "key is not a string in object"
@@ -214,6 +216,75 @@ fn qemu_parse_error(e: &serde_json::Error) -> &'static str {
         "premature EOF"
     } else {
         "expecting value"
+    }
+}
+
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// A JSON value whose objects have unique keys: qemu refuses a repeated
+/// key where serde_json would keep the last one.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Strict(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let Strict(v) = map.next_value()?;
+            if m.insert(k, v).is_some() {
+                return Err(serde::de::Error::custom(DUPLICATE_KEY));
+            }
+        }
+        Ok(Value::Object(m))
     }
 }
 
@@ -308,6 +379,15 @@ mod tests {
             out[0],
             Frame::Error("JSON parse error, stray '\"exec\n'".into())
         );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_like_qemu() {
+        assert_eq!(
+            parse(br#"{"a": {"b": 1, "b": 2}}"#),
+            Err("JSON parse error, duplicate key".into())
+        );
+        assert!(parse(br#"{"a": [{"b": 1}, {"b": 2}]}"#).is_ok());
     }
 
     #[test]

@@ -356,6 +356,28 @@ pub fn qcow2_image(path: &Path, size: u64) {
     assert!(out.status.success(), "qemu-img create: {out:?}");
 }
 
+/// Creates a qcow2 image holding persistent bitmap `name` marked in use, as
+/// a crash leaves it: qemu-storage-daemon opens it read-write (which marks
+/// the stored bitmaps in use on disk) and is killed once ready.
+pub fn qcow2_with_stale_bitmap(path: &Path, size: u64, name: &str) {
+    qcow2_image(path, size);
+    let out = Command::new("qemu-img")
+        .args(["bitmap", "--add", "-g", "65536"])
+        .arg(path)
+        .arg(name)
+        .output()
+        .expect("run qemu-img bitmap");
+    assert!(out.status.success(), "qemu-img bitmap: {out:?}");
+    let args = vec![
+        "--blockdev".to_owned(),
+        format!("driver=file,node-name=f,filename={}", path.display()),
+        "--blockdev".to_owned(),
+        "driver=qcow2,node-name=q,file=f".to_owned(),
+    ];
+    // Dropping the instance kills it with SIGKILL: no clean close.
+    drop(Instance::start(Impl::Qsd, &args, |_| {}));
+}
+
 /// Creates a sparse raw image.
 pub fn raw_image(path: &Path, size: u64) {
     let f = std::fs::File::create(path).expect("create image");

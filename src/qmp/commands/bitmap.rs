@@ -132,16 +132,15 @@ impl Action for Add {
         let node = d.node(&a.node)?;
         check_name(&a.name)?;
         // The image's cluster size clamped to [4 KiB, 64 KiB]; 64 KiB for
-        // formats without clusters (raw).
+        // formats without clusters (raw, file), as qemu.
         let granularity = a
             .granularity
             .unwrap_or_else(|| default_granularity(node.cluster_size()));
         granularity_shift(granularity)?;
         let persistent = a.persistent.unwrap_or(false);
         if persistent {
-            // The node words qemu's message, naming itself.
-            node.can_store_bitmap(&a.name, granularity)
-                .map_err(|e| QmpError::generic(e.context))?;
+            // The driver decides, and the node words it as qemu does.
+            node.can_store_bitmap(&a.name, granularity)?;
         }
         let mut bitmap = DirtyBitmap::new(&a.name, node.size(), granularity)?;
         bitmap.state.persistent = persistent;

@@ -78,6 +78,7 @@ fn open_node(
             )))
         }
     };
+    let loaded_bitmaps = node.bitmaps().all();
     d.insert_node(BlockDev {
         name: name.clone(),
         driver: driver_name,
@@ -87,6 +88,7 @@ fn open_node(
         monitor_owned: root,
         file_id,
         image_extra,
+        loaded_bitmaps,
     })?;
     Ok(name)
 }
@@ -211,6 +213,7 @@ fn node_info(dev: &BlockDev) -> Value {
             image[key] = v.clone();
         }
     }
+    on_disk_bitmaps(dev, &mut image);
     let mut info = json!({
         "iops_rd": 0, "detect_zeroes": "off", "active": true, "image": image,
         "iops_wr": 0, "ro": dev.node.read_only(), "node-name": dev.name,
@@ -242,6 +245,45 @@ fn node_info(dev: &BlockDev) -> Value {
         info["dirty-bitmaps"] = Value::Array(bitmaps);
     }
     info
+}
+
+/// qcow2's `format-specific.bitmaps` is the image's bitmap directory. It
+/// was read before the node opened; what qemu shows since: a read-write
+/// open marks every stored bitmap in use, a removed one is gone, and one
+/// added since is only written at close.
+fn on_disk_bitmaps(dev: &BlockDev, image: &mut Value) {
+    // `get_mut`, not indexing: IndexMut would insert the missing keys.
+    let Some(list) = image
+        .get_mut("format-specific")
+        .and_then(|f| f.get_mut("data"))
+        .and_then(|d| d.get_mut("bitmaps"))
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    let live = dev.node.bitmaps();
+    list.retain(|b| {
+        let live = b["name"].as_str().and_then(|n| live.get(n));
+        live.is_some_and(|l| dev.loaded_bitmaps.iter().any(|x| Arc::ptr_eq(x, &l)))
+    });
+    if !dev.node.read_only() {
+        for b in list.iter_mut() {
+            if let Some(flags) = b["flags"].as_array_mut() {
+                if !flags.iter().any(|f| f == "in-use") {
+                    flags.insert(0, json!("in-use"));
+                }
+            }
+        }
+    }
+    if list.is_empty() {
+        if let Some(data) = image
+            .get_mut("format-specific")
+            .and_then(|f| f.get_mut("data"))
+            .and_then(Value::as_object_mut)
+        {
+            data.remove("bitmaps");
+        }
+    }
 }
 
 /// query-block lists BlockBackends with a device name; a storage daemon

@@ -168,9 +168,9 @@ fn claim_bitmaps(
     let mut found = Vec::new();
     for s in &sources {
         let b = match s {
+            // Looked up down the backing chain too, as qemu's exports do.
             Source::Local(name) => node
-                .bitmaps()
-                .get(name)
+                .find_bitmap(name)
                 .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
             Source::External(r) => bitmap::lookup(d, &r.node, &r.name)?.1,
         };
