@@ -8,8 +8,10 @@ use super::reply::ReplyTo;
 use crate::block::{BlockError, ErrorKind, ZeroFlags, STATE_ZERO};
 
 /// Reads shorter than this are sent as plain data: asking the node for holes
-/// costs more than it saves (qemu asks for every read; see proto/nbd.md).
-pub const SPARSE_READ_MIN: u64 = 64 << 10;
+/// costs more than it saves (measured: sequential nbdcopy reads of 256 KiB
+/// go 40-80% faster without it; nbdcopy asks for the map itself). qemu asks
+/// for every read; see proto/nbd.md.
+pub const SPARSE_READ_MIN: u64 = 1 << 20;
 
 /// The NBD error code for a block-layer failure.
 pub fn errno_of(e: &BlockError) -> u32 {
