@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::context::{Descriptor, DirtyBitmapContext, MetaContext};
 use crate::bitmap::set::{lock, SharedBitmap};
-use crate::bitmap::Checks;
+use crate::bitmap::{BitmapError, BitmapResult, Checks, DirtyBitmap};
 use crate::block::node::Node;
 use crate::block::{BlockNode, BlockResult};
 
@@ -51,6 +51,23 @@ impl MetaContext for ExportedBitmap {
     }
 }
 
+/// Whether `bitmap` may back a `qemu:dirty-bitmap` context of an export:
+/// the one home of this rule, for `serve -B` and QMP `block-export-add`.
+pub fn check_exportable(
+    bitmap: &DirtyBitmap,
+    read_only_export: bool,
+    node_writable: bool,
+) -> BitmapResult<()> {
+    bitmap.check(Checks::ALLOW_RO)?;
+    if read_only_export && node_writable && bitmap.state.recording {
+        return Err(BitmapError::invalid(format!(
+            "Enabled bitmap '{}' incompatible with readonly export",
+            bitmap.name()
+        )));
+    }
+    Ok(())
+}
+
 /// The contexts for bitmaps `names` (in `-B` order) on an export of
 /// `node`; the error is qemu-nbd's text.
 pub fn bitmap_contexts(
@@ -63,15 +80,7 @@ pub fn bitmap_contexts(
         let b = node
             .find_bitmap(name)
             .ok_or_else(|| format!("Bitmap '{name}' is not found"))?;
-        {
-            let g = lock(&b);
-            g.check(Checks::ALLOW_RO).map_err(|e| e.message)?;
-            if read_only_export && !node.read_only() && g.state.recording {
-                return Err(format!(
-                    "Enabled bitmap '{name}' incompatible with readonly export"
-                ));
-            }
-        }
+        check_exportable(&lock(&b), read_only_export, !node.read_only()).map_err(|e| e.message)?;
         found.push((name.clone(), b));
     }
     let mut out: Vec<Arc<dyn MetaContext>> = Vec::with_capacity(found.len());

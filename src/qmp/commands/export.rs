@@ -10,9 +10,9 @@ use serde_json::{json, Map, Value};
 
 use super::bitmap::{self, Source};
 use crate::bitmap::set::{lock, SharedBitmap};
-use crate::bitmap::Checks;
 use crate::block::BlockNode;
 use crate::daemon::Daemon;
+use crate::nbd::bitmaps::check_exportable;
 use crate::nbd::context::{DirtyBitmapContext, MetaContext};
 use crate::nbd::export::{Export, ExportConfig};
 use crate::nbd::server::Address;
@@ -156,9 +156,8 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
     d.insert_export(&a.id, &a.node_name, export, bitmaps)
 }
 
-/// Finds the exported bitmaps, checks them (qemu: not busy, consistent; an
-/// enabled bitmap would keep changing under a read-only export's reader)
-/// and marks them busy. On error none stays marked.
+/// Finds the exported bitmaps, checks them (`check_exportable`) and marks
+/// them busy. On error none stays marked.
 fn claim_bitmaps(
     d: &Daemon,
     node: &Arc<crate::block::node::Node>,
@@ -174,16 +173,7 @@ fn claim_bitmaps(
                 .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
             Source::External(r) => bitmap::lookup(d, &r.node, &r.name)?.1,
         };
-        {
-            let g = lock(&b);
-            g.check(Checks::ALLOW_RO)?;
-            if read_only && g.state.recording {
-                return Err(QmpError::generic(format!(
-                    "Enabled bitmap '{}' incompatible with readonly export",
-                    g.name()
-                )));
-            }
-        }
+        check_exportable(&lock(&b), read_only, !node.read_only())?;
         found.push(b);
     }
     for b in &found {
