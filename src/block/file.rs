@@ -2,7 +2,7 @@
 //! the file. Holes are found with SEEK_DATA/SEEK_HOLE, zeroes are written
 //! with fallocate where the filesystem can, flush is fdatasync.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +10,7 @@ use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
 use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::lock::{ImageLock, LockMode};
+use super::lock::ImageLock;
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 use super::{STATE_HOLE, STATE_ZERO};
 
@@ -35,18 +35,8 @@ const SECTOR: u64 = 512;
 
 impl FileNode {
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
-        let mode = if read_only {
-            LockMode::Read
-        } else {
-            LockMode::Write
-        };
         // qemu-compatible image locks; they live as long as `file`.
-        ImageLock::acquire(&file, path, mode)?;
+        let (file, _lock) = ImageLock::open(path, read_only, false)?;
         let size = file
             .metadata()
             .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?

@@ -81,6 +81,30 @@ fn held_by_other(file: &File, byte: i64) -> std::io::Result<bool> {
 impl ImageLock {
     /// Takes the locks of `mode` on `file`, or fails with qemu's message if
     /// another process's locks conflict.
+    /// Opens an image file for reading, and for writing unless
+    /// `read_only`, and takes qemu's locks for that use; with `share` takes
+    /// none (qemu-img -U). The one way drivers open their host file.
+    pub fn open(path: &Path, read_only: bool, share: bool) -> BlockResult<(File, ImageLock)> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+        let mode = if read_only {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        };
+        let lock = if share {
+            // Byte-range locks belong to the open file; taking none is
+            // all that sharing needs.
+            ImageLock { mode }
+        } else {
+            ImageLock::acquire(&file, path, mode)?
+        };
+        Ok((file, lock))
+    }
+
     pub fn acquire(file: &File, path: &Path, mode: LockMode) -> BlockResult<ImageLock> {
         let perms: &[i64] = match mode {
             LockMode::Read => &[PERM_READ],

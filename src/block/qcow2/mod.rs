@@ -27,7 +27,6 @@ mod status;
 pub mod tables;
 mod write;
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -36,7 +35,7 @@ use self::header::*;
 use self::io::HostFile;
 use self::meta::Meta;
 use self::tables::Geometry;
-use super::lock::{ImageLock, LockMode};
+use super::lock::ImageLock;
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 
 pub struct Qcow2Node {
@@ -72,23 +71,7 @@ impl Qcow2Node {
     }
 
     fn open_with(path: &Path, read_only: bool, force_share: bool) -> BlockResult<Qcow2Node> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
-        let mode = if read_only {
-            LockMode::Read
-        } else {
-            LockMode::Write
-        };
-        let lock = if force_share {
-            // Byte-range locks belong to the open file; taking none is
-            // all that sharing needs.
-            ImageLock { mode }
-        } else {
-            ImageLock::acquire(&file, path, mode)?
-        };
+        let (file, lock) = ImageLock::open(path, read_only, force_share)?;
         let f = HostFile::new(file, path);
         let file_len = f.len()?;
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
