@@ -5,10 +5,11 @@
 
 mod common;
 
-use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use common::{run, sparse_file, temp_dir, tool, wait_with_deadline, TIDEMARK};
 
@@ -26,44 +27,38 @@ impl Drop for TcpServer {
 }
 
 /// Starts `tidemark serve --listen HOST:0` and returns it with the
-/// `host:port` it logged.
-fn start(image: &Path, log: &Path, host: &str) -> (TcpServer, String) {
-    let child = Command::new(TIDEMARK)
+/// `host:port` it logged. A thread reads the log as it is written (and
+/// keeps draining it), so the wait is on the line itself, with a deadline.
+fn start(image: &Path, host: &str) -> (TcpServer, String) {
+    let mut child = Command::new(TIDEMARK)
         .args(["serve", "--listen", &format!("{host}:0"), "--format", "raw"])
         .arg(image)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(File::create(log).expect("create log"))
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start tidemark");
-    let mut srv = TcpServer { child };
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(addr) = text
-            .lines()
-            .find_map(|l| l.split("listening on tcp ").nth(1))
-        {
-            return (srv, addr.trim().to_string());
+    let stderr = child.stderr.take().expect("piped stderr");
+    let srv = TcpServer { child };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on tcp ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
         }
-        if let Ok(Some(status)) = srv.child.try_wait() {
-            panic!("tidemark exited early ({status}):\n{text}");
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no 'listening' line in time:\n{text}"
-        );
-        // Poll the log the server is writing; the condition, not the
-        // interval, ends the wait.
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
+    let addr = rx
+        .recv_timeout(DEADLINE)
+        .expect("tidemark logged no 'listening on tcp' line in time");
+    (srv, addr)
 }
 
 fn exercise(host: &str) {
     let dir = temp_dir();
     let img = dir.path().join("disk.raw");
     sparse_file(&img, 16 << 20);
-    let (mut srv, addr) = start(&img, &dir.path().join("log"), host);
+    let (mut srv, addr) = start(&img, host);
     let uri = format!("nbd://{addr}/");
     let info = run(tool("nbdinfo").arg("--json").arg(&uri));
     assert!(info.contains("\"export-size\": 16777216"), "{info}");
