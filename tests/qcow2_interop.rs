@@ -889,12 +889,10 @@ fn qcow2_corrupt_images_give_clear_errors() {
     patch(&img, 72, &2u64.to_be_bytes());
     let e = open_image(&img, None, false).err().expect("corrupt bit");
     assert_eq!(e.kind, ErrorKind::Corrupt);
-    if let Err(e) = open_image(&img, None, true) {
-        panic!(
-            "a corrupt image must still open read-only: {e} ({:?})",
-            e.kind
-        );
-    }
+    // Read-only still works (through `open`, which rides out the fork race).
+    let ro = open(&img, true);
+    assert!(ro.read_only());
+    drop(ro);
     // The L2 table's refcount says "free": the next allocation would land
     // on it. The write is refused and the image marked corrupt instead.
     let img = sample_image(d);
