@@ -1,22 +1,31 @@
-//! The shared state of a running daemon and its invariants: the named block
-//! nodes (qemu's blockdev graph, kept simple: a format node knows its `file`
-//! child by name), the exports, the one NBD server, and the event channel.
+//! The shared state of a running daemon and its invariants: the block
+//! graph (named nodes; their edges live in the drivers, see
+//! [`crate::block::link`]), the roots that exports hold, the exports, the
+//! one NBD server, and the event channel.
 //!
-//! Every front (QMP, the qsd-style command line) changes the state through
-//! these methods, so a rule such as "a node in use by an export cannot be
-//! deleted" lives here once. Error texts are qemu's, word for word.
+//! Every front (QMP, the qsd-style command line, `serve`) changes the
+//! state through these methods, so a rule such as "a node in use by an
+//! export cannot be deleted" lives here once. "In use" is always a
+//! question asked of the graph (parents and roots), never of a reference
+//! count. Error texts are qemu's, word for word.
+//!
+//! Lock order: `state` is never held while a link is drained or a node
+//! does I/O; bitmap locks are taken inside node operations only, in the
+//! order of [`crate::bitmap::set::lock_all`].
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
-use crate::bitmap::set::{lock, SharedBitmap};
+use crate::bitmap::set::SharedBitmap;
+use crate::block::link::{ChildRole, Drained, Link, Root};
 use crate::block::node::Node;
+use crate::block::open::Driver;
 use crate::block::BlockNode;
+use crate::event::{Event, EventKind};
 use crate::nbd::export::{Export, ExportTable};
 use crate::nbd::server::{Address, NbdServer};
 use crate::qmp::error::{QmpError, QmpResult};
@@ -29,17 +38,13 @@ const NBD_STOP_LIMIT: Duration = Duration::from_secs(10);
 const EVENT_BACKLOG: usize = 1024;
 
 /// One named node of the block graph.
-pub struct BlockDev {
-    pub name: String,
-    /// qemu's driver name: "file", "raw" or "qcow2".
-    pub driver: &'static str,
-    /// The host file at the bottom of this node.
-    pub filename: PathBuf,
-    /// The node-name of the `file` child of a format node.
-    pub file_child: Option<String>,
+pub struct GraphNode {
+    /// The node (its name is the graph's name for it).
     pub node: Arc<Node>,
+    pub driver: Driver,
     /// Created by the user (blockdev-add, --blockdev) rather than implicitly
-    /// as a nested child: only those may be deleted with blockdev-del.
+    /// (a nested child, a layer of a backing chain opened from the header):
+    /// only those may be deleted with blockdev-del.
     pub monitor_owned: bool,
     /// For a `file` node that holds its host file open (and locked): the
     /// file's (device, inode), so another node of this daemon on the same
@@ -53,34 +58,18 @@ pub struct BlockDev {
     pub loaded_bitmaps: Vec<SharedBitmap>,
 }
 
+impl GraphNode {
+    pub fn name(&self) -> &str {
+        self.node.name()
+    }
+}
+
 /// One block export, as query-block-exports lists it.
 pub struct ExportRecord {
     pub id: String,
     /// The NBD export name clients ask for.
     pub name: String,
-    pub node_name: String,
     pub export: Arc<Export>,
-    /// Bitmaps made busy by this export; released when it goes.
-    pub bitmaps: Vec<SharedBitmap>,
-}
-
-/// An event for every negotiated QMP client.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub name: String,
-    pub data: Value,
-    pub seconds: u64,
-    pub microseconds: u32,
-}
-
-impl Event {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "timestamp": {"seconds": self.seconds, "microseconds": self.microseconds},
-            "event": self.name,
-            "data": self.data,
-        })
-    }
 }
 
 struct NbdRunning {
@@ -91,24 +80,59 @@ struct NbdRunning {
 #[derive(Default)]
 struct State {
     /// In creation order; queries list the newest first, as qemu.
-    nodes: Vec<BlockDev>,
+    nodes: Vec<GraphNode>,
+    /// Every root handed out; dead ones are pruned as they are found.
+    roots: Vec<Weak<Root>>,
     /// In creation order; queries list the newest first, as qemu.
     exports: Vec<ExportRecord>,
     /// Counter for implicit node names (`#block001`).
     next_auto: u64,
     /// The running server's connection limit, when one runs.
     nbd_max_connections: Option<Option<usize>>,
+    /// Set when the daemon is closing: no command may change anything.
+    closing: bool,
+}
+
+impl State {
+    fn find(&self, name: &str) -> Option<&GraphNode> {
+        self.nodes.iter().find(|n| n.name() == name)
+    }
+
+    fn live_roots(&mut self) -> Vec<Arc<Root>> {
+        self.roots.retain(|r| r.strong_count() > 0);
+        self.roots.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The graph nodes with a child edge to `node`, with the edge's role.
+    fn parents(&self, node: &Arc<Node>) -> Vec<(Arc<Node>, ChildRole)> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            for c in n.node.children() {
+                if c.link.points_at(node) {
+                    out.push((n.node.clone(), c.role));
+                }
+            }
+        }
+        out
+    }
 }
 
 pub struct Daemon {
     state: Mutex<State>,
     nbd: tokio::sync::Mutex<Option<NbdRunning>>,
     /// Serialises commands across all monitors, as qemu's big lock does: a
-    /// transaction sees no other command between its prepare and commit.
+    /// transaction sees no other command between its prepare and commit,
+    /// and no command runs once the daemon is closing.
     pub command_lock: tokio::sync::Mutex<()>,
     exports: ExportTable,
     events: broadcast::Sender<Event>,
     quit: watch::Sender<bool>,
+}
+
+fn not_found(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
 }
 
 impl Daemon {
@@ -135,17 +159,9 @@ impl Daemon {
         self.events.subscribe()
     }
 
-    pub fn emit(&self, name: &str, data: Value) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+    pub fn emit(&self, kind: EventKind) {
         // No receiver is not an error: qemu drops events nobody listens to.
-        let _ = self.events.send(Event {
-            name: name.to_owned(),
-            data,
-            seconds: now.as_secs(),
-            microseconds: now.subsec_micros(),
-        });
+        let _ = self.events.send(Event::now(kind));
     }
 
     /// Asks the daemon to exit (the `quit` command).
@@ -157,28 +173,33 @@ impl Daemon {
         self.quit.subscribe()
     }
 
+    /// Refuses a command once the daemon is closing.
+    pub fn check_open(&self) -> QmpResult<()> {
+        if self.state().closing {
+            return Err(QmpError::generic("The daemon is shutting down"));
+        }
+        Ok(())
+    }
+
     // ---- nodes ---------------------------------------------------------
 
     /// Looks a node up by name, with the text qemu gives when a command's
     /// `device`/`node` argument names nothing.
     pub fn node(&self, name: &str) -> QmpResult<Arc<Node>> {
-        self.find_node(name).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            ))
-        })
+        self.find_node(name).ok_or_else(|| not_found(name))
     }
 
     pub fn find_node(&self, name: &str) -> Option<Arc<Node>> {
-        let st = self.state();
-        st.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .map(|n| n.node.clone())
+        self.state().find(name).map(|n| n.node.clone())
+    }
+
+    /// The driver kind of node `name`.
+    pub fn driver_of(&self, name: &str) -> Option<Driver> {
+        self.state().find(name).map(|n| n.driver)
     }
 
     /// Runs `f` on every node, newest first.
-    pub fn with_nodes<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &BlockDev>) -> T) -> T {
+    pub fn with_nodes<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &GraphNode>) -> T) -> T {
         let st = self.state();
         let mut it = st.nodes.iter().rev();
         f(&mut it)
@@ -212,130 +233,163 @@ impl Daemon {
     }
 
     /// Adds an opened node to the graph.
-    pub fn insert_node(&self, dev: BlockDev) -> QmpResult<()> {
+    pub fn insert_node(&self, entry: GraphNode) -> QmpResult<()> {
         let mut st = self.state();
-        if st.nodes.iter().any(|n| n.name == dev.name) {
+        if st.find(entry.name()).is_some() {
             return Err(QmpError::generic(format!(
                 "Duplicate nodes with node-name='{}'",
-                dev.name
+                entry.name()
             )));
         }
-        st.nodes.push(dev);
+        st.nodes.push(entry);
         Ok(())
     }
 
-    /// The open host file a `file` node already holds for `id`, and
-    /// whether that node is read-only.
-    pub fn open_file(&self, id: (u64, u64)) -> Option<(Arc<dyn BlockNode>, bool)> {
+    /// The `file` node that already holds host file `id` open, and whether
+    /// it is read-only.
+    pub fn open_file(&self, id: (u64, u64)) -> Option<Arc<Node>> {
         let st = self.state();
         st.nodes
             .iter()
             .find(|n| n.file_id == Some(id))
-            .map(|n| (n.node.driver().clone(), n.node.read_only()))
+            .map(|n| n.node.clone())
     }
 
-    /// Replaces node `name`'s implementation (a `file` node whose image a
-    /// format driver opens itself) and returns the old one, which nothing
-    /// else may be using: its host file is about to be reopened.
-    pub fn replace_node(&self, name: &str, node: Arc<Node>) -> QmpResult<Arc<Node>> {
-        let mut st = self.state();
-        let dev = st
+    /// The names of the nodes with an edge to `node`, and of its roots'
+    /// owners: who uses it.
+    pub fn parents_of(&self, node: &Arc<Node>) -> Vec<(String, ChildRole)> {
+        self.state()
+            .parents(node)
+            .into_iter()
+            .map(|(p, role)| (p.name().to_owned(), role))
+            .collect()
+    }
+
+    /// Whether `node` was opened implicitly (not by blockdev-add).
+    pub fn is_implicit(&self, node: &Arc<Node>) -> bool {
+        self.state()
             .nodes
-            .iter_mut()
-            .find(|n| n.name == name)
-            .ok_or_else(|| {
-                QmpError::generic(format!(
-                    "Cannot find device='{name}' nor node-name='{name}'"
-                ))
-            })?;
-        if Arc::strong_count(&dev.node) > 1 || !dev.node.bitmaps().all().is_empty() {
-            return Err(QmpError::generic(format!(
-                "Node '{name}' is in use and cannot become the file of a qcow2 node"
-            )));
-        }
-        dev.file_id = None;
-        Ok(std::mem::replace(&mut dev.node, node))
-    }
-
-    /// The `file` child's node-name, filename and node, for a format node
-    /// being opened on top of it.
-    pub fn child_info(&self, name: &str) -> QmpResult<(PathBuf, Arc<Node>)> {
-        let st = self.state();
-        st.nodes
             .iter()
-            .find(|n| n.name == name)
-            .map(|n| (n.filename.clone(), n.node.clone()))
-            .ok_or_else(|| {
-                QmpError::generic(format!(
-                    "Cannot find device='{name}' nor node-name='{name}'"
-                ))
-            })
+            .any(|n| Arc::ptr_eq(&n.node, node) && !n.monitor_owned)
     }
 
-    /// blockdev-del: removes a user-created node that nothing uses, and its
-    /// implicit children.
+    /// Registers a root, so graph changes move it with its node.
+    pub fn new_root(&self, node: Arc<Node>, owner: impl Into<String>) -> Arc<Root> {
+        let root = Root::new(node, owner);
+        self.state().roots.push(Arc::downgrade(&root));
+        root
+    }
+
+    /// Whether a root (an export, a job) points at `node`.
+    pub fn has_root(&self, node: &Arc<Node>) -> bool {
+        self.state()
+            .live_roots()
+            .iter()
+            .any(|r| r.link.points_at(node))
+    }
+
+    /// Replaces `old` by `new` in the graph: every root and every parent
+    /// edge that points at `old` points at `new` afterwards, except the
+    /// edges of `new` itself (a filter or an overlay put above `old` keeps
+    /// it as its child). In-flight requests through those edges finish
+    /// first, and new ones wait until the change is complete, so no
+    /// request sees half of it. Blocks: run it on the blocking pool.
+    pub fn replace_node(&self, old: &Arc<Node>, new: &Arc<Node>) {
+        let (roots, parents) = {
+            let mut st = self.state();
+            let roots = st.live_roots();
+            let parents: Vec<Arc<Node>> = st
+                .nodes
+                .iter()
+                .filter(|n| !Arc::ptr_eq(&n.node, new))
+                .map(|n| n.node.clone())
+                .collect();
+            (roots, parents)
+        };
+        let links: Vec<&Link> = roots
+            .iter()
+            .map(|r| &r.link)
+            .chain(
+                parents
+                    .iter()
+                    .flat_map(|p| p.children().into_iter().map(|c| &c.link)),
+            )
+            .collect();
+        // Drain every edge into `old` before any moves; then move them all.
+        let mut drained: Vec<Drained<'_>> = links
+            .iter()
+            .filter(|l| l.points_at(old))
+            .map(|l| l.write())
+            .collect();
+        for d in &mut drained {
+            if Arc::ptr_eq(d.node(), old) {
+                d.set(new.clone());
+            }
+        }
+        drop(drained);
+        info!(old = old.name(), new = new.name(), "node replaced");
+    }
+
+    /// blockdev-del: removes a user-created node that nothing uses, and
+    /// the implicit nodes below it that nothing else uses.
     pub fn delete_node(&self, name: &str) -> QmpResult<()> {
         let mut st = self.state();
-        let Some(i) = st.nodes.iter().position(|n| n.name == name) else {
+        let Some(i) = st.nodes.iter().position(|n| n.name() == name) else {
             return Err(QmpError::generic(format!(
                 "Failed to find node with node-name='{name}'"
             )));
         };
-        if st.exports.iter().any(|e| e.node_name == name) {
+        let node = st.nodes[i].node.clone();
+        if st.live_roots().iter().any(|r| r.link.points_at(&node)) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        let parents = st.parents(&node);
+        if let Some((p, _)) = parents.iter().find(|(_, r)| *r == ChildRole::Backing) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                p.name()
+            )));
         }
         if !st.nodes[i].monitor_owned {
             return Err(QmpError::generic(format!(
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if st
-            .nodes
-            .iter()
-            .any(|n| n.file_child.as_deref() == Some(name))
-        {
+        if !parents.is_empty() {
             return Err(QmpError::generic(format!("Block device {name} is in use")));
         }
-        let mut doomed = vec![st.nodes.remove(i)];
-        // Implicit children go with their parent, down the chain.
-        while let Some(child) = doomed.last().and_then(|d| d.file_child.clone()) {
-            let Some(j) = st
-                .nodes
-                .iter()
-                .position(|n| n.name == child && !n.monitor_owned)
-            else {
-                break;
-            };
-            doomed.push(st.nodes.remove(j));
-        }
+        let doomed = remove_subtree(&mut st, i);
         drop(st);
-        for d in doomed {
-            close_node(&d);
-        }
+        close_nodes(doomed);
         Ok(())
     }
 
-    /// Removes an implicit node again (a nested child whose parent failed
-    /// to open).
-    pub fn delete_implicit(&self, name: &str) -> Option<()> {
+    /// Removes an implicit node again, with the implicit nodes below it
+    /// (a node whose parent failed to open).
+    pub fn delete_implicit(&self, node: &Arc<Node>) {
         let mut st = self.state();
-        let i = st
+        let Some(i) = st
             .nodes
             .iter()
-            .position(|n| n.name == name && !n.monitor_owned)?;
-        let dev = st.nodes.remove(i);
+            .position(|n| Arc::ptr_eq(&n.node, node) && !n.monitor_owned)
+        else {
+            return;
+        };
+        let doomed = remove_subtree(&mut st, i);
         drop(st);
-        close_node(&dev);
-        Some(())
+        close_nodes(doomed);
     }
 
-    /// Stores every node's persistent bitmaps (daemon exit), format nodes
-    /// before the files under them.
+    /// Stores every node's persistent bitmaps and closes the graph (daemon
+    /// exit), parents before their children. From here on no command runs:
+    /// the caller holds the command lock.
     pub fn close_all(&self) {
-        let nodes = std::mem::take(&mut self.state().nodes);
-        for d in nodes.iter().rev() {
-            close_node(d);
-        }
+        let nodes = {
+            let mut st = self.state();
+            st.closing = true;
+            std::mem::take(&mut st.nodes)
+        };
+        close_nodes(nodes.into_iter().rev().collect());
     }
 
     // ---- exports -------------------------------------------------------
@@ -344,13 +398,14 @@ impl Daemon {
         &self.exports
     }
 
-    /// query-block-exports: (id, node-name), newest first.
+    /// query-block-exports: (id, node-name), newest first; the node is
+    /// the one the export's root points at now.
     pub fn export_list(&self) -> Vec<(String, String)> {
         let st = self.state();
         st.exports
             .iter()
             .rev()
-            .map(|e| (e.id.clone(), e.node_name.clone()))
+            .map(|e| (e.id.clone(), e.export.root.node().name().to_owned()))
             .collect()
     }
 
@@ -365,38 +420,23 @@ impl Daemon {
             .ok_or_else(|| QmpError::generic("NBD server not running"))
     }
 
-    /// Registers a built export; its bitmaps must already be marked busy,
-    /// and are released again if it cannot be added.
-    pub fn insert_export(
-        &self,
-        id: &str,
-        node_name: &str,
-        export: Export,
-        bitmaps: Vec<SharedBitmap>,
-    ) -> QmpResult<()> {
+    /// Registers a built export (its bitmap contexts hold their busy
+    /// claims, so a refused export releases them as it drops).
+    pub fn insert_export(&self, id: &str, export: Export) -> QmpResult<()> {
         let mut st = self.state();
         if st.exports.iter().any(|e| e.id == id) {
-            release_bitmaps(&bitmaps);
             return Err(QmpError::generic(format!(
                 "Block export id '{id}' is already in use"
             )));
         }
         let name = export.name.clone();
-        let export = match self.exports.add(export) {
-            Ok(e) => e,
-            Err(_) => {
-                release_bitmaps(&bitmaps);
-                return Err(QmpError::generic(format!(
-                    "NBD server already has export named '{name}'"
-                )));
-            }
-        };
+        let export = self.exports.add(export).map_err(|_| {
+            QmpError::generic(format!("NBD server already has export named '{name}'"))
+        })?;
         st.exports.push(ExportRecord {
             id: id.to_owned(),
             name,
-            node_name: node_name.to_owned(),
             export,
-            bitmaps,
         });
         Ok(())
     }
@@ -436,22 +476,34 @@ impl Daemon {
 
     fn drop_export(&self, rec: ExportRecord) {
         self.exports.remove(&rec.name);
-        release_bitmaps(&rec.bitmaps);
         info!(id = %rec.id, "export deleted");
-        self.emit("BLOCK_EXPORT_DELETED", json!({ "id": rec.id }));
+        self.emit(EventKind::BlockExportDeleted { id: rec.id });
     }
 
     // ---- the NBD server ------------------------------------------------
 
     /// nbd-server-start: at most one server, as qemu.
-    pub async fn start_nbd(&self, addr: Address, max_connections: Option<usize>) -> QmpResult<()> {
+    pub async fn start_nbd(
+        &self,
+        addrs: &[Address],
+        max_connections: Option<usize>,
+    ) -> QmpResult<()> {
         let mut nbd = self.nbd.lock().await;
         if nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        let server = NbdServer::bind(&[addr], self.exports.clone(), max_connections)
+        let server = NbdServer::bind(addrs, self.exports.clone(), max_connections)
             .await
             .map_err(|e| QmpError::generic(crate::qmp::error::strip_os_error(&e.to_string())))?;
+        for a in server.tcp_addrs() {
+            // The bound address, so `HOST:0` users learn the port.
+            info!("listening on tcp {a}");
+        }
+        for a in addrs {
+            if let Address::Unix(p) = a {
+                info!("listening on unix {}", p.display());
+            }
+        }
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.run(stop_rx));
         *nbd = Some(NbdRunning { stop, task });
@@ -477,8 +529,9 @@ impl Daemon {
             self.drop_export(rec);
         }
         let _ = running.stop.send(true);
-        // Wait until the old server has removed its socket, so a new one
-        // may bind the same path at once.
+        // Wait until the old server has removed its socket and its
+        // connections have ended, so a new one may bind the same path at
+        // once and nothing uses the nodes any more.
         if tokio::time::timeout(NBD_STOP_LIMIT, running.task)
             .await
             .is_err()
@@ -489,20 +542,38 @@ impl Daemon {
     }
 }
 
-fn release_bitmaps(bitmaps: &[SharedBitmap]) {
-    for b in bitmaps {
-        lock(b).state.busy = false;
+/// Takes node `i` out of the graph, with every implicit node below it that
+/// has no other parent; returns them parents first.
+fn remove_subtree(st: &mut State, i: usize) -> Vec<GraphNode> {
+    let mut doomed = vec![st.nodes.remove(i)];
+    let mut k = 0;
+    while k < doomed.len() {
+        let children: Vec<Arc<Node>> = doomed[k].node.children().iter().map(|c| c.node()).collect();
+        for child in children {
+            let Some(j) = st
+                .nodes
+                .iter()
+                .position(|n| Arc::ptr_eq(&n.node, &child) && !n.monitor_owned)
+            else {
+                continue;
+            };
+            let used_elsewhere = !st.parents(&child).is_empty()
+                || st.live_roots().iter().any(|r| r.link.points_at(&child));
+            if !used_elsewhere {
+                doomed.push(st.nodes.remove(j));
+            }
+        }
+        k += 1;
     }
+    doomed
 }
 
-fn close_node(d: &BlockDev) {
-    if let Err(e) = d.node.store_bitmaps() {
-        warn!(node = %d.name, error = %e, "could not store bitmaps on close");
+/// Stores the bitmaps of nodes leaving the graph, parents first (a format
+/// node flushes through its file node, which must still be open).
+fn close_nodes(nodes: Vec<GraphNode>) {
+    for n in &nodes {
+        if let Err(e) = n.node.store_bitmaps() {
+            warn!(node = %n.name(), error = %e, "could not store bitmaps on close");
+        }
     }
-}
-
-/// The allocated size of a host file, as qemu's `actual-size`.
-pub fn allocated_size(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }

@@ -140,6 +140,11 @@ pub fn image_info_opts(
     } else {
         Qcow2Node::open(path, true)?
     };
+    Ok(qcow2_info(&node, filename, actual_size))
+}
+
+/// What `qemu-img info` says of an open qcow2 image.
+pub fn qcow2_info(node: &Qcow2Node, filename: String, actual_size: u64) -> ImageInfo {
     let h = node.header();
     let v3 = h.version >= 3;
     let data = Qcow2Specific {
@@ -151,12 +156,12 @@ pub fn image_info_opts(
         }
         .into(),
         lazy_refcounts: v3.then_some(h.compatible & COMPAT_LAZY_REFCOUNTS != 0),
-        bitmaps: bitmap_infos(&node),
+        bitmaps: bitmap_infos(node),
         refcount_bits: 1 << h.refcount_order,
         corrupt: v3.then_some(h.incompatible & INCOMPAT_CORRUPT != 0),
         extended_l2: v3.then_some(h.incompatible & INCOMPAT_EXTL2 != 0),
     };
-    Ok(ImageInfo {
+    ImageInfo {
         backing_filename_format: h.backing_file.as_ref().and(node.backing_format()),
         virtual_size: h.size,
         filename,
@@ -170,7 +175,7 @@ pub fn image_info_opts(
         full_backing_filename: node.backing_path().map(|p| p.display().to_string()),
         backing_filename: h.backing_file.clone(),
         dirty_flag: h.incompatible & INCOMPAT_DIRTY != 0,
-    })
+    }
 }
 
 /// `--backing-chain`: the image and every backing file below it, top first.

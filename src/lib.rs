@@ -7,6 +7,7 @@ pub mod block;
 pub mod cli;
 pub mod daemon;
 pub mod daemonize;
+pub mod event;
 pub mod info;
 pub mod nbd;
 pub mod qmp;

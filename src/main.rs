@@ -5,19 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tokio::sync::watch;
+use serde_json::{json, Value};
 use tracing::info;
 
-use std::sync::Arc;
-
-use tidemark::block::node::Node;
-use tidemark::block::open::{open_image, Format};
-use tidemark::block::BlockNode;
-use tidemark::daemon::{BlockDev, Daemon};
-use tidemark::nbd::bitmaps::bitmap_contexts;
-use tidemark::nbd::export::{Export, ExportConfig};
-use tidemark::nbd::server::{Address, NbdServer};
+use tidemark::block::open::{probe, Format};
+use tidemark::daemon::Daemon;
+use tidemark::nbd::server::Address;
 use tidemark::qmp::cmdline::{self, Opt};
+use tidemark::qmp::commands::{self, block::serve_options};
 use tidemark::qmp::server::{serve_until_quit, QmpListener};
 
 /// Serve disk images over NBD and track their changes for incremental backup.
@@ -279,46 +274,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             p
         }
     };
-    let driver = open_image(&image, args.format, args.read_only)
-        .with_context(|| format!("Could not open '{}'", image.display()))?;
-    let node = Arc::new(Node::open("drive0", driver)?);
-    let extra_contexts = match bitmap_contexts(&node, &args.bitmaps, args.read_only) {
-        Ok(c) => c,
-        Err(e) => {
-            // Closed cleanly, as qemu-nbd does, so nothing stays in use.
-            node.store_bitmaps()?;
-            anyhow::bail!(e);
-        }
+    let format = match args.format {
+        Some(f) => f,
+        None => probe(&image).with_context(|| format!("Could not open '{}'", image.display()))?,
     };
-    let export = Export::new(
-        node.clone(),
-        ExportConfig {
-            name: args.export_name,
-            description: args.description,
-            read_only: args.read_only,
-            multi_conn: args.max_connections != Some(1),
-            allocation_depth: args.allocation_depth,
-            extra_contexts,
-        },
-    );
-    let control = Daemon::new();
-    let exports = control.exports().clone();
-    exports.add(export).map_err(anyhow::Error::msg)?;
-    if !args.qmp.is_empty() {
-        control
-            .insert_node(BlockDev {
-                name: "drive0".into(),
-                driver: node.format_name(),
-                filename: image.clone(),
-                file_child: None,
-                node: node.clone(),
-                monitor_owned: false,
-                file_id: None,
-                image_extra: None,
-                loaded_bitmaps: Vec::new(),
-            })
-            .map_err(anyhow::Error::msg)?;
-    }
     let mut addrs = Vec::new();
     if let Some(l) = args.listen {
         addrs.push(Address::Tcp(l));
@@ -328,34 +287,47 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         ));
     }
+    // qemu-nbd offers its -B bitmaps in the reverse order of the options.
+    let bitmaps: Vec<Value> = args.bitmaps.iter().rev().map(|b| json!(b)).collect();
+    let mut export = json!({
+        "type": "nbd", "id": "drive0", "node-name": "drive0",
+        "name": args.export_name, "writable": !args.read_only,
+        "allocation-depth": args.allocation_depth, "bitmaps": bitmaps,
+    });
+    if let Some(d) = args.description {
+        export["description"] = json!(d);
+    }
     let rt = runtime()?;
     rt.block_on(async move {
-        // Listeners register with the runtime, so they are bound inside it.
-        let monitors = bind_monitors(&args.qmp)?;
-        let server = NbdServer::bind(&addrs, exports, args.max_connections).await?;
+        // The same state `daemon` builds: a file node, a format node
+        // `drive0` over it, the NBD server and one export.
+        let d = Daemon::new();
+        let add = serve_options(&image, format.name(), args.read_only);
+        commands::execute(&d, "blockdev-add", add)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.desc))
+            .with_context(|| format!("Could not open '{}'", image.display()))?;
+        let setup = async {
+            let _serial = d.command_lock.lock().await;
+            d.start_nbd(&addrs, args.max_connections).await
+        };
+        let started = match setup.await {
+            Ok(()) => {
+                let map = export.as_object().cloned().unwrap_or_default();
+                commands::execute(&d, "block-export-add", map).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            // Closed cleanly, as qemu-nbd does, so nothing stays in use.
+            let _ = d.stop_nbd().await;
+            let c = d.clone();
+            let _ = tokio::task::spawn_blocking(move || c.close_all()).await;
+            anyhow::bail!(e.desc);
+        }
         info!(image = %image.display(), "serving");
-        for a in server.tcp_addrs() {
-            // The bound address, so `--listen HOST:0` users learn the port.
-            info!("listening on tcp {a}");
-        }
-        if let Some(p) = addrs.iter().find_map(|a| match a {
-            Address::Unix(p) => Some(p),
-            Address::Tcp(_) => None,
-        }) {
-            info!("listening on unix {}", p.display());
-        }
-        let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            // Without monitors this waits for a signal only.
-            serve_until_quit(control, monitors, wait_for_signal()).await;
-            info!("shutting down");
-            let _ = stop_tx.send(true);
-        });
-        server.run(stop_rx).await;
-        let stored = tokio::task::spawn_blocking(move || node.store_bitmaps()).await;
-        stored
-            .context("close task failed")?
-            .context("Could not close the image cleanly")?;
+        let monitors = bind_monitors(&args.qmp)?;
+        serve_until_quit(d, monitors, wait_for_signal()).await;
         Ok(())
     })
 }

@@ -55,7 +55,7 @@ fn serve_with_qmp_exposes_drive0_and_quits() {
     assert!(nbd_map(&uri, "base:allocation").contains("data"));
     assert_eq!(
         b.exec("blockdev-del", json!({"node-name": "drive0"}))["error"]["desc"],
-        "Node drive0 is not owned by the monitor"
+        "Node drive0 is in use"
     );
     assert_eq!(a.exec("quit", json!({})), json!({"return": {}}));
     let status = qmp_common::wait_child(&mut child, Duration::from_secs(20));

@@ -15,6 +15,52 @@ pub fn lock(b: &SharedBitmap) -> MutexGuard<'_, DirtyBitmap> {
     b.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Locks several bitmaps at once, in the one order every holder of more
+/// than one bitmap lock uses: ascending address. (A merge that locked
+/// source then target, against a store that locked in creation order,
+/// could deadlock.) The guards come back in the order of `bitmaps`.
+pub fn lock_all(bitmaps: &[SharedBitmap]) -> Vec<MutexGuard<'_, DirtyBitmap>> {
+    let mut order: Vec<usize> = (0..bitmaps.len()).collect();
+    order.sort_by_key(|&i| Arc::as_ptr(&bitmaps[i]) as usize);
+    order.dedup_by_key(|i| Arc::as_ptr(&bitmaps[*i]) as usize);
+    let mut guards: Vec<Option<MutexGuard<'_, DirtyBitmap>>> =
+        (0..bitmaps.len()).map(|_| None).collect();
+    for i in order {
+        guards[i] = Some(lock(&bitmaps[i]));
+    }
+    // A bitmap named twice is locked once: callers pass distinct ones.
+    guards.into_iter().flatten().collect()
+}
+
+/// A bitmap's "busy" claim (an export reads it, a job owns it): taken
+/// with [`BusyClaim::take`], released when dropped. The one way a bitmap
+/// becomes busy for longer than a command.
+pub struct BusyClaim(SharedBitmap);
+
+impl BusyClaim {
+    /// Marks `bitmap` busy; fails with qemu's text if it already is.
+    pub fn take(bitmap: &SharedBitmap) -> BitmapResult<BusyClaim> {
+        let mut g = lock(bitmap);
+        g.check(super::Checks {
+            busy: true,
+            readonly: false,
+            inconsistent: false,
+        })?;
+        g.state.busy = true;
+        Ok(BusyClaim(bitmap.clone()))
+    }
+
+    pub fn bitmap(&self) -> &SharedBitmap {
+        &self.0
+    }
+}
+
+impl Drop for BusyClaim {
+    fn drop(&mut self) {
+        lock(&self.0).state.busy = false;
+    }
+}
+
 #[derive(Default)]
 pub struct BitmapSet {
     bitmaps: RwLock<Vec<SharedBitmap>>,

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
 use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use super::lock::ImageLock;
+use super::lock::{ImageLock, LockMode};
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 use super::{STATE_HOLE, STATE_ZERO};
 
@@ -21,10 +22,13 @@ const ZERO_CHUNK: u64 = 1 << 20;
 pub struct FileNode {
     file: File,
     path: PathBuf,
-    read_only: bool,
+    read_only: AtomicBool,
+    /// qemu's locks on `file`, switched by a reopen.
+    lock: Mutex<ImageLock>,
     /// The image size: the file's length rounded up to 512 bytes, as qemu
-    /// sees raw files; the tail past EOF reads as zeroes.
-    size: u64,
+    /// sees raw files; the tail past EOF reads as zeroes. Grows when a
+    /// format above writes past the end.
+    size: AtomicU64,
     /// RWF_NOWAIT turned out not to work here for reads / for writes
     /// (ext4 takes it for buffered reads only); don't ask again.
     nowait_read_unsupported: AtomicBool,
@@ -35,8 +39,18 @@ const SECTOR: u64 = 512;
 
 impl FileNode {
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Self> {
+        Self::open_with(path, read_only, false)
+    }
+
+    /// Opens read-only without taking the image locks, as qemu-img's `-U`
+    /// (force share): what it reads may be changing.
+    pub fn open_force_share(path: &Path) -> BlockResult<Self> {
+        Self::open_with(path, true, true)
+    }
+
+    fn open_with(path: &Path, read_only: bool, share: bool) -> BlockResult<Self> {
         // qemu-compatible image locks; they live as long as `file`.
-        let (file, _lock) = ImageLock::open(path, read_only, false)?;
+        let (file, lock) = ImageLock::open(path, read_only, share)?;
         let size = file
             .metadata()
             .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?
@@ -45,8 +59,9 @@ impl FileNode {
         Ok(FileNode {
             file,
             path: path.to_owned(),
-            read_only,
-            size,
+            read_only: AtomicBool::new(read_only),
+            lock: Mutex::new(lock),
+            size: AtomicU64::new(size),
             nowait_read_unsupported: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
         })
@@ -68,8 +83,18 @@ impl FileNode {
         )
     }
 
+    fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// After a write that may have extended the file.
+    fn grew_to(&self, end: u64) {
+        self.size
+            .fetch_max(end.next_multiple_of(SECTOR), Ordering::AcqRel);
+    }
+
     fn check_writable(&self) -> BlockResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(BlockError::new(
                 ErrorKind::Permission,
                 format!("'{}' is opened read-only", self.path.display()),
@@ -125,11 +150,54 @@ fn errno_io(e: Errno) -> std::io::Error {
 
 impl BlockNode for FileNode {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.is_read_only()
+    }
+
+    fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        let mut lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !read_only {
+            let fl = rustix::fs::fcntl_getfl(&self.file)
+                .map_err(|e| self.err("Could not reopen read-write", 0, errno_io(e)))?;
+            if !fl.contains(rustix::fs::OFlags::RDWR) {
+                return Err(BlockError::new(
+                    ErrorKind::Permission,
+                    format!(
+                        "Could not reopen '{}' read-write: the file is not writable",
+                        self.path.display()
+                    ),
+                ));
+            }
+        } else {
+            self.flush()?;
+        }
+        let mode = if read_only {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        };
+        lock.switch(&self.file, &self.path, mode)?;
+        self.read_only.store(read_only, Ordering::Release);
+        Ok(())
+    }
+
+    fn filename(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn file_length(&self) -> BlockResult<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| BlockError::io(format!("Could not stat '{}'", self.path.display()), e))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
@@ -155,6 +223,7 @@ impl BlockNode for FileNode {
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.err("Could not write", offset, e))?;
+        self.grew_to(offset + buf.len() as u64);
         if fua {
             self.flush()?;
         }
@@ -173,13 +242,17 @@ impl BlockNode for FileNode {
             }
         }
         match self.falloc(FallocateFlags::ZERO_RANGE, offset, len) {
-            Ok(()) => Ok(()),
-            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) if flags.fast => Err(
-                BlockError::not_supported("the filesystem cannot zero ranges quickly"),
-            ),
-            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => self.write_zero_buffers(offset, len),
-            Err(e) => Err(self.err("Could not zero", offset, errno_io(e))),
+            Ok(()) => {}
+            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) if flags.fast => {
+                return Err(BlockError::not_supported(
+                    "the filesystem cannot zero ranges quickly",
+                ))
+            }
+            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => self.write_zero_buffers(offset, len)?,
+            Err(e) => return Err(self.err("Could not zero", offset, errno_io(e))),
         }
+        self.grew_to(offset + len);
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -196,7 +269,7 @@ impl BlockNode for FileNode {
     }
 
     fn flush(&self) -> BlockResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         self.file
@@ -205,7 +278,8 @@ impl BlockNode for FileNode {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let end = offset.saturating_add(len).min(self.size);
+        let size = self.size();
+        let end = offset.saturating_add(len).min(size);
         if offset >= end {
             return Err(BlockError::invalid(
                 "block status past the end of the image",
@@ -234,13 +308,14 @@ impl BlockNode for FileNode {
     /// qemu counts every byte of a raw image as allocated in its layer,
     /// holes included: depth 1 everywhere (as `qemu-nbd -A` reports).
     fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
-        if offset >= self.size || len == 0 {
+        let size = self.size();
+        if offset >= size || len == 0 {
             return Err(BlockError::invalid(
                 "allocation depth past the end of the image",
             ));
         }
         Ok(DepthExtent {
-            len: len.min(self.size - offset),
+            len: len.min(size - offset),
             depth: 1,
         })
     }
@@ -258,7 +333,7 @@ impl BlockNode for FileNode {
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
         let unsupported = &self.nowait_write_unsupported;
-        if self.read_only || unsupported.load(Ordering::Relaxed) {
+        if self.is_read_only() || unsupported.load(Ordering::Relaxed) {
             return false;
         }
         let r = pwritev2(

@@ -85,11 +85,24 @@ impl ImageLock {
     /// `read_only`, and takes qemu's locks for that use; with `share` takes
     /// none (qemu-img -U). The one way drivers open their host file.
     pub fn open(path: &Path, read_only: bool, share: bool) -> BlockResult<(File, ImageLock)> {
-        let file = std::fs::OpenOptions::new()
+        // A read-only node still opens for writing where it may, so that
+        // a reopen read-write only has to change the locks (they belong to
+        // this open file). Shared opens (-U) never write.
+        let rw = std::fs::OpenOptions::new()
             .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
+            .write(true)
+            .open(path);
+        let file = match rw {
+            Ok(f) if !share => f,
+            Err(e) if !read_only => {
+                return Err(BlockError::io(
+                    format!("Could not open '{}'", path.display()),
+                    e,
+                ))
+            }
+            _ => File::open(path)
+                .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?,
+        };
         let mode = if read_only {
             LockMode::Read
         } else {
@@ -155,6 +168,48 @@ impl ImageLock {
             return Err(e);
         }
         Ok(ImageLock { mode })
+    }
+}
+
+impl ImageLock {
+    /// Switches the locks held on `file` from `self.mode` to `mode` (a
+    /// reopen): taking write needs the same checks as an open for writing;
+    /// if they fail, the locks stay as they were.
+    pub fn switch(&mut self, file: &File, path: &Path, mode: LockMode) -> BlockResult<()> {
+        if mode == self.mode {
+            return Ok(());
+        }
+        let extra = [PERM_BASE + PERM_WRITE, PERM_BASE + PERM_RESIZE];
+        match mode {
+            LockMode::Read => release(file, &extra),
+            LockMode::Write => {
+                let mut taken = Vec::new();
+                for byte in extra {
+                    if let Err(e) = set(file, libc::F_RDLCK, byte) {
+                        release(file, &taken);
+                        if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) {
+                            // No OFD locks here: used unlocked, as at open.
+                            break;
+                        }
+                        return Err(lock_error(path, format!("Failed to lock byte {byte}"), e));
+                    }
+                    taken.push(byte);
+                }
+                for p in [PERM_WRITE, PERM_RESIZE] {
+                    let held = held_by_other(file, SHARED_BASE + p)
+                        .map_err(|e| lock_error(path, "Failed to query image locks".into(), e))?;
+                    if held {
+                        release(file, &taken);
+                        return Err(conflict(
+                            path,
+                            format!("Failed to get \"{}\" lock", perm_name(p)),
+                        ));
+                    }
+                }
+            }
+        }
+        self.mode = mode;
+        Ok(())
     }
 }
 

@@ -11,6 +11,8 @@
 pub mod chain;
 pub mod error;
 pub mod file;
+pub mod filter;
+pub mod link;
 pub mod lock;
 pub mod node;
 pub mod open;
@@ -123,9 +125,39 @@ pub trait BlockNode: Send + Sync + 'static {
         0
     }
 
-    /// The layer below this one in a backing chain, if any.
-    fn backing_layer(&self) -> Option<std::sync::Arc<dyn BlockNode>> {
+    /// The node's child edges (file, backing, ...): the graph's edges live
+    /// here, in the driver that uses them, and nowhere else.
+    fn children(&self) -> Vec<&link::Child> {
+        Vec::new()
+    }
+
+    /// Switches between read-only and read-write without closing (qemu's
+    /// reopen), taking or dropping what writing needs (image locks, the
+    /// in-use marks of stored bitmaps).
+    fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        if read_only == self.read_only() {
+            return Ok(());
+        }
+        Err(BlockError::not_supported(format!(
+            "the {} driver cannot be reopened",
+            self.format_name()
+        )))
+    }
+
+    /// The host file at the bottom of this node (qemu's `filename`).
+    fn filename(&self) -> Option<std::path::PathBuf> {
         None
+    }
+
+    /// Bytes the storage really occupies on the host (qemu's `actual-size`).
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// The exact length of the storage in bytes (a host file's length);
+    /// [`BlockNode::size`] for everything else.
+    fn file_length(&self) -> BlockResult<u64> {
+        Ok(self.size())
     }
 
     /// The dirty bitmaps stored in the image, loaded when it is opened. A

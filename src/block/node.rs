@@ -6,17 +6,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::link::{Child, ChildRole};
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
-use crate::bitmap::set::{lock, BitmapSet, SharedBitmap};
+use crate::bitmap::set::{lock_all, BitmapSet, SharedBitmap};
 use crate::bitmap::DirtyBitmap;
 
 pub struct Node {
     name: String,
     driver: Arc<dyn BlockNode>,
     bitmaps: Arc<BitmapSet>,
-    /// The bitmaps of each backing layer, top-most first. Those layers are
-    /// read-only, so their bitmaps are too, and no write marks them.
-    backing_bitmaps: Vec<Arc<BitmapSet>>,
     /// Set by a store point: the stored bitmaps read as clean on disk, so
     /// before the next write changes the image they must be marked in use
     /// again, or a crash would leave stale bitmaps that look trustworthy.
@@ -26,32 +24,72 @@ pub struct Node {
 }
 
 impl Node {
-    /// Wraps `driver`, loading the bitmaps its image stores, and those of
-    /// every layer of its backing chain.
+    /// Wraps `driver`, loading the bitmaps its image stores.
     pub fn open(name: impl Into<String>, driver: Arc<dyn BlockNode>) -> BlockResult<Node> {
         let bitmaps = load_set(driver.as_ref())?;
-        let mut backing_bitmaps = Vec::new();
-        let mut layer = driver.backing_layer();
-        while let Some(l) = layer {
-            backing_bitmaps.push(Arc::new(load_set(l.as_ref())?));
-            layer = l.backing_layer();
-        }
         Ok(Node {
             name: name.into(),
             driver,
             bitmaps: Arc::new(bitmaps),
-            backing_bitmaps,
             stored_clean: AtomicBool::new(false),
             remark: Mutex::new(()),
         })
     }
 
+    /// The child in `role`, as the graph is now.
+    pub fn child(&self, role: ChildRole) -> Option<Arc<Node>> {
+        self.driver
+            .children()
+            .into_iter()
+            .find(|c| c.role == role)
+            .map(Child::node)
+    }
+
+    /// The node below this one in the chain qemu's exports search for
+    /// bitmaps: the backing layer, or what a filter filters.
+    pub fn below(&self) -> Option<Arc<Node>> {
+        self.child(ChildRole::Backing)
+            .or_else(|| self.child(ChildRole::Filtered))
+    }
+
     /// A bitmap by name, looked up as qemu's exports do: this node first,
-    /// then down the backing chain.
+    /// then down the chain of the live graph.
     pub fn find_bitmap(&self, name: &str) -> Option<SharedBitmap> {
-        std::iter::once(&self.bitmaps)
-            .chain(self.backing_bitmaps.iter())
-            .find_map(|set| set.get(name))
+        if let Some(b) = self.bitmaps.get(name) {
+            return Some(b);
+        }
+        let mut layer = self.below();
+        while let Some(l) = layer {
+            if let Some(b) = l.bitmaps.get(name) {
+                return Some(b);
+            }
+            layer = l.below();
+        }
+        None
+    }
+
+    /// Switches the node between read-only and read-write. Going
+    /// read-only stores the persistent bitmaps first, as qemu does, so the
+    /// image is left clean; going read-write marks them in use again.
+    pub fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        if read_only == self.read_only() {
+            return Ok(());
+        }
+        if read_only {
+            self.store_bitmaps()?;
+            self.driver.reopen(true)?;
+        } else {
+            self.driver.reopen(false)?;
+            self.stored_clean.store(false, Ordering::SeqCst);
+        }
+        // qemu marks the image's (persistent) bitmaps read-only with it.
+        for b in self.bitmaps.all() {
+            let mut b = crate::bitmap::set::lock(&b);
+            if b.state.persistent {
+                b.state.readonly = read_only;
+            }
+        }
+        Ok(())
     }
 
     /// Whether a new persistent bitmap `name` could be stored in this
@@ -79,7 +117,7 @@ impl Node {
     /// explicit store point), then flushes.
     pub fn store_bitmaps(&self) -> BlockResult<()> {
         let all = self.bitmaps.all();
-        let guards: Vec<_> = all.iter().map(lock).collect();
+        let guards = lock_all(&all);
         let persistent: Vec<&DirtyBitmap> = guards
             .iter()
             .filter(|b| b.state.persistent)
@@ -196,8 +234,20 @@ impl BlockNode for Node {
         self.driver.format_name()
     }
 
-    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
-        self.driver.backing_layer()
+    fn children(&self) -> Vec<&Child> {
+        self.driver.children()
+    }
+
+    fn filename(&self) -> Option<std::path::PathBuf> {
+        self.driver.filename()
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.driver.allocated_size()
+    }
+
+    fn file_length(&self) -> BlockResult<u64> {
+        self.driver.file_length()
     }
 
     fn cluster_size(&self) -> u64 {

@@ -53,3 +53,38 @@ pub fn open_image(
     };
     super::chain::open_chain(path, Some(format), read_only)
 }
+
+/// The kind of a node of the block graph, by qemu's driver name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    File,
+    Raw,
+    Qcow2,
+    /// tidemark's pass-through filter (a test hook for graph changes).
+    Passthrough,
+}
+
+impl Driver {
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::File => "file",
+            Driver::Raw => "raw",
+            Driver::Qcow2 => "qcow2",
+            Driver::Passthrough => "x-tidemark-passthrough",
+        }
+    }
+
+    /// A format driver (as opposed to a protocol or a filter).
+    pub fn is_format(self) -> bool {
+        matches!(self, Driver::Raw | Driver::Qcow2)
+    }
+}
+
+impl Format {
+    pub fn driver(self) -> Driver {
+        match self {
+            Format::Raw => Driver::Raw,
+            Format::Qcow2 => Driver::Qcow2,
+        }
+    }
+}

@@ -1,34 +1,74 @@
-//! Pass-through layers the daemon's block graph needs to have qemu's shape.
-//!
-//! - [`RawFormat`]: the raw format over a child: bytes pass through
-//!   unchanged. Over a child `Node`, writes go through that node, which
-//!   marks the child's own dirty bitmaps too; the layer may be read-only
-//!   over a writable child (also used so two `file` nodes of one daemon
-//!   can share one open, locked host file, one of them read-only).
-//! - [`FileView`]: the `file` node under a format driver that opened the
-//!   image itself (qcow2): the host file, read-only and without taking
-//!   locks, since the format driver above holds them for this process.
+//! The raw format over its `file` child: bytes pass through unchanged.
+//! Writes go through the child node, which marks the child's own dirty
+//! bitmaps too; the layer may be read-only over a writable child (also
+//! used so two `file` nodes of one daemon can share one open, locked host
+//! file, one of them read-only).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::link::{Active, Child, ChildRole};
+use super::node::Node;
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 
 pub struct RawFormat {
-    child: Arc<dyn BlockNode>,
-    read_only: bool,
+    file: Below,
+    read_only: AtomicBool,
+}
+
+/// How the raw layer reaches its bytes.
+enum Below {
+    /// Through its `file` child edge (the normal case).
+    Child(Child),
+    /// Straight through another `file` node's open host file, outside the
+    /// graph: a second `file` node on a file this daemon already holds
+    /// (qemu would open the file twice; the two nodes stay unrelated).
+    Shared(Arc<dyn BlockNode>),
+}
+
+/// The node below, entered for one call.
+enum Entered<'a> {
+    Child(Active<'a>),
+    Shared(&'a Arc<dyn BlockNode>),
+}
+
+impl std::ops::Deref for Entered<'_> {
+    type Target = dyn BlockNode;
+    fn deref(&self) -> &(dyn BlockNode + 'static) {
+        match self {
+            Entered::Child(a) => a.as_ref(),
+            Entered::Shared(s) => s.as_ref(),
+        }
+    }
 }
 
 impl RawFormat {
-    pub fn new(child: Arc<dyn BlockNode>, read_only: bool) -> RawFormat {
-        let read_only = read_only || child.read_only();
-        RawFormat { child, read_only }
+    pub fn new(file: Arc<Node>, read_only: bool) -> RawFormat {
+        let read_only = read_only || file.read_only();
+        RawFormat {
+            file: Below::Child(Child::new(ChildRole::File, file)),
+            read_only: AtomicBool::new(read_only),
+        }
+    }
+
+    /// A `file` node sharing `other`'s open host file (see [`Below`]).
+    pub fn sharing(other: &Node, read_only: bool) -> RawFormat {
+        RawFormat {
+            read_only: AtomicBool::new(read_only || other.read_only()),
+            file: Below::Shared(other.driver().clone()),
+        }
+    }
+
+    fn child(&self) -> Entered<'_> {
+        match &self.file {
+            Below::Child(c) => Entered::Child(c.get()),
+            Below::Shared(s) => Entered::Shared(s),
+        }
     }
 
     fn writable(&self) -> BlockResult<()> {
-        if self.read_only {
+        if self.read_only.load(Ordering::Acquire) {
             return Err(BlockError::new(ErrorKind::Permission, "Node is read-only"));
         }
         Ok(())
@@ -37,58 +77,84 @@ impl RawFormat {
 
 impl BlockNode for RawFormat {
     fn size(&self) -> u64 {
-        self.child.size()
+        self.child().size()
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        if !read_only && self.child().read_only() {
+            return Err(BlockError::new(
+                ErrorKind::Permission,
+                "the file node is read-only",
+            ));
+        }
+        self.read_only.store(read_only, Ordering::Release);
+        Ok(())
+    }
+
+    fn children(&self) -> Vec<&Child> {
+        match &self.file {
+            Below::Child(c) => vec![c],
+            Below::Shared(_) => Vec::new(),
+        }
+    }
+
+    fn filename(&self) -> Option<std::path::PathBuf> {
+        self.child().filename()
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.child().allocated_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.child.read_at(buf, offset)
+        self.child().read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.writable()?;
-        self.child.write_at(buf, offset, fua)
+        self.child().write_at(buf, offset, fua)
     }
 
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
-        self.child.try_read_nowait(buf, offset)
+        self.child().try_read_nowait(buf, offset)
     }
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
-        !self.read_only && self.child.try_write_nowait(buf, offset)
+        !self.read_only() && self.child().try_write_nowait(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.writable()?;
-        self.child.write_zeroes(offset, len, flags)
+        self.child().write_zeroes(offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.writable()?;
-        self.child.discard(offset, len)
+        self.child().discard(offset, len)
     }
 
     fn flush(&self) -> BlockResult<()> {
-        self.child.flush()
+        self.child().flush()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        self.child.block_status(offset, len)
+        self.child().block_status(offset, len)
     }
 
     fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
-        self.child.allocation_depth(offset, len)
+        self.child().allocation_depth(offset, len)
     }
 
     fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.child.cache(offset, len)
+        self.child().cache(offset, len)
     }
 
     fn discard_zeroes(&self) -> bool {
-        self.child.discard_zeroes()
+        self.child().discard_zeroes()
     }
 
     fn format_name(&self) -> &'static str {
@@ -96,93 +162,6 @@ impl BlockNode for RawFormat {
     }
 
     fn cluster_size(&self) -> u64 {
-        self.child.cluster_size()
-    }
-
-    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
-        self.child.backing_layer()
-    }
-}
-
-pub struct FileView {
-    file: File,
-    path: PathBuf,
-    size: u64,
-    read_only: bool,
-}
-
-impl FileView {
-    /// Opens `path` for reading, without locks. `read_only` is what the
-    /// node reports (the format node above decides what is written).
-    pub fn open(path: &Path, read_only: bool) -> BlockResult<FileView> {
-        let file = File::open(path)
-            .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?
-            .len();
-        Ok(FileView {
-            file,
-            path: path.to_owned(),
-            size,
-            read_only,
-        })
-    }
-
-    fn refuse(&self) -> BlockError {
-        BlockError::new(
-            ErrorKind::Permission,
-            format!(
-                "'{}' is written through the format node above it",
-                self.path.display()
-            ),
-        )
-    }
-}
-
-impl BlockNode for FileView {
-    fn size(&self) -> u64 {
-        self.file.metadata().map(|m| m.len()).unwrap_or(self.size)
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            BlockError::io(
-                format!("read at offset {offset} of '{}'", self.path.display()),
-                e,
-            )
-        })
-    }
-
-    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> BlockResult<()> {
-        Err(self.refuse())
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> BlockResult<()> {
-        Err(self.refuse())
-    }
-
-    fn discard(&self, _offset: u64, _len: u64) -> BlockResult<()> {
-        Err(self.refuse())
-    }
-
-    fn flush(&self) -> BlockResult<()> {
-        Ok(())
-    }
-
-    /// Everything reads as data: the format above knows what is allocated.
-    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        Ok(Extent {
-            len: len.min(self.size().saturating_sub(offset)).max(1),
-            flags: 0,
-        })
-    }
-
-    fn format_name(&self) -> &'static str {
-        "file"
+        self.child().cluster_size()
     }
 }

@@ -1,58 +1,24 @@
 //! Which dirty bitmaps an export may offer as `qemu:dirty-bitmap:NAME`,
-//! with qemu's rules and texts (measured with qemu-nbd 10.0.2 `-B`):
-//! - a bitmap is looked up on the export's node, then down its backing
-//!   chain ("Bitmap 'X' is not found");
+//! with qemu's rules and texts (measured with qemu-nbd 10.0.2 `-B` and
+//! qemu-storage-daemon's block-export-add):
 //! - a busy or inconsistent bitmap is refused ("Bitmap 'X' is inconsistent
 //!   and cannot be used");
 //! - a recording bitmap cannot back a read-only export of a writable node
 //!   (its bits would keep changing under a reader that expects a snapshot);
 //! - every bitmap is checked before any is taken, then all are busy for
-//!   as long as the export lives, so nobody clears or removes them under
-//!   a backup reader;
-//! - qemu-nbd lists the contexts in the reverse order of its `-B` options.
+//!   as long as the export lives (each context holds a [`BusyClaim`]), so
+//!   nobody clears or removes them under a backup reader.
+//!
+//! Finding the bitmaps (down the backing chain, or on another node) is the
+//! caller's: QMP's block-export-add, which `serve -B` also goes through.
 
 use std::sync::Arc;
 
-use super::context::{Descriptor, DirtyBitmapContext, MetaContext};
-use crate::bitmap::set::{lock, SharedBitmap};
+use super::context::{DirtyBitmapContext, MetaContext};
+use crate::bitmap::set::{lock, BusyClaim, SharedBitmap};
 use crate::bitmap::{BitmapError, BitmapResult, Checks, DirtyBitmap};
-use crate::block::node::Node;
-use crate::block::{BlockNode, BlockResult};
 
-/// A dirty-bitmap context that holds its bitmap busy until dropped.
-pub struct ExportedBitmap {
-    ctx: DirtyBitmapContext,
-    bitmap: SharedBitmap,
-}
-
-impl Drop for ExportedBitmap {
-    fn drop(&mut self) {
-        lock(&self.bitmap).state.busy = false;
-    }
-}
-
-impl MetaContext for ExportedBitmap {
-    fn name(&self) -> &str {
-        self.ctx.name()
-    }
-
-    fn in_memory(&self) -> bool {
-        true
-    }
-
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-        max: usize,
-        out: &mut Vec<Descriptor>,
-    ) -> BlockResult<()> {
-        self.ctx.extents(offset, len, max, out)
-    }
-}
-
-/// Whether `bitmap` may back a `qemu:dirty-bitmap` context of an export:
-/// the one home of this rule, for `serve -B` and QMP `block-export-add`.
+/// Whether `bitmap` may back a `qemu:dirty-bitmap` context of an export.
 pub fn check_exportable(
     bitmap: &DirtyBitmap,
     read_only_export: bool,
@@ -68,28 +34,22 @@ pub fn check_exportable(
     Ok(())
 }
 
-/// The contexts for bitmaps `names` (in `-B` order) on an export of
-/// `node`; the error is qemu-nbd's text.
+/// The contexts for `bitmaps` (in context order), each holding its bitmap
+/// busy. All are checked before any is claimed; on error none stays busy.
 pub fn bitmap_contexts(
-    node: &Node,
-    names: &[String],
+    bitmaps: &[SharedBitmap],
     read_only_export: bool,
-) -> Result<Vec<Arc<dyn MetaContext>>, String> {
-    let mut found = Vec::with_capacity(names.len());
-    for name in names {
-        let b = node
-            .find_bitmap(name)
-            .ok_or_else(|| format!("Bitmap '{name}' is not found"))?;
-        check_exportable(&lock(&b), read_only_export, !node.read_only()).map_err(|e| e.message)?;
-        found.push((name.clone(), b));
+    node_writable: bool,
+) -> BitmapResult<Vec<Arc<dyn MetaContext>>> {
+    for b in bitmaps {
+        check_exportable(&lock(b), read_only_export, node_writable)?;
     }
-    let mut out: Vec<Arc<dyn MetaContext>> = Vec::with_capacity(found.len());
-    for (name, b) in found.into_iter().rev() {
-        lock(&b).state.busy = true;
-        out.push(Arc::new(ExportedBitmap {
-            ctx: DirtyBitmapContext::new(&name, b.clone()),
-            bitmap: b,
-        }));
+    let mut out: Vec<Arc<dyn MetaContext>> = Vec::with_capacity(bitmaps.len());
+    for b in bitmaps {
+        // Dropping `out` on error releases the claims taken so far.
+        let claim = BusyClaim::take(b)?;
+        let name = lock(b).name().to_owned();
+        out.push(Arc::new(DirtyBitmapContext::new(&name, claim)));
     }
     Ok(out)
 }
@@ -97,52 +57,34 @@ pub fn bitmap_contexts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitmap::DirtyBitmap;
-    use crate::block::open::open_image;
-    use crate::block::qcow2::create::{create_qcow2, CreateOptions};
+    use crate::bitmap::set::BitmapSet;
 
-    fn node(dir: &std::path::Path) -> Node {
-        let path = dir.join("n.qcow2");
-        let opts = CreateOptions {
-            size: Some(1 << 20),
-            ..Default::default()
-        };
-        create_qcow2(&path, &opts).expect("create");
-        let node = Node::open("n", open_image(&path, None, false).expect("open")).expect("node");
-        for name in ["on", "off"] {
-            let mut b = DirtyBitmap::new(name, 1 << 20, 65536).expect("bitmap");
-            b.state.recording = name == "on";
-            node.bitmaps().add(b).expect("add");
-        }
-        node
-    }
-
-    fn err(r: Result<Vec<Arc<dyn MetaContext>>, String>) -> String {
-        r.err().expect("refused")
+    fn err(r: BitmapResult<Vec<Arc<dyn MetaContext>>>) -> String {
+        r.err().expect("refused").message
     }
 
     #[test]
     fn export_rules_and_texts_match_qemu() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let node = node(dir.path());
-        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let set = BitmapSet::new();
+        for name in ["on", "off"] {
+            let mut b = DirtyBitmap::new(name, 1 << 20, 65536).expect("bitmap");
+            b.state.recording = name == "on";
+            set.add(b).expect("add");
+        }
+        let on = set.get("on").expect("on");
+        let off = set.get("off").expect("off");
         assert_eq!(
-            err(bitmap_contexts(&node, &names(&["nope"]), false)),
-            "Bitmap 'nope' is not found"
-        );
-        assert_eq!(
-            err(bitmap_contexts(&node, &names(&["off", "on"]), true)),
+            err(bitmap_contexts(&[off.clone(), on.clone()], true, true)),
             "Enabled bitmap 'on' incompatible with readonly export"
         );
         // Nothing was taken by the refused export.
-        let on = node.find_bitmap("on").expect("on");
-        assert!(!lock(&on).state.busy);
-        let ctxs = bitmap_contexts(&node, &names(&["on", "off"]), false).expect("export");
+        assert!(!lock(&off).state.busy);
+        let ctxs = bitmap_contexts(&[off.clone(), on.clone()], false, true).expect("export");
         let order: Vec<&str> = ctxs.iter().map(|c| c.name()).collect();
         assert_eq!(order, ["qemu:dirty-bitmap:off", "qemu:dirty-bitmap:on"]);
         assert!(lock(&on).state.busy);
         assert_eq!(
-            err(bitmap_contexts(&node, &names(&["on"]), false)),
+            err(bitmap_contexts(std::slice::from_ref(&on), false, true)),
             "Bitmap 'on' is currently in use by another operation and cannot be used"
         );
         drop(ctxs);

@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use crate::bitmap::set::{lock, SharedBitmap};
+use crate::bitmap::set::{lock, BusyClaim, SharedBitmap};
+use crate::block::link::Root;
 use crate::block::{BlockNode, BlockResult};
 
 /// One block-status descriptor: `len` bytes with status `flags`.
@@ -88,8 +89,8 @@ fn collect(
     Ok(())
 }
 
-/// `base:allocation`: holes and zeroes as the node reports them.
-pub struct BaseAllocation(pub Arc<dyn BlockNode>);
+/// `base:allocation`: holes and zeroes as the export's node reports them.
+pub struct BaseAllocation(pub Arc<Root>);
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
@@ -106,8 +107,9 @@ impl MetaContext for BaseAllocation {
         max: usize,
         out: &mut Vec<Descriptor>,
     ) -> BlockResult<()> {
+        let node = self.0.get();
         collect(offset, len, max, out, |pos, rest| {
-            let e = self.0.block_status(pos, rest)?;
+            let e = node.block_status(pos, rest)?;
             Ok(Descriptor {
                 len: e.len,
                 flags: e.flags as u64,
@@ -117,7 +119,7 @@ impl MetaContext for BaseAllocation {
 }
 
 /// `qemu:allocation-depth`: which layer of the chain holds each range.
-pub struct AllocationDepth(pub Arc<dyn BlockNode>);
+pub struct AllocationDepth(pub Arc<Root>);
 
 impl MetaContext for AllocationDepth {
     fn name(&self) -> &str {
@@ -131,8 +133,9 @@ impl MetaContext for AllocationDepth {
         max: usize,
         out: &mut Vec<Descriptor>,
     ) -> BlockResult<()> {
+        let node = self.0.get();
         collect(offset, len, max, out, |pos, rest| {
-            let e = self.0.allocation_depth(pos, rest)?;
+            let e = node.allocation_depth(pos, rest)?;
             Ok(Descriptor {
                 len: e.len,
                 flags: e.depth as u64,
@@ -141,21 +144,26 @@ impl MetaContext for AllocationDepth {
     }
 }
 
-/// `qemu:dirty-bitmap:NAME`: bit 0 set where the bitmap is dirty.
+/// `qemu:dirty-bitmap:NAME`: bit 0 set where the bitmap is dirty. The
+/// context holds the bitmap busy for as long as the export lives.
 pub struct DirtyBitmapContext {
     name: String,
-    bitmap: SharedBitmap,
+    claim: BusyClaim,
 }
 
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 impl DirtyBitmapContext {
     /// `export_as` is the leaf the client sees (qemu: the bitmap's name).
-    pub fn new(export_as: &str, bitmap: SharedBitmap) -> Self {
+    pub fn new(export_as: &str, claim: BusyClaim) -> Self {
         DirtyBitmapContext {
             name: format!("{DIRTY_BITMAP_PREFIX}{export_as}"),
-            bitmap,
+            claim,
         }
+    }
+
+    fn bitmap(&self) -> &SharedBitmap {
+        self.claim.bitmap()
     }
 }
 
@@ -176,7 +184,7 @@ impl MetaContext for DirtyBitmapContext {
         out: &mut Vec<Descriptor>,
     ) -> BlockResult<()> {
         let first = out.len();
-        let b = lock(&self.bitmap);
+        let b = lock(self.bitmap());
         for e in b.extents(offset, offset + len) {
             let d = Descriptor {
                 len: e.len,

@@ -5,7 +5,8 @@ use super::context::Descriptor;
 use super::export::Export;
 use super::proto::*;
 use super::reply::ReplyTo;
-use crate::block::{BlockError, ErrorKind, ZeroFlags, STATE_ZERO};
+use crate::block::node::Node;
+use crate::block::{BlockError, BlockNode, ErrorKind, ZeroFlags, STATE_ZERO};
 
 /// Reads shorter than this are sent as plain data: asking the node for holes
 /// costs more than it saves (measured: sequential nbdcopy reads of 256 KiB
@@ -60,14 +61,21 @@ pub enum Command {
 }
 
 pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Vec<u8> {
-    let node = &export.node;
+    if let Command::BlockStatus { len, req_one, ids } = cmd {
+        // Each context enters the node itself (entering twice from one
+        // thread could wait on a graph change that waits on us).
+        return block_status(export, to, len, req_one, &ids);
+    }
+    // Inside the node for the whole request: a graph change waits for it.
+    let node = export.root.get();
+    let node: &Node = &node;
     let off = to.offset;
     let done = |r: Result<(), BlockError>| match r {
         Ok(()) => to.ok(),
         Err(e) => fail(&to, e),
     };
     match cmd {
-        Command::Read { len, df } => read(export, to, len, df),
+        Command::Read { len, df } => read(node, to, len, df),
         Command::Write { data, fua } => done(node.write_at(&data, off, fua)),
         Command::WriteZeroes { len, flags, fua } => {
             done(node.write_zeroes(off, len, flags).and_then(|_| {
@@ -86,7 +94,7 @@ pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Vec<u8> {
         }
         Command::Flush => done(node.flush()),
         Command::Cache { len } => done(node.cache(off, len)),
-        Command::BlockStatus { len, req_one, ids } => block_status(export, to, len, req_one, &ids),
+        Command::BlockStatus { .. } => to.error(EINVAL, "unreachable"),
     }
 }
 
@@ -120,14 +128,14 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
             if !*df && to.mode != Mode::Simple && *len >= SPARSE_READ_MIN {
                 return None;
             }
+            let node = export.root.try_get()?;
             let (mut out, at) = data_reply(to, *len);
-            export
-                .node
-                .try_read_nowait(&mut out[at..], to.offset)
+            node.try_read_nowait(&mut out[at..], to.offset)
                 .then_some(out)
         }
         Command::Write { data, fua: false } if data.len() as u64 <= INLINE_MAX => export
-            .node
+            .root
+            .try_get()?
             .try_write_nowait(data, to.offset)
             .then(|| to.ok()),
         // Contexts answered from memory (dirty bitmaps) never wait: a
@@ -146,14 +154,13 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
     }
 }
 
-fn read(export: &Export, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
-    let node = &export.node;
+fn read(node: &Node, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
     if len == 0 && to.mode != Mode::Simple {
         return to.ok();
     }
     let sparse = to.mode != Mode::Simple && !df && len >= SPARSE_READ_MIN;
     let runs = if sparse {
-        zero_runs(export, to.offset, len)
+        zero_runs(node, to.offset, len)
     } else {
         None
     };
@@ -189,13 +196,13 @@ fn read(export: &Export, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
 
 /// The range as (offset, length, reads-as-zero) runs, or `None` when it is
 /// all data (or the node cannot say): then one data chunk is best.
-fn zero_runs(export: &Export, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+fn zero_runs(node: &Node, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
     let mut runs: Vec<(u64, u64, bool)> = Vec::new();
     let end = offset + len;
     let mut pos = offset;
     while pos < end {
         // Status is an optimisation: on error, just read it all.
-        let e = export.node.block_status(pos, end - pos).ok()?;
+        let e = node.block_status(pos, end - pos).ok()?;
         let n = e.len.clamp(1, end - pos);
         let zero = e.flags & STATE_ZERO != 0;
         match runs.last_mut() {

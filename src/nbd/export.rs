@@ -6,12 +6,15 @@ use std::sync::{Arc, RwLock};
 
 use super::context::{AllocationDepth, BaseAllocation, MetaContext};
 use super::proto::*;
+use crate::block::link::Root;
 use crate::block::BlockNode;
 
 pub struct Export {
     pub name: String,
     pub description: Option<String>,
-    pub node: Arc<dyn BlockNode>,
+    /// The export's handle on its node: follows the node when the graph
+    /// replaces it (a filter inserted above, a snapshot, a mirror pivot).
+    pub root: Arc<Root>,
     /// The export's view: read-only even when the node is writable.
     pub read_only: bool,
     /// Whether several connections may be used as one (CAN_MULTI_CONN).
@@ -35,18 +38,19 @@ pub struct ExportConfig {
 }
 
 impl Export {
-    pub fn new(node: Arc<dyn BlockNode>, cfg: ExportConfig) -> Export {
-        let mut contexts: Vec<Arc<dyn MetaContext>> = vec![Arc::new(BaseAllocation(node.clone()))];
+    pub fn new(root: Arc<Root>, cfg: ExportConfig) -> Export {
+        let mut contexts: Vec<Arc<dyn MetaContext>> = vec![Arc::new(BaseAllocation(root.clone()))];
         if cfg.allocation_depth {
-            contexts.push(Arc::new(AllocationDepth(node.clone())));
+            contexts.push(Arc::new(AllocationDepth(root.clone())));
         }
         contexts.extend(cfg.extra_contexts);
+        let read_only = cfg.read_only || root.get().read_only();
         Export {
             name: cfg.name,
             description: cfg.description,
-            read_only: cfg.read_only || node.read_only(),
+            read_only,
             multi_conn: cfg.multi_conn,
-            node,
+            root,
             contexts,
             closed: tokio::sync::watch::channel(false).0,
         }
@@ -64,7 +68,7 @@ impl Export {
     }
 
     pub fn size(&self) -> u64 {
-        self.node.size()
+        self.root.get().size()
     }
 
     /// Transmission flags, as qemu computes them for the same export.

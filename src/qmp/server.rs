@@ -18,7 +18,8 @@ use super::commands::{self, misc};
 use super::error::QmpError;
 use super::json::{parse, to_line, Frame, Framer};
 use super::schema::schema;
-use crate::daemon::{Daemon, Event};
+use crate::daemon::Daemon;
+use crate::event::Event;
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -286,6 +287,9 @@ pub async fn serve_until_quit(
         _ = quit.wait_for(|q| *q) => info!("shutting down on quit"),
     }
     let _ = stop.send(true);
+    // No command runs from here on: a command in flight finishes first,
+    // and the ones after it find the daemon closing.
+    let _serial = daemon.command_lock.lock().await;
     // No NBD server running is the normal case here, not an error.
     let _ = daemon.stop_nbd().await;
     let d = daemon.clone();

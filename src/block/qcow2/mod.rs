@@ -28,24 +28,27 @@ pub mod tables;
 mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use self::header::*;
 use self::io::HostFile;
 use self::meta::Meta;
 use self::tables::Geometry;
-use super::lock::ImageLock;
+use super::file::FileNode;
+use super::link::{Child, ChildRole};
+use super::node::Node;
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 
 pub struct Qcow2Node {
+    /// The `file` child: the image file, through its node.
     f: HostFile,
     meta: Mutex<Meta>,
     /// The bitmap directory as on disk; locked after `meta`, never before.
     stored: Mutex<bitmaps::Stored>,
     free_lock: RwLock<()>,
-    backing: Option<Arc<dyn BlockNode>>,
-    read_only: bool,
+    backing: Option<Child>,
+    read_only: AtomicBool,
     /// Virtual size; grows with [`Qcow2Node::grow_to`].
     size: AtomicU64,
     geo: Geometry,
@@ -53,26 +56,30 @@ pub struct Qcow2Node {
     header: Header,
     /// Whether the image looks metadata-preallocated (see status.rs).
     prealloc: OnceLock<bool>,
-    _lock: ImageLock,
 }
 
 impl Qcow2Node {
-    /// Opens a qcow2 image without its backing file; the chain opener
-    /// attaches that with [`Qcow2Node::set_backing`].
+    /// Opens a qcow2 image file (and a `file` node for it) without its
+    /// backing file; the chain opener attaches that with
+    /// [`Qcow2Node::set_backing`].
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Qcow2Node> {
-        Self::open_with(path, read_only, false)
+        let file = Node::open("", Arc::new(FileNode::open(path, read_only)?))?;
+        Self::open_on(Arc::new(file), read_only)
     }
 
     /// Opens read-only without taking the image locks, as qemu-img's `-U`
     /// (force share): for looking at an image another process has open,
     /// e.g. its bitmaps marked in use. What it reads may be changing.
     pub fn open_force_share(path: &Path) -> BlockResult<Qcow2Node> {
-        Self::open_with(path, true, true)
+        let file = Node::open("", Arc::new(FileNode::open_force_share(path)?))?;
+        Self::open_on(Arc::new(file), true)
     }
 
-    fn open_with(path: &Path, read_only: bool, force_share: bool) -> BlockResult<Qcow2Node> {
-        let (file, lock) = ImageLock::open(path, read_only, force_share)?;
-        let f = HostFile::new(file, path);
+    /// Opens the qcow2 image stored in `file` (its `file` child).
+    pub fn open_on(file: Arc<Node>, read_only: bool) -> BlockResult<Qcow2Node> {
+        let f = HostFile::new(file)?;
+        let path = f.path.clone();
+        let path = path.as_path();
         let file_len = f.len()?;
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
         f.read_partial(&mut first, 0)?;
@@ -86,7 +93,7 @@ impl Qcow2Node {
                 ..e
             }
         };
-        let mut header = Header::parse(&first).map_err(ctx)?;
+        let header = Header::parse(&first).map_err(ctx)?;
         check_features(&header, read_only).map_err(ctx)?;
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
@@ -95,38 +102,56 @@ impl Qcow2Node {
         };
         // Checked before anything is written: a corrupt directory fails
         // the open and leaves the image as it was.
-        let mut stored = bitmaps::check_directory(&f, &header).map_err(ctx)?;
-        let stale = bitmaps::load::is_stale(&header);
-        if !read_only && (header.autoclear & !KNOWN_AUTOCLEAR != 0 || stale) {
-            // We would not keep that data consistent: clear the bits first,
-            // as the spec requires of a writer that does not know them. A
-            // stale bitmaps extension goes too, as qemu drops it.
-            header.autoclear &= KNOWN_AUTOCLEAR;
-            if stale {
-                bitmaps::store::set_extension(&mut header, None);
-            }
-            let bytes = header.serialize().map_err(ctx)?;
-            f.write(&bytes, 0, "header")?;
-            f.sync()?;
-        }
-        if !read_only {
-            bitmaps::store::mark_in_use(&f, &mut stored).map_err(ctx)?;
-        }
+        let stored = bitmaps::check_directory(&f, &header).map_err(ctx)?;
         let meta = Meta::load(&f, header.clone(), geo).map_err(ctx)?;
-        Ok(Qcow2Node {
+        let node = Qcow2Node {
             f,
             meta: Mutex::new(meta),
             stored: Mutex::new(stored),
             free_lock: RwLock::new(()),
             backing: None,
-            read_only,
+            read_only: AtomicBool::new(true),
             size: AtomicU64::new(header.size),
             geo,
             compression: header.compression_type,
             header,
             prealloc: OnceLock::new(),
-            _lock: lock,
-        })
+        };
+        if !read_only {
+            node.become_writable().map_err(ctx)?;
+        }
+        Ok(node)
+    }
+
+    /// What a writer does first (at a read-write open, or a reopen
+    /// read-write): clears the autoclear bits it does not know and a stale
+    /// bitmaps extension (the spec's rule for writers; qemu drops stale
+    /// bitmaps too), then marks the stored bitmaps in use.
+    fn become_writable(&self) -> BlockResult<()> {
+        check_features(&self.header, false)?;
+        let mut meta = self.lock_meta()?;
+        let stale = bitmaps::load::is_stale(&meta.header);
+        if meta.header.autoclear & !KNOWN_AUTOCLEAR != 0 || stale {
+            meta.header.autoclear &= KNOWN_AUTOCLEAR;
+            let mut stored = self.lock_stored()?;
+            if stale {
+                bitmaps::store::set_extension(&mut meta.header, None);
+                *stored = bitmaps::Stored::default();
+            }
+            let bytes = meta.header.serialize()?;
+            self.f.write(&bytes, 0, "header")?;
+            self.f.sync()?;
+        }
+        let mut stored = self.lock_stored()?;
+        bitmaps::store::mark_in_use(&self.f, &mut stored)?;
+        drop(stored);
+        drop(meta);
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
     }
 
     /// The header as it was when the image was opened.
@@ -136,6 +161,11 @@ impl Qcow2Node {
 
     pub fn path(&self) -> &Path {
         &self.f.path
+    }
+
+    /// The node holding the image file.
+    pub fn file_node(&self) -> Arc<Node> {
+        self.f.child.node()
     }
 
     /// The backing file name exactly as stored in the image.
@@ -154,12 +184,8 @@ impl Qcow2Node {
         self.header.backing_format()
     }
 
-    pub fn set_backing(&mut self, backing: Option<Arc<dyn BlockNode>>) {
-        self.backing = backing;
-    }
-
-    pub fn backing(&self) -> Option<&Arc<dyn BlockNode>> {
-        self.backing.as_ref()
+    pub fn set_backing(&mut self, backing: Option<Arc<Node>>) {
+        self.backing = backing.map(|b| Child::new(ChildRole::Backing, b));
     }
 
     fn vsize(&self) -> u64 {
@@ -226,7 +252,7 @@ impl Qcow2Node {
     }
 
     fn check_writable(&self) -> BlockResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(BlockError::new(
                 ErrorKind::Permission,
                 format!("'{}' is opened read-only", self.f.path.display()),
@@ -247,7 +273,7 @@ impl Qcow2Node {
             self.f.path.display(),
             err
         );
-        if !self.read_only && self.geo.version >= 3 {
+        if !self.is_read_only() && self.geo.version >= 3 {
             let bits = (meta.header.incompatible | INCOMPAT_CORRUPT).to_be_bytes();
             let _ = self
                 .f
@@ -335,7 +361,41 @@ impl BlockNode for Qcow2Node {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.is_read_only()
+    }
+
+    fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        if read_only {
+            // The node above stores its bitmaps first (they are its own);
+            // here only the metadata must reach the disk.
+            self.flush()?;
+            self.read_only.store(true, Ordering::Release);
+            return Ok(());
+        }
+        if self.f.child.get().read_only() {
+            return Err(BlockError::new(
+                ErrorKind::Permission,
+                format!("'{}': the file node is read-only", self.f.path.display()),
+            ));
+        }
+        self.become_writable()
+    }
+
+    fn children(&self) -> Vec<&Child> {
+        std::iter::once(&self.f.child)
+            .chain(self.backing.as_ref())
+            .collect()
+    }
+
+    fn filename(&self) -> Option<PathBuf> {
+        Some(self.f.path.clone())
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        self.f.allocated()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
@@ -359,7 +419,7 @@ impl BlockNode for Qcow2Node {
     }
 
     fn flush(&self) -> BlockResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         let mut meta = self.lock_meta()?;
@@ -378,10 +438,6 @@ impl BlockNode for Qcow2Node {
 
     fn format_name(&self) -> &'static str {
         "qcow2"
-    }
-
-    fn backing_layer(&self) -> Option<Arc<dyn BlockNode>> {
-        self.backing.clone()
     }
 
     fn cluster_size(&self) -> u64 {
@@ -407,7 +463,7 @@ impl BlockNode for Qcow2Node {
 
 impl Drop for Qcow2Node {
     fn drop(&mut self) {
-        if !self.read_only {
+        if !self.is_read_only() {
             if let Err(e) = self.flush() {
                 tracing::error!("'{}': flush on close failed: {}", self.f.path.display(), e);
             }

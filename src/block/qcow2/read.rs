@@ -4,7 +4,7 @@
 use super::compress::decompress;
 use super::tables::Mapping;
 use super::Qcow2Node;
-use crate::block::{BlockError, BlockResult};
+use crate::block::{BlockError, BlockNode, BlockResult};
 
 /// One piece of a request: `len` guest bytes at `guest` mapped as `map`.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +74,7 @@ impl Qcow2Node {
 
     /// Reads from the backing node, with zeroes past its end.
     pub(super) fn read_backing(&self, buf: &mut [u8], guest: u64) -> BlockResult<()> {
-        let n = match &self.backing {
+        let n = match self.backing.as_ref().map(|c| c.get()) {
             Some(b) => {
                 let n = (buf.len() as u64).min(b.size().saturating_sub(guest)) as usize;
                 if n > 0 {

@@ -13,11 +13,11 @@
 //! reports data clusters over holes in it as data that reads as zero (ZERO).
 //! The guess is made once, at the first query, as qemu does. Adjacent runs with the same answer are merged.
 
-use std::os::unix::fs::MetadataExt;
-
 use super::tables::Mapping;
 use super::Qcow2Node;
-use crate::block::{BlockError, BlockResult, DepthExtent, Extent, STATE_HOLE, STATE_ZERO};
+use crate::block::{
+    BlockError, BlockNode, BlockResult, DepthExtent, Extent, STATE_HOLE, STATE_ZERO,
+};
 
 /// Runs merged by one call at most, so a single query stays cheap on huge
 /// fragmented images (the caller asks again for the rest).
@@ -48,13 +48,10 @@ impl Qcow2Node {
         if let Some(&v) = self.prealloc.get() {
             return Ok(v);
         }
-        let md = self.f.file.metadata().map_err(|e| {
-            BlockError::io(format!("Could not stat '{}'", self.f.path.display()), e)
-        })?;
         let cs = self.geo.cluster_size();
-        let real = md.blocks() * 512 / cs;
+        let real = self.f.allocated().unwrap_or(0) / cs;
         let threshold = (real * 10 / 9).max(real + 2);
-        let end = md.len().div_ceil(cs);
+        let end = self.f.len()?.div_ceil(cs);
         let mut meta = self.lock_meta()?;
         let mut used = 0;
         let mut c = 0;
@@ -101,7 +98,7 @@ impl Qcow2Node {
             Mapping::Data { .. } => (0, n),
             Mapping::Compressed { .. } => (0, n),
             Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
-            Mapping::Unallocated => match &self.backing {
+            Mapping::Unallocated => match self.backing.as_ref().map(|c| c.get()) {
                 Some(b) if at < b.size() => {
                     let e = b.block_status(at, n.min(b.size() - at))?;
                     (e.flags, e.len.clamp(1, n))
@@ -135,7 +132,7 @@ impl Qcow2Node {
     fn depth_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
         let (m, n) = self.map_run(at, max)?;
         Ok(match m {
-            Mapping::Unallocated => match &self.backing {
+            Mapping::Unallocated => match self.backing.as_ref().map(|c| c.get()) {
                 Some(b) if at < b.size() => {
                     let e = b.allocation_depth(at, n.min(b.size() - at))?;
                     let d = if e.depth == 0 { 0 } else { e.depth + 1 };

@@ -11,7 +11,7 @@ use super::meta::Meta;
 use super::read::Piece;
 use super::tables::{Mapping, COPIED, ZERO};
 use super::Qcow2Node;
-use crate::block::{BlockError, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
+use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
 
 /// Largest data buffer one allocating step builds.
 const MAX_ALLOC_BYTES: u64 = 8 << 20;
@@ -106,7 +106,10 @@ impl Qcow2Node {
             let host = meta.alloc(&self.f, c1 - c0)?;
             let zero_source = match map {
                 Mapping::Zero { .. } => true,
-                Mapping::Unallocated => self.backing.as_ref().is_none_or(|b| b.size() <= c0 * cs),
+                Mapping::Unallocated => self
+                    .backing
+                    .as_ref()
+                    .is_none_or(|b| b.get().size() <= c0 * cs),
                 _ => false,
             };
             if zero_source && self.f.zero_range(host, span) {

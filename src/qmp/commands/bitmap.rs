@@ -326,15 +326,18 @@ impl Action for Merge {
                 if Arc::ptr_eq(&src, &target) {
                     return Ok(());
                 }
-                let src = lock(&src);
+                let pair = [src, target.clone()];
+                let mut guards = crate::bitmap::set::lock_all(&pair);
+                let [src, g] = guards.as_mut_slice() else {
+                    return Ok(());
+                };
                 src.check(Checks::ALLOW_RO)?;
-                let mut g = lock(&target);
                 if src.size() != g.size() {
                     // Same text as a failed merge, nothing changed.
-                    return g.merge_bits(&src).map_err(Into::into);
+                    return g.merge_bits(src).map_err(Into::into);
                 }
                 let backup = self.undo.then(|| g.clone());
-                g.merge_bits(&src)?;
+                g.merge_bits(src)?;
                 backup
             }
             // Several: OR them into a scratch bitmap first, so a source that

@@ -1,171 +1,222 @@
-//! The block graph over QMP: blockdev-add (file, raw and qcow2 nodes, the
-//! `file` child given by name or nested), blockdev-del, and the queries.
+//! The block graph over QMP: blockdev-add (file, raw and qcow2 nodes; the
+//! `file` and `backing` children given by name, nested, `null`, or, for
+//! `backing`, opened from the image header), blockdev-del, blockdev-reopen,
+//! the queries, and the test hooks that insert and remove a pass-through
+//! filter (the graph's replacement path).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
 use crate::bitmap::set::lock;
+use crate::block::chain::{self, Layers};
 use crate::block::file::FileNode;
+use crate::block::filter::Passthrough;
+use crate::block::link::ChildRole;
 use crate::block::node::Node;
-use crate::block::open::{open_image, Format};
-use crate::block::raw::{FileView, RawFormat};
-use crate::block::BlockNode;
-use crate::daemon::{allocated_size, BlockDev, Daemon};
+use crate::block::open::Driver;
+use crate::block::qcow2::Qcow2Node;
+use crate::block::raw::RawFormat;
+use crate::block::{BlockNode, BlockResult};
+use crate::daemon::{Daemon, GraphNode};
 use crate::qmp::error::{QmpError, QmpResult};
 
 pub fn blockdev_add(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    open_node(d, &args, true, false)?;
-    Ok(json!({}))
+    let mut op = Opening {
+        d,
+        created: Vec::new(),
+    };
+    match op.open_node(&args, true, false) {
+        Ok(_) => Ok(json!({})),
+        Err(e) => {
+            // Implicit nodes made for this node go with it, newest first.
+            for n in op.created.iter().rev() {
+                d.delete_implicit(n);
+            }
+            Err(e)
+        }
+    }
 }
 
-/// Opens the node `opts` describes (and its nested children), adds it to
-/// the graph and returns its name. A child inherits read-only from its
-/// parent unless it says otherwise.
-fn open_node(
-    d: &Daemon,
-    opts: &Map<String, Value>,
-    root: bool,
-    inherited_ro: bool,
-) -> QmpResult<String> {
-    let driver = opts.get("driver").and_then(Value::as_str).unwrap_or("");
-    let read_only = opts
-        .get("read-only")
-        .and_then(Value::as_bool)
-        .unwrap_or(inherited_ro);
-    let name = match opts.get("node-name").and_then(Value::as_str) {
-        Some(n) => {
-            d.check_new_node_name(n)?;
-            n.to_owned()
-        }
-        None if root => {
-            return Err(QmpError::generic(
-                "'node-name' must be specified for the root node",
-            ))
-        }
-        None => d.auto_node_name(),
-    };
-    let (driver_name, filename, file_child, node, file_id, image_extra) = match driver {
-        "file" => {
-            let filename =
-                PathBuf::from(opts.get("filename").and_then(Value::as_str).unwrap_or(""));
-            let (file, id) = open_file(d, &filename, read_only)?;
-            let node = Node::open(&name, file)?;
-            ("file", filename, None, node, id, None)
-        }
-        "raw" | "qcow2" => {
-            let (child, created) = child(d, opts.get("file"), read_only)?;
-            let opened = if driver == "raw" {
-                open_raw(d, &name, &child, read_only)
-            } else {
-                open_qcow2(d, &name, &child, read_only)
-            };
-            match opened {
-                Ok((drv, filename, node, extra)) => (drv, filename, Some(child), node, None, extra),
-                Err(e) => {
-                    if created {
-                        // The nested child was only for this node.
-                        let _ = d.delete_implicit(&child);
-                    }
-                    return Err(e);
+/// One blockdev-add in progress: the implicit nodes it has made so far.
+struct Opening<'a> {
+    d: &'a Daemon,
+    created: Vec<Arc<Node>>,
+}
+
+/// A node opened but not yet in the graph.
+struct Opened {
+    driver: Driver,
+    drv: Arc<dyn BlockNode>,
+    file_id: Option<(u64, u64)>,
+    image_extra: Option<Value>,
+}
+
+impl Layers for Opening<'_> {
+    fn add(&mut self, kind: Driver, driver: Arc<dyn BlockNode>) -> BlockResult<Arc<Node>> {
+        let name = self.d.auto_node_name();
+        let opened = Opened {
+            image_extra: None,
+            driver: kind,
+            drv: driver,
+            file_id: None,
+        };
+        self.register(name, opened, false)
+            .map_err(|e| crate::block::BlockError::invalid(e.desc))
+    }
+}
+
+impl Opening<'_> {
+    /// Opens the node `opts` describes (and its nested children), adds it
+    /// to the graph and returns it. A child inherits read-only from its
+    /// parent unless it says otherwise.
+    fn open_node(
+        &mut self,
+        opts: &Map<String, Value>,
+        root: bool,
+        inherited_ro: bool,
+    ) -> QmpResult<Arc<Node>> {
+        let driver = opts.get("driver").and_then(Value::as_str).unwrap_or("");
+        let read_only = opts
+            .get("read-only")
+            .and_then(Value::as_bool)
+            .unwrap_or(inherited_ro);
+        let name = match opts.get("node-name").and_then(Value::as_str) {
+            Some(n) => {
+                self.d.check_new_node_name(n)?;
+                n.to_owned()
+            }
+            None if root => {
+                return Err(QmpError::generic(
+                    "'node-name' must be specified for the root node",
+                ))
+            }
+            None => self.d.auto_node_name(),
+        };
+        let opened = match driver {
+            "file" => {
+                let filename = opts.get("filename").and_then(Value::as_str).unwrap_or("");
+                self.open_file(Path::new(filename), read_only)?
+            }
+            "raw" => {
+                let file = self.child(opts.get("file"), read_only)?;
+                Opened {
+                    driver: Driver::Raw,
+                    drv: Arc::new(RawFormat::new(file, read_only)),
+                    file_id: None,
+                    image_extra: None,
                 }
             }
-        }
-        other => {
-            return Err(QmpError::generic(format!(
-                "Parameter 'driver' does not accept value '{other}'"
-            )))
-        }
-    };
-    let loaded_bitmaps = node.bitmaps().all();
-    d.insert_node(BlockDev {
-        name: name.clone(),
-        driver: driver_name,
-        filename,
-        file_child,
-        node: Arc::new(node),
-        monitor_owned: root,
-        file_id,
-        image_extra,
-        loaded_bitmaps,
-    })?;
-    Ok(name)
-}
-
-type Opened = (&'static str, PathBuf, Node, Option<Value>);
-
-/// A host file's (device, inode).
-type FileId = (u64, u64);
-
-/// Opens a host file for a `file` node. A file another node of this daemon
-/// already holds is shared (qemu-storage-daemon lets several nodes open one
-/// file; tidemark's image locks would otherwise refuse the second open).
-fn open_file(
-    d: &Daemon,
-    path: &std::path::Path,
-    read_only: bool,
-) -> QmpResult<(Arc<dyn BlockNode>, Option<FileId>)> {
-    use std::os::unix::fs::MetadataExt;
-    let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-    if let Some((shared, shared_ro)) = id.and_then(|id| d.open_file(id)) {
-        if read_only || !shared_ro {
-            return Ok((Arc::new(RawFormat::new(shared, read_only)), None));
-        }
-    }
-    let f = FileNode::open(path, read_only)?;
-    Ok((Arc::new(f), id))
-}
-
-fn open_raw(d: &Daemon, name: &str, child: &str, read_only: bool) -> QmpResult<Opened> {
-    let (filename, child_node) = d.child_info(child)?;
-    let driver = Arc::new(RawFormat::new(child_node, read_only));
-    Ok(("raw", filename, Node::open(name, driver)?, None))
-}
-
-/// qcow2 opens (and locks) the image itself, so the `file` child's own
-/// open file is closed first and the child becomes an unlocked read-only
-/// view of the same file; if the qcow2 open fails, the child gets its file
-/// back.
-fn open_qcow2(d: &Daemon, name: &str, child: &str, read_only: bool) -> QmpResult<Opened> {
-    let (filename, child_ro) = {
-        let (f, n) = d.child_info(child)?;
-        (f, n.read_only())
-    };
-    let view = Node::open(child, Arc::new(FileView::open(&filename, child_ro)?))?;
-    let old = d.replace_node(child, Arc::new(view))?;
-    drop(old);
-    // Read while nothing holds the image: the header details that
-    // query-named-block-nodes shows, in qemu-img info's form.
-    let extra = crate::info::image_info(&filename, Some(Format::Qcow2))
-        .ok()
-        .and_then(|i| serde_json::to_value(i).ok());
-    match open_image(&filename, Some(Format::Qcow2), read_only) {
-        Ok(driver) => Ok(("qcow2", filename.clone(), Node::open(name, driver)?, extra)),
-        Err(e) => {
-            let restored = FileNode::open(&filename, child_ro)
-                .map_err(QmpError::from)
-                .and_then(|f| Node::open(child, Arc::new(f)).map_err(QmpError::from))
-                .and_then(|n| d.replace_node(child, Arc::new(n)));
-            if let Err(r) = restored {
-                tracing::warn!(node = child, error = %r, "could not reopen the file node");
+            "qcow2" => {
+                let file = self.child(opts.get("file"), read_only)?;
+                let mut q = Qcow2Node::open_on(file, read_only)?;
+                self.backing(&mut q, opts.get("backing"))?;
+                let extra = crate::info::qcow2_info(
+                    &q,
+                    q.path().display().to_string(),
+                    q.allocated_size().unwrap_or(0),
+                );
+                Opened {
+                    driver: Driver::Qcow2,
+                    drv: Arc::new(q),
+                    file_id: None,
+                    image_extra: serde_json::to_value(extra).ok(),
+                }
             }
-            Err(e.into())
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'driver' does not accept value '{other}'"
+                )))
+            }
+        };
+        self.register(name, opened, root)
+    }
+
+    fn register(&mut self, name: String, o: Opened, root: bool) -> QmpResult<Arc<Node>> {
+        let node = Arc::new(Node::open(name, o.drv)?);
+        self.d.insert_node(GraphNode {
+            node: node.clone(),
+            driver: o.driver,
+            monitor_owned: root,
+            file_id: o.file_id,
+            image_extra: o.image_extra,
+            loaded_bitmaps: node.bitmaps().all(),
+        })?;
+        if !root {
+            self.created.push(node.clone());
         }
+        Ok(node)
+    }
+
+    /// Opens a host file for a `file` node. A file another node of this
+    /// daemon already holds is shared (qemu-storage-daemon lets several
+    /// nodes open one file; tidemark's image locks would otherwise refuse
+    /// the second open).
+    fn open_file(&self, path: &Path, read_only: bool) -> QmpResult<Opened> {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        if let Some(shared) = id.and_then(|id| self.d.open_file(id)) {
+            if read_only || !shared.read_only() {
+                return Ok(Opened {
+                    driver: Driver::File,
+                    drv: Arc::new(RawFormat::sharing(&shared, read_only)),
+                    file_id: id,
+                    image_extra: None,
+                });
+            }
+        }
+        Ok(Opened {
+            driver: Driver::File,
+            drv: Arc::new(FileNode::open(path, read_only)?),
+            file_id: id,
+            image_extra: None,
+        })
+    }
+
+    /// Resolves a `file` member: a node-name, or a nested definition
+    /// opened now.
+    fn child(&mut self, file: Option<&Value>, read_only: bool) -> QmpResult<Arc<Node>> {
+        match file {
+            Some(Value::String(name)) => self.d.node(name),
+            Some(Value::Object(m)) => self.open_node(m, false, read_only),
+            _ => Err(QmpError::generic("Parameter 'file' is missing")),
+        }
+    }
+
+    /// Attaches the `backing` member: absent opens the chain the header
+    /// names (every layer a node), `null` means none, a string names a
+    /// node, an object is a nested definition (read-only by default, as
+    /// qemu opens backing files).
+    fn backing(&mut self, q: &mut Qcow2Node, backing: Option<&Value>) -> QmpResult<()> {
+        match backing {
+            None => chain::open_backing(q, self)?,
+            Some(Value::Null) => {}
+            Some(Value::String(name)) => {
+                let b = self.d.node(name)?;
+                check_backing(q, &b)?;
+                q.set_backing(Some(b));
+            }
+            Some(Value::Object(m)) => {
+                let b = self.open_node(m, false, true)?;
+                q.set_backing(Some(b));
+            }
+            Some(_) => return Err(QmpError::generic("Invalid parameter type for 'backing'")),
+        }
+        Ok(())
     }
 }
 
-/// Resolves a `file` member: a node-name, or a nested definition opened
-/// now. Returns the child's name and whether it was created here.
-fn child(d: &Daemon, file: Option<&Value>, read_only: bool) -> QmpResult<(String, bool)> {
-    match file {
-        Some(Value::String(name)) => {
-            d.node(name)?;
-            Ok((name.clone(), false))
-        }
-        Some(Value::Object(m)) => Ok((open_node(d, m, false, read_only)?, true)),
-        _ => Err(QmpError::generic("Parameter 'file' is missing")),
+/// qemu's conditions on an existing node given as `backing`.
+fn check_backing(q: &Qcow2Node, b: &Arc<Node>) -> QmpResult<()> {
+    if b.filename().as_deref() == Some(q.path()) {
+        return Err(QmpError::generic(format!(
+            "Making '{}' a backing child of '{}' would create a cycle",
+            b.name(),
+            q.path().display()
+        )));
     }
+    Ok(())
 }
 
 pub fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
@@ -174,68 +225,179 @@ pub fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     Ok(json!({}))
 }
 
+/// blockdev-reopen: each listed node switches to the `read-only` it is
+/// given (qemu resets an absent option to its default: read-write). Its
+/// `file` child follows a node that becomes writable, and a read-only
+/// node's implicit file child becomes read-only again. All or nothing:
+/// a failure puts back what was changed.
+pub fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let list = args
+        .get("options")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut done: Vec<(Arc<Node>, bool)> = Vec::new();
+    let result = (|| -> QmpResult<()> {
+        for opts in &list {
+            let Some(name) = opts.get("node-name").and_then(Value::as_str) else {
+                return Err(QmpError::generic("node-name not specified"));
+            };
+            let node = d
+                .find_node(name)
+                .ok_or_else(|| QmpError::generic(format!("Cannot find node named '{name}'")))?;
+            let driver = opts.get("driver").and_then(Value::as_str).unwrap_or("");
+            let kind = d.driver_of(name).map(Driver::name).unwrap_or("");
+            if driver != kind {
+                return Err(QmpError::generic("Cannot change the option 'driver'"));
+            }
+            let read_only = opts
+                .get("read-only")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if !read_only {
+                if let Some(file) = node.child(ChildRole::File) {
+                    reopen_one(&file, false, &mut done)?;
+                }
+            }
+            reopen_one(&node, read_only, &mut done)?;
+            if read_only {
+                if let Some(file) = node.child(ChildRole::File) {
+                    let shared = d.parents_of(&file).len() > 1 || d.has_root(&file);
+                    let implicit = d.is_implicit(&file);
+                    if implicit && !shared {
+                        reopen_one(&file, true, &mut done)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for (node, before) in done.into_iter().rev() {
+            let _ = node.reopen(before);
+        }
+        return Err(e);
+    }
+    Ok(json!({}))
+}
+
+fn reopen_one(
+    node: &Arc<Node>,
+    read_only: bool,
+    done: &mut Vec<(Arc<Node>, bool)>,
+) -> QmpResult<()> {
+    let before = node.read_only();
+    if before == read_only {
+        return Ok(());
+    }
+    node.reopen(read_only).map_err(|e| {
+        QmpError::generic(format!("Could not reopen '{}': {}", node.name(), e.context))
+    })?;
+    done.push((node.clone(), before));
+    Ok(())
+}
+
+/// x-tidemark-insert-filter (test hook): puts a pass-through filter named
+/// `filter-node-name` above `node`; every parent and export moves onto it.
+pub fn insert_filter(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("");
+    let node = d.node(arg("node"))?;
+    let name = arg("filter-node-name");
+    d.check_new_node_name(name)?;
+    let filter = Arc::new(Node::open(name, Arc::new(Passthrough::new(node.clone())))?);
+    d.insert_node(GraphNode {
+        node: filter.clone(),
+        driver: Driver::Passthrough,
+        monitor_owned: true,
+        file_id: None,
+        image_extra: None,
+        loaded_bitmaps: Vec::new(),
+    })?;
+    d.replace_node(&node, &filter);
+    Ok(json!({}))
+}
+
+/// x-tidemark-remove-filter (test hook): takes a pass-through filter out
+/// again; its parents and exports move back onto its child.
+pub fn remove_filter(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let name = args.get("node").and_then(Value::as_str).unwrap_or("");
+    let filter = d.node(name)?;
+    if d.driver_of(name) != Some(Driver::Passthrough) {
+        return Err(QmpError::generic(format!(
+            "Node '{name}' is not a pass-through filter"
+        )));
+    }
+    let child = filter
+        .child(ChildRole::Filtered)
+        .ok_or_else(|| QmpError::generic(format!("Filter '{name}' has no child")))?;
+    d.replace_node(&filter, &child);
+    d.delete_node(name)?;
+    Ok(json!({}))
+}
+
 /// query-named-block-nodes: every node, newest first, with the fields
 /// qemu-storage-daemon shows for the same node (throttling is always 0:
-/// tidemark has none).
-pub fn query_named_block_nodes(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
-    let list = d.with_nodes(|nodes| nodes.map(node_info).collect::<Vec<_>>());
+/// tidemark has none). `flat` leaves out the nested backing images.
+pub fn query_named_block_nodes(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let flat = args.get("flat").and_then(Value::as_bool).unwrap_or(false);
+    let list = d.with_nodes(|nodes| {
+        let all: Vec<&GraphNode> = nodes.collect();
+        all.iter()
+            .map(|g| node_info(g, &all, flat))
+            .collect::<Vec<_>>()
+    });
     Ok(Value::Array(list))
 }
 
-fn node_info(dev: &BlockDev) -> Value {
-    let filename = dev.filename.display().to_string();
-    let format = dev.driver;
-    // qemu measures protocol and raw nodes in whole sectors.
-    let virtual_size = match format {
-        "qcow2" => dev.node.size(),
-        _ => dev.node.size().div_ceil(512) * 512,
-    };
-    let mut image = json!({
-        "virtual-size": virtual_size,
-        "filename": filename,
-        "format": format,
-        "dirty-flag": false,
-    });
-    if let Some(a) = allocated_size(&dev.filename) {
-        image["actual-size"] = json!(a);
+fn entry<'a>(all: &[&'a GraphNode], node: &Arc<Node>) -> Option<&'a GraphNode> {
+    all.iter().copied().find(|g| Arc::ptr_eq(&g.node, node))
+}
+
+/// Layers below `node` in its backing chain.
+fn backing_depth(node: &Arc<Node>) -> u64 {
+    let mut depth = 0;
+    let mut layer = node.child(ChildRole::Backing);
+    while let Some(l) = layer {
+        depth += 1;
+        layer = l.child(ChildRole::Backing);
     }
-    if format == "file" {
-        image["format-specific"] = json!({"type": "file", "data": {}});
-    }
-    for key in [
-        "cluster-size",
-        "format-specific",
-        "backing-filename",
-        "full-backing-filename",
-        "backing-filename-format",
-    ] {
-        if let Some(v) = dev.image_extra.as_ref().and_then(|e| e.get(key)) {
-            image[key] = v.clone();
-        }
-    }
-    on_disk_bitmaps(dev, &mut image);
+    depth
+}
+
+fn node_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
+    let filename = g
+        .node
+        .filename()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let image = image_info(g, all, flat);
     let mut info = json!({
         "iops_rd": 0, "detect_zeroes": "off", "active": true, "image": image,
-        "iops_wr": 0, "ro": dev.node.read_only(), "node-name": dev.name,
-        "backing_file_depth": 0, "drv": format, "iops": 0, "bps_wr": 0,
-        "write_threshold": 0, "encrypted": false, "bps": 0, "bps_rd": 0,
+        "iops_wr": 0, "ro": g.node.read_only(), "node-name": g.name(),
+        "backing_file_depth": backing_depth(&g.node), "drv": g.driver.name(), "iops": 0,
+        "bps_wr": 0, "write_threshold": 0, "encrypted": false, "bps": 0, "bps_rd": 0,
         "cache": {"no-flush": false, "direct": false, "writeback": true},
         "file": filename,
     });
-    let bitmaps: Vec<Value> = dev
+    if let Some(b) = g.node.child(ChildRole::Backing) {
+        if let Some(p) = b.filename() {
+            info["backing_file"] = json!(p.display().to_string());
+        }
+    }
+    let bitmaps: Vec<Value> = g
         .node
         .bitmaps()
         .all()
         .iter()
         .rev()
         .map(|b| {
-            let g = lock(b);
+            let b = lock(b);
             let mut v = json!({
-                "name": g.name(), "recording": g.state.recording,
-                "persistent": g.state.persistent, "busy": g.state.busy,
-                "granularity": g.granularity(), "count": g.count(),
+                "name": b.name(), "recording": b.state.recording,
+                "persistent": b.state.persistent, "busy": b.state.busy,
+                "granularity": b.granularity(), "count": b.count(),
             });
-            if g.state.inconsistent {
+            if b.state.inconsistent {
                 v["inconsistent"] = json!(true);
             }
             v
@@ -247,11 +409,56 @@ fn node_info(dev: &BlockDev) -> Value {
     info
 }
 
+/// The `image` member: qemu-img info's view of the node, with the backing
+/// node's as `backing-image` (unless `flat`).
+fn image_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
+    let node = &g.node;
+    let filename = node
+        .filename()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    // qemu measures protocol and raw nodes in whole sectors.
+    let virtual_size = match g.driver {
+        Driver::Qcow2 => node.size(),
+        _ => node.size().div_ceil(512) * 512,
+    };
+    let mut image = json!({
+        "virtual-size": virtual_size,
+        "filename": filename,
+        "format": g.driver.name(),
+        "dirty-flag": false,
+    });
+    if let Some(a) = node.allocated_size() {
+        image["actual-size"] = json!(a);
+    }
+    if g.driver == Driver::File {
+        image["format-specific"] = json!({"type": "file", "data": {}});
+    }
+    for key in [
+        "cluster-size",
+        "format-specific",
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+    ] {
+        if let Some(v) = g.image_extra.as_ref().and_then(|e| e.get(key)) {
+            image[key] = v.clone();
+        }
+    }
+    on_disk_bitmaps(g, &mut image);
+    if !flat {
+        if let Some(b) = node.child(ChildRole::Backing).and_then(|b| entry(all, &b)) {
+            image["backing-image"] = image_info(b, all, flat);
+        }
+    }
+    image
+}
+
 /// qcow2's `format-specific.bitmaps` is the image's bitmap directory. It
-/// was read before the node opened; what qemu shows since: a read-write
+/// was read when the node opened; what qemu shows since: a read-write
 /// open marks every stored bitmap in use, a removed one is gone, and one
 /// added since is only written at close.
-fn on_disk_bitmaps(dev: &BlockDev, image: &mut Value) {
+fn on_disk_bitmaps(g: &GraphNode, image: &mut Value) {
     // `get_mut`, not indexing: IndexMut would insert the missing keys.
     let Some(list) = image
         .get_mut("format-specific")
@@ -261,12 +468,12 @@ fn on_disk_bitmaps(dev: &BlockDev, image: &mut Value) {
     else {
         return;
     };
-    let live = dev.node.bitmaps();
+    let live = g.node.bitmaps();
     list.retain(|b| {
         let live = b["name"].as_str().and_then(|n| live.get(n));
-        live.is_some_and(|l| dev.loaded_bitmaps.iter().any(|x| Arc::ptr_eq(x, &l)))
+        live.is_some_and(|l| g.loaded_bitmaps.iter().any(|x| Arc::ptr_eq(x, &l)))
     });
-    if !dev.node.read_only() {
+    if !g.node.read_only() {
         for b in list.iter_mut() {
             if let Some(flags) = b["flags"].as_array_mut() {
                 if !flags.iter().any(|f| f == "in-use") {
@@ -290,4 +497,16 @@ fn on_disk_bitmaps(dev: &BlockDev, image: &mut Value) {
 /// has none (qemu-storage-daemon returns an empty list too).
 pub fn query_block(_d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
     Ok(json!([]))
+}
+
+/// The image a `serve` names, as blockdev-add options: a format node
+/// `drive0` over a `file` node (the one wiring `serve` and `daemon` share).
+pub fn serve_options(image: &Path, format: &str, read_only: bool) -> Map<String, Value> {
+    let v = json!({
+        "driver": format,
+        "node-name": "drive0",
+        "read-only": read_only,
+        "file": {"driver": "file", "filename": PathBuf::from(image)},
+    });
+    v.as_object().cloned().unwrap_or_default()
 }

@@ -9,11 +9,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::bitmap::{self, Source};
-use crate::bitmap::set::{lock, SharedBitmap};
+use crate::bitmap::set::SharedBitmap;
 use crate::block::BlockNode;
 use crate::daemon::Daemon;
-use crate::nbd::bitmaps::check_exportable;
-use crate::nbd::context::{DirtyBitmapContext, MetaContext};
+use crate::nbd::bitmaps::bitmap_contexts;
 use crate::nbd::export::{Export, ExportConfig};
 use crate::nbd::server::Address;
 use crate::qmp::error::{QmpError, QmpResult};
@@ -65,7 +64,7 @@ pub async fn nbd_server_start(d: &Daemon, args: Map<String, Value>) -> QmpResult
         .and_then(Value::as_u64)
         .filter(|&n| n > 0)
         .map(|n| n as usize);
-    d.start_nbd(addr, max).await?;
+    d.start_nbd(&[addr], max).await?;
     Ok(json!({}))
 }
 
@@ -134,16 +133,11 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
             "NBD server already has export named '{name}'"
         )));
     }
-    let bitmaps = claim_bitmaps(d, &node, a.bitmaps.unwrap_or_default(), !writable)?;
-    let contexts: Vec<Arc<dyn MetaContext>> = bitmaps
-        .iter()
-        .map(|b| {
-            let name = lock(b).name().to_owned();
-            Arc::new(DirtyBitmapContext::new(&name, b.clone())) as Arc<dyn MetaContext>
-        })
-        .collect();
+    let bitmaps = find_bitmaps(d, &node, a.bitmaps.unwrap_or_default())?;
+    let contexts = bitmap_contexts(&bitmaps, !writable, !node.read_only())?;
+    let root = d.new_root(node, format!("export '{}'", a.id));
     let export = Export::new(
-        node,
+        root,
         ExportConfig {
             name,
             description: a.description,
@@ -153,33 +147,25 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
             extra_contexts: contexts,
         },
     );
-    d.insert_export(&a.id, &a.node_name, export, bitmaps)
+    d.insert_export(&a.id, export)
 }
 
-/// Finds the exported bitmaps, checks them (`check_exportable`) and marks
-/// them busy. On error none stays marked.
-fn claim_bitmaps(
+/// The exported bitmaps: a name is looked up on the node, then down its
+/// chain (as qemu's exports do); `{node, name}` names another node's.
+fn find_bitmaps(
     d: &Daemon,
     node: &Arc<crate::block::node::Node>,
     sources: Vec<Source>,
-    read_only: bool,
 ) -> QmpResult<Vec<SharedBitmap>> {
-    let mut found = Vec::new();
-    for s in &sources {
-        let b = match s {
-            // Looked up down the backing chain too, as qemu's exports do.
+    sources
+        .iter()
+        .map(|s| match s {
             Source::Local(name) => node
                 .find_bitmap(name)
-                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?,
-            Source::External(r) => bitmap::lookup(d, &r.node, &r.name)?.1,
-        };
-        check_exportable(&lock(&b), read_only, !node.read_only())?;
-        found.push(b);
-    }
-    for b in &found {
-        lock(b).state.busy = true;
-    }
-    Ok(found)
+                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found"))),
+            Source::External(r) => Ok(bitmap::lookup(d, &r.node, &r.name)?.1),
+        })
+        .collect()
 }
 
 pub fn block_export_del(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {

@@ -26,6 +26,9 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "quit" => misc::quit,
         "blockdev-add" => block::blockdev_add,
         "blockdev-del" => block::blockdev_del,
+        "blockdev-reopen" => block::blockdev_reopen,
+        "x-tidemark-insert-filter" => block::insert_filter,
+        "x-tidemark-remove-filter" => block::remove_filter,
         "query-named-block-nodes" => block::query_named_block_nodes,
         "query-block" => block::query_block,
         "block-dirty-bitmap-add" => |d, a| bitmap::command(d, "block-dirty-bitmap-add", a),
@@ -49,6 +52,7 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
 /// a time across all monitors (see [`Daemon::command_lock`]).
 pub async fn execute(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> QmpResult<Value> {
     let _serial = d.command_lock.lock().await;
+    d.check_open()?;
     match name {
         "nbd-server-start" => export::nbd_server_start(d, args).await,
         "nbd-server-stop" => export::nbd_server_stop(d, args).await,

@@ -86,7 +86,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::block::{BlockError, BlockResult, ErrorKind};
 
 impl Qcow2Node {
-    fn lock_stored(&self) -> BlockResult<std::sync::MutexGuard<'_, Stored>> {
+    pub(super) fn lock_stored(&self) -> BlockResult<std::sync::MutexGuard<'_, Stored>> {
         self.stored
             .lock()
             .map_err(|_| BlockError::new(ErrorKind::Io, "qcow2 bitmap lock poisoned"))
@@ -106,7 +106,7 @@ impl Qcow2Node {
         stored
             .bitmaps
             .iter()
-            .map(|b| load::load_bitmap(&self.f, &header, b, self.read_only))
+            .map(|b| load::load_bitmap(&self.f, &header, b, self.is_read_only()))
             .collect()
     }
 

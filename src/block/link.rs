@@ -1,0 +1,166 @@
+//! Edges of the block graph: a [`Link`] is how anything reaches a node:
+//! a parent through one of its children (qemu's BdrvChild), or an export or
+//! job through its root (qemu's BlockBackend). Because every user goes
+//! through a link, replacing a node (a filter inserted above it, an overlay
+//! put on top, a mirror pivot) is one change per link, made while no
+//! request is inside.
+//!
+//! The drain: a request holds the link's read side for as long as it runs
+//! inside the node ([`Link::get`]); a graph change takes the write side of
+//! every link into the node ([`Link::write`]), which waits until the
+//! requests already in flight have left and holds new ones back until the
+//! change is complete. So this one lock *is* held across I/O, on purpose:
+//! it is the in-flight count of the edge, not a lock on data. Requests take
+//! links top-down (root, then child links), and a graph change only takes
+//! links that point at the same node, so the two cannot wait on each other.
+
+use std::ops::Deref;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+
+use super::node::Node;
+
+/// The role of a child edge, with qemu's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The storage a format node reads and writes (`file`).
+    File,
+    /// The layer below a copy-on-write image (`backing`).
+    Backing,
+    /// The node a filter passes requests to (`file` in qemu's QMP views,
+    /// "filtered" in its permission model).
+    Filtered,
+    /// Where a job or filter copies to (`target`).
+    Target,
+}
+
+impl ChildRole {
+    /// The child's name in qemu's option and query syntax.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildRole::File | ChildRole::Filtered => "file",
+            ChildRole::Backing => "backing",
+            ChildRole::Target => "target",
+        }
+    }
+}
+
+/// A swappable, drainable reference to a node.
+pub struct Link {
+    node: RwLock<Arc<Node>>,
+}
+
+/// A request inside the linked node; the link cannot change meanwhile.
+pub struct Active<'a>(RwLockReadGuard<'a, Arc<Node>>);
+
+impl Deref for Active<'_> {
+    type Target = Arc<Node>;
+    fn deref(&self) -> &Arc<Node> {
+        &self.0
+    }
+}
+
+/// A drained link: no request is inside, and none enters until dropped.
+pub struct Drained<'a>(RwLockWriteGuard<'a, Arc<Node>>);
+
+impl Drained<'_> {
+    /// Points the link at `node`; requests that were held back go there.
+    pub fn set(&mut self, node: Arc<Node>) {
+        *self.0 = node;
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.0
+    }
+}
+
+impl Link {
+    pub fn new(node: Arc<Node>) -> Link {
+        Link {
+            node: RwLock::new(node),
+        }
+    }
+
+    /// Enters the node for one request (waits while the link is drained).
+    pub fn get(&self) -> Active<'_> {
+        Active(self.node.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Enters the node only if that needs no waiting: for callers on an
+    /// async worker, which must not block behind a graph change.
+    pub fn try_get(&self) -> Option<Active<'_>> {
+        match self.node.try_read() {
+            Ok(g) => Some(Active(g)),
+            Err(TryLockError::Poisoned(p)) => Some(Active(p.into_inner())),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The node the link points at now (for looking, not for I/O: a
+    /// request must hold [`Link::get`] while it runs).
+    pub fn node(&self) -> Arc<Node> {
+        self.get().clone()
+    }
+
+    /// Drains the link: waits for the requests inside, holds new ones back.
+    /// Blocks: never call it on an async worker.
+    pub fn write(&self) -> Drained<'_> {
+        Drained(self.node.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether the link points at `node`.
+    pub fn points_at(&self, node: &Arc<Node>) -> bool {
+        Arc::ptr_eq(&self.get(), node)
+    }
+}
+
+/// A child edge: a role and the link to the child.
+pub struct Child {
+    pub role: ChildRole,
+    pub link: Link,
+}
+
+impl Child {
+    pub fn new(role: ChildRole, node: Arc<Node>) -> Child {
+        Child {
+            role,
+            link: Link::new(node),
+        }
+    }
+
+    pub fn get(&self) -> Active<'_> {
+        self.link.get()
+    }
+
+    pub fn node(&self) -> Arc<Node> {
+        self.link.node()
+    }
+}
+
+/// A user's handle on a node (qemu's BlockBackend): exports and jobs hold
+/// one, and the graph moves it when the node it points at is replaced.
+pub struct Root {
+    pub link: Link,
+    /// Who holds it, for error messages ("export 'x'").
+    pub owner: String,
+}
+
+impl Root {
+    pub fn new(node: Arc<Node>, owner: impl Into<String>) -> Arc<Root> {
+        Arc::new(Root {
+            link: Link::new(node),
+            owner: owner.into(),
+        })
+    }
+
+    pub fn get(&self) -> Active<'_> {
+        self.link.get()
+    }
+
+    pub fn try_get(&self) -> Option<Active<'_>> {
+        self.link.try_get()
+    }
+
+    pub fn node(&self) -> Arc<Node> {
+        self.link.node()
+    }
+}
