@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::bitmap::set::SharedBitmap;
 use crate::block::link::{ChildRole, Drained, Link, Root};
+use crate::block::lock::LockMode;
 use crate::block::node::Node;
 use crate::block::open::Driver;
 use crate::block::BlockNode;
@@ -42,14 +43,17 @@ pub struct GraphNode {
     /// The node (its name is the graph's name for it).
     pub node: Arc<Node>,
     pub driver: Driver,
+    /// Its place in the graph's order (see [`Daemon::reserve_slot`]).
+    pub slot: u64,
+    /// The `backing` child was chosen by the user (a node, a definition,
+    /// or `null` over an image that names a backing file) rather than
+    /// opened from the image header: qemu then describes the node by its
+    /// options (a `json:` filename).
+    pub backing_given: bool,
     /// Created by the user (blockdev-add, --blockdev) rather than implicitly
     /// (a nested child, a layer of a backing chain opened from the header):
     /// only those may be deleted with blockdev-del.
     pub monitor_owned: bool,
-    /// For a `file` node that holds its host file open (and locked): the
-    /// file's (device, inode), so another node of this daemon on the same
-    /// file shares the open file instead of fighting over its locks.
-    pub file_id: Option<(u64, u64)>,
     /// Format details for query-named-block-nodes' `image` (cluster-size,
     /// format-specific, backing names), read when the node was opened.
     pub image_extra: Option<Value>,
@@ -87,6 +91,8 @@ struct State {
     exports: Vec<ExportRecord>,
     /// Counter for implicit node names (`#block001`).
     next_auto: u64,
+    /// Counter for [`GraphNode::slot`].
+    next_slot: u64,
     /// The running server's connection limit, when one runs.
     nbd_max_connections: Option<Option<usize>>,
     /// Set when the daemon is closing: no command may change anything.
@@ -232,7 +238,16 @@ impl Daemon {
         Ok(())
     }
 
-    /// Adds an opened node to the graph.
+    /// The next place in the graph's order. qemu lists nodes in the order
+    /// it started opening them (a format node after its `file` child and
+    /// before its backing chain), not the order they finished.
+    pub fn reserve_slot(&self) -> u64 {
+        let mut st = self.state();
+        st.next_slot += 1;
+        st.next_slot
+    }
+
+    /// Adds an opened node to the graph, at its place.
     pub fn insert_node(&self, entry: GraphNode) -> QmpResult<()> {
         let mut st = self.state();
         if st.find(entry.name()).is_some() {
@@ -241,18 +256,9 @@ impl Daemon {
                 entry.name()
             )));
         }
-        st.nodes.push(entry);
+        let at = st.nodes.partition_point(|n| n.slot < entry.slot);
+        st.nodes.insert(at, entry);
         Ok(())
-    }
-
-    /// The `file` node that already holds host file `id` open, and whether
-    /// it is read-only.
-    pub fn open_file(&self, id: (u64, u64)) -> Option<Arc<Node>> {
-        let st = self.state();
-        st.nodes
-            .iter()
-            .find(|n| n.file_id == Some(id))
-            .map(|n| n.node.clone())
     }
 
     /// The names of the nodes with an edge to `node`, and of its roots'
@@ -274,18 +280,50 @@ impl Daemon {
     }
 
     /// Registers a root, so graph changes move it with its node.
-    pub fn new_root(&self, node: Arc<Node>, owner: impl Into<String>) -> Arc<Root> {
-        let root = Root::new(node, owner);
+    pub fn new_root(&self, node: Arc<Node>, owner: impl Into<String>, writable: bool) -> Arc<Root> {
+        let root = Root::new(node, owner, writable);
         self.state().roots.push(Arc::downgrade(&root));
         root
     }
 
-    /// Whether a root (an export, a job) points at `node`.
-    pub fn has_root(&self, node: &Arc<Node>) -> bool {
-        self.state()
+    /// qemu's check before a node becomes read-only: nothing that writes
+    /// may use it (a writable export, a read-write parent).
+    pub fn check_no_writers(&self, node: &Arc<Node>) -> QmpResult<()> {
+        let mut st = self.state();
+        let writers = st
             .live_roots()
             .iter()
-            .any(|r| r.link.points_at(node))
+            .any(|r| r.writable && r.link.points_at(node))
+            || st.parents(node).iter().any(|(p, _)| !p.read_only());
+        if writers {
+            return Err(QmpError::generic(format!(
+                "Read-only block node '{}' cannot support read-write users",
+                node.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets every node's image locks to what its users need now, as qemu
+    /// derives them from its permission graph: a writable root needs
+    /// write, any other root read; a qcow2 parent needs write while it is
+    /// read-write and read otherwise (its metadata must stay consistent);
+    /// a raw or filter parent passes on what its own users need. A node
+    /// nothing uses holds no locks, so two `file` nodes of one daemon may
+    /// open one file, as in qsd, and conflict only when their users do.
+    pub fn refresh_locks(&self) -> QmpResult<()> {
+        let plan: Vec<(Arc<Node>, Option<LockMode>)> = {
+            let mut st = self.state();
+            let roots = st.live_roots();
+            st.nodes
+                .iter()
+                .map(|n| (n.node.clone(), need(&st, &roots, &n.node, 0)))
+                .collect()
+        };
+        for (node, mode) in plan {
+            node.set_image_locks(mode)?;
+        }
+        Ok(())
     }
 
     /// Replaces `old` by `new` in the graph: every root and every parent
@@ -361,7 +399,16 @@ impl Daemon {
         let doomed = remove_subtree(&mut st, i);
         drop(st);
         close_nodes(doomed);
+        self.relock();
         Ok(())
+    }
+
+    /// [`Daemon::refresh_locks`] after a change that can only lower what
+    /// users need (or keep it): a failure is logged, not returned.
+    pub fn relock(&self) {
+        if let Err(e) = self.refresh_locks() {
+            warn!(error = %e.desc, "could not update image locks");
+        }
     }
 
     /// Removes an implicit node again, with the implicit nodes below it
@@ -438,6 +485,8 @@ impl Daemon {
             name,
             export,
         });
+        drop(st);
+        self.relock();
         Ok(())
     }
 
@@ -476,8 +525,10 @@ impl Daemon {
 
     fn drop_export(&self, rec: ExportRecord) {
         self.exports.remove(&rec.name);
+        drop(rec.export);
+        self.relock();
         info!(id = %rec.id, "export deleted");
-        self.emit(EventKind::BlockExportDeleted { id: rec.id });
+        self.emit(EventKind::BlockExportDeleted { id: rec.id.clone() });
     }
 
     // ---- the NBD server ------------------------------------------------
@@ -540,6 +591,28 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// What the users of `node` need of its image (see
+/// [`Daemon::refresh_locks`]); `depth` bounds the walk up the graph.
+fn need(st: &State, roots: &[Arc<Root>], node: &Arc<Node>, depth: usize) -> Option<LockMode> {
+    let from_roots = roots.iter().filter(|r| r.link.points_at(node)).map(|r| {
+        if r.writable {
+            LockMode::Write
+        } else {
+            LockMode::Read
+        }
+    });
+    let from_parents = st.parents(node).into_iter().filter_map(|(p, _)| {
+        let kind = st.nodes.iter().find(|n| Arc::ptr_eq(&n.node, &p))?.driver;
+        match kind {
+            Driver::Qcow2 if p.read_only() => Some(LockMode::Read),
+            Driver::Qcow2 => Some(LockMode::Write),
+            _ if depth < crate::block::chain::MAX_CHAIN_DEPTH => need(st, roots, &p, depth + 1),
+            _ => None,
+        }
+    });
+    from_roots.chain(from_parents).max()
 }
 
 /// Takes node `i` out of the graph, with every implicit node below it that

@@ -290,7 +290,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     // qemu-nbd offers its -B bitmaps in the reverse order of the options.
     let bitmaps: Vec<Value> = args.bitmaps.iter().rev().map(|b| json!(b)).collect();
     let mut export = json!({
-        "type": "nbd", "id": "drive0", "node-name": "drive0",
+        "type": "nbd", "id": "qemu-nbd-export", "node-name": "drive0",
         "name": args.export_name, "writable": !args.read_only,
         "allocation-depth": args.allocation_depth, "bitmaps": bitmaps,
     });
@@ -302,6 +302,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The same state `daemon` builds: a file node, a format node
         // `drive0` over it, the NBD server and one export.
         let d = Daemon::new();
+        // Bound first: by the time the NBD socket is announced, QMP
+        // clients can connect too.
+        let monitors = bind_monitors(&args.qmp)?;
         let add = serve_options(&image, format.name(), args.read_only);
         commands::execute(&d, "blockdev-add", add)
             .await
@@ -326,7 +329,6 @@ fn serve(args: ServeArgs) -> Result<()> {
             anyhow::bail!(e.desc);
         }
         info!(image = %image.display(), "serving");
-        let monitors = bind_monitors(&args.qmp)?;
         serve_until_quit(d, monitors, wait_for_signal()).await;
         Ok(())
     })

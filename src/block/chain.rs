@@ -23,15 +23,40 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 /// Where the nodes a chain opener creates go: a daemon registers each as
 /// an implicit node of its graph; offline tools only need them to exist.
 pub trait Layers {
-    /// Names `driver`, wraps it in a node and keeps it.
-    fn add(&mut self, kind: Driver, driver: Arc<dyn BlockNode>) -> BlockResult<Arc<Node>>;
+    /// Takes the next place in the graph's order: qemu names a node when
+    /// it starts opening it, after its `file` child and before its backing
+    /// chain, and lists nodes in that order.
+    fn reserve(&mut self) -> u64;
+
+    /// Opens a layer's host file (a graph takes the locks later, when it
+    /// knows the file's users).
+    fn open_file(&mut self, path: &Path, read_only: bool) -> BlockResult<FileNode> {
+        FileNode::open(path, read_only)
+    }
+
+    /// Names `driver`, wraps it in a node and keeps it at place `slot`.
+    fn add(
+        &mut self,
+        kind: Driver,
+        driver: Arc<dyn BlockNode>,
+        slot: u64,
+    ) -> BlockResult<Arc<Node>>;
 }
 
 /// Layers that belong to no graph (offline tools, tests).
 pub struct Unregistered;
 
 impl Layers for Unregistered {
-    fn add(&mut self, _kind: Driver, driver: Arc<dyn BlockNode>) -> BlockResult<Arc<Node>> {
+    fn reserve(&mut self) -> u64 {
+        0
+    }
+
+    fn add(
+        &mut self,
+        _kind: Driver,
+        driver: Arc<dyn BlockNode>,
+        _slot: u64,
+    ) -> BlockResult<Arc<Node>> {
         Ok(Arc::new(Node::open("", driver)?))
     }
 }
@@ -44,7 +69,7 @@ pub fn open_chain(
     read_only: bool,
 ) -> BlockResult<Arc<dyn BlockNode>> {
     let mut seen = Vec::new();
-    let (_, driver) = open_layer(path, format, read_only, 0, &mut seen, &mut Unregistered)?;
+    let (_, driver, _) = open_layer(path, format, read_only, 0, &mut seen, &mut Unregistered)?;
     Ok(driver)
 }
 
@@ -65,7 +90,7 @@ fn open_layer(
     depth: usize,
     seen: &mut Vec<(u64, u64)>,
     layers: &mut dyn Layers,
-) -> BlockResult<(Format, Arc<dyn BlockNode>)> {
+) -> BlockResult<(Format, Arc<dyn BlockNode>, u64)> {
     if depth > MAX_CHAIN_DEPTH {
         return Err(BlockError::invalid(format!(
             "'{}': the backing chain is deeper than {} layers",
@@ -87,7 +112,10 @@ fn open_layer(
         Some(f) => f,
         None => probe(path)?,
     };
-    let file = layers.add(Driver::File, Arc::new(FileNode::open(path, read_only)?))?;
+    let file_slot = layers.reserve();
+    let file = layers.open_file(path, read_only)?;
+    let file = layers.add(Driver::File, Arc::new(file), file_slot)?;
+    let slot = layers.reserve();
     let driver: Arc<dyn BlockNode> = match format {
         Format::Raw => Arc::new(RawFormat::new(file, read_only)),
         Format::Qcow2 => {
@@ -96,7 +124,7 @@ fn open_layer(
             Arc::new(node)
         }
     };
-    Ok((format, driver))
+    Ok((format, driver, slot))
 }
 
 fn attach_backing(
@@ -120,12 +148,12 @@ fn attach_backing(
             )))
         }
     };
-    let (fmt, driver) =
+    let (fmt, driver, slot) =
         open_layer(&bpath, bfmt, true, depth + 1, seen, layers).map_err(|e| BlockError {
             context: format!("Could not open backing file: {}", e.context),
             ..e
         })?;
-    let backing = layers.add(fmt.driver(), driver)?;
+    let backing = layers.add(fmt.driver(), driver, slot)?;
     node.set_backing(Some(backing));
     Ok(())
 }

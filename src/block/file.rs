@@ -48,9 +48,20 @@ impl FileNode {
         Self::open_with(path, true, true)
     }
 
+    /// Opens without locks: a node of the block graph takes them when its
+    /// users are known ([`BlockNode::set_image_locks`]).
+    pub fn open_unlocked(path: &Path, read_only: bool) -> BlockResult<Self> {
+        let file = ImageLock::open_file(path, read_only, false)?;
+        Self::with_file(file, path, read_only, ImageLock::unlocked())
+    }
+
     fn open_with(path: &Path, read_only: bool, share: bool) -> BlockResult<Self> {
         // qemu-compatible image locks; they live as long as `file`.
         let (file, lock) = ImageLock::open(path, read_only, share)?;
+        Self::with_file(file, path, read_only, lock)
+    }
+
+    fn with_file(file: File, path: &Path, read_only: bool, lock: ImageLock) -> BlockResult<Self> {
         let size = file
             .metadata()
             .map_err(|e| BlockError::io(format!("Could not stat '{}'", path.display()), e))?
@@ -157,9 +168,12 @@ impl BlockNode for FileNode {
         self.is_read_only()
     }
 
+    /// Only the node's own read-only flag: the locks follow the users
+    /// (see [`BlockNode::set_write_locks`]).
     fn reopen(&self, read_only: bool) -> BlockResult<()> {
-        let mut lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if !read_only {
+        if read_only {
+            self.flush()?;
+        } else {
             let fl = rustix::fs::fcntl_getfl(&self.file)
                 .map_err(|e| self.err("Could not reopen read-write", 0, errno_io(e)))?;
             if !fl.contains(rustix::fs::OFlags::RDWR) {
@@ -171,17 +185,14 @@ impl BlockNode for FileNode {
                     ),
                 ));
             }
-        } else {
-            self.flush()?;
         }
-        let mode = if read_only {
-            LockMode::Read
-        } else {
-            LockMode::Write
-        };
-        lock.switch(&self.file, &self.path, mode)?;
         self.read_only.store(read_only, Ordering::Release);
         Ok(())
+    }
+
+    fn set_image_locks(&self, mode: Option<LockMode>) -> BlockResult<()> {
+        let mut lock = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        lock.switch(&self.file, &self.path, mode)
     }
 
     fn filename(&self) -> Option<PathBuf> {

@@ -142,13 +142,17 @@ pub struct Root {
     pub link: Link,
     /// Who holds it, for error messages ("export 'x'").
     pub owner: String,
+    /// Whether its user writes (a writable export): the node must then
+    /// stay writable, and its image write-locked.
+    pub writable: bool,
 }
 
 impl Root {
-    pub fn new(node: Arc<Node>, owner: impl Into<String>) -> Arc<Root> {
+    pub fn new(node: Arc<Node>, owner: impl Into<String>, writable: bool) -> Arc<Root> {
         Arc::new(Root {
             link: Link::new(node),
             owner: owner.into(),
+            writable,
         })
     }
 

@@ -25,16 +25,17 @@ const PERM_READ: i64 = 0;
 const PERM_WRITE: i64 = 1;
 const PERM_RESIZE: i64 = 3;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered: `Write` needs more than `Read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LockMode {
     Read,
     Write,
 }
 
-/// Proof that the locks of a mode are held on a file (they go with it).
+/// Which locks are held on a file (they go with it); `None`: none.
 #[derive(Debug)]
 pub struct ImageLock {
-    pub mode: LockMode,
+    pub mode: Option<LockMode>,
 }
 
 fn perm_name(p: i64) -> &'static str {
@@ -78,64 +79,94 @@ fn held_by_other(file: &File, byte: i64) -> std::io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// The lock bytes a mode holds: the permissions it uses, and those it
+/// does not let others use.
+fn bytes_of(mode: Option<LockMode>) -> (&'static [i64], &'static [i64]) {
+    match mode {
+        None => (&[], &[]),
+        Some(LockMode::Read) => (&[PERM_READ], &[PERM_WRITE, PERM_RESIZE]),
+        Some(LockMode::Write) => (
+            &[PERM_READ, PERM_WRITE, PERM_RESIZE],
+            &[PERM_WRITE, PERM_RESIZE],
+        ),
+    }
+}
+
+fn lock_bytes(mode: Option<LockMode>) -> Vec<i64> {
+    let (perms, unshared) = bytes_of(mode);
+    perms
+        .iter()
+        .map(|p| PERM_BASE + p)
+        .chain(unshared.iter().map(|p| SHARED_BASE + p))
+        .collect()
+}
+
 impl ImageLock {
-    /// Takes the locks of `mode` on `file`, or fails with qemu's message if
-    /// another process's locks conflict.
-    /// Opens an image file for reading, and for writing unless
-    /// `read_only`, and takes qemu's locks for that use; with `share` takes
-    /// none (qemu-img -U). The one way drivers open their host file.
+    /// Opens an image file for reading, and for writing where it may (a
+    /// read-only node may become writable by a reopen, which then only has
+    /// to change the locks: they belong to this open file), and takes
+    /// qemu's locks for `read_only`'s use; with `share` takes none and
+    /// never writes (qemu-img -U).
     pub fn open(path: &Path, read_only: bool, share: bool) -> BlockResult<(File, ImageLock)> {
-        // A read-only node still opens for writing where it may, so that
-        // a reopen read-write only has to change the locks (they belong to
-        // this open file). Shared opens (-U) never write.
-        let rw = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path);
-        let file = match rw {
-            Ok(f) if !share => f,
-            Err(e) if !read_only => {
-                return Err(BlockError::io(
-                    format!("Could not open '{}'", path.display()),
-                    e,
-                ))
-            }
-            _ => File::open(path)
-                .map_err(|e| BlockError::io(format!("Could not open '{}'", path.display()), e))?,
-        };
-        let mode = if read_only {
-            LockMode::Read
-        } else {
-            LockMode::Write
-        };
-        let lock = if share {
-            // Byte-range locks belong to the open file; taking none is
-            // all that sharing needs.
-            ImageLock { mode }
-        } else {
-            ImageLock::acquire(&file, path, mode)?
-        };
+        let file = Self::open_file(path, read_only, share)?;
+        let mut lock = ImageLock::unlocked();
+        if !share {
+            let mode = if read_only {
+                LockMode::Read
+            } else {
+                LockMode::Write
+            };
+            lock.switch(&file, path, Some(mode))?;
+        }
         Ok((file, lock))
     }
 
+    /// Opens an image file as [`ImageLock::open`] does, taking no locks
+    /// yet: a node of the block graph takes them once its users are known
+    /// (as qemu derives them from its parents' permissions).
+    pub fn open_file(path: &Path, read_only: bool, share: bool) -> BlockResult<File> {
+        let io = |e| BlockError::io(format!("Could not open '{}'", path.display()), e);
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(f) if !share => Ok(f),
+            Err(e) if !read_only => Err(io(e)),
+            _ => File::open(path).map_err(io),
+        }
+    }
+
+    /// No locks held (yet).
+    pub fn unlocked() -> ImageLock {
+        ImageLock { mode: None }
+    }
+
     pub fn acquire(file: &File, path: &Path, mode: LockMode) -> BlockResult<ImageLock> {
-        let perms: &[i64] = match mode {
-            LockMode::Read => &[PERM_READ],
-            LockMode::Write => &[PERM_READ, PERM_WRITE, PERM_RESIZE],
-        };
-        let unshared: &[i64] = &[PERM_WRITE, PERM_RESIZE];
-        let bytes = perms
-            .iter()
-            .map(|p| PERM_BASE + p)
-            .chain(unshared.iter().map(|p| SHARED_BASE + p));
+        let mut lock = ImageLock::unlocked();
+        lock.switch(file, path, Some(mode))?;
+        Ok(lock)
+    }
+
+    /// Moves the locks held on `file` from `self.mode` to `mode`, or
+    /// fails with qemu's message if another open file's locks conflict;
+    /// then the locks stay as they were.
+    pub fn switch(&mut self, file: &File, path: &Path, mode: Option<LockMode>) -> BlockResult<()> {
+        if mode == self.mode {
+            return Ok(());
+        }
+        let old = lock_bytes(self.mode);
+        let new = lock_bytes(mode);
         let mut taken = Vec::new();
-        for byte in bytes {
+        for &byte in new.iter().filter(|b| !old.contains(b)) {
             match set(file, libc::F_RDLCK, byte) {
                 Ok(()) => taken.push(byte),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) => {
                     // As qemu: a filesystem without OFD locks is used unlocked.
                     tracing::warn!("'{}': image locking unavailable: {}", path.display(), e);
-                    return Ok(ImageLock { mode });
+                    release(file, &taken);
+                    self.mode = mode;
+                    return Ok(());
                 }
                 Err(e) => {
                     release(file, &taken);
@@ -143,6 +174,7 @@ impl ImageLock {
                 }
             }
         }
+        let (perms, unshared) = bytes_of(mode);
         let check = || -> BlockResult<()> {
             let io = |e| lock_error(path, "Failed to query image locks".into(), e);
             for &p in perms {
@@ -167,47 +199,8 @@ impl ImageLock {
             release(file, &taken);
             return Err(e);
         }
-        Ok(ImageLock { mode })
-    }
-}
-
-impl ImageLock {
-    /// Switches the locks held on `file` from `self.mode` to `mode` (a
-    /// reopen): taking write needs the same checks as an open for writing;
-    /// if they fail, the locks stay as they were.
-    pub fn switch(&mut self, file: &File, path: &Path, mode: LockMode) -> BlockResult<()> {
-        if mode == self.mode {
-            return Ok(());
-        }
-        let extra = [PERM_BASE + PERM_WRITE, PERM_BASE + PERM_RESIZE];
-        match mode {
-            LockMode::Read => release(file, &extra),
-            LockMode::Write => {
-                let mut taken = Vec::new();
-                for byte in extra {
-                    if let Err(e) = set(file, libc::F_RDLCK, byte) {
-                        release(file, &taken);
-                        if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) {
-                            // No OFD locks here: used unlocked, as at open.
-                            break;
-                        }
-                        return Err(lock_error(path, format!("Failed to lock byte {byte}"), e));
-                    }
-                    taken.push(byte);
-                }
-                for p in [PERM_WRITE, PERM_RESIZE] {
-                    let held = held_by_other(file, SHARED_BASE + p)
-                        .map_err(|e| lock_error(path, "Failed to query image locks".into(), e))?;
-                    if held {
-                        release(file, &taken);
-                        return Err(conflict(
-                            path,
-                            format!("Failed to get \"{}\" lock", perm_name(p)),
-                        ));
-                    }
-                }
-            }
-        }
+        let dropped: Vec<i64> = old.into_iter().filter(|b| !new.contains(b)).collect();
+        release(file, &dropped);
         self.mode = mode;
         Ok(())
     }

@@ -144,6 +144,20 @@ pub trait BlockNode: Send + Sync + 'static {
         )))
     }
 
+    /// Sets the image locks to what the node's users need now (qemu
+    /// derives them from the permissions of the node's parents): write
+    /// locks while some user may write, read locks while some user reads,
+    /// none without users. Only nodes that hold a host file have locks.
+    fn set_image_locks(&self, _mode: Option<lock::LockMode>) -> BlockResult<()> {
+        Ok(())
+    }
+
+    /// Format details as `qemu-img info --output=json` gives them
+    /// (cluster size, format-specific data, backing names), read at open.
+    fn image_info(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// The host file at the bottom of this node (qemu's `filename`).
     fn filename(&self) -> Option<std::path::PathBuf> {
         None

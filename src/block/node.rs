@@ -238,6 +238,10 @@ impl BlockNode for Node {
         self.driver.children()
     }
 
+    fn set_image_locks(&self, mode: Option<super::lock::LockMode>) -> BlockResult<()> {
+        self.driver.set_image_locks(mode)
+    }
+
     fn filename(&self) -> Option<std::path::PathBuf> {
         self.driver.filename()
     }

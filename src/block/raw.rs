@@ -1,8 +1,6 @@
 //! The raw format over its `file` child: bytes pass through unchanged.
 //! Writes go through the child node, which marks the child's own dirty
-//! bitmaps too; the layer may be read-only over a writable child (also
-//! used so two `file` nodes of one daemon can share one open, locked host
-//! file, one of them read-only).
+//! bitmaps too; the layer may be read-only over a writable child.
 
 use std::sync::Arc;
 
@@ -13,58 +11,21 @@ use super::node::Node;
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 
 pub struct RawFormat {
-    file: Below,
+    file: Child,
     read_only: AtomicBool,
-}
-
-/// How the raw layer reaches its bytes.
-enum Below {
-    /// Through its `file` child edge (the normal case).
-    Child(Child),
-    /// Straight through another `file` node's open host file, outside the
-    /// graph: a second `file` node on a file this daemon already holds
-    /// (qemu would open the file twice; the two nodes stay unrelated).
-    Shared(Arc<dyn BlockNode>),
-}
-
-/// The node below, entered for one call.
-enum Entered<'a> {
-    Child(Active<'a>),
-    Shared(&'a Arc<dyn BlockNode>),
-}
-
-impl std::ops::Deref for Entered<'_> {
-    type Target = dyn BlockNode;
-    fn deref(&self) -> &(dyn BlockNode + 'static) {
-        match self {
-            Entered::Child(a) => a.as_ref(),
-            Entered::Shared(s) => s.as_ref(),
-        }
-    }
 }
 
 impl RawFormat {
     pub fn new(file: Arc<Node>, read_only: bool) -> RawFormat {
         let read_only = read_only || file.read_only();
         RawFormat {
-            file: Below::Child(Child::new(ChildRole::File, file)),
+            file: Child::new(ChildRole::File, file),
             read_only: AtomicBool::new(read_only),
         }
     }
 
-    /// A `file` node sharing `other`'s open host file (see [`Below`]).
-    pub fn sharing(other: &Node, read_only: bool) -> RawFormat {
-        RawFormat {
-            read_only: AtomicBool::new(read_only || other.read_only()),
-            file: Below::Shared(other.driver().clone()),
-        }
-    }
-
-    fn child(&self) -> Entered<'_> {
-        match &self.file {
-            Below::Child(c) => Entered::Child(c.get()),
-            Below::Shared(s) => Entered::Shared(s),
-        }
+    fn child(&self) -> Active<'_> {
+        self.file.get()
     }
 
     fn writable(&self) -> BlockResult<()> {
@@ -96,10 +57,7 @@ impl BlockNode for RawFormat {
     }
 
     fn children(&self) -> Vec<&Child> {
-        match &self.file {
-            Below::Child(c) => vec![c],
-            Below::Shared(_) => Vec::new(),
-        }
+        vec![&self.file]
     }
 
     fn filename(&self) -> Option<std::path::PathBuf> {

@@ -480,3 +480,15 @@ fn poll_fd(fd: i32, limit: Duration) {
         libc::poll(&mut p, 1, limit.as_millis() as i32);
     }
 }
+
+impl Instance {
+    /// The daemon's process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, once the process has exited (after `wait_exit`).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}

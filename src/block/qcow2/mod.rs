@@ -77,6 +77,12 @@ impl Qcow2Node {
 
     /// Opens the qcow2 image stored in `file` (its `file` child).
     pub fn open_on(file: Arc<Node>, read_only: bool) -> BlockResult<Qcow2Node> {
+        if !read_only && file.read_only() {
+            return Err(BlockError::new(
+                ErrorKind::Permission,
+                "Block node is read-only",
+            ));
+        }
         let f = HostFile::new(file)?;
         let path = f.path.clone();
         let path = path.as_path();
@@ -392,6 +398,15 @@ impl BlockNode for Qcow2Node {
 
     fn filename(&self) -> Option<PathBuf> {
         Some(self.f.path.clone())
+    }
+
+    fn image_info(&self) -> Option<serde_json::Value> {
+        let info = crate::info::qcow2_info(
+            self,
+            self.f.path.display().to_string(),
+            self.allocated_size().unwrap_or(0),
+        );
+        serde_json::to_value(info).ok()
     }
 
     fn allocated_size(&self) -> Option<u64> {

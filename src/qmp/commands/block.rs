@@ -27,7 +27,14 @@ pub fn blockdev_add(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
         d,
         created: Vec::new(),
     };
-    match op.open_node(&args, true, false) {
+    // The image locks follow the new node's needs; another process
+    // holding a conflicting lock makes the whole add fail.
+    let added = op.open_node(&args, true, false).and_then(|n| {
+        d.refresh_locks().inspect_err(|_| {
+            let _ = d.delete_node(n.name());
+        })
+    });
+    match added {
         Ok(_) => Ok(json!({})),
         Err(e) => {
             // Implicit nodes made for this node go with it, newest first.
@@ -49,20 +56,40 @@ struct Opening<'a> {
 struct Opened {
     driver: Driver,
     drv: Arc<dyn BlockNode>,
-    file_id: Option<(u64, u64)>,
     image_extra: Option<Value>,
+    backing_given: bool,
+}
+
+impl Opened {
+    fn new(driver: Driver, drv: Arc<dyn BlockNode>) -> Opened {
+        Opened {
+            driver,
+            drv,
+            image_extra: None,
+            backing_given: false,
+        }
+    }
 }
 
 impl Layers for Opening<'_> {
-    fn add(&mut self, kind: Driver, driver: Arc<dyn BlockNode>) -> BlockResult<Arc<Node>> {
+    fn reserve(&mut self) -> u64 {
+        self.d.reserve_slot()
+    }
+
+    fn open_file(&mut self, path: &Path, read_only: bool) -> BlockResult<FileNode> {
+        FileNode::open_unlocked(path, read_only)
+    }
+
+    fn add(
+        &mut self,
+        kind: Driver,
+        driver: Arc<dyn BlockNode>,
+        slot: u64,
+    ) -> BlockResult<Arc<Node>> {
         let name = self.d.auto_node_name();
-        let opened = Opened {
-            image_extra: None,
-            driver: kind,
-            drv: driver,
-            file_id: None,
-        };
-        self.register(name, opened, false)
+        let mut opened = Opened::new(kind, driver);
+        opened.image_extra = opened.drv.image_info();
+        self.register(name, opened, false, slot)
             .map_err(|e| crate::block::BlockError::invalid(e.desc))
     }
 }
@@ -94,35 +121,29 @@ impl Opening<'_> {
             }
             None => self.d.auto_node_name(),
         };
-        let opened = match driver {
+        let (opened, slot) = match driver {
             "file" => {
                 let filename = opts.get("filename").and_then(Value::as_str).unwrap_or("");
-                self.open_file(Path::new(filename), read_only)?
+                let slot = self.d.reserve_slot();
+                // Its locks come with its users (see Daemon::refresh_locks).
+                let f = FileNode::open_unlocked(Path::new(filename), read_only)?;
+                (Opened::new(Driver::File, Arc::new(f)), slot)
             }
             "raw" => {
                 let file = self.child(opts.get("file"), read_only)?;
-                Opened {
-                    driver: Driver::Raw,
-                    drv: Arc::new(RawFormat::new(file, read_only)),
-                    file_id: None,
-                    image_extra: None,
-                }
+                let slot = self.d.reserve_slot();
+                let drv = Arc::new(RawFormat::new(file, read_only));
+                (Opened::new(Driver::Raw, drv), slot)
             }
             "qcow2" => {
                 let file = self.child(opts.get("file"), read_only)?;
+                let slot = self.d.reserve_slot();
                 let mut q = Qcow2Node::open_on(file, read_only)?;
-                self.backing(&mut q, opts.get("backing"))?;
-                let extra = crate::info::qcow2_info(
-                    &q,
-                    q.path().display().to_string(),
-                    q.allocated_size().unwrap_or(0),
-                );
-                Opened {
-                    driver: Driver::Qcow2,
-                    drv: Arc::new(q),
-                    file_id: None,
-                    image_extra: serde_json::to_value(extra).ok(),
-                }
+                let backing_given = self.backing(&mut q, opts.get("backing"))?;
+                let mut o = Opened::new(Driver::Qcow2, Arc::new(q));
+                o.image_extra = o.drv.image_info();
+                o.backing_given = backing_given;
+                (o, slot)
             }
             other => {
                 return Err(QmpError::generic(format!(
@@ -130,16 +151,17 @@ impl Opening<'_> {
                 )))
             }
         };
-        self.register(name, opened, root)
+        self.register(name, opened, root, slot)
     }
 
-    fn register(&mut self, name: String, o: Opened, root: bool) -> QmpResult<Arc<Node>> {
+    fn register(&mut self, name: String, o: Opened, root: bool, slot: u64) -> QmpResult<Arc<Node>> {
         let node = Arc::new(Node::open(name, o.drv)?);
         self.d.insert_node(GraphNode {
             node: node.clone(),
             driver: o.driver,
+            slot,
+            backing_given: o.backing_given,
             monitor_owned: root,
-            file_id: o.file_id,
             image_extra: o.image_extra,
             loaded_bitmaps: node.bitmaps().all(),
         })?;
@@ -147,31 +169,6 @@ impl Opening<'_> {
             self.created.push(node.clone());
         }
         Ok(node)
-    }
-
-    /// Opens a host file for a `file` node. A file another node of this
-    /// daemon already holds is shared (qemu-storage-daemon lets several
-    /// nodes open one file; tidemark's image locks would otherwise refuse
-    /// the second open).
-    fn open_file(&self, path: &Path, read_only: bool) -> QmpResult<Opened> {
-        use std::os::unix::fs::MetadataExt;
-        let id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-        if let Some(shared) = id.and_then(|id| self.d.open_file(id)) {
-            if read_only || !shared.read_only() {
-                return Ok(Opened {
-                    driver: Driver::File,
-                    drv: Arc::new(RawFormat::sharing(&shared, read_only)),
-                    file_id: id,
-                    image_extra: None,
-                });
-            }
-        }
-        Ok(Opened {
-            driver: Driver::File,
-            drv: Arc::new(FileNode::open(path, read_only)?),
-            file_id: id,
-            image_extra: None,
-        })
     }
 
     /// Resolves a `file` member: a node-name, or a nested definition
@@ -187,11 +184,15 @@ impl Opening<'_> {
     /// Attaches the `backing` member: absent opens the chain the header
     /// names (every layer a node), `null` means none, a string names a
     /// node, an object is a nested definition (read-only by default, as
-    /// qemu opens backing files).
-    fn backing(&mut self, q: &mut Qcow2Node, backing: Option<&Value>) -> QmpResult<()> {
+    /// qemu opens backing files). True when the user's choice differs from
+    /// what the header implies.
+    fn backing(&mut self, q: &mut Qcow2Node, backing: Option<&Value>) -> QmpResult<bool> {
         match backing {
-            None => chain::open_backing(q, self)?,
-            Some(Value::Null) => {}
+            None => {
+                chain::open_backing(q, self)?;
+                return Ok(false);
+            }
+            Some(Value::Null) => return Ok(q.backing_file().is_some()),
             Some(Value::String(name)) => {
                 let b = self.d.node(name)?;
                 check_backing(q, &b)?;
@@ -203,7 +204,7 @@ impl Opening<'_> {
             }
             Some(_) => return Err(QmpError::generic("Invalid parameter type for 'backing'")),
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -226,59 +227,135 @@ pub fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
 }
 
 /// blockdev-reopen: each listed node switches to the `read-only` it is
-/// given (qemu resets an absent option to its default: read-write). Its
-/// `file` child follows a node that becomes writable, and a read-only
-/// node's implicit file child becomes read-only again. All or nothing:
-/// a failure puts back what was changed.
+/// given (qemu resets an absent option to its default: read-write). An
+/// implicit `file` child follows its parent; a named one keeps its own
+/// option (reopen it in the same call to make it writable). All or
+/// nothing: a failure puts back what was changed. The image locks then
+/// follow the new read-only states.
 pub fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let list = args
         .get("options")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    if list.is_empty() {
+        // qsd 10.0.2 aborts on an empty list; refuse it instead.
+        return Err(QmpError::generic("Parameter 'options' must not be empty"));
+    }
+    let mut plan = Vec::new();
+    for (i, opts) in list.iter().enumerate() {
+        plan.push(reopen_target(d, i, opts)?);
+    }
+    // Becoming writable goes bottom-up (a format node over a file node
+    // reopened in the same call finds it writable), becoming read-only
+    // top-down (a file node loses its read-write parent first).
+    plan.sort_by_key(|&(_, drv, ro)| (ro, (drv == Driver::File) == ro));
     let mut done: Vec<(Arc<Node>, bool)> = Vec::new();
-    let result = (|| -> QmpResult<()> {
-        for opts in &list {
-            let Some(name) = opts.get("node-name").and_then(Value::as_str) else {
-                return Err(QmpError::generic("node-name not specified"));
-            };
-            let node = d
-                .find_node(name)
-                .ok_or_else(|| QmpError::generic(format!("Cannot find node named '{name}'")))?;
-            let driver = opts.get("driver").and_then(Value::as_str).unwrap_or("");
-            let kind = d.driver_of(name).map(Driver::name).unwrap_or("");
-            if driver != kind {
-                return Err(QmpError::generic("Cannot change the option 'driver'"));
-            }
-            let read_only = opts
-                .get("read-only")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            if !read_only {
-                if let Some(file) = node.child(ChildRole::File) {
-                    reopen_one(&file, false, &mut done)?;
-                }
-            }
-            reopen_one(&node, read_only, &mut done)?;
-            if read_only {
-                if let Some(file) = node.child(ChildRole::File) {
-                    let shared = d.parents_of(&file).len() > 1 || d.has_root(&file);
-                    let implicit = d.is_implicit(&file);
-                    if implicit && !shared {
-                        reopen_one(&file, true, &mut done)?;
-                    }
-                }
-            }
+    let mut result = Ok(());
+    for (node, _, read_only) in &plan {
+        result = reopen_node(d, node, *read_only, &mut done);
+        if result.is_err() {
+            break;
         }
-        Ok(())
-    })();
+    }
+    if result.is_ok() {
+        result = d.refresh_locks();
+    }
     if let Err(e) = result {
         for (node, before) in done.into_iter().rev() {
             let _ = node.reopen(before);
         }
+        d.relock();
         return Err(e);
     }
     Ok(json!({}))
+}
+
+/// One entry of blockdev-reopen, checked as qemu checks it: the node, its
+/// driver, and its new read-only state.
+fn reopen_target(d: &Daemon, i: usize, opts: &Value) -> QmpResult<(Arc<Node>, Driver, bool)> {
+    let Some(name) = opts.get("node-name").and_then(Value::as_str) else {
+        return Err(QmpError::generic("node-name not specified"));
+    };
+    let node = d
+        .find_node(name)
+        .ok_or_else(|| QmpError::generic(format!("Failed to find node with node-name='{name}'")))?;
+    let driver = d.driver_of(name).unwrap_or(Driver::File);
+    if opts.get("driver").and_then(Value::as_str) != Some(driver.name()) {
+        return Err(QmpError::generic("Cannot change the option 'driver'"));
+    }
+    if driver == Driver::File {
+        let filename = opts
+            .get("filename")
+            .and_then(Value::as_str)
+            .map(PathBuf::from);
+        if filename != node.filename() {
+            return Err(QmpError::generic("Cannot change the option 'filename'"));
+        }
+    }
+    if let Some(file) = node.child(ChildRole::File) {
+        match opts.get("file") {
+            None => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'options[{i}].file' is missing"
+                )))
+            }
+            Some(Value::String(f)) if f == name => {
+                return Err(QmpError::generic(format!(
+                    "Making '{name}' a file child of '{name}' would create a cycle"
+                )))
+            }
+            Some(Value::String(f)) => {
+                let given = d.node(f).map_err(|_| {
+                    QmpError::generic(format!("Cannot find device='' nor node-name='{f}'"))
+                })?;
+                if !Arc::ptr_eq(&given, &file) {
+                    return Err(QmpError::generic("Cannot change the option 'file'"));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    if node.child(ChildRole::Backing).is_some() && opts.get("backing").is_none() {
+        return Err(QmpError::generic(format!(
+            "backing is missing for '{name}'"
+        )));
+    }
+    let read_only = opts
+        .get("read-only")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok((node, driver, read_only))
+}
+
+fn reopen_node(
+    d: &Daemon,
+    node: &Arc<Node>,
+    read_only: bool,
+    done: &mut Vec<(Arc<Node>, bool)>,
+) -> QmpResult<()> {
+    let file = node.child(ChildRole::File);
+    let implicit_file = file.as_ref().filter(|f| d.is_implicit(f));
+    if read_only && !node.read_only() {
+        d.check_no_writers(node)?;
+    }
+    if !read_only {
+        if let Some(f) = implicit_file {
+            reopen_one(f, false, done)?;
+        }
+        if file.as_ref().is_some_and(|f| f.read_only()) {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+    }
+    reopen_one(node, read_only, done)?;
+    if read_only {
+        if let Some(f) = implicit_file {
+            if d.check_no_writers(f).is_ok() {
+                reopen_one(f, true, done)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn reopen_one(
@@ -290,9 +367,8 @@ fn reopen_one(
     if before == read_only {
         return Ok(());
     }
-    node.reopen(read_only).map_err(|e| {
-        QmpError::generic(format!("Could not reopen '{}': {}", node.name(), e.context))
-    })?;
+    node.reopen(read_only)
+        .map_err(|e| QmpError::generic(e.context))?;
     done.push((node.clone(), before));
     Ok(())
 }
@@ -308,8 +384,9 @@ pub fn insert_filter(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     d.insert_node(GraphNode {
         node: filter.clone(),
         driver: Driver::Passthrough,
+        slot: d.reserve_slot(),
+        backing_given: false,
         monitor_owned: true,
-        file_id: None,
         image_extra: None,
         loaded_bitmaps: Vec::new(),
     })?;
@@ -353,6 +430,79 @@ fn entry<'a>(all: &[&'a GraphNode], node: &Arc<Node>) -> Option<&'a GraphNode> {
     all.iter().copied().find(|g| Arc::ptr_eq(&g.node, node))
 }
 
+/// How qemu names a node: its host file's name when its options are what
+/// the image itself implies, else `json:` and its options (drivers and
+/// children, keys sorted, no node names), e.g. a qcow2 whose backing was
+/// given as another node. Returns the options and whether the plain name
+/// stands for them.
+fn describe(g: &GraphNode, all: &[&GraphNode]) -> (Value, bool) {
+    let child = |role| {
+        g.node
+            .child(role)
+            .and_then(|c| entry(all, &c))
+            .map(|c| describe(c, all))
+    };
+    let mut opts = Map::new();
+    opts.insert("driver".into(), json!(g.driver.name()));
+    let mut plain = true;
+    match g.driver {
+        Driver::File => {
+            let f = g.node.filename().unwrap_or_default();
+            opts.insert("filename".into(), json!(f.display().to_string()));
+        }
+        _ => {
+            let role = if g.driver == Driver::Passthrough {
+                ChildRole::Filtered
+            } else {
+                ChildRole::File
+            };
+            if let Some((o, p)) = child(role) {
+                opts.insert("file".into(), o);
+                plain &= p;
+            }
+            if g.backing_given {
+                let b = child(ChildRole::Backing).map_or(Value::Null, |(o, _)| o);
+                opts.insert("backing".into(), b);
+                plain = false;
+            }
+        }
+    }
+    (Value::Object(opts), plain)
+}
+
+/// The name qemu shows as `file` and `image.filename`.
+fn display_name(g: &GraphNode, all: &[&GraphNode]) -> String {
+    let (opts, plain) = describe(g, all);
+    if plain {
+        return g
+            .node
+            .filename()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+    }
+    format!("json:{}", qemu_json(&opts))
+}
+
+/// JSON as qemu prints it in `json:` names: keys sorted, ", " and ": ".
+fn qemu_json(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let items: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}: {}", json!(k), qemu_json(&m[*k])))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(qemu_json).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Layers below `node` in its backing chain.
 fn backing_depth(node: &Arc<Node>) -> u64 {
     let mut depth = 0;
@@ -365,24 +515,24 @@ fn backing_depth(node: &Arc<Node>) -> u64 {
 }
 
 fn node_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
-    let filename = g
-        .node
-        .filename()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let filename = display_name(g, all);
     let image = image_info(g, all, flat);
+    // qemu counts the depth only while it builds the nested images.
+    let depth = if flat { 0 } else { backing_depth(&g.node) };
     let mut info = json!({
         "iops_rd": 0, "detect_zeroes": "off", "active": true, "image": image,
         "iops_wr": 0, "ro": g.node.read_only(), "node-name": g.name(),
-        "backing_file_depth": backing_depth(&g.node), "drv": g.driver.name(), "iops": 0,
+        "backing_file_depth": depth, "drv": g.driver.name(), "iops": 0,
         "bps_wr": 0, "write_threshold": 0, "encrypted": false, "bps": 0, "bps_rd": 0,
         "cache": {"no-flush": false, "direct": false, "writeback": true},
         "file": filename,
     });
-    if let Some(b) = g.node.child(ChildRole::Backing) {
-        if let Some(p) = b.filename() {
-            info["backing_file"] = json!(p.display().to_string());
-        }
+    if let Some(b) = g
+        .node
+        .child(ChildRole::Backing)
+        .and_then(|b| entry(all, &b))
+    {
+        info["backing_file"] = json!(display_name(b, all));
     }
     let bitmaps: Vec<Value> = g
         .node
@@ -413,10 +563,7 @@ fn node_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
 /// node's as `backing-image` (unless `flat`).
 fn image_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
     let node = &g.node;
-    let filename = node
-        .filename()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let filename = display_name(g, all);
     // qemu measures protocol and raw nodes in whole sectors.
     let virtual_size = match g.driver {
         Driver::Qcow2 => node.size(),
