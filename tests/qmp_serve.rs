@@ -9,6 +9,16 @@ use std::time::Duration;
 use qmp_common::{nbd_map, qemu_io, raw_image, wait_for_path, DirWatch, Qmp, TIDEMARK};
 use serde_json::json;
 
+/// Kills the server if the test fails before it quits.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn serve_with_qmp_exposes_drive0_and_quits() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -18,7 +28,7 @@ fn serve_with_qmp_exposes_drive0_and_quits() {
     let nbd = dir.path().join("nbd.sock");
     let log = dir.path().join("log");
     let watch = DirWatch::new(dir.path());
-    let mut child = Command::new(TIDEMARK)
+    let child = Command::new(TIDEMARK)
         .arg("serve")
         .arg("--socket")
         .arg(&nbd)
@@ -31,8 +41,9 @@ fn serve_with_qmp_exposes_drive0_and_quits() {
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("spawn tidemark serve");
+    let mut child = Reap(child);
     for p in [&q1, &q2, &nbd] {
-        wait_for_path(&watch, p, &mut child, &log);
+        wait_for_path(&watch, p, &mut child.0, &log);
     }
     let mut a = Qmp::connect(&q1);
     let mut b = Qmp::connect(&q2);
@@ -58,7 +69,7 @@ fn serve_with_qmp_exposes_drive0_and_quits() {
         "Node drive0 is in use"
     );
     assert_eq!(a.exec("quit", json!({})), json!({"return": {}}));
-    let status = qmp_common::wait_child(&mut child, Duration::from_secs(20));
+    let status = qmp_common::wait_child(&mut child.0, Duration::from_secs(20));
     assert!(status, "serve did not exit after quit");
     assert!(
         !q1.exists() && !q2.exists() && !nbd.exists(),
