@@ -19,6 +19,8 @@
 #   BENCH_DIR=${TMPDIR:-/var/tmp}  where the temp dir (image, sockets, logs) goes
 #   BENCH_NO_BUILD=1       don't run `cargo build --release`
 #   TIDEMARK_BIN=path      tidemark binary (default target/release/tidemark)
+#   TIDEMARK_BASE_BIN=path another tidemark build, run as server tidemark-base
+#                          (add it to BENCH_SERVERS) for before/after rows
 #   BENCH_NBDCOPY_OPTS=""  extra nbdcopy options for both sequential rows
 #   BENCH_START_TIMEOUT=30 seconds a server gets to accept a connection
 #   BENCH_OP_TIMEOUT=180   seconds any one nbdcopy may take before it counts as failed
@@ -104,7 +106,7 @@ prepare_cache() {
 
 server_cmd() { # server_cmd NAME SOCKET: sets the cmd array
     case $1 in
-    tidemark) cmd=("$tidemark_bin" serve --socket "$2" --export-name '' --format raw "$img") ;;
+    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" serve --socket "$2" --export-name '' --format raw "$img") ;;
     # qemu-nbd's defaults, spelled out: write-back host cache, thread-pool AIO,
     # no zero detection, discard ignored.  --shared=16 so nbdcopy's and the
     # probes' connections are all accepted; --persistent keeps it up between loads.
@@ -200,6 +202,7 @@ for row in "${rows[@]}"; do
         "$(cell tidemark "$row")" "$(cell qemu-nbd "$row")" "$(cell nbdkit "$row")" \
         "$(ratio tidemark "$row")" "$(ratio nbdkit "$row")"
 done
+base_table "${rows[@]}"
 echo
 printf -- '- can_multi_conn:'
 for s in tidemark qemu-nbd nbdkit; do printf ' %s=%s' "$s" "${mconn[$s]:-n/a}"; done

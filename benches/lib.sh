@@ -77,8 +77,8 @@ start_server() {
     local name=$1 sock=$tmp/$1${2:+-$2}.sock srvlog=$tmp/$1${2:+-$2}.log deadline
     uri="nbd+unix:///?socket=$sock"
     server_cmd "$name" "$sock"
-    if [[ $name == tidemark && ! -x $tidemark_bin ]]; then
-        note[$name]="${note[$name]:-no binary at $tidemark_bin}"
+    if [[ $name == tidemark* && ! -x $(tidemark_of "$name") ]]; then
+        note[$name]="${note[$name]:-no binary at $(tidemark_of "$name")}"
         return 1
     fi
     if ! command -v "${cmd[0]}" >/dev/null; then
@@ -150,7 +150,30 @@ peak_rss_mib() {
     awk '/^VmHWM:/ { printf "%.1f", $2 / 1024; found = 1 } END { exit !found }' "/proc/$srv_pid/status"
 }
 
+# tidemark_of NAME: the binary of server `tidemark`, or of `tidemark-base`:
+# another build of tidemark (TIDEMARK_BASE_BIN, e.g. the commit before a
+# change) run in the same pass, for before/after figures.
+tidemark_of() {
+    if [[ $1 == tidemark-base ]]; then echo "${TIDEMARK_BASE_BIN:-}"; else echo "$tidemark_bin"; fi
+}
+
 # ---- report ---------------------------------------------------------------
+
+# base_table ROW...: tidemark against tidemark-base, when both ran.
+base_table() {
+    local row a b r
+    [[ " $servers " == *" tidemark-base "* ]] || return 0
+    echo
+    echo "tidemark against tidemark-base (\`${TIDEMARK_BASE_BIN:-}\`), same run:"
+    echo
+    echo "| load | tidemark-base | tidemark | tidemark / tidemark-base |"
+    echo "|---|---:|---:|---:|"
+    for row; do
+        a=${res[tidemark,$row]:-} b=${res[tidemark-base,$row]:-} r=n/a
+        [[ -n $a && -n $b ]] && r=$(awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.3fx", a / b; else print "n/a" }')
+        printf '| %s | %s | %s | %s |\n' "${label[$row]}" "$(cell tidemark-base "$row")" "$(cell tidemark "$row")" "$r"
+    done
+}
 
 ver() { "$@" 2>/dev/null | head -n 1; }
 cell() { echo "${res[$1,$2]:-n/a}"; }

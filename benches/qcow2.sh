@@ -25,6 +25,8 @@
 #   BENCH_DIR=${TMPDIR:-/var/tmp}  where the temp dir (images, sockets, logs) goes
 #   BENCH_NO_BUILD=1       don't run `cargo build --release`
 #   TIDEMARK_BIN=path      tidemark binary (default target/release/tidemark)
+#   TIDEMARK_BASE_BIN=path another tidemark build, run as server tidemark-base
+#                          (add it to BENCH_SERVERS) for before/after rows
 #   BENCH_NBDCOPY_OPTS=""  extra nbdcopy options for both sequential rows
 #   BENCH_START_TIMEOUT=30 seconds a server gets to accept a connection
 #   BENCH_OP_TIMEOUT=180   seconds any one nbdcopy / nbdinfo --map may take
@@ -191,7 +193,7 @@ serve_img=
 server_cmd() { # server_cmd NAME SOCKET: sets the cmd array; serves $serve_img
     case $1 in
     # format probed; tidemark opens the backing chain itself
-    tidemark) cmd=("$tidemark_bin" serve --socket "$2" --export-name '' "$serve_img") ;;
+    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" serve --socket "$2" --export-name '' "$serve_img") ;;
     # as in compare.sh: qemu-nbd's defaults spelled out, --shared=16 so that
     # nbdcopy's and the probes' connections are all accepted
     qemu-nbd) cmd=(qemu-nbd -f qcow2 --cache=writeback --aio=threads --shared=16 --persistent -k "$2" "$serve_img") ;;
@@ -351,6 +353,7 @@ for row in "${rows[@]}"; do
     printf '| %s | %s | %s | %s |\n' "${label[$row]}" \
         "$(cell tidemark "$row")" "$(cell qemu-nbd "$row")" "$(ratio tidemark "$row")"
 done
+base_table "${rows[@]}"
 echo
 echo "Ratios are tidemark / qemu-nbd: above 1x is better for MiB/s and IOPS, below 1x is better for seconds and MiB."
 echo
