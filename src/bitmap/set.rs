@@ -1,6 +1,10 @@
 //! The dirty bitmaps of one block node: the node marks every recording
 //! bitmap before a write is acknowledged; exports, jobs and the control
 //! plane look bitmaps up here by name.
+//!
+//! Lock order, the one rule for every holder of these locks: a set's lock
+//! before any bitmap's; one bitmap at a time, or several only through
+//! [`lock_all`]; never a set's lock while a bitmap's is held.
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 

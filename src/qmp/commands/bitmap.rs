@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::transaction::{self, Action};
-use crate::bitmap::set::{lock, SharedBitmap};
+use crate::bitmap::set::{lock, BusyClaim, SharedBitmap};
 use crate::bitmap::{check_name, default_granularity, granularity_shift, Checks, DirtyBitmap};
 use crate::block::node::Node;
 use crate::block::BlockNode;
@@ -159,7 +159,9 @@ impl Action for Add {
 
 struct Remove {
     args: BitmapRef,
-    found: Option<(Arc<Node>, SharedBitmap)>,
+    /// Busy until commit, so a later action of the same transaction
+    /// cannot use a bitmap that is about to go.
+    found: Option<(Arc<Node>, BusyClaim)>,
 }
 
 impl Action for Remove {
@@ -169,33 +171,26 @@ impl Action for Remove {
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let (node, b) = lookup(d, &self.args.node, &self.args.name)?;
-        {
-            let mut g = lock(&b);
-            // Removing is the one thing an inconsistent bitmap allows.
-            g.check(Checks {
-                busy: true,
-                readonly: true,
-                inconsistent: false,
-            })?;
-            // Busy until commit, so a later action of the same
-            // transaction cannot use a bitmap that is about to go.
-            g.state.busy = true;
-        }
-        self.found = Some((node, b));
+        // Removing is the one thing an inconsistent bitmap allows.
+        lock(&b).check(Checks {
+            busy: true,
+            readonly: true,
+            inconsistent: false,
+        })?;
+        self.found = Some((node, BusyClaim::take(&b)?));
         Ok(())
     }
 
     fn commit(&mut self, _d: &Daemon) {
-        if let Some((node, b)) = self.found.take() {
-            lock(&b).state.busy = false;
+        if let Some((node, claim)) = self.found.take() {
+            drop(claim);
             node.bitmaps().remove(&self.args.name);
         }
     }
 
     fn abort(&mut self, _d: &Daemon) {
-        if let Some((_, b)) = self.found.take() {
-            lock(&b).state.busy = false;
-        }
+        // Dropping the claim makes the bitmap usable again.
+        self.found = None;
     }
 }
 
