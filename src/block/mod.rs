@@ -11,7 +11,6 @@
 pub mod chain;
 pub mod error;
 pub mod file;
-pub mod filter;
 pub mod link;
 pub mod lock;
 pub mod node;

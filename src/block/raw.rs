@@ -1,6 +1,9 @@
-//! The raw format over its `file` child: bytes pass through unchanged.
-//! Writes go through the child node, which marks the child's own dirty
-//! bitmaps too; the layer may be read-only over a writable child.
+//! Layers whose bytes pass through unchanged: the raw format over its
+//! `file` child, and the pass-through filter (the smallest node that can
+//! be inserted above a live node: the test hook for graph replacement, and
+//! the shape later filters take). Writes go through the child node, which
+//! marks the child's own dirty bitmaps too. The raw format may be
+//! read-only over a writable child; a filter is what its child is.
 
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, 
 
 pub struct RawFormat {
     file: Child,
+    /// For the raw format; a filter follows its child.
     read_only: AtomicBool,
 }
 
@@ -24,12 +28,24 @@ impl RawFormat {
         }
     }
 
+    /// tidemark's pass-through filter over `child`.
+    pub fn passthrough(child: Arc<Node>) -> RawFormat {
+        RawFormat {
+            file: Child::new(ChildRole::Filtered, child),
+            read_only: AtomicBool::new(false),
+        }
+    }
+
+    fn is_filter(&self) -> bool {
+        self.file.role == ChildRole::Filtered
+    }
+
     fn child(&self) -> Active<'_> {
         self.file.get()
     }
 
     fn writable(&self) -> BlockResult<()> {
-        if self.read_only.load(Ordering::Acquire) {
+        if self.read_only() {
             return Err(BlockError::new(ErrorKind::Permission, "Node is read-only"));
         }
         Ok(())
@@ -42,10 +58,17 @@ impl BlockNode for RawFormat {
     }
 
     fn read_only(&self) -> bool {
+        if self.is_filter() {
+            return self.child().read_only();
+        }
         self.read_only.load(Ordering::Acquire)
     }
 
     fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        if self.is_filter() {
+            // Read-only follows the filtered node.
+            return Ok(());
+        }
         if !read_only && self.child().read_only() {
             return Err(BlockError::new(
                 ErrorKind::Permission,
@@ -116,7 +139,11 @@ impl BlockNode for RawFormat {
     }
 
     fn format_name(&self) -> &'static str {
-        "raw"
+        if self.is_filter() {
+            crate::block::open::Driver::Passthrough.name()
+        } else {
+            "raw"
+        }
     }
 
     fn cluster_size(&self) -> u64 {

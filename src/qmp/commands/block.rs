@@ -12,7 +12,6 @@ use serde_json::{json, Map, Value};
 use crate::bitmap::set::lock;
 use crate::block::chain::{self, Layers};
 use crate::block::file::FileNode;
-use crate::block::filter::Passthrough;
 use crate::block::link::ChildRole;
 use crate::block::node::Node;
 use crate::block::open::Driver;
@@ -380,7 +379,10 @@ pub fn insert_filter(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let node = d.node(arg("node"))?;
     let name = arg("filter-node-name");
     d.check_new_node_name(name)?;
-    let filter = Arc::new(Node::open(name, Arc::new(Passthrough::new(node.clone())))?);
+    let filter = Arc::new(Node::open(
+        name,
+        Arc::new(RawFormat::passthrough(node.clone())),
+    )?);
     d.insert_node(GraphNode {
         node: filter.clone(),
         driver: Driver::Passthrough,
