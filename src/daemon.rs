@@ -27,6 +27,7 @@ use crate::block::node::Node;
 use crate::block::open::Driver;
 use crate::block::BlockNode;
 use crate::event::{Event, EventKind};
+use crate::job::Job;
 use crate::nbd::export::{Export, ExportTable};
 use crate::nbd::server::{Address, NbdServer};
 use crate::qmp::error::{QmpError, QmpResult};
@@ -131,8 +132,12 @@ pub struct Daemon {
     /// and no command runs once the daemon is closing.
     pub command_lock: tokio::sync::Mutex<()>,
     exports: ExportTable,
+    /// Jobs, newest first (query-jobs' order). Never held with `state`.
+    jobs: Mutex<Vec<Arc<Job>>>,
     events: broadcast::Sender<Event>,
     quit: watch::Sender<bool>,
+    /// Itself, for what must outlive a command (a job's thread).
+    me: Weak<Daemon>,
 }
 
 fn not_found(name: &str) -> QmpError {
@@ -145,14 +150,21 @@ impl Daemon {
     pub fn new() -> Arc<Daemon> {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let (quit, _) = watch::channel(false);
-        Arc::new(Daemon {
+        Arc::new_cyclic(|me| Daemon {
+            me: me.clone(),
             state: Mutex::new(State::default()),
             nbd: tokio::sync::Mutex::new(None),
             command_lock: tokio::sync::Mutex::new(()),
             exports: ExportTable::new(),
+            jobs: Mutex::new(Vec::new()),
             events,
             quit,
         })
+    }
+
+    /// The daemon as a shared handle.
+    pub fn arc(&self) -> Option<Arc<Daemon>> {
+        self.me.upgrade()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -411,6 +423,12 @@ impl Daemon {
         }
     }
 
+    /// Takes `node` alone out of the graph (a job's filter that nothing
+    /// points at any more); its children stay.
+    pub fn forget_node(&self, node: &Arc<Node>) {
+        self.state().nodes.retain(|n| !Arc::ptr_eq(&n.node, node));
+    }
+
     /// Removes an implicit node again, with the implicit nodes below it
     /// (a node whose parent failed to open).
     pub fn delete_implicit(&self, node: &Arc<Node>) {
@@ -437,6 +455,29 @@ impl Daemon {
             std::mem::take(&mut st.nodes)
         };
         close_nodes(nodes.into_iter().rev().collect());
+    }
+
+    // ---- jobs ----------------------------------------------------------
+
+    fn job_list(&self) -> MutexGuard<'_, Vec<Arc<Job>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn job(&self, id: &str) -> Option<Arc<Job>> {
+        self.job_list().iter().find(|j| j.id == id).cloned()
+    }
+
+    /// Every job, newest first.
+    pub fn jobs(&self) -> Vec<Arc<Job>> {
+        self.job_list().clone()
+    }
+
+    pub fn add_job(&self, job: Arc<Job>) {
+        self.job_list().insert(0, job);
+    }
+
+    pub fn remove_job(&self, id: &str) {
+        self.job_list().retain(|j| j.id != id);
     }
 
     // ---- exports -------------------------------------------------------
@@ -603,9 +644,11 @@ fn need(st: &State, roots: &[Arc<Root>], node: &Arc<Node>, depth: usize) -> Opti
             LockMode::Read
         }
     });
-    let from_parents = st.parents(node).into_iter().filter_map(|(p, _)| {
+    let from_parents = st.parents(node).into_iter().filter_map(|(p, role)| {
         let kind = st.nodes.iter().find(|n| Arc::ptr_eq(&n.node, &p))?.driver;
         match kind {
+            // A job's filter writes into its target.
+            _ if role == ChildRole::Target => Some(LockMode::Write),
             Driver::Qcow2 if p.read_only() => Some(LockMode::Read),
             Driver::Qcow2 => Some(LockMode::Write),
             _ if depth < crate::block::chain::MAX_CHAIN_DEPTH => need(st, roots, &p, depth + 1),

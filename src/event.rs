@@ -6,12 +6,48 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::job::{JobStatus, JobType};
+
 /// What happened, with qemu's event name and data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", content = "data", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventKind {
     /// An export is gone (block-export-del, nbd-server-stop, quit).
     BlockExportDeleted { id: String },
+    /// A job changed state.
+    JobStatusChange { id: String, status: JobStatus },
+    /// A block job ended (with `error` when it failed).
+    BlockJobCompleted {
+        #[serde(rename = "type")]
+        job_type: JobType,
+        device: String,
+        len: u64,
+        offset: u64,
+        speed: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A block job was cancelled.
+    BlockJobCancelled {
+        #[serde(rename = "type")]
+        job_type: JobType,
+        device: String,
+        len: u64,
+        offset: u64,
+        speed: u64,
+    },
+    /// A block job met an I/O error; `action` says what it did about it.
+    BlockJobError {
+        device: String,
+        operation: &'static str,
+        action: &'static str,
+    },
+    /// A block job waits for job-finalize (auto-finalize off).
+    BlockJobPending {
+        #[serde(rename = "type")]
+        job_type: JobType,
+        id: String,
+    },
 }
 
 /// An event as every negotiated QMP client receives it.

@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod daemonize;
 pub mod event;
 pub mod info;
+pub mod job;
 pub mod nbd;
 pub mod qmp;

@@ -68,6 +68,10 @@ impl Drop for BusyClaim {
 #[derive(Default)]
 pub struct BitmapSet {
     bitmaps: RwLock<Vec<SharedBitmap>>,
+    /// Bitmaps that record like the others but have no name and are not
+    /// listed: a backup job's successors (qemu's), which take the writes
+    /// made while the job owns a bitmap.
+    hidden: RwLock<Vec<SharedBitmap>>,
 }
 
 impl BitmapSet {
@@ -81,7 +85,8 @@ impl BitmapSet {
             return;
         }
         let all = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
-        for b in all.iter() {
+        let hidden = self.hidden.read().unwrap_or_else(|p| p.into_inner());
+        for b in all.iter().chain(hidden.iter()) {
             let mut b = lock(b);
             if b.state.recording {
                 // The range was validated against the node's size; a bitmap
@@ -119,6 +124,19 @@ impl BitmapSet {
         let shared = Arc::new(Mutex::new(bitmap));
         all.push(shared.clone());
         Ok(shared)
+    }
+
+    /// Adds an unlisted, recording bitmap (see `hidden`).
+    pub fn add_hidden(&self, bitmap: DirtyBitmap) -> SharedBitmap {
+        let shared = Arc::new(Mutex::new(bitmap));
+        let mut hidden = self.hidden.write().unwrap_or_else(|p| p.into_inner());
+        hidden.push(shared.clone());
+        shared
+    }
+
+    pub fn remove_hidden(&self, bitmap: &SharedBitmap) {
+        let mut hidden = self.hidden.write().unwrap_or_else(|p| p.into_inner());
+        hidden.retain(|b| !Arc::ptr_eq(b, bitmap));
     }
 
     /// Removes a bitmap by name and returns it.

@@ -8,6 +8,7 @@
 //! Formats (raw, qcow2) and filters (copy-before-write) all implement the same
 //! trait, so a protocol server never knows which one it is talking to.
 
+pub mod cbw;
 pub mod chain;
 pub mod error;
 pub mod file;

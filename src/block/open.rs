@@ -62,6 +62,8 @@ pub enum Driver {
     Qcow2,
     /// tidemark's pass-through filter (a test hook for graph changes).
     Passthrough,
+    /// A backup job's copy-before-write filter.
+    CopyBeforeWrite,
 }
 
 impl Driver {
@@ -71,6 +73,7 @@ impl Driver {
             Driver::Raw => "raw",
             Driver::Qcow2 => "qcow2",
             Driver::Passthrough => "x-tidemark-passthrough",
+            Driver::CopyBeforeWrite => "copy-before-write",
         }
     }
 

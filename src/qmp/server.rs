@@ -287,9 +287,20 @@ pub async fn serve_until_quit(
         _ = quit.wait_for(|q| *q) => info!("shutting down on quit"),
     }
     let _ = stop.send(true);
-    // No command runs from here on: a command in flight finishes first,
-    // and the ones after it find the daemon closing.
+    // Jobs stop first (they take the command lock to end), as qsd cancels
+    // them at exit; then no command runs: a command in flight finishes
+    // first, and the ones after it find the daemon closing.
+    let d = daemon.clone();
+    let _ = tokio::task::spawn_blocking(move || crate::job::cancel_all(&d)).await;
     let _serial = daemon.command_lock.lock().await;
+    let d = daemon.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for j in d.jobs() {
+            // Jobs that had finished but wait for job-finalize abort.
+            let _ = j.cancel(&d);
+        }
+    })
+    .await;
     // No NBD server running is the normal case here, not an error.
     let _ = daemon.stop_nbd().await;
     let d = daemon.clone();

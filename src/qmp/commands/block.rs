@@ -648,6 +648,41 @@ pub fn query_block(_d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
     Ok(json!([]))
 }
 
+/// Opens the image at `path` as implicit nodes (a format node over a
+/// `file` node, its backing chain from the header unless `backing` names
+/// a node), as qemu opens a target drive-backup created.
+pub fn open_image_node(
+    d: &Daemon,
+    path: &Path,
+    format: Option<&str>,
+    backing: Option<Arc<Node>>,
+) -> QmpResult<Arc<Node>> {
+    let format = match format {
+        Some(f) => f.to_owned(),
+        None => crate::block::open::probe(path)?.name().to_owned(),
+    };
+    let mut opts = json!({
+        "driver": format,
+        "file": {"driver": "file", "filename": path},
+    });
+    if let Some(b) = backing {
+        opts["backing"] = json!(b.name());
+    }
+    let opts = opts.as_object().cloned().unwrap_or_default();
+    let mut op = Opening {
+        d,
+        created: Vec::new(),
+    };
+    let opened = op.open_node(&opts, false, false);
+    let opened = opened.and_then(|n| d.refresh_locks().map(|_| n));
+    if opened.is_err() {
+        for n in op.created.iter().rev() {
+            d.delete_implicit(n);
+        }
+    }
+    opened
+}
+
 /// The image a `serve` names, as blockdev-add options: a format node
 /// `drive0` over a `file` node (the one wiring `serve` and `daemon` share).
 pub fn serve_options(image: &Path, format: &str, read_only: bool) -> Map<String, Value> {

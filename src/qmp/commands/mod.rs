@@ -4,6 +4,7 @@
 pub mod bitmap;
 pub mod block;
 pub mod export;
+pub mod job;
 pub mod misc;
 pub mod transaction;
 
@@ -44,6 +45,23 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "query-block-exports" => export::query_block_exports,
         "nbd-server-add" => export::nbd_server_add,
         "nbd-server-remove" => export::nbd_server_remove,
+        "blockdev-backup" => job::blockdev_backup,
+        "drive-backup" => job::drive_backup,
+        "query-jobs" => job::query_jobs,
+        "query-block-jobs" => job::query_block_jobs,
+        "job-pause" => job::job_pause,
+        "job-resume" => job::job_resume,
+        "job-cancel" => job::job_cancel,
+        "job-complete" => job::job_complete,
+        "job-finalize" => job::job_finalize,
+        "job-dismiss" => job::job_dismiss,
+        "block-job-pause" => job::block_job_pause,
+        "block-job-resume" => job::block_job_resume,
+        "block-job-cancel" => job::block_job_cancel,
+        "block-job-complete" => job::block_job_complete,
+        "block-job-finalize" => job::block_job_finalize,
+        "block-job-dismiss" => job::block_job_dismiss,
+        "block-job-set-speed" => job::block_job_set_speed,
         _ => return None,
     })
 }

@@ -10,8 +10,12 @@
 
 use serde_json::{Map, Value};
 
+use std::sync::Arc;
+
 use super::bitmap;
+use super::job::BackupAction;
 use crate::daemon::Daemon;
+use crate::job::JobTxn;
 use crate::qmp::error::{QmpError, QmpResult};
 
 pub trait Action: Send {
@@ -24,6 +28,11 @@ pub trait Action: Send {
     fn commit(&mut self, _d: &Daemon) {}
     fn abort(&mut self, _d: &Daemon) {}
     fn clean(&mut self, _d: &Daemon) {}
+    /// Joins the jobs of a `grouped` transaction; false for actions that
+    /// start no job (qemu then refuses the property).
+    fn join_group(&mut self, _txn: &Arc<JobTxn>) -> bool {
+        false
+    }
 }
 
 /// Runs actions as one transaction.
@@ -71,6 +80,8 @@ fn parse_action(v: &Value) -> QmpResult<Box<dyn Action>> {
     let data = v.get("data").cloned().unwrap_or(Value::Null);
     Ok(match kind {
         "abort" => Box::new(AbortAction),
+        "blockdev-backup" => Box::new(BackupAction::new("blockdev-backup", data)?),
+        "drive-backup" => Box::new(BackupAction::new("drive-backup", data)?),
         _ => bitmap::action(kind, data)?,
     })
 }
@@ -87,18 +98,21 @@ pub fn transaction(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
         .and_then(|p| p.get("completion-mode"))
         .and_then(Value::as_str)
         == Some("grouped");
-    let actions = actions
+    let mut actions = actions
         .iter()
         .map(parse_action)
         .collect::<QmpResult<Vec<_>>>()?;
     if grouped {
-        // Only job actions support grouped completion, and tidemark has
-        // none yet; qemu refuses the same way, naming the first action.
-        if let Some(a) = actions.first() {
-            return Err(QmpError::generic(format!(
-                "Action '{}' does not support transaction property completion-mode = grouped",
-                a.kind()
-            )));
+        // The jobs end together; qemu refuses the property for any
+        // action that starts no job, naming the first.
+        let txn = JobTxn::new();
+        for a in actions.iter_mut() {
+            if !a.join_group(&txn) {
+                return Err(QmpError::generic(format!(
+                    "Action '{}' does not support transaction property completion-mode = grouped",
+                    a.kind()
+                )));
+            }
         }
     }
     run(d, actions)?;

@@ -1,0 +1,266 @@
+//! The copy-before-write filter (qemu's copy-before-write with its
+//! block-copy state): inserted above a backup's source, it copies the old
+//! data of every cluster a write is about to change to the target first,
+//! so the target ends up equal to the source at the instant the filter
+//! went in. The backup job copies the remaining clusters through the same
+//! [`CopyBeforeWrite::copy_cluster`], so a cluster is copied exactly once
+//! whichever side gets there first.
+//!
+//! Concurrency: the map of clusters still to copy, and of those being
+//! copied now, sits behind one mutex held only to decide; the copy itself
+//! (a read of the source, a write of the target) runs outside it, and a
+//! write to a cluster being copied waits for that copy to end.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use super::link::{Active, Child, ChildRole};
+use super::node::Node;
+use super::{BlockError, BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags, STATE_ZERO};
+use crate::bitmap::DirtyBitmap;
+
+/// Which side of a copy failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+/// A failed copy: the side and the error.
+#[derive(Debug)]
+pub struct CopyError {
+    pub side: Side,
+    pub error: BlockError,
+}
+
+struct CopyMap {
+    /// One bit per cluster: still to be copied.
+    todo: DirtyBitmap,
+    /// Clusters being copied right now.
+    busy: HashSet<u64>,
+}
+
+pub struct CopyBeforeWrite {
+    source: Child,
+    target: Child,
+    cluster: u64,
+    map: Mutex<CopyMap>,
+    copied_cv: Condvar,
+    /// Bytes copied so far, by either side (the job's progress).
+    copied: AtomicU64,
+    /// Cleared when the job ends: writes then pass straight through.
+    active: AtomicBool,
+}
+
+impl CopyBeforeWrite {
+    /// A filter over `source` copying to `target` the clusters of
+    /// `cluster` bytes set in `todo` (a bitmap of that granularity over
+    /// the source's size).
+    pub fn new(source: Arc<Node>, target: Arc<Node>, todo: DirtyBitmap) -> CopyBeforeWrite {
+        CopyBeforeWrite {
+            cluster: todo.granularity(),
+            source: Child::new(ChildRole::Filtered, source),
+            target: Child::new(ChildRole::Target, target),
+            map: Mutex::new(CopyMap {
+                todo,
+                busy: HashSet::new(),
+            }),
+            copied_cv: Condvar::new(),
+            copied: AtomicU64::new(0),
+            active: AtomicBool::new(true),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CopyMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn src(&self) -> Active<'_> {
+        self.source.get()
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+
+    /// Bytes copied so far.
+    pub fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Acquire)
+    }
+
+    /// Bytes still to copy.
+    pub fn remaining(&self) -> u64 {
+        self.lock().todo.count()
+    }
+
+    /// The first cluster at or after `from` still to copy.
+    pub fn next_todo(&self, from: u64) -> Option<u64> {
+        let g = self.lock();
+        let size = g.todo.size();
+        g.todo
+            .next_dirty_area(from.saturating_mul(self.cluster).min(size), size)
+            .map(|(off, _)| off / self.cluster)
+    }
+
+    /// A copy of what is still to copy (qemu merges it back into a
+    /// bitmap-mode=always bitmap when the backup failed).
+    pub fn todo(&self) -> DirtyBitmap {
+        self.lock().todo.clone()
+    }
+
+    /// Ends the filter's work: writes pass straight through from now on.
+    pub fn deactivate(&self) {
+        self.active.store(false, Ordering::Release);
+        self.copied_cv.notify_all();
+    }
+
+    /// Copies cluster `c` from the source to the target unless it has
+    /// been copied already; waits if another thread is copying it.
+    /// Returns whether this call copied it.
+    pub fn copy_cluster(&self, c: u64) -> Result<bool, CopyError> {
+        {
+            let mut g = self.lock();
+            loop {
+                if !g.todo.is_dirty(c * self.cluster) {
+                    return Ok(false);
+                }
+                if !g.busy.contains(&c) {
+                    break;
+                }
+                g = self.copied_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.busy.insert(c);
+        }
+        let r = self.copy_now(c);
+        let mut g = self.lock();
+        g.busy.remove(&c);
+        if r.is_ok() {
+            // In range: `c` came from the map itself.
+            let _ = g.todo.reset_range(c * self.cluster, self.cluster);
+        }
+        drop(g);
+        self.copied_cv.notify_all();
+        r.map(|n| {
+            self.copied.fetch_add(n, Ordering::AcqRel);
+            true
+        })
+    }
+
+    fn copy_now(&self, c: u64) -> Result<u64, CopyError> {
+        let src = self.src();
+        let off = c * self.cluster;
+        let len = self.cluster.min(src.size().saturating_sub(off));
+        if len == 0 {
+            return Ok(0);
+        }
+        let source = |error| CopyError {
+            side: Side::Source,
+            error,
+        };
+        let target = |error| CopyError {
+            side: Side::Target,
+            error,
+        };
+        let dst = self.target.get();
+        let status = src.block_status(off, len).map_err(source)?;
+        if status.flags & STATE_ZERO != 0 && status.len >= len {
+            let flags = ZeroFlags {
+                may_unmap: false,
+                fast: false,
+            };
+            dst.write_zeroes(off, len, flags).map_err(target)?;
+            return Ok(len);
+        }
+        let mut buf = vec![0u8; len as usize];
+        src.read_at(&mut buf, off).map_err(source)?;
+        dst.write_at(&buf, off, false).map_err(target)?;
+        Ok(len)
+    }
+
+    /// Before a write to `[off, off + len)`: copies the clusters it
+    /// touches that the target still needs.
+    fn before_write(&self, off: u64, len: u64) -> BlockResult<()> {
+        if len == 0 || !self.active.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let first = off / self.cluster;
+        let last = (off + len - 1) / self.cluster;
+        for c in first..=last {
+            // qemu's default on-cbw-error=break-guest-write: the write
+            // fails rather than the backup losing the old data.
+            self.copy_cluster(c).map_err(|e| e.error)?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockNode for CopyBeforeWrite {
+    fn size(&self) -> u64 {
+        self.src().size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.src().read_only()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.src().read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
+        self.before_write(offset, buf.len() as u64)?;
+        self.src().write_at(buf, offset, fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.before_write(offset, len)?;
+        self.src().write_zeroes(offset, len, flags)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.before_write(offset, len)?;
+        self.src().discard(offset, len)
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        self.src().flush()?;
+        self.target.get().flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.src().block_status(offset, len)
+    }
+
+    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
+        self.src().allocation_depth(offset, len)
+    }
+
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        self.src().try_read_nowait(buf, offset)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.src().cache(offset, len)
+    }
+
+    fn format_name(&self) -> &'static str {
+        "copy-before-write"
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.src().cluster_size()
+    }
+
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
+
+    fn children(&self) -> Vec<&Child> {
+        vec![&self.source, &self.target]
+    }
+
+    fn filename(&self) -> Option<std::path::PathBuf> {
+        self.src().filename()
+    }
+}

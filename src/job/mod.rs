@@ -1,0 +1,720 @@
+//! Jobs: QEMU's job model (job.c, blockjob.c), once. A job kind (backup
+//! today; stream, commit and mirror later) is a [`JobDriver`] plugged into
+//! the same state machine, verbs, transactions and events.
+//!
+//! Threads and locks: a job's work runs on its own thread and never holds
+//! the daemon's command lock; it only asks its [`JobCtl`] at pause points
+//! whether to pause, sleep (rate limit) or stop. Everything that changes
+//! shared state when a job ends (bitmaps, the graph) runs with the command
+//! lock held, as a QMP command would: from the job's thread when it
+//! finishes, or from the command (job-finalize, job-cancel of a finished
+//! job) that moves it on. A job's own mutex is never held while the
+//! command lock is taken, nor across I/O.
+
+pub mod backup;
+pub mod state;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tracing::warn;
+
+pub use state::{JobStatus, JobVerb};
+
+use crate::daemon::Daemon;
+use crate::event::EventKind;
+use crate::qmp::error::{QmpError, QmpResult};
+
+/// qapi's JobType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobType {
+    Backup,
+}
+
+impl JobType {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobType::Backup => "backup",
+        }
+    }
+}
+
+/// What a job does on an I/O error (qapi's BlockdevOnError).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    #[default]
+    Report,
+    Ignore,
+    Enospc,
+    Stop,
+    Auto,
+}
+
+impl OnError {
+    pub fn parse(s: Option<&str>) -> OnError {
+        match s {
+            Some("ignore") => OnError::Ignore,
+            Some("enospc") => OnError::Enospc,
+            Some("stop") => OnError::Stop,
+            Some("auto") => OnError::Auto,
+            _ => OnError::Report,
+        }
+    }
+}
+
+/// Which side of a copy failed (BLOCK_JOB_ERROR's `operation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Read,
+    Write,
+}
+
+/// What the job does after an error, as decided by its policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorDecision {
+    /// Fail the job.
+    Fail,
+    /// Go on as if the operation had succeeded.
+    Ignore,
+    /// The job paused (and has been resumed, or cancelled): try again.
+    Retry,
+}
+
+/// A job's failure: qemu reports the errno's text ("Input/output error").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFailure(pub String);
+
+/// A kind of job: the work, and what it does when its transaction commits
+/// or aborts. `commit`, `abort` and `clean` run with the command lock held.
+pub trait JobDriver: Send + Sync + 'static {
+    fn job_type(&self) -> JobType;
+
+    /// The job proper, on the job's thread. Calls the control's pause
+    /// points; returns when done, failed or cancelled.
+    fn run(&self, ctl: &JobCtl) -> Result<(), JobFailure>;
+
+    /// The job succeeded, and so did its whole transaction.
+    fn commit(&self, _d: &Daemon) {}
+
+    /// The job (or another of its transaction) failed or was cancelled.
+    fn abort(&self, _d: &Daemon) {}
+
+    /// After commit or abort: undo what the job set up (filters, claims).
+    fn clean(&self, _d: &Daemon) {}
+}
+
+/// qapi's BlockDeviceIoStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum IoStatus {
+    #[default]
+    Ok,
+    Failed,
+    NoSpace,
+}
+
+struct Inner {
+    status: JobStatus,
+    /// Requests to pause (the user's, an error's); the job pauses at its
+    /// next pause point while this is above zero.
+    pause_count: u32,
+    user_paused: bool,
+    /// Sitting in a pause point (qemu's `paused`).
+    paused: bool,
+    cancelled: bool,
+    speed: u64,
+    current: u64,
+    total: u64,
+    auto_finalize: bool,
+    auto_dismiss: bool,
+    /// Set when the work has returned.
+    ret: Option<Result<(), JobFailure>>,
+    io_status: IoStatus,
+    /// The start of the current rate-limit slice, and bytes done in it.
+    slice: (Instant, u64),
+}
+
+/// Jobs that finish together (a transaction with completion-mode
+/// `grouped`); a job alone is a group of one, as in qemu.
+#[derive(Default)]
+pub struct JobTxn {
+    jobs: Mutex<Vec<Weak<Job>>>,
+}
+
+impl JobTxn {
+    pub fn new() -> Arc<JobTxn> {
+        Arc::new(JobTxn::default())
+    }
+
+    fn members(&self) -> Vec<Arc<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+}
+
+pub struct Job {
+    pub id: String,
+    pub job_type: JobType,
+    driver: Box<dyn JobDriver>,
+    inner: Mutex<Inner>,
+    wake: Condvar,
+    txn: Arc<JobTxn>,
+    daemon: Weak<Daemon>,
+}
+
+/// How a job is created (the common QMP arguments).
+pub struct JobOptions {
+    pub id: String,
+    pub speed: u64,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+}
+
+/// The job's side of its control: pause points, progress, rate limit.
+pub struct JobCtl {
+    job: Arc<Job>,
+}
+
+/// Length of a rate-limit slice (qemu's is 100 ms).
+const SLICE: Duration = Duration::from_millis(100);
+
+impl Job {
+    /// Creates a job in state `created` (its event goes out now), in
+    /// `txn`. Checks the id as qemu does.
+    pub fn create(
+        d: &Arc<Daemon>,
+        opts: JobOptions,
+        driver: Box<dyn JobDriver>,
+        txn: &Arc<JobTxn>,
+    ) -> QmpResult<Arc<Job>> {
+        check_id(&opts.id)?;
+        if d.job(&opts.id).is_some() {
+            return Err(QmpError::generic(format!(
+                "Job ID '{}' already in use",
+                opts.id
+            )));
+        }
+        let job = Arc::new(Job {
+            id: opts.id,
+            job_type: driver.job_type(),
+            driver,
+            inner: Mutex::new(Inner {
+                status: JobStatus::Undefined,
+                pause_count: 0,
+                user_paused: false,
+                paused: false,
+                cancelled: false,
+                speed: opts.speed,
+                current: 0,
+                total: 0,
+                auto_finalize: opts.auto_finalize,
+                auto_dismiss: opts.auto_dismiss,
+                ret: None,
+                io_status: IoStatus::Ok,
+                slice: (Instant::now(), 0),
+            }),
+            wake: Condvar::new(),
+            txn: txn.clone(),
+            daemon: Arc::downgrade(d),
+        });
+        txn.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&job));
+        d.add_job(job.clone());
+        job.transition(&mut job.lock(), JobStatus::Created);
+        Ok(job)
+    }
+
+    /// Starts the work on its own thread (state `running` at once, as
+    /// qemu's job_start).
+    pub fn start(self: &Arc<Job>) -> QmpResult<()> {
+        self.transition(&mut self.lock(), JobStatus::Running);
+        let job = self.clone();
+        std::thread::Builder::new()
+            .name(format!("job {}", self.id))
+            .spawn(move || job.thread())
+            .map(|_| ())
+            .map_err(|e| QmpError::generic(format!("Could not start job: {e}")))
+    }
+
+    fn thread(self: Arc<Job>) {
+        let ctl = JobCtl { job: self.clone() };
+        ctl.pause_point();
+        let result = if ctl.is_cancelled() {
+            Ok(())
+        } else {
+            self.driver.run(&ctl)
+        };
+        let Some(d) = self.daemon.upgrade() else {
+            return;
+        };
+        let _serial = d.command_lock.blocking_lock();
+        self.lock().ret = Some(result);
+        self.wake.notify_all();
+        self.advance(&d);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, kind: EventKind) {
+        if let Some(d) = self.daemon.upgrade() {
+            d.emit(kind);
+        }
+    }
+
+    /// Moves to `to`, with its JOB_STATUS_CHANGE event.
+    fn transition(&self, inner: &mut Inner, to: JobStatus) {
+        if !inner.status.may_become(to) {
+            warn!(job = %self.id, from = inner.status.name(), to = to.name(), "job transition outside qemu's table");
+        }
+        let changed = inner.status != to;
+        inner.status = to;
+        if changed {
+            self.emit(EventKind::JobStatusChange {
+                id: self.id.clone(),
+                status: to,
+            });
+        }
+    }
+
+    pub fn status(&self) -> JobStatus {
+        self.lock().status
+    }
+
+    /// qemu's refusal for a verb the job's state does not accept.
+    pub fn check_verb(&self, verb: JobVerb) -> QmpResult<()> {
+        let status = self.lock().status;
+        if verb.allowed_in(status) {
+            return Ok(());
+        }
+        Err(QmpError::generic(format!(
+            "Job '{}' in state '{}' cannot accept command verb '{}'",
+            self.id,
+            status.name(),
+            verb.name()
+        )))
+    }
+
+    /// job-pause / block-job-pause.
+    pub fn user_pause(&self) -> QmpResult<()> {
+        self.check_verb(JobVerb::Pause)?;
+        let mut g = self.lock();
+        if g.user_paused {
+            return Err(QmpError::generic("Job is already paused"));
+        }
+        g.user_paused = true;
+        g.pause_count += 1;
+        Ok(())
+    }
+
+    /// job-resume / block-job-resume.
+    pub fn user_resume(&self) -> QmpResult<()> {
+        {
+            let g = self.lock();
+            if !g.user_paused || g.pause_count == 0 {
+                return Err(QmpError::generic("Can't resume a job that was not paused"));
+            }
+        }
+        self.check_verb(JobVerb::Resume)?;
+        let mut g = self.lock();
+        g.user_paused = false;
+        g.pause_count -= 1;
+        g.io_status = IoStatus::Ok;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// block-job-set-speed.
+    pub fn set_speed(&self, speed: i64) -> QmpResult<()> {
+        self.check_verb(JobVerb::SetSpeed)?;
+        if speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        let mut g = self.lock();
+        g.speed = speed as u64;
+        g.slice = (Instant::now(), 0);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// job-cancel / block-job-cancel. A running job stops at its next
+    /// pause point; a finished one (waiting, pending) aborts with its
+    /// transaction now. Call with the command lock held.
+    pub fn cancel(&self, d: &Daemon) -> QmpResult<()> {
+        self.check_verb(JobVerb::Cancel)?;
+        self.request_cancel();
+        if self.lock().ret.is_some() {
+            self.advance(d);
+        }
+        Ok(())
+    }
+
+    fn request_cancel(&self) {
+        let mut g = self.lock();
+        g.cancelled = true;
+        self.wake.notify_all();
+    }
+
+    /// job-finalize: a pending transaction commits. Call with the command
+    /// lock held.
+    pub fn finalize(&self, d: &Daemon) -> QmpResult<()> {
+        self.check_verb(JobVerb::Finalize)?;
+        finish_txn(d, &self.txn.members(), true);
+        Ok(())
+    }
+
+    /// Takes down a job that never started (its transaction aborted): as
+    /// qemu, no completion event, only the states.
+    pub fn abort_unstarted(&self, d: &Daemon) {
+        self.lock().cancelled = true;
+        self.driver.abort(d);
+        self.driver.clean(d);
+        let mut g = self.lock();
+        self.transition(&mut g, JobStatus::Aborting);
+        self.transition(&mut g, JobStatus::Concluded);
+        if g.auto_dismiss {
+            self.transition(&mut g, JobStatus::Null);
+            drop(g);
+            d.remove_job(&self.id);
+        }
+    }
+
+    /// job-dismiss: a concluded job goes away.
+    pub fn dismiss(&self, d: &Daemon) -> QmpResult<()> {
+        self.check_verb(JobVerb::Dismiss)?;
+        self.transition(&mut self.lock(), JobStatus::Null);
+        d.remove_job(&self.id);
+        Ok(())
+    }
+
+    /// Moves a job whose work has returned (or that was cancelled after
+    /// it) on with its transaction. Call with the command lock held.
+    fn advance(&self, d: &Daemon) {
+        let members = self.txn.members();
+        let failed = members.iter().any(|j| {
+            let g = j.lock();
+            g.cancelled || matches!(g.ret, Some(Err(_)))
+        });
+        if failed {
+            for j in &members {
+                let mut g = j.lock();
+                if g.ret.is_none() {
+                    // The others stop too; each comes back here when done.
+                    g.cancelled = true;
+                    j.wake.notify_all();
+                } else if !matches!(
+                    g.status,
+                    JobStatus::Aborting | JobStatus::Concluded | JobStatus::Null
+                ) {
+                    j.transition(&mut g, JobStatus::Aborting);
+                }
+            }
+            if members.iter().all(|j| j.lock().ret.is_some()) {
+                finish_txn(d, &members, false);
+            }
+            return;
+        }
+        {
+            let mut g = self.lock();
+            if g.status == JobStatus::Running || g.status == JobStatus::Ready {
+                self.transition(&mut g, JobStatus::Waiting);
+            }
+        }
+        if !members.iter().all(|j| j.lock().ret.is_some()) {
+            return;
+        }
+        let mut all_auto = true;
+        for j in &members {
+            let mut g = j.lock();
+            if g.status == JobStatus::Waiting {
+                j.transition(&mut g, JobStatus::Pending);
+                if !g.auto_finalize {
+                    j.emit(EventKind::BlockJobPending {
+                        job_type: j.job_type,
+                        id: j.id.clone(),
+                    });
+                }
+            }
+            all_auto &= g.auto_finalize;
+        }
+        if all_auto {
+            finish_txn(d, &members, true);
+        }
+    }
+
+    /// The job as query-jobs lists it.
+    pub fn info(&self) -> Value {
+        let g = self.lock();
+        let mut v = json!({
+            "current-progress": g.current,
+            "status": g.status,
+            "total-progress": g.total,
+            "type": self.job_type,
+            "id": self.id,
+        });
+        if let Some(Err(JobFailure(e))) = &g.ret {
+            v["error"] = json!(e);
+        } else if g.cancelled && g.status.is_completed() {
+            v["error"] = json!("Operation canceled");
+        }
+        v
+    }
+
+    /// The job as query-block-jobs lists it.
+    pub fn block_info(&self) -> Value {
+        let g = self.lock();
+        let io_status = match g.io_status {
+            IoStatus::Ok => "ok",
+            IoStatus::Failed => "failed",
+            IoStatus::NoSpace => "nospace",
+        };
+        let mut v = json!({
+            "auto-finalize": g.auto_finalize,
+            "io-status": io_status,
+            "device": self.id,
+            "auto-dismiss": g.auto_dismiss,
+            "busy": !g.paused && !g.status.is_completed(),
+            "len": g.total,
+            "offset": g.current,
+            "status": g.status,
+            "paused": g.pause_count > 0,
+            "speed": g.speed,
+            "ready": matches!(g.status, JobStatus::Ready | JobStatus::Standby),
+            "type": self.job_type,
+        });
+        if let Some(Err(JobFailure(e))) = &g.ret {
+            v["error"] = json!(e);
+        }
+        v
+    }
+}
+
+/// Ends every job of a transaction once all have returned: `ok` commits,
+/// else everything aborts; then their completion events, `concluded`, and
+/// (with auto-dismiss) `null`.
+fn finish_txn(d: &Daemon, members: &[Arc<Job>], ok: bool) {
+    for j in members {
+        if ok {
+            j.driver.commit(d);
+        } else {
+            j.driver.abort(d);
+        }
+    }
+    for j in members {
+        j.driver.clean(d);
+    }
+    for j in members {
+        let mut g = j.lock();
+        if matches!(g.status, JobStatus::Concluded | JobStatus::Null) {
+            continue;
+        }
+        let (speed, len, offset) = (g.speed, g.total, g.current);
+        let error = match &g.ret {
+            Some(Err(JobFailure(e))) => Some(e.clone()),
+            _ => None,
+        };
+        if !ok && g.cancelled && error.is_none() {
+            j.emit(EventKind::BlockJobCancelled {
+                job_type: j.job_type,
+                device: j.id.clone(),
+                len,
+                offset,
+                speed,
+            });
+        } else {
+            j.emit(EventKind::BlockJobCompleted {
+                job_type: j.job_type,
+                device: j.id.clone(),
+                len,
+                offset,
+                speed,
+                error,
+            });
+        }
+        j.transition(&mut g, JobStatus::Concluded);
+        if g.auto_dismiss {
+            j.transition(&mut g, JobStatus::Null);
+            drop(g);
+            d.remove_job(&j.id);
+        }
+    }
+}
+
+/// qemu's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+fn check_id(id: &str) -> QmpResult<()> {
+    let mut chars = id.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !ok {
+        return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+    }
+    Ok(())
+}
+
+impl JobCtl {
+    pub fn job(&self) -> &Arc<Job> {
+        &self.job
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.job.lock().cancelled
+    }
+
+    /// Where the job may pause: waits while a pause is requested (state
+    /// `paused`, or `standby` when ready), unless it is cancelled. Returns
+    /// whether the job should stop.
+    pub fn pause_point(&self) -> bool {
+        let job = &self.job;
+        let mut g = job.lock();
+        if g.pause_count > 0 && !g.cancelled {
+            let before = g.status;
+            let paused_state = if before == JobStatus::Ready {
+                JobStatus::Standby
+            } else {
+                JobStatus::Paused
+            };
+            job.transition(&mut g, paused_state);
+            g.paused = true;
+            while g.pause_count > 0 && !g.cancelled {
+                g = job.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.paused = false;
+            g.slice = (Instant::now(), 0);
+            job.transition(&mut g, before);
+        }
+        g.cancelled
+    }
+
+    pub fn set_total(&self, total: u64) {
+        self.job.lock().total = total;
+    }
+
+    /// Adds `done` bytes to the progress and, with a speed limit, sleeps
+    /// so the job keeps to it (waking early to pause or stop). Returns
+    /// whether the job should stop.
+    pub fn progress(&self, done: u64) -> bool {
+        let job = &self.job;
+        let mut g = job.lock();
+        g.current += done;
+        if g.speed > 0 {
+            g.slice.1 += done;
+            loop {
+                if g.cancelled || g.pause_count > 0 || g.speed == 0 {
+                    break;
+                }
+                let allowed = g.speed as f64 * g.slice.0.elapsed().as_secs_f64();
+                if (g.slice.1 as f64) <= allowed.max(0.0) {
+                    break;
+                }
+                let owed = Duration::from_secs_f64((g.slice.1 as f64 - allowed) / g.speed as f64);
+                let (ng, _) = job
+                    .wake
+                    .wait_timeout(g, owed.min(SLICE * 10))
+                    .unwrap_or_else(|p| p.into_inner());
+                g = ng;
+            }
+            if g.slice.0.elapsed() > SLICE * 10 {
+                g.slice = (Instant::now(), 0);
+            }
+        }
+        drop(g);
+        self.pause_point()
+    }
+
+    pub fn speed(&self) -> u64 {
+        self.job.lock().speed
+    }
+
+    /// Waits up to `limit` for a cancel (pausing meanwhile if asked);
+    /// returns whether the job should stop.
+    pub fn wait_cancelled(&self, limit: Duration) -> bool {
+        let job = &self.job;
+        let g = job.lock();
+        if !g.cancelled && g.pause_count == 0 {
+            let _ = job.wake.wait_timeout(g, limit);
+        } else {
+            drop(g);
+        }
+        self.pause_point()
+    }
+
+    /// An I/O error, handled by `policy` (qemu's block_job_error_action):
+    /// the BLOCK_JOB_ERROR event, then fail, ignore, or pause (the job
+    /// stops here until resumed or cancelled) and retry.
+    pub fn error_action(&self, policy: OnError, op: IoOp, nospace: bool) -> ErrorDecision {
+        let action = match policy {
+            OnError::Report => "report",
+            OnError::Ignore => "ignore",
+            OnError::Stop => "stop",
+            OnError::Enospc | OnError::Auto if nospace => "stop",
+            OnError::Enospc | OnError::Auto => "report",
+        };
+        let job = &self.job;
+        job.emit(EventKind::BlockJobError {
+            device: job.id.clone(),
+            operation: match op {
+                IoOp::Read => "read",
+                IoOp::Write => "write",
+            },
+            action,
+        });
+        match action {
+            "ignore" => ErrorDecision::Ignore,
+            "stop" => {
+                {
+                    let mut g = job.lock();
+                    g.io_status = if nospace {
+                        IoStatus::NoSpace
+                    } else {
+                        IoStatus::Failed
+                    };
+                    if !g.user_paused {
+                        g.user_paused = true;
+                        g.pause_count += 1;
+                    }
+                }
+                if self.pause_point() {
+                    ErrorDecision::Fail
+                } else {
+                    ErrorDecision::Retry
+                }
+            }
+            _ => ErrorDecision::Fail,
+        }
+    }
+}
+
+/// Stops every job and waits until each has ended (daemon exit). Called
+/// without the command lock: ending jobs take it.
+pub fn cancel_all(d: &Daemon) {
+    let jobs = d.jobs();
+    for j in &jobs {
+        j.request_cancel();
+        let mut g = j.lock();
+        g.pause_count = 0;
+        g.user_paused = false;
+        j.wake.notify_all();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for j in &jobs {
+        let mut g = j.lock();
+        while g.ret.is_none() && Instant::now() < deadline {
+            let (ng, _) = j
+                .wake
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner());
+            g = ng;
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Jobs over QMP: blockdev-backup, drive-backup (also as transaction
+//! actions), the job-* and block-job-* verbs, query-jobs and
+//! query-block-jobs. The rules live in crate::job; this file finds the
+//! job or nodes a command names and words the errors as qemu does.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::transaction::Action;
+use crate::block::node::Node;
+use crate::block::qcow2::create::{create_qcow2, create_raw, CreateOptions};
+use crate::block::BlockNode;
+use crate::daemon::Daemon;
+use crate::job::backup::{self, BackupArgs, SyncMode};
+use crate::job::{Job, JobOptions, JobTxn};
+use crate::qmp::error::{QmpError, QmpResult};
+
+fn arg<'a>(args: &'a Map<String, Value>, k: &str) -> &'a str {
+    args.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// job-*: a job by id, with qemu's text.
+fn job(d: &Daemon, args: &Map<String, Value>) -> QmpResult<Arc<Job>> {
+    d.job(arg(args, "id"))
+        .ok_or_else(|| QmpError::generic("Job not found"))
+}
+
+/// block-job-*: a job by its `device` (the job id), with qemu's class.
+fn block_job(d: &Daemon, args: &Map<String, Value>) -> QmpResult<Arc<Job>> {
+    let id = arg(args, "device");
+    d.job(id).ok_or_else(|| QmpError {
+        class: "DeviceNotActive",
+        desc: format!("Block job '{id}' not found"),
+    })
+}
+
+pub fn query_jobs(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
+    Ok(Value::Array(d.jobs().iter().map(|j| j.info()).collect()))
+}
+
+pub fn query_block_jobs(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
+    Ok(Value::Array(
+        d.jobs().iter().map(|j| j.block_info()).collect(),
+    ))
+}
+
+pub fn job_pause(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    job(d, &args)?.user_pause()?;
+    Ok(json!({}))
+}
+
+pub fn job_resume(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    job(d, &args)?.user_resume()?;
+    Ok(json!({}))
+}
+
+pub fn job_cancel(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    job(d, &args)?.cancel(d)?;
+    Ok(json!({}))
+}
+
+pub fn job_complete(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    job(d, &args)?.check_verb(crate::job::JobVerb::Complete)?;
+    Ok(json!({}))
+}
+
+pub fn job_finalize(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    job(d, &args)?.finalize(d)?;
+    Ok(json!({}))
+}
+
+pub fn job_dismiss(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    job(d, &args)?.dismiss(d)?;
+    Ok(json!({}))
+}
+
+pub fn block_job_pause(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    block_job(d, &args)?.user_pause()?;
+    Ok(json!({}))
+}
+
+pub fn block_job_resume(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    block_job(d, &args)?.user_resume()?;
+    Ok(json!({}))
+}
+
+/// block-job-cancel; `force` only matters to jobs that become ready.
+pub fn block_job_cancel(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    block_job(d, &args)?.cancel(d)?;
+    Ok(json!({}))
+}
+
+pub fn block_job_complete(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    block_job(d, &args)?.check_verb(crate::job::JobVerb::Complete)?;
+    Ok(json!({}))
+}
+
+pub fn block_job_finalize(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let id = arg(&args, "id");
+    d.job(id)
+        .ok_or_else(|| QmpError {
+            class: "DeviceNotActive",
+            desc: format!("Block job '{id}' not found"),
+        })?
+        .finalize(d)?;
+    Ok(json!({}))
+}
+
+pub fn block_job_dismiss(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let id = arg(&args, "id");
+    d.job(id)
+        .ok_or_else(|| QmpError {
+            class: "DeviceNotActive",
+            desc: format!("Block job '{id}' not found"),
+        })?
+        .dismiss(d)?;
+    Ok(json!({}))
+}
+
+pub fn block_job_set_speed(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
+    block_job(d, &args)?.set_speed(speed)?;
+    Ok(json!({}))
+}
+
+fn parse_backup(data: Value) -> QmpResult<BackupArgs> {
+    serde_json::from_value(data).map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))
+}
+
+/// A backup being set up: blockdev-backup and drive-backup, alone or in a
+/// transaction. `prepare` builds the job (state `created`), `commit`
+/// starts it, `abort` takes it down again.
+pub struct BackupAction {
+    kind: &'static str,
+    args: BackupArgs,
+    txn: Option<Arc<JobTxn>>,
+    job: Option<Arc<Job>>,
+}
+
+impl BackupAction {
+    pub fn new(kind: &'static str, data: Value) -> QmpResult<BackupAction> {
+        Ok(BackupAction {
+            kind,
+            args: parse_backup(data)?,
+            txn: None,
+            job: None,
+        })
+    }
+
+    /// Joins the jobs of a `grouped` transaction.
+    pub fn join(&mut self, txn: &Arc<JobTxn>) {
+        self.txn = Some(txn.clone());
+    }
+
+    /// drive-backup's target: the image created (unless `mode=existing`)
+    /// and opened as an implicit node, as qemu's drive_backup_prepare.
+    fn drive_target(&mut self, d: &Daemon, source: &Arc<Node>) -> QmpResult<Arc<Node>> {
+        let a = &mut self.args;
+        let existing = a.mode.as_deref() == Some("existing");
+        let mut backing = None;
+        if a.sync == SyncMode::Top {
+            backing = source.below();
+            if backing.is_none() {
+                a.sync = SyncMode::Full;
+            }
+        }
+        let format = match &a.format {
+            Some(f) => Some(f.clone()),
+            None if existing => None,
+            None => Some(
+                d.driver_of(source.name())
+                    .map(|k| k.name())
+                    .unwrap_or("raw")
+                    .to_owned(),
+            ),
+        };
+        let path = Path::new(&a.target);
+        if !existing {
+            match format.as_deref() {
+                Some("qcow2") => {
+                    let opts = CreateOptions {
+                        size: Some(source.size()),
+                        backing_file: backing
+                            .as_ref()
+                            .and_then(|b| b.filename())
+                            .map(|p| p.display().to_string()),
+                        backing_format: backing
+                            .as_ref()
+                            .and_then(|b| d.driver_of(b.name()))
+                            .map(|k| k.name().to_owned()),
+                        ..CreateOptions::default()
+                    };
+                    create_qcow2(path, &opts)?;
+                }
+                Some("raw") => create_raw(path, source.size())?,
+                Some(other) => return Err(QmpError::generic(format!("Unknown driver '{other}'"))),
+                None => {}
+            }
+        }
+        let backing_node = (a.sync == SyncMode::None).then(|| source.clone());
+        super::block::open_image_node(d, path, format.as_deref(), backing_node)
+    }
+}
+
+impl Action for BackupAction {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
+        let da = d
+            .arc()
+            .ok_or_else(|| QmpError::generic("The daemon is shutting down"))?;
+        let source = d.node(&self.args.device)?;
+        let (target, own) = if self.kind == "drive-backup" {
+            (self.drive_target(d, &source)?, true)
+        } else {
+            (d.node(&self.args.target)?, false)
+        };
+        let id = match &self.args.job_id {
+            Some(id) => id.clone(),
+            None => {
+                if own {
+                    d.delete_implicit(&target);
+                }
+                return Err(QmpError::generic("An explicit job ID is required"));
+            }
+        };
+        if d.job(&id).is_some() {
+            if own {
+                d.delete_implicit(&target);
+            }
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        let (driver, args) =
+            match backup::prepare(d, self.args.clone(), source, target.clone(), own) {
+                Ok(p) => p,
+                Err(e) => {
+                    if own {
+                        d.delete_implicit(&target);
+                    }
+                    return Err(e);
+                }
+            };
+        let opts = JobOptions {
+            id,
+            speed: args.speed.unwrap_or(0).max(0) as u64,
+            auto_finalize: args.auto_finalize.unwrap_or(true),
+            auto_dismiss: args.auto_dismiss.unwrap_or(true),
+        };
+        let txn = self.txn.clone().unwrap_or_default();
+        let job = Job::create(&da, opts, Box::new(driver), &txn)?;
+        self.job = Some(job);
+        Ok(())
+    }
+
+    fn commit(&mut self, _d: &Daemon) {
+        if let Some(job) = &self.job {
+            if let Err(e) = job.start() {
+                tracing::error!(job = %job.id, error = %e, "could not start the job");
+            }
+        }
+    }
+
+    fn abort(&mut self, d: &Daemon) {
+        if let Some(job) = self.job.take() {
+            job.abort_unstarted(d);
+        }
+    }
+
+    fn join_group(&mut self, txn: &Arc<JobTxn>) -> bool {
+        self.join(txn);
+        true
+    }
+}
+
+pub fn blockdev_backup(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a = BackupAction::new("blockdev-backup", Value::Object(args))?;
+    super::transaction::run(d, vec![Box::new(a)])?;
+    Ok(json!({}))
+}
+
+pub fn drive_backup(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a = BackupAction::new("drive-backup", Value::Object(args))?;
+    super::transaction::run(d, vec![Box::new(a)])?;
+    Ok(json!({}))
+}
