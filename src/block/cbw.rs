@@ -94,15 +94,6 @@ impl CopyBeforeWrite {
         self.lock().todo.count()
     }
 
-    /// The first cluster at or after `from` still to copy.
-    pub fn next_todo(&self, from: u64) -> Option<u64> {
-        let g = self.lock();
-        let size = g.todo.size();
-        g.todo
-            .next_dirty_area(from.saturating_mul(self.cluster).min(size), size)
-            .map(|(off, _)| off / self.cluster)
-    }
-
     /// A copy of what is still to copy (qemu merges it back into a
     /// bitmap-mode=always bitmap when the backup failed).
     pub fn todo(&self) -> DirtyBitmap {
@@ -115,45 +106,96 @@ impl CopyBeforeWrite {
         self.copied_cv.notify_all();
     }
 
-    /// Copies cluster `c` from the source to the target unless it has
-    /// been copied already; waits if another thread is copying it.
-    /// Returns whether this call copied it.
-    pub fn copy_cluster(&self, c: u64) -> Result<bool, CopyError> {
-        {
-            let mut g = self.lock();
-            loop {
-                if !g.todo.is_dirty(c * self.cluster) {
-                    return Ok(false);
-                }
-                if !g.busy.contains(&c) {
-                    break;
-                }
-                g = self.copied_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+    /// Claims clusters from `first` on that are still to copy and that
+    /// nobody copies now, up to `max` of them in one run. Returns how many.
+    fn claim(&self, g: &mut CopyMap, first: u64, max: u64) -> u64 {
+        let mut n = 0;
+        while n < max {
+            let c = first + n;
+            if !g.todo.is_dirty(c * self.cluster) || g.busy.contains(&c) {
+                break;
             }
             g.busy.insert(c);
+            n += 1;
         }
-        let r = self.copy_now(c);
+        n
+    }
+
+    /// Copies the claimed run `[first, first + n)`, then releases it.
+    fn copy_claimed(&self, first: u64, n: u64) -> Result<u64, CopyError> {
+        let r = self.copy_now(first * self.cluster, n * self.cluster);
         let mut g = self.lock();
-        g.busy.remove(&c);
+        for c in first..first + n {
+            g.busy.remove(&c);
+        }
         if r.is_ok() {
-            // In range: `c` came from the map itself.
-            let _ = g.todo.reset_range(c * self.cluster, self.cluster);
+            // In range: the clusters came from the map itself.
+            let _ = g.todo.reset_range(first * self.cluster, n * self.cluster);
         }
         drop(g);
         self.copied_cv.notify_all();
-        r.map(|n| {
-            self.copied.fetch_add(n, Ordering::AcqRel);
-            true
-        })
+        if let Ok(bytes) = r {
+            self.copied.fetch_add(bytes, Ordering::AcqRel);
+        }
+        r
     }
 
-    fn copy_now(&self, c: u64) -> Result<u64, CopyError> {
-        let src = self.src();
-        let off = c * self.cluster;
-        let len = self.cluster.min(src.size().saturating_sub(off));
-        if len == 0 {
-            return Ok(0);
+    /// The job's step: copies the next run (up to `max_bytes`) still to
+    /// copy at or after `*from`, skipping clusters a guest write copies
+    /// now. `None` when nothing is left from there.
+    pub fn copy_next(&self, from: &mut u64, max_bytes: u64) -> Option<Result<u64, CopyError>> {
+        let max = (max_bytes / self.cluster).max(1);
+        let (first, n) = {
+            let mut g = self.lock();
+            loop {
+                let size = g.todo.size();
+                let start = from.saturating_mul(self.cluster).min(size);
+                let (off, _) = g.todo.next_dirty_area(start, size)?;
+                let c = off / self.cluster;
+                let n = self.claim(&mut g, c, max);
+                if n > 0 {
+                    break (c, n);
+                }
+                // Being copied by a guest write: go on after it.
+                *from = c + 1;
+            }
+        };
+        *from = first;
+        Some(self.copy_claimed(first, n))
+    }
+
+    /// Copies every cluster of `[first, last]` the target still needs,
+    /// waiting for those another thread is copying.
+    fn copy_clusters(&self, first: u64, last: u64) -> Result<(), CopyError> {
+        let mut c = first;
+        while c <= last {
+            let n = {
+                let mut g = self.lock();
+                loop {
+                    if !g.todo.is_dirty(c * self.cluster) {
+                        break 0;
+                    }
+                    if !g.busy.contains(&c) {
+                        break self.claim(&mut g, c, last - c + 1);
+                    }
+                    g = self.copied_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            if n == 0 {
+                c += 1;
+                continue;
+            }
+            self.copy_claimed(c, n)?;
+            c += n;
         }
+        Ok(())
+    }
+
+    /// Copies `[off, off + len)` (clipped to the source), zero runs as
+    /// zeroes. Returns the bytes copied.
+    fn copy_now(&self, off: u64, len: u64) -> Result<u64, CopyError> {
+        let src = self.src();
+        let len = len.min(src.size().saturating_sub(off));
         let source = |error| CopyError {
             side: Side::Source,
             error,
@@ -163,18 +205,25 @@ impl CopyBeforeWrite {
             error,
         };
         let dst = self.target.get();
-        let status = src.block_status(off, len).map_err(source)?;
-        if status.flags & STATE_ZERO != 0 && status.len >= len {
-            let flags = ZeroFlags {
-                may_unmap: false,
-                fast: false,
-            };
-            dst.write_zeroes(off, len, flags).map_err(target)?;
-            return Ok(len);
+        let mut pos = off;
+        let end = off + len;
+        let mut buf = Vec::new();
+        while pos < end {
+            let st = src.block_status(pos, end - pos).map_err(source)?;
+            let n = st.len.clamp(1, end - pos);
+            if st.flags & STATE_ZERO != 0 {
+                let flags = ZeroFlags {
+                    may_unmap: false,
+                    fast: false,
+                };
+                dst.write_zeroes(pos, n, flags).map_err(target)?;
+            } else {
+                buf.resize(n as usize, 0);
+                src.read_at(&mut buf, pos).map_err(source)?;
+                dst.write_at(&buf, pos, false).map_err(target)?;
+            }
+            pos += n;
         }
-        let mut buf = vec![0u8; len as usize];
-        src.read_at(&mut buf, off).map_err(source)?;
-        dst.write_at(&buf, off, false).map_err(target)?;
         Ok(len)
     }
 
@@ -184,14 +233,10 @@ impl CopyBeforeWrite {
         if len == 0 || !self.active.load(Ordering::Acquire) {
             return Ok(());
         }
-        let first = off / self.cluster;
-        let last = (off + len - 1) / self.cluster;
-        for c in first..=last {
-            // qemu's default on-cbw-error=break-guest-write: the write
-            // fails rather than the backup losing the old data.
-            self.copy_cluster(c).map_err(|e| e.error)?;
-        }
-        Ok(())
+        // qemu's default on-cbw-error=break-guest-write: the write fails
+        // rather than the backup losing the old data.
+        self.copy_clusters(off / self.cluster, (off + len - 1) / self.cluster)
+            .map_err(|e| e.error)
     }
 }
 

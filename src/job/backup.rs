@@ -306,30 +306,37 @@ pub fn strerror(e: &BlockError) -> String {
     .to_owned()
 }
 
+/// The most a job copies in one step: large enough for sequential I/O
+/// to stream, small enough that pauses, cancels and the rate limit act
+/// promptly.
+const STEP: u64 = 1 << 20;
+
 impl Backup {
-    /// Copies cluster `c`, handling errors by policy. Returns whether the
-    /// job should stop.
-    fn copy(&self, ctl: &JobCtl, c: u64) -> Result<bool, JobFailure> {
+    /// The next step of the copy, handling errors by policy. `Ok(None)`:
+    /// nothing left; `Ok(Some(stop))`: a step done, and whether to stop.
+    fn step(&self, ctl: &JobCtl, from: &mut u64) -> Result<Option<bool>, JobFailure> {
         loop {
-            match self.cbw.copy_cluster(c) {
-                Ok(_) => return Ok(false),
-                Err(e) => {
-                    let (policy, op) = match e.side {
-                        Side::Source => (self.on_source_error, IoOp::Read),
-                        Side::Target => (self.on_target_error, IoOp::Write),
-                    };
-                    let nospace = e.error.kind == ErrorKind::NoSpace;
-                    match ctl.error_action(policy, op, nospace) {
-                        ErrorDecision::Fail => {
-                            if ctl.is_cancelled() {
-                                return Ok(true);
-                            }
-                            return Err(JobFailure(strerror(&e.error)));
-                        }
-                        ErrorDecision::Ignore => return Ok(false),
-                        ErrorDecision::Retry => {}
-                    }
+            let Some(r) = self.cbw.copy_next(from, STEP) else {
+                return Ok(None);
+            };
+            let e = match r {
+                Ok(_) => return Ok(Some(false)),
+                Err(e) => e,
+            };
+            let (policy, op) = match e.side {
+                Side::Source => (self.on_source_error, IoOp::Read),
+                Side::Target => (self.on_target_error, IoOp::Write),
+            };
+            let nospace = e.error.kind == ErrorKind::NoSpace;
+            match ctl.error_action(policy, op, nospace) {
+                ErrorDecision::Fail if ctl.is_cancelled() => return Ok(Some(true)),
+                ErrorDecision::Fail => return Err(JobFailure(strerror(&e.error))),
+                // qemu goes on with the rest; the cluster stays to copy.
+                ErrorDecision::Ignore => {
+                    *from += 1;
+                    return Ok(Some(false));
                 }
+                ErrorDecision::Retry => {}
             }
         }
     }
@@ -379,12 +386,11 @@ impl JobDriver for Backup {
             }
             return Ok(());
         }
-        let mut next = self.cbw.next_todo(0);
-        while let Some(c) = next {
-            if self.copy(ctl, c)? || report(ctl) {
+        let mut from = 0;
+        while let Some(stop) = self.step(ctl, &mut from)? {
+            if stop || report(ctl) {
                 return Ok(());
             }
-            next = self.cbw.next_todo(c + 1);
         }
         report(ctl);
         Ok(())
