@@ -309,3 +309,53 @@ impl BlockNode for CopyBeforeWrite {
         self.src().filename()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::file::FileNode;
+
+    fn file_node(dir: &std::path::Path, name: &str, fill: u8) -> Arc<Node> {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![fill; 1 << 20]).expect("write");
+        let f = FileNode::open(&path, false).expect("open");
+        Arc::new(Node::open(name, Arc::new(f)).expect("node"))
+    }
+
+    #[test]
+    fn the_target_gets_the_data_from_before_each_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = file_node(dir.path(), "src", 0xaa);
+        let target = file_node(dir.path(), "tgt", 0);
+        let mut todo = DirtyBitmap::anonymous(1 << 20, 65536).expect("bitmap");
+        todo.set_range(0, 1 << 20).expect("set");
+        let cbw = CopyBeforeWrite::new(source.clone(), target.clone(), todo);
+        // A guest write: cluster 3's old data goes to the target first.
+        cbw.write_at(&[0xbb; 100], 3 * 65536 + 10, false)
+            .expect("write");
+        assert_eq!(cbw.copied(), 65536);
+        let mut buf = vec![0u8; 65536];
+        target.read_at(&mut buf, 3 * 65536).expect("read");
+        assert!(buf.iter().all(|&b| b == 0xaa));
+        // The job copies the rest, skipping what is done.
+        let mut from = 0;
+        while let Some(r) = cbw.copy_next(&mut from, 1 << 20) {
+            r.expect("copy");
+        }
+        assert_eq!(cbw.remaining(), 0);
+        assert_eq!(cbw.copied(), 1 << 20);
+        let mut all = vec![0u8; 1 << 20];
+        target.read_at(&mut all, 0).expect("read");
+        assert!(
+            all.iter().all(|&b| b == 0xaa),
+            "target is the source before the write"
+        );
+        source.read_at(&mut buf, 3 * 65536).expect("read");
+        assert_eq!(&buf[10..110], &[0xbb; 100][..]);
+        // After the job, writes pass straight through.
+        cbw.deactivate();
+        cbw.write_at(&[0xcc; 10], 0, false).expect("write");
+        target.read_at(&mut buf, 0).expect("read");
+        assert_eq!(buf[0], 0xaa);
+    }
+}
