@@ -166,6 +166,10 @@ impl BackupAction {
                 a.sync = SyncMode::Full;
             }
         }
+        if a.sync == SyncMode::None {
+            // Fleecing: the target reads through to the live source.
+            backing = Some(source.clone());
+        }
         let format = match &a.format {
             Some(f) => Some(f.clone()),
             None if existing => None,
