@@ -19,6 +19,10 @@ pub mod open;
 pub mod qcow2;
 pub mod raw;
 
+// Test and benchmark drivers (qemu's null-co and blkdebug).
+pub mod blkdebug;
+pub mod null;
+
 pub use error::{BlockError, BlockResult, ErrorKind};
 
 use crate::bitmap::DirtyBitmap;

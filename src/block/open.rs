@@ -64,6 +64,10 @@ pub enum Driver {
     Passthrough,
     /// A backup job's copy-before-write filter.
     CopyBeforeWrite,
+    /// qemu's null-co: a sink that stores nothing (benchmarks).
+    NullCo,
+    /// qemu's blkdebug: a filter that injects I/O errors (tests).
+    Blkdebug,
 }
 
 impl Driver {
@@ -74,6 +78,8 @@ impl Driver {
             Driver::Qcow2 => "qcow2",
             Driver::Passthrough => "x-tidemark-passthrough",
             Driver::CopyBeforeWrite => "copy-before-write",
+            Driver::NullCo => "null-co",
+            Driver::Blkdebug => "blkdebug",
         }
     }
 

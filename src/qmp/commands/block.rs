@@ -144,6 +144,17 @@ impl Opening<'_> {
                 o.backing_given = backing_given;
                 (o, slot)
             }
+            "null-co" => {
+                let slot = self.d.reserve_slot();
+                let drv = crate::block::null::from_options(opts, read_only)?;
+                (Opened::new(Driver::NullCo, drv), slot)
+            }
+            "blkdebug" => {
+                let image = self.child(opts.get("image"), read_only)?;
+                let slot = self.d.reserve_slot();
+                let drv = crate::block::blkdebug::from_options(opts, image, read_only)?;
+                (Opened::new(Driver::Blkdebug, drv), slot)
+            }
             other => {
                 return Err(QmpError::generic(format!(
                     "Parameter 'driver' does not accept value '{other}'"
