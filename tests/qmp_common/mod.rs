@@ -492,3 +492,28 @@ impl Instance {
         self.child.try_wait().ok().flatten()
     }
 }
+
+impl Qmp {
+    /// The oldest event not yet taken (kept ones first, in arrival order),
+    /// or None if none arrives before `deadline` or the connection ends.
+    pub fn next_event_until(&mut self, deadline: Instant) -> Option<Value> {
+        if !self.events.is_empty() {
+            return Some(self.events.remove(0));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let sock = self.reader.get_ref();
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        let v = self.recv();
+        let sock = self.reader.get_ref();
+        sock.set_read_timeout(Some(REPLY_DEADLINE))
+            .expect("timeout");
+        match v {
+            Some(v) if v.get("event").is_some() => Some(v),
+            Some(v) => panic!("a reply while only events were due: {v}"),
+            None => None,
+        }
+    }
+}
