@@ -368,7 +368,6 @@ impl JobDriver for Backup {
     }
 
     fn run(&self, ctl: &JobCtl) -> Result<(), JobFailure> {
-        ctl.set_total(self.cbw.remaining());
         let mut reported = 0;
         let mut report = |ctl: &JobCtl| {
             let now = self.cbw.copied();
@@ -398,6 +397,14 @@ impl JobDriver for Backup {
 
     fn commit(&self, _d: &Daemon) {
         self.settle_bitmap(true);
+    }
+
+    fn total(&self) -> u64 {
+        self.cbw.remaining()
+    }
+
+    fn done(&self) -> Option<u64> {
+        Some(self.cbw.copied())
     }
 
     fn abort(&self, _d: &Daemon) {

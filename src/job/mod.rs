@@ -104,6 +104,17 @@ pub trait JobDriver: Send + Sync + 'static {
 
     /// After commit or abort: undo what the job set up (filters, claims).
     fn clean(&self, _d: &Daemon) {}
+
+    /// Bytes of work when the job is created (its `len` from the start).
+    fn total(&self) -> u64 {
+        0
+    }
+
+    /// Bytes done now, when the driver counts them itself (work done on
+    /// other threads, such as a filter's copies, counts at once).
+    fn done(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// qapi's BlockDeviceIoStatus.
@@ -123,6 +134,8 @@ struct Inner {
     user_paused: bool,
     /// Sitting in a pause point (qemu's `paused`).
     paused: bool,
+    /// Sleeping for the rate limit (not `busy`, as qemu reports it).
+    sleeping: bool,
     cancelled: bool,
     speed: u64,
     current: u64,
@@ -200,6 +213,7 @@ impl Job {
                 opts.id
             )));
         }
+        let total = driver.total();
         let job = Arc::new(Job {
             id: opts.id,
             job_type: driver.job_type(),
@@ -209,10 +223,11 @@ impl Job {
                 pause_count: 0,
                 user_paused: false,
                 paused: false,
+                sleeping: false,
                 cancelled: false,
                 speed: opts.speed,
                 current: 0,
-                total: 0,
+                total,
                 auto_finalize: opts.auto_finalize,
                 auto_dismiss: opts.auto_dismiss,
                 ret: None,
@@ -453,11 +468,16 @@ impl Job {
         }
     }
 
+    /// Bytes done, as queries and events report them.
+    fn current(&self, g: &Inner) -> u64 {
+        self.driver.done().unwrap_or(g.current)
+    }
+
     /// The job as query-jobs lists it.
     pub fn info(&self) -> Value {
         let g = self.lock();
         let mut v = json!({
-            "current-progress": g.current,
+            "current-progress": self.current(&g),
             "status": g.status,
             "total-progress": g.total,
             "type": self.job_type,
@@ -484,9 +504,9 @@ impl Job {
             "io-status": io_status,
             "device": self.id,
             "auto-dismiss": g.auto_dismiss,
-            "busy": !g.paused && !g.status.is_completed(),
+            "busy": !g.paused && !g.sleeping && !g.status.is_completed(),
             "len": g.total,
-            "offset": g.current,
+            "offset": self.current(&g),
             "status": g.status,
             "paused": g.pause_count > 0,
             "speed": g.speed,
@@ -519,7 +539,7 @@ fn finish_txn(d: &Daemon, members: &[Arc<Job>], ok: bool) {
         if matches!(g.status, JobStatus::Concluded | JobStatus::Null) {
             continue;
         }
-        let (speed, len, offset) = (g.speed, g.total, g.current);
+        let (speed, len, offset) = (g.speed, g.total, j.current(&g));
         let error = match &g.ret {
             Some(Err(JobFailure(e))) => Some(e.clone()),
             _ => None,
@@ -596,10 +616,6 @@ impl JobCtl {
         g.cancelled
     }
 
-    pub fn set_total(&self, total: u64) {
-        self.job.lock().total = total;
-    }
-
     /// Adds `done` bytes to the progress and, with a speed limit, sleeps
     /// so the job keeps to it (waking early to pause or stop). Returns
     /// whether the job should stop.
@@ -618,11 +634,13 @@ impl JobCtl {
                     break;
                 }
                 let owed = Duration::from_secs_f64((g.slice.1 as f64 - allowed) / g.speed as f64);
+                g.sleeping = true;
                 let (ng, _) = job
                     .wake
                     .wait_timeout(g, owed.min(SLICE * 10))
                     .unwrap_or_else(|p| p.into_inner());
                 g = ng;
+                g.sleeping = false;
             }
             if g.slice.0.elapsed() > SLICE * 10 {
                 g.slice = (Instant::now(), 0);
