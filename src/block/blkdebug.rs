@@ -497,8 +497,14 @@ impl BlockNode for Blkdebug {
         None
     }
 
+    fn debug_event(&self, event: crate::block::DebugEvent) {
+        self.raise(&[match event {
+            crate::block::DebugEvent::ReadAio => Event::ReadAio,
+            crate::block::DebugEvent::WriteAio => Event::WriteAio,
+        }]);
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.raise(&[Event::ReadAio]);
         let len = buf.len();
         let mut done = 0;
         while done < len {
@@ -513,7 +519,7 @@ impl BlockNode for Blkdebug {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.writable()?;
-        self.raise(&[Event::WriteAio, Event::Pwritev]);
+        self.raise(&[Event::Pwritev]);
         let r = self.write_pieces(buf, offset, fua);
         self.raise(&[Event::PwritevDone]);
         self.wrote();
@@ -904,11 +910,15 @@ mod tests {
         Arc::new(Node::open("file", Arc::new(f)).expect("node"))
     }
 
+    /// A blkdebug node, and a raw node over it: as in qemu's iotests, the
+    /// format layer above raises read_aio / write_aio for its requests.
     fn blkdebug(opts: serde_json::Value) -> (tempfile::TempDir, Arc<Blkdebug>, Node) {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = opts.as_object().cloned().unwrap_or_default();
         let bd = Arc::new(open_options(&opts, image(&dir), false).expect("open blkdebug"));
-        let node = Node::open("bd", bd.clone()).expect("node");
+        let bd_node = Arc::new(Node::open("bd", bd.clone()).expect("node"));
+        let raw = crate::block::raw::RawFormat::new(bd_node, false);
+        let node = Node::open("raw", Arc::new(raw)).expect("node");
         (dir, bd, node)
     }
 
@@ -922,7 +932,7 @@ mod tests {
     fn without_rules_requests_pass_through() {
         let (_d, _bd, n) = blkdebug(json!({}));
         assert_eq!(n.size(), 1 << 20);
-        assert_eq!(n.format_name(), "blkdebug");
+        assert_eq!(_bd.format_name(), "blkdebug");
         assert_eq!(read(&n, 0, 16).expect("read"), vec![0xab; 16]);
         n.write_at(&[1u8; 4096], 4096, false).expect("write");
         n.write_zeroes(8192, 4096, ZeroFlags::default())
@@ -931,8 +941,8 @@ mod tests {
         n.flush().expect("flush");
         assert_eq!(read(&n, 4096, 4).expect("read"), vec![1; 4]);
         assert_eq!(read(&n, 8192, 4).expect("read"), vec![0; 4]);
-        assert_eq!(n.children().len(), 1);
-        assert_eq!(n.children()[0].role, ChildRole::Filtered);
+        assert_eq!(_bd.children().len(), 1);
+        assert_eq!(_bd.children()[0].role, ChildRole::Filtered);
     }
 
     #[test]
@@ -947,7 +957,7 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::NoSpace);
         assert_eq!(bd.fired(0), 2);
         // The child was never written.
-        let child = n.children()[0].node();
+        let child = bd.children()[0].node();
         assert_eq!(read(&child, 0, 4).expect("read child"), vec![0xab; 4]);
     }
 
@@ -1094,12 +1104,12 @@ mod tests {
 
     #[test]
     fn max_transfer_checks_each_piece_so_earlier_pieces_land() {
-        let (_d, _bd, n) = blkdebug(json!({
+        let (_d, bd, n) = blkdebug(json!({
             "max-transfer": 4096,
             "inject-error": [{"event": "write_aio", "sector": 8, "errno": 28}]
         }));
         assert!(n.write_at(&[7u8; 8192], 0, false).is_err());
-        let child = n.children()[0].node();
+        let child = bd.children()[0].node();
         assert_eq!(read(&child, 0, 4096).expect("first piece"), vec![7; 4096]);
         assert_eq!(read(&child, 4096, 4).expect("second piece"), vec![0xab; 4]);
     }
@@ -1179,9 +1189,11 @@ mod tests {
         let opts = json!({"config": conf, "inject-error": [{"event": "read_aio"}]});
         let opts = opts.as_object().cloned().unwrap_or_default();
         let bd = open_options(&opts, image(&dir), false).expect("open");
+        bd.debug_event(crate::block::DebugEvent::WriteAio);
         let e = bd.write_at(&[1u8; 512], 0, false).expect_err("config rule");
         assert_eq!(e.kind, ErrorKind::NoSpace);
         assert_eq!(bd.state(), 5);
+        bd.debug_event(crate::block::DebugEvent::ReadAio);
         assert!(bd.read_at(&mut [0u8; 512], 0).is_err());
         assert_eq!((bd.fired(0), bd.fired(1)), (1, 1));
 

@@ -50,6 +50,17 @@ pub struct DepthExtent {
     pub depth: u32,
 }
 
+/// What a format layer is about to do to its `file` child, told to the
+/// child first (qemu's BLKDBG_EVENT): only `blkdebug` listens, to inject
+/// errors where qemu's iotests inject them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugEvent {
+    /// A guest data read (qemu's `read_aio`).
+    ReadAio,
+    /// A guest data write (qemu's `write_aio`).
+    WriteAio,
+}
+
 /// How a write-zeroes request may be carried out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ZeroFlags {
@@ -147,6 +158,10 @@ pub trait BlockNode: Send + Sync + 'static {
             self.format_name()
         )))
     }
+
+    /// A parent's announcement of what it is about to do (see
+    /// [`DebugEvent`]); nodes other than `blkdebug` ignore it.
+    fn debug_event(&self, _event: DebugEvent) {}
 
     /// Sets the image locks to what the node's users need now (qemu
     /// derives them from the permissions of the node's parents): write

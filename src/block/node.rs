@@ -238,6 +238,10 @@ impl BlockNode for Node {
         self.driver.children()
     }
 
+    fn debug_event(&self, event: super::DebugEvent) {
+        self.driver.debug_event(event)
+    }
+
     fn set_image_locks(&self, mode: Option<super::lock::LockMode>) -> BlockResult<()> {
         self.driver.set_image_locks(mode)
     }

@@ -92,12 +92,20 @@ impl BlockNode for RawFormat {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
-        self.child().read_at(buf, offset)
+        let child = self.child();
+        if !self.is_filter() {
+            child.debug_event(super::DebugEvent::ReadAio);
+        }
+        child.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.writable()?;
-        self.child().write_at(buf, offset, fua)
+        let child = self.child();
+        if !self.is_filter() {
+            child.debug_event(super::DebugEvent::WriteAio);
+        }
+        child.write_at(buf, offset, fua)
     }
 
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {

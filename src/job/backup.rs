@@ -237,6 +237,14 @@ pub fn prepare(
             "Source and target image have different sizes",
         ));
     }
+    let filter_name = match &a.filter_node_name {
+        Some(n) => {
+            d.check_new_node_name(n)
+                .map_err(|e| QmpError::generic(format!("Could not create node: {}", e.desc)))?;
+            n.clone()
+        }
+        None => d.auto_node_name(),
+    };
     let cluster = DEFAULT_CLUSTER.max(target.cluster_size());
     let todo = initial_todo(a.sync, &source, bitmap.as_ref().map(|(b, _)| b), cluster)?;
     let bitmap = match bitmap {
@@ -259,13 +267,6 @@ pub fn prepare(
         None => None,
     };
     let cbw = Arc::new(CopyBeforeWrite::new(source.clone(), target.clone(), todo));
-    let filter_name = match &a.filter_node_name {
-        Some(n) => {
-            d.check_new_node_name(n)?;
-            n.clone()
-        }
-        None => d.auto_node_name(),
-    };
     let filter = Arc::new(Node::open(filter_name, cbw.clone())?);
     d.insert_node(crate::daemon::GraphNode {
         node: filter.clone(),

@@ -206,13 +206,7 @@ impl Job {
         driver: Box<dyn JobDriver>,
         txn: &Arc<JobTxn>,
     ) -> QmpResult<Arc<Job>> {
-        check_id(&opts.id)?;
-        if d.job(&opts.id).is_some() {
-            return Err(QmpError::generic(format!(
-                "Job ID '{}' already in use",
-                opts.id
-            )));
-        }
+        check_new_id(d, &opts.id)?;
         let total = driver.total();
         let job = Arc::new(Job {
             id: opts.id,
@@ -248,9 +242,16 @@ impl Job {
     }
 
     /// Starts the work on its own thread (state `running` at once, as
-    /// qemu's job_start).
+    /// qemu's job_start). qemu then drains the graph the job changed,
+    /// which pauses the new job and resumes it: clients see that pair, so
+    /// it is sent here too.
     pub fn start(self: &Arc<Job>) -> QmpResult<()> {
-        self.transition(&mut self.lock(), JobStatus::Running);
+        {
+            let mut g = self.lock();
+            self.transition(&mut g, JobStatus::Running);
+            self.transition(&mut g, JobStatus::Paused);
+            self.transition(&mut g, JobStatus::Running);
+        }
         let job = self.clone();
         std::thread::Builder::new()
             .name(format!("job {}", self.id))
@@ -328,6 +329,8 @@ impl Job {
         }
         g.user_paused = true;
         g.pause_count += 1;
+        // A job sleeping for its rate limit pauses at once.
+        self.wake.notify_all();
         Ok(())
     }
 
@@ -387,6 +390,14 @@ impl Job {
         self.check_verb(JobVerb::Finalize)?;
         finish_txn(d, &self.txn.members(), true);
         Ok(())
+    }
+
+    /// Drops a job refused right after creation (a bad speed): `null`.
+    pub fn refuse(&self, d: &Daemon) {
+        self.driver.abort(d);
+        self.driver.clean(d);
+        self.transition(&mut self.lock(), JobStatus::Null);
+        d.remove_job(&self.id);
     }
 
     /// Takes down a job that never started (its transaction aborted): as
@@ -569,6 +580,15 @@ fn finish_txn(d: &Daemon, members: &[Arc<Job>], ok: bool) {
             d.remove_job(&j.id);
         }
     }
+}
+
+/// Whether `id` may name a new job, with qemu's texts.
+pub fn check_new_id(d: &Daemon, id: &str) -> QmpResult<()> {
+    check_id(id)?;
+    if d.job(id).is_some() {
+        return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+    }
+    Ok(())
 }
 
 /// qemu's id_wellformed: a letter, then letters, digits, '-', '.', '_'.

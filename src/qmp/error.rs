@@ -50,8 +50,12 @@ impl From<BitmapError> for QmpError {
 }
 
 impl From<BlockError> for QmpError {
+    /// The first line only: what follows is a hint for humans (qemu's
+    /// error_append_hint, "Is another process using the image?"), which
+    /// qemu does not send over QMP.
     fn from(e: BlockError) -> Self {
-        QmpError::generic(strip_os_error(&e.context))
+        let first = e.context.lines().next().unwrap_or_default();
+        QmpError::generic(strip_os_error(first))
     }
 }
 

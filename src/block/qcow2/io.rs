@@ -123,6 +123,11 @@ impl HostFile {
         let _ = self.node().discard(off, len);
     }
 
+    /// Tells the file node what comes next (see [`crate::block::DebugEvent`]).
+    pub fn debug_event(&self, event: crate::block::DebugEvent) {
+        self.node().debug_event(event);
+    }
+
     pub fn sync(&self) -> BlockResult<()> {
         self.node().flush()
     }

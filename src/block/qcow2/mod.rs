@@ -99,7 +99,8 @@ impl Qcow2Node {
                 ..e
             }
         };
-        let header = Header::parse(&first).map_err(ctx)?;
+        // Not a qcow2 at all: qemu's text alone, as its QMP gives it.
+        let header = Header::parse(&first)?;
         check_features(&header, read_only).map_err(ctx)?;
         let geo = Geometry {
             cluster_bits: header.cluster_bits,

@@ -62,7 +62,10 @@ impl Qcow2Node {
                 buf.fill(0);
                 Ok(())
             }
-            Mapping::Data { host, .. } => self.f.read(buf, host, "data cluster"),
+            Mapping::Data { host, .. } => {
+                self.f.debug_event(crate::block::DebugEvent::ReadAio);
+                self.f.read(buf, host, "data cluster")
+            }
             Mapping::Compressed { host, len } => {
                 let cluster = self.read_compressed(host, len)?;
                 let at = (p.guest % self.geo.cluster_size()) as usize;

@@ -87,6 +87,7 @@ impl Qcow2Node {
             let src = &buf[(at - offset) as usize..];
             if let Mapping::Data { host, copied: true } = map {
                 meta.check_overlap(host, n)?;
+                self.f.debug_event(crate::block::DebugEvent::WriteAio);
                 self.f.write(&src[..n as usize], host, "data cluster")?;
                 at += n;
                 continue;
@@ -130,6 +131,8 @@ impl Qcow2Node {
                     self.read_piece(&mut data[tail..], p)?;
                 }
                 data[head..tail].copy_from_slice(&src[..n as usize]);
+                self.f.debug_event(crate::block::DebugEvent::WriteAio);
+                self.f.debug_event(crate::block::DebugEvent::WriteAio);
                 self.f.write(&data, host, "data cluster")?;
             }
             let mut freed = Vec::new();

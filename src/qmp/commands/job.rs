@@ -199,7 +199,9 @@ impl BackupAction {
                     create_qcow2(path, &opts)?;
                 }
                 Some("raw") => create_raw(path, source.size())?,
-                Some(other) => return Err(QmpError::generic(format!("Unknown driver '{other}'"))),
+                Some(other) => {
+                    return Err(QmpError::generic(format!("Unknown file format '{other}'")))
+                }
                 None => {}
             }
         }
@@ -223,21 +225,6 @@ impl Action for BackupAction {
         } else {
             (d.node(&self.args.target)?, false)
         };
-        let id = match &self.args.job_id {
-            Some(id) => id.clone(),
-            None => {
-                if own {
-                    d.delete_implicit(&target);
-                }
-                return Err(QmpError::generic("An explicit job ID is required"));
-            }
-        };
-        if d.job(&id).is_some() {
-            if own {
-                d.delete_implicit(&target);
-            }
-            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
-        }
         let (driver, args) =
             match backup::prepare(d, self.args.clone(), source, target.clone(), own) {
                 Ok(p) => p,
@@ -248,14 +235,31 @@ impl Action for BackupAction {
                     return Err(e);
                 }
             };
+        // qemu falls back to the device's name, which a node of a storage
+        // daemon does not have: "Invalid job ID ''".
+        let id = args.job_id.clone().unwrap_or_default();
+        if let Err(e) = crate::job::check_new_id(d, &id) {
+            use crate::job::JobDriver;
+            driver.abort(d);
+            driver.clean(d);
+            return Err(e);
+        }
+        let speed = args.speed.unwrap_or(0);
         let opts = JobOptions {
             id,
-            speed: args.speed.unwrap_or(0).max(0) as u64,
+            speed: speed.max(0) as u64,
             auto_finalize: args.auto_finalize.unwrap_or(true),
             auto_dismiss: args.auto_dismiss.unwrap_or(true),
         };
         let txn = self.txn.clone().unwrap_or_default();
         let job = Job::create(&da, opts, Box::new(driver), &txn)?;
+        if speed < 0 {
+            // qemu sets the speed on the new job, which refuses it.
+            job.refuse(d);
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
         self.job = Some(job);
         Ok(())
     }
