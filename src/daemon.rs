@@ -291,6 +291,19 @@ impl Daemon {
             .any(|n| Arc::ptr_eq(&n.node, node) && !n.monitor_owned)
     }
 
+    /// qemu's op blocker of a job's target: refuses using `node` for
+    /// another job while a job writes into it.
+    pub fn check_not_job_target(&self, node: &Arc<Node>) -> QmpResult<()> {
+        let parents = self.state().parents(node);
+        match job_using(&parents) {
+            Some(kind) => Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {kind}",
+                node.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Registers a root, so graph changes move it with its node.
     pub fn new_root(&self, node: Arc<Node>, owner: impl Into<String>, writable: bool) -> Arc<Root> {
         let root = Root::new(node, owner, writable);
@@ -394,6 +407,11 @@ impl Daemon {
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
         let parents = st.parents(&node);
+        if let Some(kind) = job_using(&parents) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: block device is in use by block job: {kind}"
+            )));
+        }
         if let Some((p, _)) = parents.iter().find(|(_, r)| *r == ChildRole::Backing) {
             return Err(QmpError::generic(format!(
                 "Node '{name}' is busy: node is used as backing hd of '{}'",
@@ -632,6 +650,14 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// The kind of job whose filter writes into a node with these parents.
+fn job_using(parents: &[(Arc<Node>, ChildRole)]) -> Option<&'static str> {
+    parents
+        .iter()
+        .any(|(_, role)| *role == ChildRole::Target)
+        .then_some("backup")
 }
 
 /// What the users of `node` need of its image (see

@@ -68,10 +68,6 @@ impl Drop for BusyClaim {
 #[derive(Default)]
 pub struct BitmapSet {
     bitmaps: RwLock<Vec<SharedBitmap>>,
-    /// Bitmaps that record like the others but have no name and are not
-    /// listed: a backup job's successors (qemu's), which take the writes
-    /// made while the job owns a bitmap.
-    hidden: RwLock<Vec<SharedBitmap>>,
 }
 
 impl BitmapSet {
@@ -85,10 +81,9 @@ impl BitmapSet {
             return;
         }
         let all = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
-        let hidden = self.hidden.read().unwrap_or_else(|p| p.into_inner());
-        for b in all.iter().chain(hidden.iter()) {
+        for b in all.iter() {
             let mut b = lock(b);
-            if b.state.recording {
+            if b.state.recording && !b.state.frozen {
                 // The range was validated against the node's size; a bitmap
                 // of another size is a bug we must not turn into a failed write.
                 if let Err(e) = b.set_range(offset, len) {
@@ -126,17 +121,19 @@ impl BitmapSet {
         Ok(shared)
     }
 
-    /// Adds an unlisted, recording bitmap (see `hidden`).
-    pub fn add_hidden(&self, bitmap: DirtyBitmap) -> SharedBitmap {
+    /// Adds a bitmap without a name (a backup's successor): listed, but
+    /// no command can name it.
+    pub fn add_anonymous(&self, bitmap: DirtyBitmap) -> SharedBitmap {
         let shared = Arc::new(Mutex::new(bitmap));
-        let mut hidden = self.hidden.write().unwrap_or_else(|p| p.into_inner());
-        hidden.push(shared.clone());
+        let mut all = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        all.push(shared.clone());
         shared
     }
 
-    pub fn remove_hidden(&self, bitmap: &SharedBitmap) {
-        let mut hidden = self.hidden.write().unwrap_or_else(|p| p.into_inner());
-        hidden.retain(|b| !Arc::ptr_eq(b, bitmap));
+    /// Removes `bitmap` (by identity, for anonymous ones).
+    pub fn remove_shared(&self, bitmap: &SharedBitmap) {
+        let mut all = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        all.retain(|b| !Arc::ptr_eq(b, bitmap));
     }
 
     /// Removes a bitmap by name and returns it.

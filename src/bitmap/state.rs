@@ -21,6 +21,9 @@ pub struct BitmapState {
     pub persistent: bool,
     /// Loaded from a read-only image layer: it cannot be modified.
     pub readonly: bool,
+    /// Owned by a backup job, which gave it a successor: writes go to the
+    /// successor while this keeps its bits (it still reports recording).
+    pub frozen: bool,
 }
 
 impl Default for BitmapState {
@@ -32,6 +35,7 @@ impl Default for BitmapState {
             inconsistent: false,
             persistent: false,
             readonly: false,
+            frozen: false,
         }
     }
 }
@@ -185,6 +189,7 @@ mod tests {
             inconsistent: true,
             persistent: true,
             readonly: true,
+            frozen: false,
         };
         assert_eq!(
             b.check(Checks::DEFAULT).unwrap_err().kind,

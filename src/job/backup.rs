@@ -3,11 +3,12 @@
 //! job started; the job copies every cluster the sync mode selects that
 //! guest writes have not made the filter copy first.
 //!
-//! Bitmaps (qemu's table): the job owns its bitmap (busy) while it runs,
-//! and a hidden successor records the writes made meanwhile. At the end,
-//! with `on-success` after a success, or `always`, the bitmap becomes the
-//! successor (what changed during the job); `always` after a failure adds
-//! back what was not copied; `never`, or a failure, keeps every bit.
+//! Bitmaps (qemu's table): the job owns its bitmap (busy, frozen) while it
+//! runs, and an anonymous successor on the node records the writes made
+//! meanwhile. At the end, with `on-success` after a success, or `always`,
+//! the bitmap becomes the successor (what changed during the job);
+//! `always` after a failure adds back what was not copied; `never`, or a
+//! failure, merges the successor in, so no bit is lost.
 
 use std::sync::{Arc, Mutex};
 
@@ -187,8 +188,9 @@ fn initial_todo(
     let size = source.size();
     let mut todo = DirtyBitmap::anonymous(size, cluster)?;
     match sync {
-        SyncMode::None => {}
-        SyncMode::Full => todo.set_range(0, size)?,
+        // The job copies nothing itself, but every cluster is the filter's
+        // to copy before a write changes it.
+        SyncMode::None | SyncMode::Full => todo.set_range(0, size)?,
         SyncMode::Bitmap | SyncMode::Incremental => {
             if let Some(b) = bitmap {
                 todo.merge(&lock(b))?;
@@ -226,6 +228,8 @@ pub fn prepare(
     if Arc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Source and target cannot be the same"));
     }
+    d.check_not_job_target(&source)?;
+    d.check_not_job_target(&target)?;
     if a.compress == Some(true) {
         return Err(QmpError::generic(format!(
             "Compression is not supported for this drive {}",
@@ -256,7 +260,8 @@ pub fn prepare(
             };
             let mut succ = DirtyBitmap::anonymous(size, granularity)?;
             succ.state.recording = recording;
-            let successor = source.bitmaps().add_hidden(succ);
+            let successor = source.bitmaps().add_anonymous(succ);
+            lock(&b).state.frozen = true;
             Some(BitmapUse {
                 bitmap: b,
                 claim: Mutex::new(Some(claim)),
@@ -330,12 +335,19 @@ impl Backup {
             };
             let nospace = e.error.kind == ErrorKind::NoSpace;
             match ctl.error_action(policy, op, nospace) {
-                ErrorDecision::Fail if ctl.is_cancelled() => return Ok(Some(true)),
+                ErrorDecision::Fail if ctl.is_cancelled() => {
+                    // Cancelled while stopped on the error: as in qemu,
+                    // the step that was going on is tried once more.
+                    let _ = self.cbw.copy_next(from, STEP);
+                    return Ok(Some(true));
+                }
                 ErrorDecision::Fail => return Err(JobFailure(strerror(&e.error))),
-                // qemu goes on with the rest; the cluster stays to copy.
+                // qemu tries again (the cluster is still to copy), after
+                // a pause point so the job can still be paused or stopped.
                 ErrorDecision::Ignore => {
-                    *from += 1;
-                    return Ok(Some(false));
+                    if ctl.pause_point() {
+                        return Ok(Some(true));
+                    }
                 }
                 ErrorDecision::Retry => {}
             }
@@ -348,18 +360,17 @@ impl Backup {
             return;
         };
         let sync = (ok || u.mode == BitmapMode::Always) && u.mode != BitmapMode::Never;
+        let succ = lock(&u.successor).clone();
+        let mut b = lock(&u.bitmap);
         if sync {
-            let succ = lock(&u.successor).clone();
-            let mut b = lock(&u.bitmap);
             b.clear();
-            // Same size and granularity: cannot fail.
-            let _ = b.merge_bits(&succ);
-            if !ok {
-                let _ = b.merge(&self.cbw.todo());
-            }
         }
-        // Otherwise the bitmap kept recording all along: it already holds
-        // its old bits and every write since.
+        // Same size and granularity: cannot fail.
+        let _ = b.merge_bits(&succ);
+        if sync && !ok {
+            let _ = b.merge_bits(&self.cbw.todo());
+        }
+        b.state.frozen = false;
     }
 }
 
@@ -419,7 +430,7 @@ impl JobDriver for Backup {
         d.replace_node(&self.filter, &self.source);
         d.forget_node(&self.filter);
         if let Some(u) = &self.bitmap {
-            self.source.bitmaps().remove_hidden(&u.successor);
+            self.source.bitmaps().remove_shared(&u.successor);
             u.claim.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         if let Some(t) = &self.own_target {

@@ -145,8 +145,11 @@ struct Inner {
     /// Set when the work has returned.
     ret: Option<Result<(), JobFailure>>,
     io_status: IoStatus,
-    /// The start of the current rate-limit slice, and bytes done in it.
-    slice: (Instant, u64),
+    /// The rate limit's account: bytes charged since an instant. The next
+    /// step may start once they are paid for at the current speed (each
+    /// step is charged after it is done, so the first goes at once; a new
+    /// speed applies to what is already charged, as qemu's ratelimit).
+    charged: (Instant, u64),
 }
 
 /// Jobs that finish together (a transaction with completion-mode
@@ -194,8 +197,8 @@ pub struct JobCtl {
     job: Arc<Job>,
 }
 
-/// Length of a rate-limit slice (qemu's is 100 ms).
-const SLICE: Duration = Duration::from_millis(100);
+/// The longest a rate-limited job sleeps before it looks again.
+const MAX_NAP: Duration = Duration::from_secs(3600);
 
 impl Job {
     /// Creates a job in state `created` (its event goes out now), in
@@ -226,7 +229,7 @@ impl Job {
                 auto_dismiss: opts.auto_dismiss,
                 ret: None,
                 io_status: IoStatus::Ok,
-                slice: (Instant::now(), 0),
+                charged: (Instant::now(), 0),
             }),
             wake: Condvar::new(),
             txn: txn.clone(),
@@ -261,13 +264,10 @@ impl Job {
     }
 
     fn thread(self: Arc<Job>) {
+        // No pause point before the first step: as in qemu, a pause or a
+        // cancel takes effect once the first step has landed.
         let ctl = JobCtl { job: self.clone() };
-        ctl.pause_point();
-        let result = if ctl.is_cancelled() {
-            Ok(())
-        } else {
-            self.driver.run(&ctl)
-        };
+        let result = self.driver.run(&ctl);
         let Some(d) = self.daemon.upgrade() else {
             return;
         };
@@ -361,7 +361,6 @@ impl Job {
         }
         let mut g = self.lock();
         g.speed = speed as u64;
-        g.slice = (Instant::now(), 0);
         self.wake.notify_all();
         Ok(())
     }
@@ -494,10 +493,8 @@ impl Job {
             "type": self.job_type,
             "id": self.id,
         });
-        if let Some(Err(JobFailure(e))) = &g.ret {
+        if let Some(e) = error_text(&g) {
             v["error"] = json!(e);
-        } else if g.cancelled && g.status.is_completed() {
-            v["error"] = json!("Operation canceled");
         }
         v
     }
@@ -524,10 +521,19 @@ impl Job {
             "ready": matches!(g.status, JobStatus::Ready | JobStatus::Standby),
             "type": self.job_type,
         });
-        if let Some(Err(JobFailure(e))) = &g.ret {
+        if let Some(e) = error_text(&g) {
             v["error"] = json!(e);
         }
         v
+    }
+}
+
+/// The `error` queries show: the failure, or qemu's text for a cancel.
+fn error_text(g: &Inner) -> Option<String> {
+    match &g.ret {
+        Some(Err(JobFailure(e))) => Some(e.clone()),
+        _ if g.cancelled && g.status.is_completed() => Some("Operation canceled".into()),
+        _ => None,
     }
 }
 
@@ -630,7 +636,6 @@ impl JobCtl {
                 g = job.wake.wait(g).unwrap_or_else(|p| p.into_inner());
             }
             g.paused = false;
-            g.slice = (Instant::now(), 0);
             job.transition(&mut g, before);
         }
         g.cancelled
@@ -643,31 +648,38 @@ impl JobCtl {
         let job = &self.job;
         let mut g = job.lock();
         g.current += done;
-        if g.speed > 0 {
-            g.slice.1 += done;
-            loop {
-                if g.cancelled || g.pause_count > 0 || g.speed == 0 {
-                    break;
-                }
-                let allowed = g.speed as f64 * g.slice.0.elapsed().as_secs_f64();
-                if (g.slice.1 as f64) <= allowed.max(0.0) {
-                    break;
-                }
-                let owed = Duration::from_secs_f64((g.slice.1 as f64 - allowed) / g.speed as f64);
-                g.sleeping = true;
-                let (ng, _) = job
-                    .wake
-                    .wait_timeout(g, owed.min(SLICE * 10))
-                    .unwrap_or_else(|p| p.into_inner());
-                g = ng;
-                g.sleeping = false;
+        if g.speed > 0 && done > 0 {
+            if Instant::now() >= paid_at(&g) {
+                g.charged = (Instant::now(), 0);
             }
-            if g.slice.0.elapsed() > SLICE * 10 {
-                g.slice = (Instant::now(), 0);
-            }
+            g.charged.1 += done;
         }
-        drop(g);
-        self.pause_point()
+        loop {
+            if g.cancelled {
+                return true;
+            }
+            if g.pause_count > 0 {
+                // Paused while owing: after the pause the debt remains.
+                drop(g);
+                if self.pause_point() {
+                    return true;
+                }
+                g = job.lock();
+                continue;
+            }
+            let now = Instant::now();
+            let due = paid_at(&g);
+            if g.speed == 0 || now >= due {
+                return false;
+            }
+            g.sleeping = true;
+            g = job
+                .wake
+                .wait_timeout(g, (due - now).min(MAX_NAP))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            g.sleeping = false;
+        }
     }
 
     pub fn speed(&self) -> u64 {
@@ -678,12 +690,17 @@ impl JobCtl {
     /// returns whether the job should stop.
     pub fn wait_cancelled(&self, limit: Duration) -> bool {
         let job = &self.job;
-        let g = job.lock();
+        let mut g = job.lock();
         if !g.cancelled && g.pause_count == 0 {
-            let _ = job.wake.wait_timeout(g, limit);
-        } else {
-            drop(g);
+            g.sleeping = true;
+            g = job
+                .wake
+                .wait_timeout(g, limit)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            g.sleeping = false;
         }
+        drop(g);
         self.pause_point()
     }
 
@@ -731,6 +748,15 @@ impl JobCtl {
             _ => ErrorDecision::Fail,
         }
     }
+}
+
+/// When the bytes charged to the rate limit are paid for.
+fn paid_at(g: &Inner) -> Instant {
+    if g.speed == 0 {
+        return g.charged.0;
+    }
+    let secs = (g.charged.1 as f64 / g.speed as f64).min(1e9);
+    g.charged.0 + Duration::from_secs_f64(secs)
 }
 
 /// Stops every job and waits until each has ended (daemon exit). Called

@@ -150,8 +150,10 @@ impl Opening<'_> {
                 (Opened::new(Driver::NullCo, drv), slot)
             }
             "blkdebug" => {
-                let image = self.child(opts.get("image"), read_only)?;
+                // A filter driver opens its child itself, after qemu named
+                // the node: its place comes first.
                 let slot = self.d.reserve_slot();
+                let image = self.child(opts.get("image"), read_only)?;
                 let drv = crate::block::blkdebug::from_options(opts, image, read_only)?;
                 (Opened::new(Driver::Blkdebug, drv), slot)
             }
@@ -562,6 +564,12 @@ fn node_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
             });
             if b.state.inconsistent {
                 v["inconsistent"] = json!(true);
+            }
+            if b.name().is_empty() {
+                // A backup's successor: qemu lists it without a name.
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("name");
+                }
             }
             v
         })
