@@ -79,7 +79,10 @@ pub struct ExportRecord {
 
 struct NbdRunning {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// The accepting task, once started.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// A server bound but not yet accepting (see [`Daemon::start_nbd`]).
+    pending: Option<(NbdServer, watch::Receiver<bool>)>,
 }
 
 #[derive(Default)]
@@ -592,11 +595,15 @@ impl Daemon {
 
     // ---- the NBD server ------------------------------------------------
 
-    /// nbd-server-start: at most one server, as qemu.
+    /// nbd-server-start: at most one server, as qemu. Without `accept`,
+    /// the sockets are bound but connections wait in the backlog until
+    /// [`Daemon::accept_nbd`] (so `serve` adds its export first, and no
+    /// client finds the server without it).
     pub async fn start_nbd(
         &self,
         addrs: &[Address],
         max_connections: Option<usize>,
+        accept: bool,
     ) -> QmpResult<()> {
         let mut nbd = self.nbd.lock().await;
         if nbd.is_some() {
@@ -615,10 +622,24 @@ impl Daemon {
             }
         }
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(server.run(stop_rx));
-        *nbd = Some(NbdRunning { stop, task });
+        let mut running = NbdRunning {
+            stop,
+            task: None,
+            pending: Some((server, stop_rx)),
+        };
+        if accept {
+            running.accept();
+        }
+        *nbd = Some(running);
         self.state().nbd_max_connections = Some(max_connections);
         Ok(())
+    }
+
+    /// Starts accepting on a server [`Daemon::start_nbd`] bound.
+    pub async fn accept_nbd(&self) {
+        if let Some(running) = self.nbd.lock().await.as_mut() {
+            running.accept();
+        }
     }
 
     /// nbd-server-stop: every NBD export goes (newest first, each with its
@@ -642,13 +663,20 @@ impl Daemon {
         // Wait until the old server has removed its socket and its
         // connections have ended, so a new one may bind the same path at
         // once and nothing uses the nodes any more.
-        if tokio::time::timeout(NBD_STOP_LIMIT, running.task)
-            .await
-            .is_err()
-        {
-            warn!("the NBD server did not stop in time");
+        if let Some(task) = running.task {
+            if tokio::time::timeout(NBD_STOP_LIMIT, task).await.is_err() {
+                warn!("the NBD server did not stop in time");
+            }
         }
         Ok(())
+    }
+}
+
+impl NbdRunning {
+    fn accept(&mut self) {
+        if let Some((server, stop_rx)) = self.pending.take() {
+            self.task = Some(tokio::spawn(server.run(stop_rx)));
+        }
     }
 }
 

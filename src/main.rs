@@ -312,7 +312,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("Could not open '{}'", image.display()))?;
         let setup = async {
             let _serial = d.command_lock.lock().await;
-            d.start_nbd(&addrs, args.max_connections).await
+            d.start_nbd(&addrs, args.max_connections, false).await
         };
         let started = match setup.await {
             Ok(()) => {
@@ -328,6 +328,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let _ = tokio::task::spawn_blocking(move || c.close_all()).await;
             anyhow::bail!(e.desc);
         }
+        d.accept_nbd().await;
         info!(image = %image.display(), "serving");
         serve_until_quit(d, monitors, wait_for_signal()).await;
         Ok(())

@@ -213,7 +213,7 @@ pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
                     return Err(QmpError::generic("TLS is not supported by tidemark yet"));
                 }
                 let _serial = d.command_lock.lock().await;
-                d.start_nbd(&[addr], max).await?;
+                d.start_nbd(&[addr], max, true).await?;
             }
             Opt::Export(v) => {
                 commands::execute(d, "block-export-add", as_map(v)).await?;

@@ -64,7 +64,7 @@ pub async fn nbd_server_start(d: &Daemon, args: Map<String, Value>) -> QmpResult
         .and_then(Value::as_u64)
         .filter(|&n| n > 0)
         .map(|n| n as usize);
-    d.start_nbd(&[addr], max).await?;
+    d.start_nbd(&[addr], max, true).await?;
     Ok(json!({}))
 }
 
