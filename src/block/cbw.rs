@@ -51,13 +51,25 @@ pub struct CopyBeforeWrite {
     copied: AtomicU64,
     /// Cleared when the job ends: writes then pass straight through.
     active: AtomicBool,
+    /// Write the target compressed, in clusters of this size (0: plain).
+    compress: u64,
 }
 
 impl CopyBeforeWrite {
     /// A filter over `source` copying to `target` the clusters of
     /// `cluster` bytes set in `todo` (a bitmap of that granularity over
     /// the source's size).
-    pub fn new(source: Arc<Node>, target: Arc<Node>, todo: DirtyBitmap) -> CopyBeforeWrite {
+    pub fn new(
+        source: Arc<Node>,
+        target: Arc<Node>,
+        todo: DirtyBitmap,
+        compress: bool,
+    ) -> CopyBeforeWrite {
+        let compress = if compress {
+            target.compressed_cluster()
+        } else {
+            0
+        };
         CopyBeforeWrite {
             cluster: todo.granularity(),
             source: Child::new(ChildRole::Filtered, source),
@@ -69,6 +81,7 @@ impl CopyBeforeWrite {
             copied_cv: Condvar::new(),
             copied: AtomicU64::new(0),
             active: AtomicBool::new(true),
+            compress,
         }
     }
 
@@ -205,6 +218,9 @@ impl CopyBeforeWrite {
             error,
         };
         let dst = self.target.get();
+        if self.compress > 0 {
+            return self.copy_compressed(&src, &dst, off, len).map(|_| len);
+        }
         let mut pos = off;
         let end = off + len;
         let mut buf = Vec::new();
@@ -225,6 +241,34 @@ impl CopyBeforeWrite {
             pos += n;
         }
         Ok(len)
+    }
+
+    /// The copy with `compress`: every target cluster of the span read,
+    /// then written compressed (or as zeroes when it is all zero).
+    fn copy_compressed(&self, src: &Node, dst: &Node, off: u64, len: u64) -> Result<(), CopyError> {
+        let mut buf = vec![0u8; len as usize];
+        src.read_at(&mut buf, off).map_err(|error| CopyError {
+            side: Side::Source,
+            error,
+        })?;
+        let target = |error| CopyError {
+            side: Side::Target,
+            error,
+        };
+        for (i, piece) in buf.chunks(self.compress as usize).enumerate() {
+            let at = off + i as u64 * self.compress;
+            if piece.iter().all(|&b| b == 0) {
+                let flags = ZeroFlags {
+                    may_unmap: false,
+                    fast: false,
+                };
+                dst.write_zeroes(at, piece.len() as u64, flags)
+                    .map_err(target)?;
+            } else {
+                dst.write_compressed(piece, at).map_err(target)?;
+            }
+        }
+        Ok(())
     }
 
     /// Before a write to `[off, off + len)`: copies the clusters it
@@ -329,7 +373,7 @@ mod tests {
         let target = file_node(dir.path(), "tgt", 0);
         let mut todo = DirtyBitmap::anonymous(1 << 20, 65536).expect("bitmap");
         todo.set_range(0, 1 << 20).expect("set");
-        let cbw = CopyBeforeWrite::new(source.clone(), target.clone(), todo);
+        let cbw = CopyBeforeWrite::new(source.clone(), target.clone(), todo, false);
         // A guest write: cluster 3's old data goes to the target first.
         cbw.write_at(&[0xbb; 100], 3 * 65536 + 10, false)
             .expect("write");

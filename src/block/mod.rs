@@ -159,6 +159,17 @@ pub trait BlockNode: Send + Sync + 'static {
         )))
     }
 
+    /// Writes `buf` compressed at `offset` (one whole cluster, where the
+    /// format can; see [`BlockNode::compressed_cluster`]).
+    fn write_compressed(&self, _buf: &[u8], _offset: u64) -> BlockResult<()> {
+        Err(BlockError::not_supported("Compression is not supported"))
+    }
+
+    /// The unit of compressed writes, 0 when the format has none.
+    fn compressed_cluster(&self) -> u64 {
+        0
+    }
+
     /// A parent's announcement of what it is about to do (see
     /// [`DebugEvent`]); nodes other than `blkdebug` ignore it.
     fn debug_event(&self, _event: DebugEvent) {}

@@ -204,6 +204,16 @@ impl BlockNode for Node {
         self.driver.write_zeroes(offset, len, flags)
     }
 
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
+        self.before_write()?;
+        self.bitmaps.mark(offset, buf.len() as u64);
+        self.driver.write_compressed(buf, offset)
+    }
+
+    fn compressed_cluster(&self) -> u64 {
+        self.driver.compressed_cluster()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.before_write()?;
         self.bitmaps.mark(offset, len);

@@ -230,7 +230,8 @@ pub fn prepare(
     }
     d.check_not_job_target(&source)?;
     d.check_not_job_target(&target)?;
-    if a.compress == Some(true) {
+    let compress = a.compress == Some(true);
+    if compress && target.compressed_cluster() == 0 {
         return Err(QmpError::generic(format!(
             "Compression is not supported for this drive {}",
             target.name()
@@ -271,7 +272,12 @@ pub fn prepare(
         }
         None => None,
     };
-    let cbw = Arc::new(CopyBeforeWrite::new(source.clone(), target.clone(), todo));
+    let cbw = Arc::new(CopyBeforeWrite::new(
+        source.clone(),
+        target.clone(),
+        todo,
+        compress,
+    ));
     let filter = Arc::new(Node::open(filter_name, cbw.clone())?);
     d.insert_node(crate::daemon::GraphNode {
         node: filter.clone(),

@@ -1,13 +1,31 @@
-//! Decompression of compressed clusters: raw deflate (no zlib header, as
-//! qemu writes it) or a zstd frame. The stored data is rounded up to whole
-//! sectors, so trailing bytes after the stream are ignored.
+//! Compressed clusters: raw deflate (no zlib header, as qemu writes it)
+//! or a zstd frame. The stored data is rounded up to whole sectors, so
+//! trailing bytes after the stream are ignored.
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use crate::block::{BlockError, BlockResult};
 
 pub const TYPE_ZLIB: u8 = 0;
 pub const TYPE_ZSTD: u8 = 1;
+
+/// Compresses one cluster as qemu stores it.
+pub fn compress(kind: u8, data: &[u8]) -> BlockResult<Vec<u8>> {
+    let failed = |e: std::io::Error| BlockError::io("Could not compress a cluster", e);
+    match kind {
+        TYPE_ZLIB => {
+            let mut enc =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(data).map_err(failed)?;
+            enc.finish().map_err(failed)
+        }
+        TYPE_ZSTD => zstd::bulk::compress(data, 0).map_err(failed),
+        other => Err(BlockError::not_supported(format!(
+            "unknown qcow2 compression type {}",
+            other
+        ))),
+    }
+}
 
 /// Decompresses `input` into exactly `out.len()` bytes.
 pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> BlockResult<()> {

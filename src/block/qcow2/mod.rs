@@ -401,6 +401,14 @@ impl BlockNode for Qcow2Node {
         Some(self.f.path.clone())
     }
 
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
+        self.write_compressed_cluster(buf, offset)
+    }
+
+    fn compressed_cluster(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
     fn image_info(&self) -> Option<serde_json::Value> {
         let info = crate::info::qcow2_info(
             self,
@@ -502,6 +510,32 @@ mod tests {
         };
         create_qcow2(&path, &opts).expect("create");
         path
+    }
+
+    #[test]
+    fn compressed_clusters_read_back_and_refuse_overwriting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = new_image(dir.path(), 4 << 20, 65536);
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        {
+            let node = Qcow2Node::open(&path, false).expect("open");
+            node.write_compressed(&data, 65536)
+                .expect("compressed write");
+            let e = node
+                .write_compressed(&data, 65536)
+                .expect_err("allocated already");
+            assert_eq!(e.context, "Compression can't overwrite anything");
+            // Incompressible data goes in as a plain cluster.
+            let noise: Vec<u8> = (0..65536u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
+            node.write_compressed(&noise, 3 * 65536)
+                .expect("plain write");
+        }
+        let node = Qcow2Node::open(&path, true).expect("reopen");
+        let mut buf = vec![0u8; 65536];
+        node.read_at(&mut buf, 65536).expect("read");
+        assert_eq!(buf, data);
     }
 
     #[test]

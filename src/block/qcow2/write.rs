@@ -9,7 +9,7 @@
 
 use super::meta::Meta;
 use super::read::Piece;
-use super::tables::{Mapping, COPIED, ZERO};
+use super::tables::{Mapping, COMPRESSED, COPIED, ZERO};
 use super::Qcow2Node;
 use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
 
@@ -61,6 +61,7 @@ impl Qcow2Node {
             for p in pieces {
                 if let Mapping::Data { host, .. } = p.map {
                     let start = (p.guest - offset) as usize;
+                    self.f.debug_event(crate::block::DebugEvent::WriteAio);
                     self.f
                         .write(&buf[start..start + p.len as usize], host, "data cluster")?;
                 }
@@ -116,6 +117,7 @@ impl Qcow2Node {
             if zero_source && self.f.zero_range(host, span) {
                 // The new clusters zeroed by the filesystem (allocated, as
                 // qemu does it): only the data itself needs writing.
+                self.f.debug_event(crate::block::DebugEvent::WriteAio);
                 self.f
                     .write(&src[..n as usize], host + head as u64, "data cluster")?;
             } else {
@@ -132,7 +134,6 @@ impl Qcow2Node {
                 }
                 data[head..tail].copy_from_slice(&src[..n as usize]);
                 self.f.debug_event(crate::block::DebugEvent::WriteAio);
-                self.f.debug_event(crate::block::DebugEvent::WriteAio);
                 self.f.write(&data, host, "data cluster")?;
             }
             let mut freed = Vec::new();
@@ -143,6 +144,50 @@ impl Qcow2Node {
             meta.free_after_unmap(&self.f, &freed)?;
             at += n;
         }
+        Ok(())
+    }
+
+    /// Writes one whole cluster compressed (a backup's `compress`), as
+    /// qemu's compressed writes: only where nothing is allocated ("can't
+    /// overwrite anything"); data that does not shrink goes uncompressed.
+    /// The compressed data gets a cluster of its own (valid, if less
+    /// dense than qemu's packing of several into one).
+    pub(super) fn write_compressed_cluster(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        let whole = buf.len() as u64 == cs || offset + buf.len() as u64 == self.vsize();
+        if !offset.is_multiple_of(cs) || buf.len() as u64 > cs || !whole {
+            return Err(BlockError::invalid(
+                "compressed writes must cover one whole cluster",
+            ));
+        }
+        let mut data = buf.to_vec();
+        data.resize(cs as usize, 0);
+        let packed = super::compress::compress(self.compression, &data)?;
+        if packed.len() as u64 > cs - 512 {
+            return self.write_range(buf, offset);
+        }
+        let _guard = self.free_lock.read().map_err(poisoned)?;
+        let mut meta = self.lock_meta()?;
+        let gc = offset / cs;
+        let (entry, _) = meta.entry(&self.f, gc)?;
+        let free = matches!(
+            self.geo.decode(entry)?,
+            Mapping::Unallocated | Mapping::Zero { host: 0 }
+        );
+        if !free {
+            return Err(BlockError::new(
+                ErrorKind::Io,
+                "Compression can't overwrite anything",
+            ));
+        }
+        let host = meta.alloc(&self.f, 1)?;
+        let sectors = (packed.len() as u64).div_ceil(512);
+        let mut padded = packed;
+        padded.resize((sectors * 512) as usize, 0);
+        self.f.write(&padded, host, "compressed cluster")?;
+        let x = 62 - (self.geo.cluster_bits - 8);
+        meta.set_entry(&self.f, gc, COMPRESSED | ((sectors - 1) << x) | host)?;
         Ok(())
     }
 
@@ -162,6 +207,7 @@ impl Qcow2Node {
         let n = (src.len()).min(cs as usize - head);
         let mut data = vec![0u8; cs as usize];
         data[head..head + n].copy_from_slice(&src[..n]);
+        self.f.debug_event(crate::block::DebugEvent::WriteAio);
         self.f.write(&data, host, "data cluster")?;
         meta.set_entry(&self.f, gc, host | COPIED)?;
         Ok(Some(n as u64))
