@@ -276,16 +276,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// The names of the nodes with an edge to `node`, and of its roots'
-    /// owners: who uses it.
-    pub fn parents_of(&self, node: &Arc<Node>) -> Vec<(String, ChildRole)> {
-        self.state()
-            .parents(node)
-            .into_iter()
-            .map(|(p, role)| (p.name().to_owned(), role))
-            .collect()
-    }
-
     /// Whether `node` was opened implicitly (not by blockdev-add).
     pub fn is_implicit(&self, node: &Arc<Node>) -> bool {
         self.state()
@@ -308,8 +298,8 @@ impl Daemon {
     }
 
     /// Registers a root, so graph changes move it with its node.
-    pub fn new_root(&self, node: Arc<Node>, owner: impl Into<String>, writable: bool) -> Arc<Root> {
-        let root = Root::new(node, owner, writable);
+    pub fn new_root(&self, node: Arc<Node>, writable: bool) -> Arc<Root> {
+        let root = Root::new(node, writable);
         self.state().roots.push(Arc::downgrade(&root));
         root
     }

@@ -93,10 +93,6 @@ impl CopyBeforeWrite {
         self.source.get()
     }
 
-    pub fn cluster_size(&self) -> u64 {
-        self.cluster
-    }
-
     /// Bytes copied so far.
     pub fn copied(&self) -> u64 {
         self.copied.load(Ordering::Acquire)

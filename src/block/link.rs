@@ -33,17 +33,6 @@ pub enum ChildRole {
     Target,
 }
 
-impl ChildRole {
-    /// The child's name in qemu's option and query syntax.
-    pub fn name(self) -> &'static str {
-        match self {
-            ChildRole::File | ChildRole::Filtered => "file",
-            ChildRole::Backing => "backing",
-            ChildRole::Target => "target",
-        }
-    }
-}
-
 /// A swappable, drainable reference to a node.
 pub struct Link {
     node: RwLock<Arc<Node>>,
@@ -140,18 +129,15 @@ impl Child {
 /// one, and the graph moves it when the node it points at is replaced.
 pub struct Root {
     pub link: Link,
-    /// Who holds it, for error messages ("export 'x'").
-    pub owner: String,
     /// Whether its user writes (a writable export): the node must then
     /// stay writable, and its image write-locked.
     pub writable: bool,
 }
 
 impl Root {
-    pub fn new(node: Arc<Node>, owner: impl Into<String>, writable: bool) -> Arc<Root> {
+    pub fn new(node: Arc<Node>, writable: bool) -> Arc<Root> {
         Arc::new(Root {
             link: Link::new(node),
-            owner: owner.into(),
             writable,
         })
     }

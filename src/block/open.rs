@@ -82,11 +82,6 @@ impl Driver {
             Driver::Blkdebug => "blkdebug",
         }
     }
-
-    /// A format driver (as opposed to a protocol or a filter).
-    pub fn is_format(self) -> bool {
-        matches!(self, Driver::Raw | Driver::Qcow2)
-    }
 }
 
 impl Format {

@@ -290,8 +290,7 @@ pub fn prepare(
     })?;
     d.replace_node(&source, &filter);
     d.relock();
-    let job_name = a.job_id.clone().unwrap_or_default();
-    let root = d.new_root(filter.clone(), format!("job '{job_name}'"), false);
+    let root = d.new_root(filter.clone(), false);
     let backup = Backup {
         source,
         filter,

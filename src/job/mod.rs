@@ -609,10 +609,6 @@ fn check_id(id: &str) -> QmpResult<()> {
 }
 
 impl JobCtl {
-    pub fn job(&self) -> &Arc<Job> {
-        &self.job
-    }
-
     pub fn is_cancelled(&self) -> bool {
         self.job.lock().cancelled
     }
@@ -680,10 +676,6 @@ impl JobCtl {
                 .0;
             g.sleeping = false;
         }
-    }
-
-    pub fn speed(&self) -> u64 {
-        self.job.lock().speed
     }
 
     /// Waits up to `limit` for a cancel (pausing meanwhile if asked);

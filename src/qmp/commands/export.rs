@@ -135,7 +135,7 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
     }
     let bitmaps = find_bitmaps(d, &node, a.bitmaps.unwrap_or_default())?;
     let contexts = bitmap_contexts(&bitmaps, !writable, !node.read_only())?;
-    let root = d.new_root(node, format!("export '{}'", a.id), writable);
+    let root = d.new_root(node, writable);
     let export = Export::new(
         root,
         ExportConfig {
