@@ -310,7 +310,12 @@ fn auto_node_names(s: &str) -> String {
     };
     let rest = &s[i + 6..];
     let digits = rest.chars().take_while(char::is_ascii_digit).count();
-    format!("{}#blockN{}", &s[..i], auto_node_names(&rest[digits..]))
+    // Already normalised (`#blockN`, as scenarios spell it): kept as is.
+    let rest = rest[digits..]
+        .strip_prefix('N')
+        .filter(|_| digits == 0)
+        .unwrap_or(&rest[digits..]);
+    format!("{}#blockN{}", &s[..i], auto_node_names(rest))
 }
 
 /// `nbdinfo --map=CONTEXT` of an export, as text.

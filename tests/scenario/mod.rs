@@ -29,6 +29,7 @@
 //!        // by "running" is not recorded, except the pair right after
 //!        // "created", "running" that every job started by a transaction has
 //!        // (recorded, but "until": "paused" never means its pause).
+//!    {"event": "BLOCK_EXPORT_DELETED"},  // the next such event (not a job's)
 //!    {"bitmaps": "drive0"},            // the node's dirty-bitmaps (query-named-block-nodes)
 //!    {"run": ["qemu-img", "compare", "a.qcow2", "b.raw"]},
 //!        // exit status, stdout and stderr recorded (qemu-io's timing lines
@@ -103,13 +104,13 @@ impl Suite {
         std::env::var(format!("{}_{what}", self.env)).ok()
     }
 
-    fn qsd_only(&self) -> bool {
+    pub fn qsd_only(&self) -> bool {
         self.var("ONLY").as_deref() == Some("qsd")
     }
 
     /// The implementation compared with qsd: tidemark, or qsd itself with
     /// `NAME_ONLY=qsd-twice`.
-    fn under_test(&self) -> Impl {
+    pub fn under_test(&self) -> Impl {
         match self.var("ONLY").as_deref() {
             Some("qsd-twice") => Impl::Qsd,
             _ => Impl::Tidemark,
@@ -618,6 +619,9 @@ fn transcript(
             let r = job_events(&mut q, &mut jobs, job, until, count, limit);
             missed |= r.get("no such event in time").is_some();
             r
+        } else if let Some(ev) = step["event"].as_str() {
+            // The next such event (not a job's: those go by `job_events`).
+            q.event(ev)
         } else if let Some(node) = step["bitmaps"].as_str() {
             let all = nodes(&mut q);
             match all.iter().find(|n| n["node-name"] == node) {
@@ -718,7 +722,7 @@ fn clip(s: String, n: usize) -> String {
 }
 
 /// The differences between two transcripts, readable; empty if equal.
-fn compare(steps: &[Value], qsd: &[Value], tm: &[Value]) -> String {
+pub fn compare(steps: &[Value], qsd: &[Value], tm: &[Value]) -> String {
     let mut report = String::new();
     let mut shown = 0;
     let mut count = 0;
