@@ -21,18 +21,26 @@ fn arg<'a>(args: &'a Map<String, Value>, k: &str) -> &'a str {
     args.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-/// job-*: a job by id, with qemu's text.
-fn job(d: &Daemon, args: &Map<String, Value>) -> QmpResult<Arc<Job>> {
-    d.job(arg(args, "id"))
-        .ok_or_else(|| QmpError::generic("Job not found"))
-}
-
-/// block-job-*: a job by its `device` (the job id), with qemu's class.
-fn block_job(d: &Daemon, args: &Map<String, Value>) -> QmpResult<Arc<Job>> {
-    let id = arg(args, "device");
-    d.job(id).ok_or_else(|| QmpError {
-        class: "DeviceNotActive",
-        desc: format!("Block job '{id}' not found"),
+/// The job a verb command names: job-* by `id` ("Job not found");
+/// block-job-* by `device`, or `id` for finalize and dismiss, with qemu's
+/// DeviceNotActive class.
+fn named_job(d: &Daemon, command: &str, args: &Map<String, Value>) -> QmpResult<Arc<Job>> {
+    let block = command.starts_with("block-job-");
+    let key = if block && !command.ends_with("finalize") && !command.ends_with("dismiss") {
+        "device"
+    } else {
+        "id"
+    };
+    let id = arg(args, key);
+    d.job(id).ok_or_else(|| {
+        if block {
+            QmpError {
+                class: "DeviceNotActive",
+                desc: format!("Block job '{id}' not found"),
+            }
+        } else {
+            QmpError::generic("Job not found")
+        }
     })
 }
 
@@ -46,82 +54,26 @@ pub fn query_block_jobs(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Valu
     ))
 }
 
-pub fn job_pause(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    job(d, &args)?.user_pause()?;
-    Ok(json!({}))
-}
-
-pub fn job_resume(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    job(d, &args)?.user_resume()?;
-    Ok(json!({}))
-}
-
-pub fn job_cancel(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    job(d, &args)?.cancel(d)?;
-    Ok(json!({}))
-}
-
-pub fn job_complete(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    job(d, &args)?.check_verb(crate::job::JobVerb::Complete)?;
-    Ok(json!({}))
-}
-
-pub fn job_finalize(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    job(d, &args)?.finalize(d)?;
-    Ok(json!({}))
-}
-
-pub fn job_dismiss(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    job(d, &args)?.dismiss(d)?;
-    Ok(json!({}))
-}
-
-pub fn block_job_pause(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    block_job(d, &args)?.user_pause()?;
-    Ok(json!({}))
-}
-
-pub fn block_job_resume(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    block_job(d, &args)?.user_resume()?;
-    Ok(json!({}))
-}
-
-/// block-job-cancel; `force` only matters to jobs that become ready.
-pub fn block_job_cancel(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    block_job(d, &args)?.cancel(d)?;
-    Ok(json!({}))
-}
-
-pub fn block_job_complete(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    block_job(d, &args)?.check_verb(crate::job::JobVerb::Complete)?;
-    Ok(json!({}))
-}
-
-pub fn block_job_finalize(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    let id = arg(&args, "id");
-    d.job(id)
-        .ok_or_else(|| QmpError {
-            class: "DeviceNotActive",
-            desc: format!("Block job '{id}' not found"),
-        })?
-        .finalize(d)?;
-    Ok(json!({}))
-}
-
-pub fn block_job_dismiss(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    let id = arg(&args, "id");
-    d.job(id)
-        .ok_or_else(|| QmpError {
-            class: "DeviceNotActive",
-            desc: format!("Block job '{id}' not found"),
-        })?
-        .dismiss(d)?;
-    Ok(json!({}))
-}
-
-pub fn block_job_set_speed(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
-    block_job(d, &args)?.set_speed(speed)?;
+/// The job verbs, in both their job-* and block-job-* forms: one rule
+/// each, in crate::job. block-job-cancel's `force` only matters to jobs
+/// that become ready.
+pub fn verb(d: &Daemon, command: &str, args: Map<String, Value>) -> QmpResult<Value> {
+    let job = named_job(d, command, &args)?;
+    let verb = command.rsplit_once("job-").map_or("", |(_, v)| v);
+    match verb {
+        "pause" => job.user_pause()?,
+        "resume" => job.user_resume()?,
+        "cancel" => job.cancel(d)?,
+        "complete" => job.check_verb(crate::job::JobVerb::Complete)?,
+        "finalize" => job.finalize(d)?,
+        "dismiss" => job.dismiss(d)?,
+        "set-speed" => job.set_speed(args.get("speed").and_then(Value::as_i64).unwrap_or(0))?,
+        _ => {
+            return Err(QmpError::command_not_found(format!(
+                "The command {command} has not been found"
+            )))
+        }
+    }
     Ok(json!({}))
 }
 
