@@ -5,6 +5,10 @@
 
 use crate::block::{BlockError, BlockResult};
 
+/// qemu's text for an image without the qcow2 magic; it names no file, as
+/// qemu's QMP replies give it.
+pub const NOT_QCOW2: &str = "Image is not in qcow2 format";
+
 pub const MAGIC: u32 = 0x5146_49fb;
 pub const V2_HEADER_LEN: u32 = 72;
 pub const V3_HEADER_LEN: u32 = 104;
@@ -136,7 +140,7 @@ impl Header {
             )));
         }
         if be32(buf, 0) != MAGIC {
-            return Err(BlockError::invalid("Image is not in qcow2 format"));
+            return Err(BlockError::invalid(NOT_QCOW2));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {

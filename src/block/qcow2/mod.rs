@@ -100,7 +100,8 @@ impl Qcow2Node {
             }
         };
         // Not a qcow2 at all: qemu's text alone, as its QMP gives it.
-        let header = Header::parse(&first)?;
+        let header =
+            Header::parse(&first).map_err(|e| if e.context == NOT_QCOW2 { e } else { ctx(e) })?;
         check_features(&header, read_only).map_err(ctx)?;
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
