@@ -636,9 +636,12 @@ impl Daemon {
     /// event), then the server.
     pub async fn stop_nbd(&self) -> QmpResult<()> {
         let mut nbd = self.nbd.lock().await;
-        let Some(running) = nbd.take() else {
+        let Some(mut running) = nbd.take() else {
             return Err(QmpError::generic("NBD server not running"));
         };
+        // A server that never accepted still owns its sockets: it removes
+        // them as it stops.
+        running.accept();
         let doomed: Vec<ExportRecord> = {
             let mut st = self.state();
             st.nbd_max_connections = None;

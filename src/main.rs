@@ -302,37 +302,57 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The same state `daemon` builds: a file node, a format node
         // `drive0` over it, the NBD server and one export.
         let d = Daemon::new();
-        // Bound first: by the time the NBD socket is announced, QMP
-        // clients can connect too.
-        let monitors = bind_monitors(&args.qmp)?;
         let add = serve_options(&image, format.name(), args.read_only);
         commands::execute(&d, "blockdev-add", add)
             .await
             .map_err(|e| anyhow::anyhow!(e.desc))
             .with_context(|| format!("Could not open '{}'", image.display()))?;
-        let setup = async {
-            let _serial = d.command_lock.lock().await;
-            d.start_nbd(&addrs, args.max_connections, false).await
-        };
-        let started = match setup.await {
-            Ok(()) => {
-                let map = export.as_object().cloned().unwrap_or_default();
-                commands::execute(&d, "block-export-add", map).await
-            }
+        // Monitors before the NBD socket: once that is announced, QMP
+        // clients can connect too.
+        let started = match bind_monitors(&args.qmp) {
+            Ok(monitors) => match start_serving(&d, &addrs, args.max_connections, &export).await {
+                Ok(()) => Ok(monitors),
+                Err(e) => {
+                    for m in &monitors {
+                        let _ = std::fs::remove_file(m.path());
+                    }
+                    Err(anyhow::anyhow!(e.desc))
+                }
+            },
             Err(e) => Err(e),
         };
-        if let Err(e) = started {
-            // Closed cleanly, as qemu-nbd does, so nothing stays in use.
-            let _ = d.stop_nbd().await;
-            let c = d.clone();
-            let _ = tokio::task::spawn_blocking(move || c.close_all()).await;
-            anyhow::bail!(e.desc);
-        }
+        let monitors = match started {
+            Ok(m) => m,
+            Err(e) => {
+                // Closed cleanly, as qemu-nbd does, so nothing stays in use.
+                let _ = d.stop_nbd().await;
+                let c = d.clone();
+                let _ = tokio::task::spawn_blocking(move || c.close_all()).await;
+                return Err(e);
+            }
+        };
         d.accept_nbd().await;
         info!(image = %image.display(), "serving");
         serve_until_quit(d, monitors, wait_for_signal()).await;
         Ok(())
     })
+}
+
+/// `serve`'s NBD server (bound, not yet accepting) and its one export.
+async fn start_serving(
+    d: &std::sync::Arc<Daemon>,
+    addrs: &[Address],
+    max_connections: Option<usize>,
+    export: &Value,
+) -> Result<(), tidemark::qmp::error::QmpError> {
+    {
+        let _serial = d.command_lock.lock().await;
+        d.start_nbd(addrs, max_connections, false).await?;
+    }
+    let map = export.as_object().cloned().unwrap_or_default();
+    commands::execute(d, "block-export-add", map)
+        .await
+        .map(|_| ())
 }
 
 fn bind_monitors(paths: &[PathBuf]) -> Result<Vec<QmpListener>> {

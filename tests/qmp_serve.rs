@@ -76,3 +76,29 @@ fn serve_with_qmp_exposes_drive0_and_quits() {
         "sockets left behind"
     );
 }
+
+#[test]
+fn serve_that_cannot_export_leaves_no_socket_behind() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let img = dir.path().join("disk.img");
+    raw_image(&img, 4 << 20);
+    let (qmp, nbd) = (dir.path().join("q.sock"), dir.path().join("nbd.sock"));
+    let out = Command::new(TIDEMARK)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&nbd)
+        .arg("--qmp")
+        .arg(&qmp)
+        .args(["-B", "nope"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tidemark serve");
+    assert!(
+        !out.status.success(),
+        "a missing bitmap must fail the start"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Bitmap 'nope' is not found"), "{stderr}");
+    assert!(!qmp.exists() && !nbd.exists(), "sockets left behind");
+}
