@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 use crate::bitmap::set::SharedBitmap;
-use crate::block::link::{ChildRole, Drained, Link, Root};
+use crate::block::link::{Child, ChildRole, Drained, Link, Root};
 use crate::block::lock::LockMode;
 use crate::block::node::Node;
 use crate::block::open::Driver;
@@ -351,25 +351,21 @@ impl Daemon {
     /// first, and new ones wait until the change is complete, so no
     /// request sees half of it. Blocks: run it on the blocking pool.
     pub fn replace_node(&self, old: &Arc<Node>, new: &Arc<Node>) {
-        let (roots, parents) = {
+        let (roots, edges) = {
             let mut st = self.state();
             let roots = st.live_roots();
-            let parents: Vec<Arc<Node>> = st
+            let edges: Vec<Arc<Child>> = st
                 .nodes
                 .iter()
                 .filter(|n| !Arc::ptr_eq(&n.node, new))
-                .map(|n| n.node.clone())
+                .flat_map(|n| n.node.children())
                 .collect();
-            (roots, parents)
+            (roots, edges)
         };
         let links: Vec<&Link> = roots
             .iter()
             .map(|r| &r.link)
-            .chain(
-                parents
-                    .iter()
-                    .flat_map(|p| p.children().into_iter().map(|c| &c.link)),
-            )
+            .chain(edges.iter().map(|c| &c.link))
             .collect();
         // Drain every edge into `old` before any moves; then move them all.
         let mut drained: Vec<Drained<'_>> = links

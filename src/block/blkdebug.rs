@@ -317,7 +317,7 @@ impl Rules {
 }
 
 pub struct Blkdebug {
-    image: Child,
+    image: Arc<Child>,
     read_only: AtomicBool,
     rules: Mutex<Rules>,
     /// No rules at all: requests skip the mutex.
@@ -483,8 +483,8 @@ impl BlockNode for Blkdebug {
         Ok(())
     }
 
-    fn children(&self) -> Vec<&Child> {
-        vec![&self.image]
+    fn children(&self) -> Vec<Arc<Child>> {
+        vec![self.image.clone()]
     }
 
     fn filename(&self) -> Option<std::path::PathBuf> {

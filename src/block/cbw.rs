@@ -42,8 +42,8 @@ struct CopyMap {
 }
 
 pub struct CopyBeforeWrite {
-    source: Child,
-    target: Child,
+    source: Arc<Child>,
+    target: Arc<Child>,
     cluster: u64,
     map: Mutex<CopyMap>,
     copied_cv: Condvar,
@@ -341,8 +341,8 @@ impl BlockNode for CopyBeforeWrite {
         Ok(())
     }
 
-    fn children(&self) -> Vec<&Child> {
-        vec![&self.source, &self.target]
+    fn children(&self) -> Vec<Arc<Child>> {
+        vec![self.source.clone(), self.target.clone()]
     }
 
     fn filename(&self) -> Option<std::path::PathBuf> {

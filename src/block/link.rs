@@ -109,11 +109,13 @@ pub struct Child {
 }
 
 impl Child {
-    pub fn new(role: ChildRole, node: Arc<Node>) -> Child {
-        Child {
+    /// A new edge; shared, so a graph walk can hold it while the parent
+    /// swaps an optional child (a backing file attached or removed).
+    pub fn new(role: ChildRole, node: Arc<Node>) -> Arc<Child> {
+        Arc::new(Child {
             role,
             link: Link::new(node),
-        }
+        })
     }
 
     pub fn get(&self) -> Active<'_> {

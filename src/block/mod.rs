@@ -12,11 +12,13 @@ pub mod cbw;
 pub mod chain;
 pub mod error;
 pub mod file;
+pub mod filter;
 pub mod link;
 pub mod lock;
 pub mod node;
 pub mod open;
 pub mod qcow2;
+pub mod range_lock;
 pub mod raw;
 
 // Test and benchmark drivers (qemu's null-co and blkdebug).
@@ -142,7 +144,7 @@ pub trait BlockNode: Send + Sync + 'static {
 
     /// The node's child edges (file, backing, ...): the graph's edges live
     /// here, in the driver that uses them, and nowhere else.
-    fn children(&self) -> Vec<&link::Child> {
+    fn children(&self) -> Vec<std::sync::Arc<link::Child>> {
         Vec::new()
     }
 

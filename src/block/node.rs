@@ -42,7 +42,7 @@ impl Node {
             .children()
             .into_iter()
             .find(|c| c.role == role)
-            .map(Child::node)
+            .map(|c| c.node())
     }
 
     /// The node below this one in the chain qemu's exports search for
@@ -244,7 +244,7 @@ impl BlockNode for Node {
         self.driver.format_name()
     }
 
-    fn children(&self) -> Vec<&Child> {
+    fn children(&self) -> Vec<Arc<Child>> {
         self.driver.children()
     }
 

@@ -64,6 +64,10 @@ pub enum Driver {
     Passthrough,
     /// A backup job's copy-before-write filter.
     CopyBeforeWrite,
+    /// The filters of mirror (and active commit), commit and stream.
+    MirrorTop,
+    CommitTop,
+    CopyOnRead,
     /// qemu's null-co: a sink that stores nothing (benchmarks).
     NullCo,
     /// qemu's blkdebug: a filter that injects I/O errors (tests).
@@ -71,6 +75,15 @@ pub enum Driver {
 }
 
 impl Driver {
+    /// The filters of [`crate::block::filter`] (their child is `file` in
+    /// qemu's descriptions).
+    pub fn is_filter(self) -> bool {
+        matches!(
+            self,
+            Driver::Passthrough | Driver::MirrorTop | Driver::CommitTop | Driver::CopyOnRead
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Driver::File => "file",
@@ -78,6 +91,9 @@ impl Driver {
             Driver::Qcow2 => "qcow2",
             Driver::Passthrough => "x-tidemark-passthrough",
             Driver::CopyBeforeWrite => "copy-before-write",
+            Driver::MirrorTop => "mirror_top",
+            Driver::CommitTop => "commit_top",
+            Driver::CopyOnRead => "copy-on-read",
             Driver::NullCo => "null-co",
             Driver::Blkdebug => "blkdebug",
         }

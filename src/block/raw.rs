@@ -1,9 +1,6 @@
-//! Layers whose bytes pass through unchanged: the raw format over its
-//! `file` child, and the pass-through filter (the smallest node that can
-//! be inserted above a live node: the test hook for graph replacement, and
-//! the shape later filters take). Writes go through the child node, which
-//! marks the child's own dirty bitmaps too. The raw format may be
-//! read-only over a writable child; a filter is what its child is.
+//! The raw format: its bytes are those of its `file` child. Writes go
+//! through the child node, which marks the child's own dirty bitmaps too.
+//! The raw format may be read-only over a writable child.
 
 use std::sync::Arc;
 
@@ -14,8 +11,7 @@ use super::node::Node;
 use super::{BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, ZeroFlags};
 
 pub struct RawFormat {
-    file: Child,
-    /// For the raw format; a filter follows its child.
+    file: Arc<Child>,
     read_only: AtomicBool,
 }
 
@@ -26,18 +22,6 @@ impl RawFormat {
             file: Child::new(ChildRole::File, file),
             read_only: AtomicBool::new(read_only),
         }
-    }
-
-    /// tidemark's pass-through filter over `child`.
-    pub fn passthrough(child: Arc<Node>) -> RawFormat {
-        RawFormat {
-            file: Child::new(ChildRole::Filtered, child),
-            read_only: AtomicBool::new(false),
-        }
-    }
-
-    fn is_filter(&self) -> bool {
-        self.file.role == ChildRole::Filtered
     }
 
     fn child(&self) -> Active<'_> {
@@ -58,17 +42,10 @@ impl BlockNode for RawFormat {
     }
 
     fn read_only(&self) -> bool {
-        if self.is_filter() {
-            return self.child().read_only();
-        }
         self.read_only.load(Ordering::Acquire)
     }
 
     fn reopen(&self, read_only: bool) -> BlockResult<()> {
-        if self.is_filter() {
-            // Read-only follows the filtered node.
-            return Ok(());
-        }
         if !read_only && self.child().read_only() {
             return Err(BlockError::new(
                 ErrorKind::Permission,
@@ -79,8 +56,8 @@ impl BlockNode for RawFormat {
         Ok(())
     }
 
-    fn children(&self) -> Vec<&Child> {
-        vec![&self.file]
+    fn children(&self) -> Vec<Arc<Child>> {
+        vec![self.file.clone()]
     }
 
     fn filename(&self) -> Option<std::path::PathBuf> {
@@ -93,18 +70,14 @@ impl BlockNode for RawFormat {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         let child = self.child();
-        if !self.is_filter() {
-            child.debug_event(super::DebugEvent::ReadAio);
-        }
+        child.debug_event(super::DebugEvent::ReadAio);
         child.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.writable()?;
         let child = self.child();
-        if !self.is_filter() {
-            child.debug_event(super::DebugEvent::WriteAio);
-        }
+        child.debug_event(super::DebugEvent::WriteAio);
         child.write_at(buf, offset, fua)
     }
 
@@ -147,11 +120,7 @@ impl BlockNode for RawFormat {
     }
 
     fn format_name(&self) -> &'static str {
-        if self.is_filter() {
-            crate::block::open::Driver::Passthrough.name()
-        } else {
-            "raw"
-        }
+        "raw"
     }
 
     fn cluster_size(&self) -> u64 {

@@ -30,7 +30,7 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const KNOWN_AUTOCLEAR: u64 = AUTOCLEAR_BITMAPS;
 
 /// Longest backing file name qemu accepts.
-const MAX_BACKING_NAME: u32 = 1023;
+pub const MAX_BACKING_NAME: u32 = 1023;
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 

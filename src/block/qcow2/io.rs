@@ -11,7 +11,7 @@ use crate::block::node::Node;
 use crate::block::{BlockError, BlockNode, BlockResult, ZeroFlags, STATE_HOLE};
 
 pub struct HostFile {
-    pub child: Child,
+    pub child: Arc<Child>,
     pub path: PathBuf,
     /// The file's length as last seen; the qcow2 driver is its only writer
     /// (the image locks see to that), so its own writes keep this current.

@@ -47,7 +47,10 @@ pub struct Qcow2Node {
     /// The bitmap directory as on disk; locked after `meta`, never before.
     stored: Mutex<bitmaps::Stored>,
     free_lock: RwLock<()>,
-    backing: Option<Child>,
+    /// The `backing` child; swapped whole only when a backing is attached
+    /// or removed (a snapshot's overlay, a full stream). Requests clone the
+    /// edge and hold its link, so a swap drains the old edge first.
+    backing: RwLock<Option<Arc<Child>>>,
     read_only: AtomicBool,
     /// Virtual size; grows with [`Qcow2Node::grow_to`].
     size: AtomicU64,
@@ -117,7 +120,7 @@ impl Qcow2Node {
             meta: Mutex::new(meta),
             stored: Mutex::new(stored),
             free_lock: RwLock::new(()),
-            backing: None,
+            backing: RwLock::new(None),
             read_only: AtomicBool::new(true),
             size: AtomicU64::new(header.size),
             geo,
@@ -162,9 +165,13 @@ impl Qcow2Node {
         self.read_only.load(Ordering::Acquire)
     }
 
-    /// The header as it was when the image was opened.
-    pub fn header(&self) -> &Header {
-        &self.header
+    /// The header as it is now (the backing name and the size change
+    /// while the image is open).
+    pub fn header(&self) -> Header {
+        match self.meta.lock() {
+            Ok(m) => m.header.clone(),
+            Err(_) => self.header.clone(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -177,23 +184,65 @@ impl Qcow2Node {
     }
 
     /// The backing file name exactly as stored in the image.
-    pub fn backing_file(&self) -> Option<&str> {
-        self.header.backing_file.as_deref()
+    pub fn backing_file(&self) -> Option<String> {
+        self.header().backing_file
     }
 
     /// The backing file name resolved as qemu does: relative names are
     /// relative to the directory of this image.
     pub fn backing_path(&self) -> Option<PathBuf> {
         self.backing_file()
-            .map(|name| resolve_backing(&self.f.path, name))
+            .map(|name| resolve_backing(&self.f.path, &name))
     }
 
     pub fn backing_format(&self) -> Option<String> {
-        self.header.backing_format()
+        self.header().backing_format()
     }
 
-    pub fn set_backing(&mut self, backing: Option<Arc<Node>>) {
-        self.backing = backing.map(|b| Child::new(ChildRole::Backing, b));
+    /// The backing edge as it is now.
+    pub(crate) fn backing(&self) -> Option<Arc<Child>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Attaches, replaces or removes the backing node in the graph (not
+    /// in the header: see [`Qcow2Node::change_backing_file`]). Requests
+    /// inside the old backing finish first. Blocks: not on an async worker.
+    pub fn set_backing(&self, backing: Option<Arc<Node>>) {
+        let old = self.backing();
+        match (&old, backing) {
+            (Some(c), Some(b)) => c.link.write().set(b),
+            (None, None) => {}
+            (_, b) => {
+                let _drained = old.as_ref().map(|c| c.link.write());
+                *self.backing.write().unwrap_or_else(|p| p.into_inner()) =
+                    b.map(|b| Child::new(ChildRole::Backing, b));
+            }
+        }
+    }
+
+    /// Rewrites the backing file name and format in the header (qemu's
+    /// bdrv_change_backing_file), synced before it returns.
+    pub fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
+        self.check_writable()?;
+        let mut meta = self.lock_meta()?;
+        let mut h = meta.header.clone();
+        if name.is_some_and(|n| n.len() > MAX_BACKING_NAME as usize) {
+            return Err(BlockError::invalid("Backing file name too long"));
+        }
+        h.backing_file = name.map(str::to_owned);
+        h.set_extension(
+            EXT_BACKING_FORMAT,
+            name.and(format).map(|f| f.as_bytes().to_vec()),
+        );
+        let bytes = h.serialize()?;
+        meta.write_back(&self.f)?;
+        self.f.write(&bytes, 0, "header")?;
+        self.f.sync()?;
+        meta.header = h;
+        Ok(())
     }
 
     fn vsize(&self) -> u64 {
@@ -392,9 +441,9 @@ impl BlockNode for Qcow2Node {
         self.become_writable()
     }
 
-    fn children(&self) -> Vec<&Child> {
-        std::iter::once(&self.f.child)
-            .chain(self.backing.as_ref())
+    fn children(&self) -> Vec<Arc<Child>> {
+        std::iter::once(self.f.child.clone())
+            .chain(self.backing())
             .collect()
     }
 

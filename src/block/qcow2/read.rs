@@ -77,7 +77,8 @@ impl Qcow2Node {
 
     /// Reads from the backing node, with zeroes past its end.
     pub(super) fn read_backing(&self, buf: &mut [u8], guest: u64) -> BlockResult<()> {
-        let n = match self.backing.as_ref().map(|c| c.get()) {
+        let backing = self.backing();
+        let n = match backing.as_ref().map(|c| c.get()) {
             Some(b) => {
                 let n = (buf.len() as u64).min(b.size().saturating_sub(guest)) as usize;
                 if n > 0 {

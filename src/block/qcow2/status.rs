@@ -98,7 +98,7 @@ impl Qcow2Node {
             Mapping::Data { .. } => (0, n),
             Mapping::Compressed { .. } => (0, n),
             Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
-            Mapping::Unallocated => match self.backing.as_ref().map(|c| c.get()) {
+            Mapping::Unallocated => match self.backing().as_ref().map(|c| c.get()) {
                 Some(b) if at < b.size() => {
                     let e = b.block_status(at, n.min(b.size() - at))?;
                     (e.flags, e.len.clamp(1, n))
@@ -132,7 +132,7 @@ impl Qcow2Node {
     fn depth_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
         let (m, n) = self.map_run(at, max)?;
         Ok(match m {
-            Mapping::Unallocated => match self.backing.as_ref().map(|c| c.get()) {
+            Mapping::Unallocated => match self.backing().as_ref().map(|c| c.get()) {
                 Some(b) if at < b.size() => {
                     let e = b.allocation_depth(at, n.min(b.size() - at))?;
                     let d = if e.depth == 0 { 0 } else { e.depth + 1 };

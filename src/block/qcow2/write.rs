@@ -108,10 +108,7 @@ impl Qcow2Node {
             let host = meta.alloc(&self.f, c1 - c0)?;
             let zero_source = match map {
                 Mapping::Zero { .. } => true,
-                Mapping::Unallocated => self
-                    .backing
-                    .as_ref()
-                    .is_none_or(|b| b.get().size() <= c0 * cs),
+                Mapping::Unallocated => self.backing().is_none_or(|b| b.get().size() <= c0 * cs),
                 _ => false,
             };
             if zero_source && self.f.zero_range(host, span) {
@@ -239,7 +236,7 @@ impl Qcow2Node {
         }
         let cs = self.geo.cluster_size();
         let end = offset + len;
-        let can_zero = self.geo.version >= 3 || self.backing.is_none();
+        let can_zero = self.geo.version >= 3 || self.backing().is_none();
         let (mut a0, mut a1) = self.aligned_part(offset, len);
         let mut slow = Vec::new();
         if !can_zero {
@@ -329,7 +326,7 @@ impl Qcow2Node {
             .map_err(|_| BlockError::corrupt("qcow2 free lock poisoned"))?;
         let (a0, a1) = self.aligned_part(offset, len);
         // v2 cannot express "zero": discarding would expose the backing file.
-        if a0 >= a1 || (self.geo.version < 3 && self.backing.is_some()) {
+        if a0 >= a1 || (self.geo.version < 3 && self.backing().is_some()) {
             return Ok(());
         }
         let cs = self.geo.cluster_size();
@@ -346,7 +343,7 @@ impl Qcow2Node {
                 let m = self.geo.decode(entry)?;
                 let new = match m {
                     Mapping::Zero { host: 0 } => return Ok(()),
-                    Mapping::Unallocated if self.backing.is_none() => return Ok(()),
+                    Mapping::Unallocated if self.backing().is_none() => return Ok(()),
                     _ if self.geo.version >= 3 => ZERO,
                     _ => 0,
                 };

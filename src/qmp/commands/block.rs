@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use crate::bitmap::set::lock;
 use crate::block::chain::{self, Layers};
 use crate::block::file::FileNode;
+use crate::block::filter::{Filter, FilterKind};
 use crate::block::link::ChildRole;
 use crate::block::node::Node;
 use crate::block::open::Driver;
@@ -394,7 +395,7 @@ pub fn insert_filter(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     d.check_new_node_name(name)?;
     let filter = Arc::new(Node::open(
         name,
-        Arc::new(RawFormat::passthrough(node.clone())),
+        Arc::new(Filter::new(FilterKind::Passthrough, node.clone())),
     )?);
     d.insert_node(GraphNode {
         node: filter.clone(),
@@ -466,7 +467,7 @@ fn describe(g: &GraphNode, all: &[&GraphNode]) -> (Value, bool) {
             opts.insert("filename".into(), json!(f.display().to_string()));
         }
         _ => {
-            let role = if g.driver == Driver::Passthrough {
+            let role = if g.driver.is_filter() {
                 ChildRole::Filtered
             } else {
                 ChildRole::File
