@@ -32,6 +32,21 @@ use crate::nbd::export::{Export, ExportTable};
 use crate::nbd::server::{Address, NbdServer};
 use crate::qmp::error::{QmpError, QmpResult};
 
+/// What a command is about to do with a node, for [`Daemon::check_op`]
+/// (qemu's BlockOpType).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    Snapshot,
+    MirrorSource,
+    MirrorTarget,
+    CommitSource,
+    CommitTarget,
+    Stream,
+    BackupSource,
+    BackupTarget,
+    Delete,
+}
+
 /// How long nbd-server-stop waits for the old server to let go of its
 /// sockets before a new one may bind them.
 const NBD_STOP_LIMIT: Duration = Duration::from_secs(10);
@@ -276,6 +291,12 @@ impl Daemon {
         Ok(())
     }
 
+    /// Whether anything uses `node`: a root or a parent.
+    pub fn in_use(&self, node: &Arc<Node>) -> bool {
+        let mut st = self.state();
+        st.live_roots().iter().any(|r| r.link.points_at(node)) || !st.parents(node).is_empty()
+    }
+
     /// Whether `node` was opened implicitly (not by blockdev-add).
     pub fn is_implicit(&self, node: &Arc<Node>) -> bool {
         self.state()
@@ -284,17 +305,33 @@ impl Daemon {
             .any(|n| Arc::ptr_eq(&n.node, node) && !n.monitor_owned)
     }
 
-    /// qemu's op blocker of a job's target: refuses using `node` for
-    /// another job while a job writes into it.
-    pub fn check_not_job_target(&self, node: &Arc<Node>) -> QmpResult<()> {
-        let parents = self.state().parents(node);
-        match job_using(&parents) {
-            Some(kind) => Err(QmpError::generic(format!(
-                "Node '{}' is busy: block device is in use by block job: {kind}",
-                node.name()
-            ))),
-            None => Ok(()),
+    /// qemu's op blockers: a node a job works on refuses every operation
+    /// ("in use by block job"), and a backing node refuses all but those
+    /// that work on a chain's lower layers (commit into it, stream,
+    /// backup).
+    pub fn check_op(&self, node: &Arc<Node>, op: BlockOp) -> QmpResult<()> {
+        if let Some(job) = self.jobs().iter().find(|j| j.blocks(node)) {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                node.name(),
+                job.job_type.name()
+            )));
         }
+        let chain_op = matches!(
+            op,
+            BlockOp::CommitTarget | BlockOp::Stream | BlockOp::BackupSource | BlockOp::BackupTarget
+        );
+        if !chain_op {
+            let parents = self.state().parents(node);
+            if let Some((p, _)) = parents.iter().find(|(_, r)| *r == ChildRole::Backing) {
+                return Err(QmpError::generic(format!(
+                    "Node '{}' is busy: node is used as backing hd of '{}'",
+                    node.name(),
+                    p.name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Registers a root, so graph changes move it with its node.
@@ -305,14 +342,18 @@ impl Daemon {
     }
 
     /// qemu's check before a node becomes read-only: nothing that writes
-    /// may use it (a writable export, a read-write parent).
+    /// may use it (a writable export, a read-write parent other than an
+    /// overlay, which never writes its backing).
     pub fn check_no_writers(&self, node: &Arc<Node>) -> QmpResult<()> {
         let mut st = self.state();
         let writers = st
             .live_roots()
             .iter()
             .any(|r| r.writable && r.link.points_at(node))
-            || st.parents(node).iter().any(|(p, _)| !p.read_only());
+            || st
+                .parents(node)
+                .iter()
+                .any(|(p, role)| *role != ChildRole::Backing && !p.read_only());
         if writers {
             return Err(QmpError::generic(format!(
                 "Read-only block node '{}' cannot support read-write users",
@@ -382,31 +423,60 @@ impl Daemon {
         info!(old = old.name(), new = new.name(), "node replaced");
     }
 
+    /// Sets `node`'s backing in the graph and updates how queries describe
+    /// it (qemu's bdrv_backing_overridden: a backing other than the one
+    /// the header names makes the node's name a `json:` description).
+    pub fn set_backing(&self, node: &Arc<Node>, backing: Option<Arc<Node>>) -> QmpResult<()> {
+        let given = match (&backing, node.backing_file()) {
+            (Some(b), Some(h)) => b.filename().map(|p| p.display().to_string()) != Some(h),
+            (None, None) => false,
+            _ => true,
+        };
+        node.set_backing(backing)
+            .map_err(|e| QmpError::generic(e.context))?;
+        let mut st = self.state();
+        if let Some(g) = st.nodes.iter_mut().find(|n| Arc::ptr_eq(&n.node, node)) {
+            g.backing_given = given;
+        }
+        Ok(())
+    }
+
+    /// Puts `overlay` above `node` (qemu's bdrv_append): `node` becomes
+    /// the overlay's backing, and every root and parent of `node` moves
+    /// onto the overlay. Undone by [`Daemon::remove_overlay`].
+    pub fn append_overlay(&self, node: &Arc<Node>, overlay: &Arc<Node>) -> QmpResult<()> {
+        self.set_backing(overlay, Some(node.clone()))?;
+        self.replace_node(node, overlay);
+        Ok(())
+    }
+
+    /// Takes `overlay` off `node` again: its users move back.
+    pub fn remove_overlay(&self, node: &Arc<Node>, overlay: &Arc<Node>) {
+        self.replace_node(overlay, node);
+        let _ = self.set_backing(overlay, None);
+    }
+
     /// blockdev-del: removes a user-created node that nothing uses, and
     /// the implicit nodes below it that nothing else uses.
     pub fn delete_node(&self, name: &str) -> QmpResult<()> {
-        let mut st = self.state();
-        let Some(i) = st.nodes.iter().position(|n| n.name() == name) else {
+        let Some(node) = self.find_node(name) else {
             return Err(QmpError::generic(format!(
                 "Failed to find node with node-name='{name}'"
             )));
         };
-        let node = st.nodes[i].node.clone();
+        let mut st = self.state();
         if st.live_roots().iter().any(|r| r.link.points_at(&node)) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
+        drop(st);
+        self.check_op(&node, BlockOp::Delete)?;
+        let mut st = self.state();
+        let Some(i) = st.nodes.iter().position(|n| Arc::ptr_eq(&n.node, &node)) else {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        };
         let parents = st.parents(&node);
-        if let Some(kind) = job_using(&parents) {
-            return Err(QmpError::generic(format!(
-                "Node '{name}' is busy: block device is in use by block job: {kind}"
-            )));
-        }
-        if let Some((p, _)) = parents.iter().find(|(_, r)| *r == ChildRole::Backing) {
-            return Err(QmpError::generic(format!(
-                "Node '{name}' is busy: node is used as backing hd of '{}'",
-                p.name()
-            )));
-        }
         if !st.nodes[i].monitor_owned {
             return Err(QmpError::generic(format!(
                 "Node {name} is not owned by the monitor"
@@ -667,14 +737,6 @@ impl NbdRunning {
             self.task = Some(tokio::spawn(server.run(stop_rx)));
         }
     }
-}
-
-/// The kind of job whose filter writes into a node with these parents.
-fn job_using(parents: &[(Arc<Node>, ChildRole)]) -> Option<&'static str> {
-    parents
-        .iter()
-        .any(|(_, role)| *role == ChildRole::Target)
-        .then_some("backup")
 }
 
 /// What the users of `node` need of its image (see

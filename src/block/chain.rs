@@ -154,6 +154,6 @@ fn attach_backing(
             ..e
         })?;
     let backing = layers.add(fmt.driver(), driver, slot)?;
-    node.set_backing(Some(backing));
+    node.attach_backing(Some(backing));
     Ok(())
 }

@@ -148,6 +148,29 @@ pub trait BlockNode: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Attaches, replaces or removes the `backing` child (a snapshot's
+    /// overlay, the end of a stream or commit), draining the old edge.
+    /// Only formats with a backing file have one.
+    fn set_backing(&self, _backing: Option<std::sync::Arc<node::Node>>) -> BlockResult<()> {
+        Err(BlockError::not_supported(format!(
+            "the {} driver has no backing file",
+            self.format_name()
+        )))
+    }
+
+    /// Rewrites the backing file name and format the image stores.
+    fn change_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> BlockResult<()> {
+        Err(BlockError::not_supported(format!(
+            "the {} driver has no backing file",
+            self.format_name()
+        )))
+    }
+
+    /// The backing file name the image stores, as stored.
+    fn backing_file(&self) -> Option<String> {
+        None
+    }
+
     /// Switches between read-only and read-write without closing (qemu's
     /// reopen), taking or dropping what writing needs (image locks, the
     /// in-use marks of stored bitmaps).

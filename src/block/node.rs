@@ -248,6 +248,18 @@ impl BlockNode for Node {
         self.driver.children()
     }
 
+    fn set_backing(&self, backing: Option<Arc<Node>>) -> BlockResult<()> {
+        self.driver.set_backing(backing)
+    }
+
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
+        self.driver.change_backing_file(name, format)
+    }
+
+    fn backing_file(&self) -> Option<String> {
+        self.driver.backing_file()
+    }
+
     fn debug_event(&self, event: super::DebugEvent) {
         self.driver.debug_event(event)
     }

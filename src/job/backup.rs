@@ -21,7 +21,7 @@ use crate::block::cbw::{CopyBeforeWrite, Side};
 use crate::block::link::Root;
 use crate::block::node::Node;
 use crate::block::{BlockError, BlockNode, ErrorKind};
-use crate::daemon::Daemon;
+use crate::daemon::{BlockOp, Daemon};
 use crate::qmp::error::{QmpError, QmpResult};
 
 /// qemu's MirrorSyncMode, as backup takes it.
@@ -114,6 +114,7 @@ pub struct Backup {
     on_target_error: OnError,
     /// The job's handle on the filter, dropped when the job ends.
     root: Mutex<Option<Arc<Root>>>,
+    target: Arc<Node>,
     /// A target drive-backup opened for the job, closed with it.
     own_target: Option<Arc<Node>>,
 }
@@ -228,8 +229,8 @@ pub fn prepare(
     if Arc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Source and target cannot be the same"));
     }
-    d.check_not_job_target(&source)?;
-    d.check_not_job_target(&target)?;
+    d.check_op(&source, BlockOp::BackupSource)?;
+    d.check_op(&target, BlockOp::BackupTarget)?;
     let compress = a.compress == Some(true);
     if compress && target.compressed_cluster() == 0 {
         return Err(QmpError::generic(format!(
@@ -300,7 +301,8 @@ pub fn prepare(
         on_source_error: OnError::parse(a.on_source_error.as_deref()),
         on_target_error: OnError::parse(a.on_target_error.as_deref()),
         root: Mutex::new(Some(root)),
-        own_target: own_target.then_some(target),
+        own_target: own_target.then(|| target.clone()),
+        target,
     };
     Ok((backup, a))
 }
@@ -418,6 +420,19 @@ impl JobDriver for Backup {
 
     fn total(&self) -> u64 {
         self.cbw.remaining()
+    }
+
+    fn blocks(&self) -> Vec<Arc<Node>> {
+        // Until the filter goes (the job's end), as qemu's blockers.
+        let active = self
+            .root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        match active {
+            true => vec![self.filter.clone(), self.target.clone()],
+            false => Vec::new(),
+        }
     }
 
     fn done(&self) -> Option<u64> {

@@ -110,6 +110,12 @@ pub trait JobDriver: Send + Sync + 'static {
         0
     }
 
+    /// The nodes the job works on: qemu blocks every other operation on
+    /// them while the job exists.
+    fn blocks(&self) -> Vec<Arc<crate::block::node::Node>> {
+        Vec::new()
+    }
+
     /// Bytes done now, when the driver counts them itself (work done on
     /// other threads, such as a filter's copies, counts at once).
     fn done(&self) -> Option<u64> {
@@ -300,6 +306,11 @@ impl Job {
                 status: to,
             });
         }
+    }
+
+    /// Whether the job works on `node` (see [`JobDriver::blocks`]).
+    pub fn blocks(&self, node: &Arc<crate::block::node::Node>) -> bool {
+        self.driver.blocks().iter().any(|n| Arc::ptr_eq(n, node))
     }
 
     pub fn status(&self) -> JobStatus {

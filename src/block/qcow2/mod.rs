@@ -64,7 +64,7 @@ pub struct Qcow2Node {
 impl Qcow2Node {
     /// Opens a qcow2 image file (and a `file` node for it) without its
     /// backing file; the chain opener attaches that with
-    /// [`Qcow2Node::set_backing`].
+    /// [`Qcow2Node::attach_backing`].
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Qcow2Node> {
         let file = Node::open("", Arc::new(FileNode::open(path, read_only)?))?;
         Self::open_on(Arc::new(file), read_only)
@@ -183,15 +183,11 @@ impl Qcow2Node {
         self.f.child.node()
     }
 
-    /// The backing file name exactly as stored in the image.
-    pub fn backing_file(&self) -> Option<String> {
-        self.header().backing_file
-    }
-
     /// The backing file name resolved as qemu does: relative names are
     /// relative to the directory of this image.
     pub fn backing_path(&self) -> Option<PathBuf> {
-        self.backing_file()
+        self.header()
+            .backing_file
             .map(|name| resolve_backing(&self.f.path, &name))
     }
 
@@ -208,9 +204,9 @@ impl Qcow2Node {
     }
 
     /// Attaches, replaces or removes the backing node in the graph (not
-    /// in the header: see [`Qcow2Node::change_backing_file`]). Requests
+    /// in the header: see [`Qcow2Node::rewrite_backing_name`]). Requests
     /// inside the old backing finish first. Blocks: not on an async worker.
-    pub fn set_backing(&self, backing: Option<Arc<Node>>) {
+    pub fn attach_backing(&self, backing: Option<Arc<Node>>) {
         let old = self.backing();
         match (&old, backing) {
             (Some(c), Some(b)) => c.link.write().set(b),
@@ -225,7 +221,7 @@ impl Qcow2Node {
 
     /// Rewrites the backing file name and format in the header (qemu's
     /// bdrv_change_backing_file), synced before it returns.
-    pub fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
+    fn rewrite_backing_name(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
         self.check_writable()?;
         let mut meta = self.lock_meta()?;
         let mut h = meta.header.clone();
@@ -439,6 +435,19 @@ impl BlockNode for Qcow2Node {
             ));
         }
         self.become_writable()
+    }
+
+    fn set_backing(&self, backing: Option<Arc<Node>>) -> BlockResult<()> {
+        self.attach_backing(backing);
+        Ok(())
+    }
+
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
+        self.rewrite_backing_name(name, format)
+    }
+
+    fn backing_file(&self) -> Option<String> {
+        self.header().backing_file
     }
 
     fn children(&self) -> Vec<Arc<Child>> {

@@ -209,11 +209,11 @@ impl Opening<'_> {
             Some(Value::String(name)) => {
                 let b = self.d.node(name)?;
                 check_backing(q, &b)?;
-                q.set_backing(Some(b));
+                q.attach_backing(Some(b));
             }
             Some(Value::Object(m)) => {
                 let b = self.open_node(m, false, true)?;
-                q.set_backing(Some(b));
+                q.attach_backing(Some(b));
             }
             Some(_) => return Err(QmpError::generic("Invalid parameter type for 'backing'")),
         }
@@ -347,11 +347,22 @@ fn reopen_node(
     read_only: bool,
     done: &mut Vec<(Arc<Node>, bool)>,
 ) -> QmpResult<()> {
-    let file = node.child(ChildRole::File);
-    let implicit_file = file.as_ref().filter(|f| d.is_implicit(f));
     if read_only && !node.read_only() {
         d.check_no_writers(node)?;
     }
+    reopen_with_file(d, node, read_only, done)
+}
+
+/// Reopens `node` (and its implicit `file` child with it), recording in
+/// `done` what changed so a caller can put it back.
+pub fn reopen_with_file(
+    d: &Daemon,
+    node: &Arc<Node>,
+    read_only: bool,
+    done: &mut Vec<(Arc<Node>, bool)>,
+) -> QmpResult<()> {
+    let file = node.child(ChildRole::File);
+    let implicit_file = file.as_ref().filter(|f| d.is_implicit(f));
     if !read_only {
         if let Some(f) = implicit_file {
             reopen_one(f, false, done)?;
@@ -671,11 +682,16 @@ pub fn query_block(_d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
 /// Opens the image at `path` as implicit nodes (a format node over a
 /// `file` node, its backing chain from the header unless `backing` names
 /// a node), as qemu opens a target drive-backup created.
+/// Opens an image file as an implicit node pair (format over file), as
+/// jobs and snapshots open the images they create. `name` names the
+/// format node (else auto-named); `backing` is blockdev-add's member (a
+/// node name, `null`; absent: the chain the header names).
 pub fn open_image_node(
     d: &Daemon,
     path: &Path,
     format: Option<&str>,
-    backing: Option<Arc<Node>>,
+    name: Option<&str>,
+    backing: Option<Value>,
 ) -> QmpResult<Arc<Node>> {
     let format = match format {
         Some(f) => f.to_owned(),
@@ -686,7 +702,10 @@ pub fn open_image_node(
         "file": {"driver": "file", "filename": path},
     });
     if let Some(b) = backing {
-        opts["backing"] = json!(b.name());
+        opts["backing"] = b;
+    }
+    if let Some(n) = name {
+        opts["node-name"] = json!(n);
     }
     let opts = opts.as_object().cloned().unwrap_or_default();
     let mut op = Opening {

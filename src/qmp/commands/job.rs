@@ -157,8 +157,8 @@ impl BackupAction {
                 None => {}
             }
         }
-        let backing_node = (a.sync == SyncMode::None).then(|| source.clone());
-        super::block::open_image_node(d, path, format.as_deref(), backing_node)
+        let backing_node = (a.sync == SyncMode::None).then(|| json!(source.name()));
+        super::block::open_image_node(d, path, format.as_deref(), None, backing_node)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod block;
 pub mod export;
 pub mod job;
 pub mod misc;
+pub mod snapshot;
 pub mod transaction;
 
 use std::sync::Arc;
@@ -47,6 +48,8 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "nbd-server-remove" => export::nbd_server_remove,
         "blockdev-backup" => job::blockdev_backup,
         "drive-backup" => job::drive_backup,
+        "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync,
+        "blockdev-snapshot" => snapshot::blockdev_snapshot,
         "query-jobs" => job::query_jobs,
         "query-block-jobs" => job::query_block_jobs,
         "job-pause" => |d, a| job::verb(d, "job-pause", a),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::bitmap;
 use super::job::BackupAction;
+use super::snapshot::{SnapshotAction, SnapshotKind};
 use crate::daemon::Daemon;
 use crate::job::JobTxn;
 use crate::qmp::error::{QmpError, QmpResult};
@@ -82,6 +83,8 @@ fn parse_action(v: &Value) -> QmpResult<Box<dyn Action>> {
         "abort" => Box::new(AbortAction),
         "blockdev-backup" => Box::new(BackupAction::new("blockdev-backup", data)?),
         "drive-backup" => Box::new(BackupAction::new("drive-backup", data)?),
+        "blockdev-snapshot-sync" => Box::new(SnapshotAction::new(SnapshotKind::Sync, data)?),
+        "blockdev-snapshot" => Box::new(SnapshotAction::new(SnapshotKind::Existing, data)?),
         _ => bitmap::action(kind, data)?,
     })
 }
