@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 use crate::bitmap::set::SharedBitmap;
-use crate::block::link::{Child, ChildRole, Drained, Link, Root};
+use crate::block::link::{Child, ChildRole, Drained, Gate, Link, Root};
 use crate::block::lock::LockMode;
 use crate::block::node::Node;
 use crate::block::open::Driver;
@@ -154,6 +154,8 @@ pub struct Daemon {
     jobs: Mutex<Vec<Arc<Job>>>,
     events: broadcast::Sender<Event>,
     quit: watch::Sender<bool>,
+    /// The drain of every root (see [`Gate`]).
+    gate: Arc<Gate>,
     /// Itself, for what must outlive a command (a job's thread).
     me: Weak<Daemon>,
 }
@@ -170,6 +172,7 @@ impl Daemon {
         let (quit, _) = watch::channel(false);
         Arc::new_cyclic(|me| Daemon {
             me: me.clone(),
+            gate: Arc::new(Gate::default()),
             state: Mutex::new(State::default()),
             nbd: tokio::sync::Mutex::new(None),
             command_lock: tokio::sync::Mutex::new(()),
@@ -291,6 +294,22 @@ impl Daemon {
         Ok(())
     }
 
+    /// qemu's bdrv_is_root_node: only roots (exports, jobs) use `node`,
+    /// no other node.
+    pub fn is_root_node(&self, node: &Arc<Node>) -> bool {
+        self.state().parents(node).is_empty()
+    }
+
+    /// The nodes with a child edge of `role` to `node`.
+    pub fn parents_by(&self, node: &Arc<Node>, role: ChildRole) -> Vec<Arc<Node>> {
+        self.state()
+            .parents(node)
+            .into_iter()
+            .filter(|(_, r)| *r == role)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     /// Whether anything uses `node`: a root or a parent.
     pub fn in_use(&self, node: &Arc<Node>) -> bool {
         let mut st = self.state();
@@ -334,9 +353,14 @@ impl Daemon {
         Ok(())
     }
 
+    /// Holds every client request back until dropped (a transaction).
+    pub fn quiesce(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.quiesce()
+    }
+
     /// Registers a root, so graph changes move it with its node.
     pub fn new_root(&self, node: Arc<Node>, writable: bool) -> Arc<Root> {
-        let root = Root::new(node, writable);
+        let root = Root::new(node, writable, self.gate.clone());
         self.state().roots.push(Arc::downgrade(&root));
         root
     }
@@ -392,53 +416,147 @@ impl Daemon {
     /// first, and new ones wait until the change is complete, so no
     /// request sees half of it. Blocks: run it on the blocking pool.
     pub fn replace_node(&self, old: &Arc<Node>, new: &Arc<Node>) {
+        self.replace_nodes_with(&[(old, new)], || {});
+    }
+
+    /// Several replacements at once, with `during` run while every edge
+    /// they move is drained (a mirror's last copy: no client request runs
+    /// between it and the pivot).
+    pub fn replace_nodes_with(&self, pairs: &[(&Arc<Node>, &Arc<Node>)], during: impl FnOnce()) {
         let (roots, edges) = {
             let mut st = self.state();
             let roots = st.live_roots();
-            let edges: Vec<Arc<Child>> = st
+            let edges: Vec<(Arc<Node>, Arc<Child>)> = st
                 .nodes
                 .iter()
-                .filter(|n| !Arc::ptr_eq(&n.node, new))
-                .flat_map(|n| n.node.children())
+                .flat_map(|n| n.node.children().into_iter().map(|c| (n.node.clone(), c)))
                 .collect();
             (roots, edges)
         };
-        let links: Vec<&Link> = roots
+        // Each link with the node it moves to; a node's own edges never
+        // move onto itself.
+        let mut moves: Vec<(&Link, &Arc<Node>)> = Vec::new();
+        for (owner, link) in roots
             .iter()
-            .map(|r| &r.link)
-            .chain(edges.iter().map(|c| &c.link))
-            .collect();
-        // Drain every edge into `old` before any moves; then move them all.
-        let mut drained: Vec<Drained<'_>> = links
-            .iter()
-            .filter(|l| l.points_at(old))
-            .map(|l| l.write())
-            .collect();
-        for d in &mut drained {
-            if Arc::ptr_eq(d.node(), old) {
-                d.set(new.clone());
+            .map(|r| (None, &r.link))
+            .chain(edges.iter().map(|(n, c)| (Some(n), &c.link)))
+        {
+            let to = pairs.iter().find(|(old, new)| {
+                link.points_at(old) && owner.is_none_or(|o| !Arc::ptr_eq(o, new))
+            });
+            if let Some((_, new)) = to {
+                moves.push((link, new));
             }
         }
+        // Drain every edge before any moves; then move them all.
+        let mut drained: Vec<(Drained<'_>, &Arc<Node>)> =
+            moves.into_iter().map(|(l, new)| (l.write(), new)).collect();
+        during();
+        for (d, new) in &mut drained {
+            d.set((*new).clone());
+        }
         drop(drained);
-        info!(old = old.name(), new = new.name(), "node replaced");
+        for (old, new) in pairs {
+            info!(old = old.name(), new = new.name(), "node replaced");
+        }
+    }
+
+    /// Puts a filter node above `node` (a job's filter, the test hook):
+    /// named `name`, or auto-named; every root and parent of `node` moves
+    /// onto it. `monitor_owned`: the user may blockdev-del it.
+    pub fn insert_filter(
+        &self,
+        node: &Arc<Node>,
+        name: Option<&str>,
+        driver: Driver,
+        drv: Arc<dyn BlockNode>,
+        monitor_owned: bool,
+    ) -> QmpResult<Arc<Node>> {
+        let name = match name {
+            Some(n) => {
+                self.check_new_node_name(n)?;
+                n.to_owned()
+            }
+            None => self.auto_node_name(),
+        };
+        let filter = Arc::new(Node::open(name, drv)?);
+        self.insert_node(GraphNode {
+            node: filter.clone(),
+            driver,
+            slot: self.reserve_slot(),
+            backing_given: false,
+            monitor_owned,
+            image_extra: None,
+            loaded_bitmaps: Vec::new(),
+        })?;
+        self.replace_node(node, &filter);
+        self.relock();
+        Ok(filter)
+    }
+
+    /// Takes a job's filter out again: its users move back onto `child`.
+    pub fn remove_filter(&self, filter: &Arc<Node>, child: &Arc<Node>) {
+        self.replace_node(filter, child);
+        self.forget_node(filter);
+        self.relock();
     }
 
     /// Sets `node`'s backing in the graph and updates how queries describe
     /// it (qemu's bdrv_backing_overridden: a backing other than the one
     /// the header names makes the node's name a `json:` description).
     pub fn set_backing(&self, node: &Arc<Node>, backing: Option<Arc<Node>>) -> QmpResult<()> {
-        let given = match (&backing, node.backing_file()) {
+        node.set_backing(backing)
+            .map_err(|e| QmpError::generic(e.context))?;
+        self.refresh_backing_view(node);
+        Ok(())
+    }
+
+    /// The end of a stream or commit: `node`'s backing becomes `backing`
+    /// in the graph, then in the image header (`name` and `format`).
+    pub fn rewrite_backing(
+        &self,
+        node: &Arc<Node>,
+        backing: Option<Arc<Node>>,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> QmpResult<()> {
+        node.set_backing(backing)
+            .map_err(|e| QmpError::generic(e.context))?;
+        let written = node
+            .change_backing_file(name, format)
+            .map_err(|e| QmpError::generic(e.context));
+        self.refresh_backing_view(node);
+        written
+    }
+
+    /// What queries show of `node`'s backing after it changed: its
+    /// header's names, and whether the backing is the one the header names
+    /// (qemu's bdrv_backing_overridden; if not, the node's name becomes a
+    /// `json:` description).
+    fn refresh_backing_view(&self, node: &Arc<Node>) {
+        let given = match (node.child(ChildRole::Backing), node.backing_file()) {
             (Some(b), Some(h)) => b.filename().map(|p| p.display().to_string()) != Some(h),
             (None, None) => false,
             _ => true,
         };
-        node.set_backing(backing)
-            .map_err(|e| QmpError::generic(e.context))?;
+        let fresh = node.image_info();
         let mut st = self.state();
-        if let Some(g) = st.nodes.iter_mut().find(|n| Arc::ptr_eq(&n.node, node)) {
-            g.backing_given = given;
+        let Some(g) = st.nodes.iter_mut().find(|n| Arc::ptr_eq(&n.node, node)) else {
+            return;
+        };
+        g.backing_given = given;
+        if let (Some(Value::Object(extra)), Some(fresh)) = (g.image_extra.as_mut(), fresh) {
+            for key in [
+                "backing-filename",
+                "full-backing-filename",
+                "backing-filename-format",
+            ] {
+                match fresh.get(key) {
+                    Some(v) => extra.insert(key.to_owned(), v.clone()),
+                    None => extra.remove(key),
+                };
+            }
         }
-        Ok(())
     }
 
     /// Puts `overlay` above `node` (qemu's bdrv_append): `node` becomes

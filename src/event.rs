@@ -42,6 +42,16 @@ pub enum EventKind {
         operation: &'static str,
         action: &'static str,
     },
+    /// A job that keeps two nodes in sync (mirror, active commit) has
+    /// converged: job-complete may now pivot.
+    BlockJobReady {
+        #[serde(rename = "type")]
+        job_type: JobType,
+        device: String,
+        len: u64,
+        offset: u64,
+        speed: u64,
+    },
     /// A block job waits for job-finalize (auto-finalize off).
     BlockJobPending {
         #[serde(rename = "type")]

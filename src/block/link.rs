@@ -127,6 +127,36 @@ impl Child {
     }
 }
 
+/// The daemon-wide drain (qemu's bdrv_drain_all): every request through a
+/// root holds its read side, and a QMP transaction holds the write side
+/// from its first prepare to its last commit, so no client request runs
+/// between the steps of one transaction (a snapshot, then a bitmap on the
+/// new overlay: no write falls between them). Lock order: the gate before
+/// any link.
+#[derive(Default)]
+pub struct Gate(RwLock<()>);
+
+impl Gate {
+    /// Waits for the requests in flight, holds new ones back until
+    /// dropped. Blocks: never on an async worker.
+    pub fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A request inside a root's node: through the gate, then the link.
+pub struct Entered<'a> {
+    active: Active<'a>,
+    _gate: RwLockReadGuard<'a, ()>,
+}
+
+impl Deref for Entered<'_> {
+    type Target = Arc<Node>;
+    fn deref(&self) -> &Arc<Node> {
+        &self.active
+    }
+}
+
 /// A user's handle on a node (qemu's BlockBackend): exports and jobs hold
 /// one, and the graph moves it when the node it points at is replaced.
 pub struct Root {
@@ -134,22 +164,39 @@ pub struct Root {
     /// Whether its user writes (a writable export): the node must then
     /// stay writable, and its image write-locked.
     pub writable: bool,
+    gate: Arc<Gate>,
 }
 
 impl Root {
-    pub fn new(node: Arc<Node>, writable: bool) -> Arc<Root> {
+    pub fn new(node: Arc<Node>, writable: bool, gate: Arc<Gate>) -> Arc<Root> {
         Arc::new(Root {
             link: Link::new(node),
             writable,
+            gate,
         })
     }
 
-    pub fn get(&self) -> Active<'_> {
-        self.link.get()
+    /// Enters the node for one request (waits while the daemon or the
+    /// link is drained).
+    pub fn get(&self) -> Entered<'_> {
+        let gate = self.gate.0.read().unwrap_or_else(|p| p.into_inner());
+        Entered {
+            active: self.link.get(),
+            _gate: gate,
+        }
     }
 
-    pub fn try_get(&self) -> Option<Active<'_>> {
-        self.link.try_get()
+    /// Enters only if that needs no waiting (async workers).
+    pub fn try_get(&self) -> Option<Entered<'_>> {
+        let gate = match self.gate.0.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(Entered {
+            active: self.link.try_get()?,
+            _gate: gate,
+        })
     }
 
     pub fn node(&self) -> Arc<Node> {

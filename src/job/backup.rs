@@ -14,13 +14,14 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
+use super::copy::{strerror, STEP};
 use super::{ErrorDecision, IoOp, JobCtl, JobDriver, JobFailure, JobType, OnError};
 use crate::bitmap::set::{lock, BusyClaim, SharedBitmap};
 use crate::bitmap::DirtyBitmap;
 use crate::block::cbw::{CopyBeforeWrite, Side};
 use crate::block::link::Root;
 use crate::block::node::Node;
-use crate::block::{BlockError, BlockNode, ErrorKind};
+use crate::block::{BlockNode, ErrorKind};
 use crate::daemon::{BlockOp, Daemon};
 use crate::qmp::error::{QmpError, QmpResult};
 
@@ -243,14 +244,10 @@ pub fn prepare(
             "Source and target image have different sizes",
         ));
     }
-    let filter_name = match &a.filter_node_name {
-        Some(n) => {
-            d.check_new_node_name(n)
-                .map_err(|e| QmpError::generic(format!("Could not create node: {}", e.desc)))?;
-            n.clone()
-        }
-        None => d.auto_node_name(),
-    };
+    if let Some(n) = &a.filter_node_name {
+        d.check_new_node_name(n)
+            .map_err(|e| QmpError::generic(format!("Could not create node: {}", e.desc)))?;
+    }
     let cluster = DEFAULT_CLUSTER.max(target.cluster_size());
     let todo = initial_todo(a.sync, &source, bitmap.as_ref().map(|(b, _)| b), cluster)?;
     let bitmap = match bitmap {
@@ -279,18 +276,13 @@ pub fn prepare(
         todo,
         compress,
     ));
-    let filter = Arc::new(Node::open(filter_name, cbw.clone())?);
-    d.insert_node(crate::daemon::GraphNode {
-        node: filter.clone(),
-        driver: crate::block::open::Driver::CopyBeforeWrite,
-        slot: d.reserve_slot(),
-        backing_given: false,
-        monitor_owned: false,
-        image_extra: None,
-        loaded_bitmaps: Vec::new(),
-    })?;
-    d.replace_node(&source, &filter);
-    d.relock();
+    let filter = d.insert_filter(
+        &source,
+        a.filter_node_name.as_deref(),
+        crate::block::open::Driver::CopyBeforeWrite,
+        cbw.clone(),
+        false,
+    )?;
     let root = d.new_root(filter.clone(), false);
     let backup = Backup {
         source,
@@ -306,23 +298,6 @@ pub fn prepare(
     };
     Ok((backup, a))
 }
-
-/// qemu's strerror text for a block error, as jobs report it.
-pub fn strerror(e: &BlockError) -> String {
-    match e.kind {
-        ErrorKind::Io | ErrorKind::Corrupt => "Input/output error",
-        ErrorKind::NoSpace => "No space left on device",
-        ErrorKind::Permission => "Operation not permitted",
-        ErrorKind::NotSupported => "Operation not supported",
-        ErrorKind::Invalid => "Invalid argument",
-    }
-    .to_owned()
-}
-
-/// The most a job copies in one step: large enough for sequential I/O
-/// to stream, small enough that pauses, cancels and the rate limit act
-/// promptly.
-const STEP: u64 = 1 << 20;
 
 impl Backup {
     /// The next step of the copy, handling errors by policy. `Ok(None)`:
@@ -447,8 +422,7 @@ impl JobDriver for Backup {
         self.cbw.deactivate();
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(root);
-        d.replace_node(&self.filter, &self.source);
-        d.forget_node(&self.filter);
+        d.remove_filter(&self.filter, &self.source);
         if let Some(u) = &self.bitmap {
             self.source.bitmaps().remove_shared(&u.successor);
             u.claim.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -1,6 +1,6 @@
-//! Jobs: QEMU's job model (job.c, blockjob.c), once. A job kind (backup
-//! today; stream, commit and mirror later) is a [`JobDriver`] plugged into
-//! the same state machine, verbs, transactions and events.
+//! Jobs: QEMU's job model (job.c, blockjob.c), once. A job kind (backup,
+//! stream, commit, mirror) is a [`JobDriver`] plugged into the same state
+//! machine, verbs, transactions and events.
 //!
 //! Threads and locks: a job's work runs on its own thread and never holds
 //! the daemon's command lock; it only asks its [`JobCtl`] at pause points
@@ -12,7 +12,11 @@
 //! command lock is taken, nor across I/O.
 
 pub mod backup;
+pub mod commit;
+pub mod copy;
+pub mod mirror;
 pub mod state;
+pub mod stream;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -31,15 +35,32 @@ use crate::qmp::error::{QmpError, QmpResult};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobType {
+    Commit,
+    Stream,
+    Mirror,
     Backup,
 }
 
 impl JobType {
     pub fn name(self) -> &'static str {
         match self {
+            JobType::Commit => "commit",
+            JobType::Stream => "stream",
+            JobType::Mirror => "mirror",
             JobType::Backup => "backup",
         }
     }
+}
+
+/// How a job that became ready was asked to end (qemu's job-complete, or
+/// block-job-cancel without force once ready).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// job-complete: pivot onto the copy.
+    Complete,
+    /// A cancel once ready: stop with the copy consistent, no pivot; the
+    /// job still ends as completed, as in qemu.
+    KeepSource,
 }
 
 /// What a job does on an I/O error (qapi's BlockdevOnError).
@@ -105,6 +126,11 @@ pub trait JobDriver: Send + Sync + 'static {
     /// After commit or abort: undo what the job set up (filters, claims).
     fn clean(&self, _d: &Daemon) {}
 
+    /// Whether the job can become ready and take job-complete.
+    fn can_complete(&self) -> bool {
+        false
+    }
+
     /// Bytes of work when the job is created (its `len` from the start).
     fn total(&self) -> u64 {
         0
@@ -114,6 +140,12 @@ pub trait JobDriver: Send + Sync + 'static {
     /// them while the job exists.
     fn blocks(&self) -> Vec<Arc<crate::block::node::Node>> {
         Vec::new()
+    }
+
+    /// Bytes of work in all now, when the work grows as the job runs (a
+    /// mirror's: what it copied plus what is dirty).
+    fn total_now(&self) -> Option<u64> {
+        None
     }
 
     /// Bytes done now, when the driver counts them itself (work done on
@@ -143,6 +175,8 @@ struct Inner {
     /// Sleeping for the rate limit (not `busy`, as qemu reports it).
     sleeping: bool,
     cancelled: bool,
+    /// Set by job-complete, or by a soft cancel of a ready job.
+    finish: Option<Finish>,
     speed: u64,
     current: u64,
     total: u64,
@@ -198,6 +232,17 @@ pub struct JobOptions {
     pub auto_dismiss: bool,
 }
 
+/// The arguments every block job command takes (qemu's job-id, speed,
+/// auto-finalize, auto-dismiss).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CommonArgs {
+    pub job_id: Option<String>,
+    pub speed: Option<i64>,
+    pub auto_finalize: Option<bool>,
+    pub auto_dismiss: Option<bool>,
+}
+
 /// The job's side of its control: pause points, progress, rate limit.
 pub struct JobCtl {
     job: Arc<Job>,
@@ -228,6 +273,7 @@ impl Job {
                 paused: false,
                 sleeping: false,
                 cancelled: false,
+                finish: None,
                 speed: opts.speed,
                 current: 0,
                 total,
@@ -247,6 +293,40 @@ impl Job {
             .push(Arc::downgrade(&job));
         d.add_job(job.clone());
         job.transition(&mut job.lock(), JobStatus::Created);
+        Ok(job)
+    }
+
+    /// Creates the job for a driver whose setup is done, as qemu's
+    /// block_job_create: the id checked (qemu falls back to the device's
+    /// name, which a storage daemon's node does not have: "Invalid job ID
+    /// ''"), then the speed. A refused job undoes its driver's setup.
+    pub fn build(
+        d: &Arc<Daemon>,
+        args: &CommonArgs,
+        driver: Box<dyn JobDriver>,
+        txn: &Arc<JobTxn>,
+    ) -> QmpResult<Arc<Job>> {
+        let id = args.job_id.clone().unwrap_or_default();
+        if let Err(e) = check_new_id(d, &id) {
+            driver.abort(d);
+            driver.clean(d);
+            return Err(e);
+        }
+        let speed = args.speed.unwrap_or(0);
+        let opts = JobOptions {
+            id,
+            speed: speed.max(0) as u64,
+            auto_finalize: args.auto_finalize.unwrap_or(true),
+            auto_dismiss: args.auto_dismiss.unwrap_or(true),
+        };
+        let job = Job::create(d, opts, driver, txn)?;
+        if speed < 0 {
+            // qemu sets the speed on the new job, which refuses it.
+            job.refuse(d);
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
         Ok(job)
     }
 
@@ -376,11 +456,41 @@ impl Job {
         Ok(())
     }
 
+    /// job-complete / block-job-complete: a ready job pivots and ends.
+    pub fn complete(&self) -> QmpResult<()> {
+        self.check_verb(JobVerb::Complete)?;
+        let mut g = self.lock();
+        if g.cancelled || g.finish.is_some() || !self.driver.can_complete() {
+            return Err(QmpError::generic(format!(
+                "The active block job '{}' cannot be completed",
+                self.id
+            )));
+        }
+        g.finish = Some(Finish::Complete);
+        self.wake.notify_all();
+        Ok(())
+    }
+
     /// job-cancel / block-job-cancel. A running job stops at its next
     /// pause point; a finished one (waiting, pending) aborts with its
-    /// transaction now. Call with the command lock held.
-    pub fn cancel(&self, d: &Daemon) -> QmpResult<()> {
+    /// transaction now. Without `force`, a ready job (mirror) instead ends
+    /// normally without its pivot, as qemu's soft cancel. Call with the
+    /// command lock held.
+    pub fn cancel(&self, d: &Daemon, force: bool) -> QmpResult<()> {
         self.check_verb(JobVerb::Cancel)?;
+        {
+            let mut g = self.lock();
+            let ready = matches!(g.status, JobStatus::Ready | JobStatus::Standby);
+            if !force && ready && self.driver.can_complete() {
+                g.finish = Some(Finish::KeepSource);
+                if g.user_paused {
+                    g.user_paused = false;
+                    g.pause_count = g.pause_count.saturating_sub(1);
+                }
+                self.wake.notify_all();
+                return Ok(());
+            }
+        }
         self.request_cancel();
         if self.lock().ret.is_some() {
             self.advance(d);
@@ -494,13 +604,18 @@ impl Job {
         self.driver.done().unwrap_or(g.current)
     }
 
+    /// Bytes of work in all, as queries and events report them.
+    fn len(&self, g: &Inner) -> u64 {
+        self.driver.total_now().unwrap_or(g.total)
+    }
+
     /// The job as query-jobs lists it.
     pub fn info(&self) -> Value {
         let g = self.lock();
         let mut v = json!({
             "current-progress": self.current(&g),
             "status": g.status,
-            "total-progress": g.total,
+            "total-progress": self.len(&g),
             "type": self.job_type,
             "id": self.id,
         });
@@ -524,7 +639,7 @@ impl Job {
             "device": self.id,
             "auto-dismiss": g.auto_dismiss,
             "busy": !g.paused && !g.sleeping && !g.status.is_completed(),
-            "len": g.total,
+            "len": self.len(&g),
             "offset": self.current(&g),
             "status": g.status,
             "paused": g.pause_count > 0,
@@ -567,7 +682,7 @@ fn finish_txn(d: &Daemon, members: &[Arc<Job>], ok: bool) {
         if matches!(g.status, JobStatus::Concluded | JobStatus::Null) {
             continue;
         }
-        let (speed, len, offset) = (g.speed, g.total, j.current(&g));
+        let (speed, len, offset) = (g.speed, j.len(&g), j.current(&g));
         let error = match &g.ret {
             Some(Err(JobFailure(e))) => Some(e.clone()),
             _ => None,
@@ -622,6 +737,29 @@ fn check_id(id: &str) -> QmpResult<()> {
 impl JobCtl {
     pub fn is_cancelled(&self) -> bool {
         self.job.lock().cancelled
+    }
+
+    /// How the job was asked to end once ready, if it was.
+    pub fn finish(&self) -> Option<Finish> {
+        self.job.lock().finish
+    }
+
+    /// The job has converged: state `ready`, then BLOCK_JOB_READY.
+    pub fn ready(&self) {
+        let job = &self.job;
+        let mut g = job.lock();
+        if g.status != JobStatus::Running {
+            return;
+        }
+        job.transition(&mut g, JobStatus::Ready);
+        let (len, offset, speed) = (job.len(&g), job.current(&g), g.speed);
+        job.emit(EventKind::BlockJobReady {
+            job_type: job.job_type,
+            device: job.id.clone(),
+            len,
+            offset,
+            speed,
+        });
     }
 
     /// Where the job may pause: waits while a pause is requested (state
@@ -689,12 +827,18 @@ impl JobCtl {
         }
     }
 
-    /// Waits up to `limit` for a cancel (pausing meanwhile if asked);
-    /// returns whether the job should stop.
+    /// Adds `done` bytes of work that copied nothing: progress without a
+    /// charge to the rate limit (qemu's stream and commit skip them free).
+    pub fn skipped(&self, done: u64) {
+        self.job.lock().current += done;
+    }
+
+    /// Waits up to `limit` for a cancel or a request to finish (pausing
+    /// meanwhile if asked); returns whether the job should stop.
     pub fn wait_cancelled(&self, limit: Duration) -> bool {
         let job = &self.job;
         let mut g = job.lock();
-        if !g.cancelled && g.pause_count == 0 {
+        if !g.cancelled && g.pause_count == 0 && g.finish.is_none() {
             g.sleeping = true;
             g = job
                 .wake

@@ -297,7 +297,7 @@ pub async fn serve_until_quit(
     let _ = tokio::task::spawn_blocking(move || {
         for j in d.jobs() {
             // Jobs that had finished but wait for job-finalize abort.
-            let _ = j.cancel(&d);
+            let _ = j.cancel(&d, true);
         }
     })
     .await;

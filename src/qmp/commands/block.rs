@@ -402,22 +402,14 @@ fn reopen_one(
 pub fn insert_filter(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("");
     let node = d.node(arg("node"))?;
-    let name = arg("filter-node-name");
-    d.check_new_node_name(name)?;
-    let filter = Arc::new(Node::open(
-        name,
-        Arc::new(Filter::new(FilterKind::Passthrough, node.clone())),
-    )?);
-    d.insert_node(GraphNode {
-        node: filter.clone(),
-        driver: Driver::Passthrough,
-        slot: d.reserve_slot(),
-        backing_given: false,
-        monitor_owned: true,
-        image_extra: None,
-        loaded_bitmaps: Vec::new(),
-    })?;
-    d.replace_node(&node, &filter);
+    let drv = Arc::new(Filter::new(FilterKind::Passthrough, node.clone()));
+    d.insert_filter(
+        &node,
+        Some(arg("filter-node-name")),
+        Driver::Passthrough,
+        drv,
+        true,
+    )?;
     Ok(json!({}))
 }
 

@@ -14,7 +14,10 @@ use crate::block::qcow2::create::{create_qcow2, create_raw, CreateOptions};
 use crate::block::BlockNode;
 use crate::daemon::Daemon;
 use crate::job::backup::{self, BackupArgs, SyncMode};
-use crate::job::{Job, JobOptions, JobTxn};
+use crate::job::commit::{CommitArgs, CommitJob};
+use crate::job::mirror::MirrorArgs;
+use crate::job::stream::StreamArgs;
+use crate::job::{CommonArgs, Job, JobDriver, JobTxn};
 use crate::qmp::error::{QmpError, QmpResult};
 
 fn arg<'a>(args: &'a Map<String, Value>, k: &str) -> &'a str {
@@ -63,8 +66,14 @@ pub fn verb(d: &Daemon, command: &str, args: Map<String, Value>) -> QmpResult<Va
     match verb {
         "pause" => job.user_pause()?,
         "resume" => job.user_resume()?,
-        "cancel" => job.cancel(d)?,
-        "complete" => job.check_verb(crate::job::JobVerb::Complete)?,
+        // job-cancel always forces, as qemu's; block-job-cancel only with
+        // `force` (a ready mirror otherwise ends without its pivot).
+        "cancel" => {
+            let force = !command.starts_with("block-job-")
+                || args.get("force").and_then(Value::as_bool) == Some(true);
+            job.cancel(d, force)?
+        }
+        "complete" => job.complete()?,
         "finalize" => job.finalize(d)?,
         "dismiss" => job.dismiss(d)?,
         "set-speed" => job.set_speed(args.get("speed").and_then(Value::as_i64).unwrap_or(0))?,
@@ -187,32 +196,14 @@ impl Action for BackupAction {
                     return Err(e);
                 }
             };
-        // qemu falls back to the device's name, which a node of a storage
-        // daemon does not have: "Invalid job ID ''".
-        let id = args.job_id.clone().unwrap_or_default();
-        if let Err(e) = crate::job::check_new_id(d, &id) {
-            use crate::job::JobDriver;
-            driver.abort(d);
-            driver.clean(d);
-            return Err(e);
-        }
-        let speed = args.speed.unwrap_or(0);
-        let opts = JobOptions {
-            id,
-            speed: speed.max(0) as u64,
-            auto_finalize: args.auto_finalize.unwrap_or(true),
-            auto_dismiss: args.auto_dismiss.unwrap_or(true),
+        let common = CommonArgs {
+            job_id: args.job_id.clone(),
+            speed: args.speed,
+            auto_finalize: args.auto_finalize,
+            auto_dismiss: args.auto_dismiss,
         };
         let txn = self.txn.clone().unwrap_or_default();
-        let job = Job::create(&da, opts, Box::new(driver), &txn)?;
-        if speed < 0 {
-            // qemu sets the speed on the new job, which refuses it.
-            job.refuse(d);
-            return Err(QmpError::generic(
-                "Parameter 'speed' expects a non-negative value",
-            ));
-        }
-        self.job = Some(job);
+        self.job = Some(Job::build(&da, &common, Box::new(driver), &txn)?);
         Ok(())
     }
 
@@ -246,4 +237,102 @@ pub fn drive_backup(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let a = BackupAction::new("drive-backup", Value::Object(args))?;
     super::transaction::run(d, vec![Box::new(a)])?;
     Ok(json!({}))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> QmpResult<T> {
+    serde_json::from_value(Value::Object(args))
+        .map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))
+}
+
+/// Creates and starts a job whose driver is set up (a job alone: its own
+/// transaction).
+fn start_job(d: &Daemon, common: &CommonArgs, driver: Box<dyn JobDriver>) -> QmpResult<Value> {
+    let da = d
+        .arc()
+        .ok_or_else(|| QmpError::generic("The daemon is shutting down"))?;
+    let job = Job::build(&da, common, driver, &JobTxn::new())?;
+    job.start()?;
+    Ok(json!({}))
+}
+
+pub fn block_stream(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a: StreamArgs = parse(args)?;
+    let driver = crate::job::stream::prepare(d, &a)?;
+    start_job(d, &a.common, Box::new(driver))
+}
+
+pub fn block_commit(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a: CommitArgs = parse(args)?;
+    match crate::job::commit::prepare(d, &a)? {
+        CommitJob::Active(m) => start_job(d, &a.common, Box::new(m)),
+        CommitJob::Intermediate(c) => start_job(d, &a.common, Box::new(c)),
+    }
+}
+
+pub fn blockdev_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a: MirrorArgs = parse(args)?;
+    let source = d.node(&a.device)?;
+    let target = d.node(&a.target)?;
+    let driver = crate::job::mirror::prepare(d, &a, source, target, None)?;
+    start_job(d, &a.common, Box::new(driver))
+}
+
+/// drive-mirror: the target image created (unless `mode=existing`) as
+/// qemu's qmp_drive_mirror does, opened without a backing, and given the
+/// source's chain when the job pivots to it.
+pub fn drive_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a: MirrorArgs = parse(args)?;
+    let source = d.node(&a.device)?;
+    let existing = a.mode.as_deref() == Some("existing");
+    // What the target's chain continues with: the source itself (sync
+    // none), the layer below it (top), or nothing (full).
+    let backing = match a.sync {
+        SyncMode::None => Some(source.clone()),
+        SyncMode::Top => source.below(),
+        _ => None,
+    };
+    let format = a.format.clone().unwrap_or_else(|| {
+        d.driver_of(source.name())
+            .map(|k| k.name())
+            .unwrap_or("raw")
+            .to_owned()
+    });
+    let path = Path::new(&a.target);
+    if !existing {
+        match format.as_str() {
+            "qcow2" => {
+                let opts = CreateOptions {
+                    size: Some(source.size()),
+                    backing_file: backing
+                        .as_ref()
+                        .and_then(|b| b.filename())
+                        .map(|p| p.display().to_string()),
+                    backing_format: backing
+                        .as_ref()
+                        .and_then(|b| d.driver_of(b.name()))
+                        .map(|k| k.name().to_owned()),
+                    ..CreateOptions::default()
+                };
+                create_qcow2(path, &opts)?;
+            }
+            "raw" => create_raw(path, source.size())?,
+            other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
+        }
+    }
+    let target = super::block::open_image_node(
+        d,
+        path,
+        Some(&format),
+        a.node_name.as_deref(),
+        Some(Value::Null),
+    )?;
+    let own = crate::job::mirror::OwnTarget { backing };
+    let driver = match crate::job::mirror::prepare(d, &a, source, target.clone(), Some(own)) {
+        Ok(m) => m,
+        Err(e) => {
+            d.delete_implicit(&target);
+            return Err(e);
+        }
+    };
+    start_job(d, &a.common, Box::new(driver))
 }

@@ -38,6 +38,8 @@ pub trait Action: Send {
 
 /// Runs actions as one transaction.
 pub fn run(d: &Daemon, mut actions: Vec<Box<dyn Action>>) -> QmpResult<()> {
+    // As qemu's qmp_transaction: no client request between the actions.
+    let _quiet = d.quiesce();
     let mut prepared = 0;
     let mut failure = None;
     let undo = actions.len() > 1;
