@@ -42,6 +42,7 @@ pub enum BlockOp {
     CommitSource,
     CommitTarget,
     Stream,
+    Replace,
     BackupSource,
     BackupTarget,
     Delete,
@@ -61,15 +62,23 @@ pub struct GraphNode {
     pub driver: Driver,
     /// Its place in the graph's order (see [`Daemon::reserve_slot`]).
     pub slot: u64,
-    /// The `backing` child was chosen by the user (a node, a definition,
-    /// or `null` over an image that names a backing file) rather than
-    /// opened from the image header: qemu then describes the node by its
-    /// options (a `json:` filename).
-    pub backing_given: bool,
+    /// qemu's `auto_backing_file`: the backing name the node's image
+    /// stands for. A chain opened from the header stands for the layer it
+    /// opened (its file name); a backing the user chose (a node, `null`)
+    /// leaves the header's name as written. Where the actual backing's
+    /// name differs, qemu describes the node by its options (a `json:`
+    /// filename).
+    pub auto_backing: Option<String>,
     /// Created by the user (blockdev-add, --blockdev) rather than implicitly
     /// (a nested child, a layer of a backing chain opened from the header):
     /// only those may be deleted with blockdev-del.
     pub monitor_owned: bool,
+    /// qemu names the node by its options (`json:{...}`) even where its
+    /// child's file name would do: a copy-on-read filter given a name.
+    pub named_by_options: bool,
+    /// A job's filter the user did not name (qemu's `implicit` node):
+    /// descriptions of the nodes above it look through it.
+    pub implicit_filter: bool,
     /// Format details for query-named-block-nodes' `image` (cluster-size,
     /// format-specific, backing names), read when the node was opened.
     pub image_extra: Option<Value>,
@@ -228,6 +237,18 @@ impl Daemon {
         self.find_node(name).ok_or_else(|| not_found(name))
     }
 
+    /// qemu's bdrv_lookup_bs(device, node-name): a storage daemon has no
+    /// named devices, so only `node_name` can match.
+    pub fn lookup(&self, device: Option<&str>, node_name: Option<&str>) -> QmpResult<Arc<Node>> {
+        node_name.and_then(|n| self.find_node(n)).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.unwrap_or(""),
+                node_name.unwrap_or("")
+            ))
+        })
+    }
+
     pub fn find_node(&self, name: &str) -> Option<Arc<Node>> {
         self.state().find(name).map(|n| n.node.clone())
     }
@@ -294,10 +315,28 @@ impl Daemon {
         Ok(())
     }
 
-    /// qemu's bdrv_is_root_node: only roots (exports, jobs) use `node`,
-    /// no other node.
+    /// qemu's qmp_get_root_bs: the node `name`, which must be a root.
+    pub fn root_node(&self, name: &str) -> QmpResult<Arc<Node>> {
+        let node = self.node(name)?;
+        if !self.is_root_node(&node) {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        Ok(node)
+    }
+
+    /// Whether a root other than `mine` uses `node` (an export).
+    pub fn has_root_besides(&self, node: &Arc<Node>, mine: Option<&Arc<Root>>) -> bool {
+        self.state()
+            .live_roots()
+            .iter()
+            .filter(|r| mine.is_none_or(|m| !Arc::ptr_eq(m, r)))
+            .any(|r| r.link.points_at(node))
+    }
+
+    /// qemu's bdrv_is_root_node: only roots (exports) use `node`, no
+    /// other node and no job.
     pub fn is_root_node(&self, node: &Arc<Node>) -> bool {
-        self.state().parents(node).is_empty()
+        self.state().parents(node).is_empty() && !self.jobs().iter().any(|j| j.blocks(node))
     }
 
     /// The nodes with a child edge of `role` to `node`.
@@ -472,20 +511,30 @@ impl Daemon {
         drv: Arc<dyn BlockNode>,
         monitor_owned: bool,
     ) -> QmpResult<Arc<Node>> {
+        let named_by_options = name.is_some() && driver == Driver::CopyOnRead;
         let name = match name {
             Some(n) => {
-                self.check_new_node_name(n)?;
+                // qemu's bdrv_insert_node (stream's filter) words it so.
+                self.check_new_node_name(n).map_err(|e| match driver {
+                    Driver::CopyOnRead => {
+                        QmpError::generic(format!("Could not create node: {}", e.desc))
+                    }
+                    _ => e,
+                })?;
                 n.to_owned()
             }
             None => self.auto_node_name(),
         };
+        let implicit_filter = name.starts_with('#') && !monitor_owned;
         let filter = Arc::new(Node::open(name, drv)?);
         self.insert_node(GraphNode {
             node: filter.clone(),
             driver,
             slot: self.reserve_slot(),
-            backing_given: false,
+            auto_backing: None,
             monitor_owned,
+            named_by_options,
+            implicit_filter,
             image_extra: None,
             loaded_bitmaps: Vec::new(),
         })?;
@@ -501,14 +550,10 @@ impl Daemon {
         self.relock();
     }
 
-    /// Sets `node`'s backing in the graph and updates how queries describe
-    /// it (qemu's bdrv_backing_overridden: a backing other than the one
-    /// the header names makes the node's name a `json:` description).
+    /// Sets `node`'s backing in the graph (the header stays as it is).
     pub fn set_backing(&self, node: &Arc<Node>, backing: Option<Arc<Node>>) -> QmpResult<()> {
         node.set_backing(backing)
-            .map_err(|e| QmpError::generic(e.context))?;
-        self.refresh_backing_view(node);
-        Ok(())
+            .map_err(|e| QmpError::generic(e.context))
     }
 
     /// The end of a stream or commit: `node`'s backing becomes `backing`
@@ -529,22 +574,17 @@ impl Daemon {
         written
     }
 
-    /// What queries show of `node`'s backing after it changed: its
-    /// header's names, and whether the backing is the one the header names
-    /// (qemu's bdrv_backing_overridden; if not, the node's name becomes a
-    /// `json:` description).
+    /// What queries show of `node`'s backing after its header changed:
+    /// the header's names (qemu's bdrv_change_backing_file also sets
+    /// `auto_backing_file`).
     fn refresh_backing_view(&self, node: &Arc<Node>) {
-        let given = match (node.child(ChildRole::Backing), node.backing_file()) {
-            (Some(b), Some(h)) => b.filename().map(|p| p.display().to_string()) != Some(h),
-            (None, None) => false,
-            _ => true,
-        };
         let fresh = node.image_info();
+        let written = node.backing_file();
         let mut st = self.state();
         let Some(g) = st.nodes.iter_mut().find(|n| Arc::ptr_eq(&n.node, node)) else {
             return;
         };
-        g.backing_given = given;
+        g.auto_backing = written;
         if let (Some(Value::Object(extra)), Some(fresh)) = (g.image_extra.as_mut(), fresh) {
             for key in [
                 "backing-filename",
@@ -622,6 +662,33 @@ impl Daemon {
     /// points at any more); its children stay.
     pub fn forget_node(&self, node: &Arc<Node>) {
         self.state().nodes.retain(|n| !Arc::ptr_eq(&n.node, node));
+    }
+
+    /// Closes the implicit nodes nothing uses any more (qemu frees a node
+    /// with its last reference: a snapshot's overlay once its export is
+    /// gone, the layers a stream or commit took out of a chain). Nodes the
+    /// user added stay until blockdev-del. Runs after every command and
+    /// every job's end.
+    pub fn prune(&self) {
+        let mut st = self.state();
+        let roots = st.live_roots();
+        let mut doomed = Vec::new();
+        loop {
+            let unused = st.nodes.iter().position(|n| {
+                !n.monitor_owned
+                    && st.parents(&n.node).is_empty()
+                    && !roots.iter().any(|r| r.link.points_at(&n.node))
+            });
+            match unused {
+                Some(i) => doomed.push(st.nodes.remove(i)),
+                None => break,
+            }
+        }
+        drop(st);
+        if !doomed.is_empty() {
+            close_nodes(doomed);
+            self.relock();
+        }
     }
 
     /// Removes an implicit node again, with the implicit nodes below it

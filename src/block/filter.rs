@@ -124,9 +124,10 @@ impl BlockNode for Filter {
         self.child().size()
     }
 
-    /// A filter is what its child is.
+    /// A filter is what its child is; commit_top is always read-only
+    /// (qemu opens it so: nothing writes through it).
     fn read_only(&self) -> bool {
-        self.child().read_only()
+        self.kind == FilterKind::CommitTop || self.child().read_only()
     }
 
     fn reopen(&self, _read_only: bool) -> BlockResult<()> {

@@ -260,6 +260,10 @@ impl BlockNode for Node {
         self.driver.backing_file()
     }
 
+    fn image_info(&self) -> Option<serde_json::Value> {
+        self.driver.image_info()
+    }
+
     fn debug_event(&self, event: super::DebugEvent) {
         self.driver.debug_event(event)
     }

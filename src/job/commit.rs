@@ -62,7 +62,10 @@ pub struct Commit {
     backing_format: Option<String>,
     policies: Policies,
     base_was_ro: bool,
-    root: Mutex<Option<Arc<Root>>>,
+    /// The overlays of `top` (their backing changes at the end).
+    overlays: Vec<Arc<Node>>,
+    /// The job's handles on the top (it reads) and the base (it writes).
+    root: Mutex<Option<(Arc<Root>, Arc<Root>)>>,
 }
 
 fn chain_error(name: &str) -> QmpError {
@@ -88,7 +91,7 @@ pub fn prepare(d: &Daemon, a: &CommitArgs) -> QmpResult<CommitJob> {
             ))
         }
         (Some(name), None) => {
-            let t = d.node(name)?;
+            let t = d.lookup(None, Some(name))?;
             if depth_of(&device, &t).is_none() {
                 return Err(chain_error(name));
             }
@@ -119,7 +122,7 @@ pub fn prepare(d: &Daemon, a: &CommitArgs) -> QmpResult<CommitJob> {
             ))
         }
         (Some(name), None) => {
-            let b = d.node(name)?;
+            let b = d.lookup(None, Some(name))?;
             if depth_of(&top, &b).is_none() {
                 return Err(chain_error(name));
             }
@@ -128,8 +131,7 @@ pub fn prepare(d: &Daemon, a: &CommitArgs) -> QmpResult<CommitJob> {
         (None, Some(file)) => super::stream::find_backing_image(&top, file).ok_or_else(|| {
             QmpError::generic(format!("Can't find '{file}' in the backing chain"))
         })?,
-        (None, None) => bottom_of(&top)
-            .ok_or_else(|| QmpError::generic(format!("Top image file {} not found", a.device)))?,
+        (None, None) => bottom_of(&top),
     };
     let between = super::stream::between(&top, Some(&base));
     for n in std::iter::once(&top).chain(&between) {
@@ -153,14 +155,14 @@ pub fn prepare(d: &Daemon, a: &CommitArgs) -> QmpResult<CommitJob> {
     intermediate(d, a, top, base, between, on_error).map(CommitJob::Intermediate)
 }
 
-/// The lowest layer of `top`'s chain (qemu's bdrv_find_base), if it has
-/// more than one.
-fn bottom_of(top: &Arc<Node>) -> Option<Arc<Node>> {
-    let mut layer = top.below()?;
+/// The lowest layer of `top`'s chain (qemu's bdrv_find_base): `top`
+/// itself without a backing.
+fn bottom_of(top: &Arc<Node>) -> Arc<Node> {
+    let mut layer = top.clone();
     while let Some(next) = layer.below() {
         layer = next;
     }
-    Some(layer)
+    layer
 }
 
 fn intermediate(
@@ -192,12 +194,16 @@ fn intermediate(
             return Err(e);
         }
     };
-    let root = d.new_root(filter.clone(), false);
-    let backing_name = a.backing_file.clone().unwrap_or_else(|| {
-        base.filename()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
-    });
+    let overlays = d.parents_by(&filter, ChildRole::Backing);
+    let root = (
+        d.new_root(top.clone(), false),
+        d.new_root(base.clone(), true),
+    );
+    d.relock();
+    let backing_name = a
+        .backing_file
+        .clone()
+        .unwrap_or_else(|| crate::qmp::commands::block::qemu_filename(d, &base));
     let backing_format = d.driver_of(base.name()).map(|k| k.name().to_owned());
     let mut dropped = vec![top.clone()];
     dropped.extend(between);
@@ -214,6 +220,7 @@ fn intermediate(
         backing_format,
         policies: Policies::both(on_error),
         base_was_ro,
+        overlays,
         root: Mutex::new(Some(root)),
     })
 }
@@ -238,6 +245,7 @@ impl JobDriver for Commit {
         }
         let mut v = vec![self.filter.clone(), self.base.clone()];
         v.extend(self.dropped.iter().cloned());
+        v.extend(self.overlays.iter().cloned());
         v
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::{ErrorDecision, IoOp, JobCtl, JobFailure, OnError};
 use crate::block::cbw::{CopyError, Side};
 use crate::block::node::Node;
-use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags};
+use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
 
 /// The most a job copies in one step: large enough for sequential I/O
 /// to stream, small enough that pauses, cancels and the rate limit act
@@ -49,7 +49,8 @@ pub fn depth_of(top: &Arc<Node>, base: &Arc<Node>) -> Option<u32> {
 /// its top node (1 = the top itself).
 #[derive(Debug, Clone, Copy)]
 pub struct Layers {
-    /// The first depth that counts (2 to skip the top itself: stream).
+    /// The first depth that counts (2 to skip the top itself: stream; 0:
+    /// every byte, allocated or not: a full mirror).
     pub from: u32,
     /// The depth of the base, which no longer counts; 0: no base, every
     /// layer counts.
@@ -67,7 +68,9 @@ impl Layers {
 }
 
 /// Copies `[offset, offset + len)` from `src` to `dst`, writing zeroes
-/// (not data) where the source reads as zero, so a copy stays sparse.
+/// (not data) where the source reads as zero, as qemu's jobs do: ranges
+/// the source reports as zero are not even read, and data that turns out
+/// to be all zeroes is written as zeroes too.
 pub fn copy_range(
     src: &dyn BlockNode,
     dst: &dyn BlockNode,
@@ -75,20 +78,34 @@ pub fn copy_range(
     len: u64,
     buf: &mut Vec<u8>,
 ) -> Result<(), CopyError> {
-    buf.resize(len as usize, 0);
-    src.read_at(buf, offset).map_err(|error| CopyError {
+    let source = |error| CopyError {
         side: Side::Source,
         error,
-    })?;
-    let written = if buf.iter().all(|&b| b == 0) {
-        dst.write_zeroes(offset, len, ZeroFlags::default())
-    } else {
-        dst.write_at(buf, offset, false)
     };
-    written.map_err(|error| CopyError {
+    let target = |error| CopyError {
         side: Side::Target,
         error,
-    })
+    };
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let e = src.block_status(at, end - at).map_err(source)?;
+        let n = e.len.clamp(1, end - at);
+        if e.flags & STATE_ZERO != 0 {
+            dst.write_zeroes(at, n, ZeroFlags::default())
+                .map_err(target)?;
+        } else {
+            buf.resize(n as usize, 0);
+            src.read_at(buf, at).map_err(source)?;
+            let written = match buf.iter().all(|&b| b == 0) {
+                true => dst.write_zeroes(at, n, ZeroFlags::default()),
+                false => dst.write_at(buf, at, false),
+            };
+            written.map_err(target)?;
+        }
+        at += n;
+    }
+    Ok(())
 }
 
 /// The job's error policies (on-error; mirror's on-source-error and

@@ -14,7 +14,7 @@
 //! holding the range in the filter, so every write is either in what the
 //! job read or dirty again afterwards.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,7 +170,11 @@ pub struct Mirror {
     finished: AtomicU8,
     /// Bytes copied (the job's offset; its len adds what is dirty).
     copied: AtomicU64,
-    root: Mutex<Option<Arc<Root>>>,
+    mode: CopyMode,
+    /// Set once nothing was dirty (the job became ready).
+    converged: AtomicBool,
+    /// The job's handles on the filter and on the target (it writes there).
+    root: Mutex<Option<(Arc<Root>, Arc<Root>)>>,
 }
 
 /// Marks what a mirror must copy from the start: the bytes of the layers
@@ -227,7 +231,11 @@ pub fn setup(d: &Daemon, s: MirrorSetup) -> QmpResult<Mirror> {
         d.remove_filter(&filter, &s.source);
         return Err(e);
     }
-    let root = d.new_root(filter.clone(), false);
+    let root = (
+        d.new_root(filter.clone(), false),
+        d.new_root(s.target.clone(), true),
+    );
+    d.relock();
     Ok(Mirror {
         job_type: s.job_type,
         source: s.source,
@@ -243,11 +251,19 @@ pub fn setup(d: &Daemon, s: MirrorSetup) -> QmpResult<Mirror> {
         also_blocks: s.also_blocks,
         finished: AtomicU8::new(0),
         copied: AtomicU64::new(0),
+        mode: s.mode,
+        converged: AtomicBool::new(false),
         root: Mutex::new(Some(root)),
     })
 }
 
 impl Mirror {
+    /// qemu's `actively-synced`: in write-blocking mode, once converged,
+    /// every write reaches the target before it completes.
+    fn actively_synced(&self) -> bool {
+        self.mode == CopyMode::WriteBlocking && self.converged.load(Ordering::SeqCst)
+    }
+
     fn dirty_count(&self) -> u64 {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner()).count()
     }
@@ -314,6 +330,28 @@ impl JobDriver for Mirror {
         true
     }
 
+    fn block_info_extra(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        if self.job_type != JobType::Mirror {
+            return None;
+        }
+        let mut m = serde_json::Map::new();
+        m.insert("actively-synced".into(), self.actively_synced().into());
+        Some(m)
+    }
+
+    /// qemu's blk_insert_bs of the target: a client of the target (an
+    /// export) does not share writing with the job.
+    fn check_created(&self, d: &Daemon) -> QmpResult<()> {
+        let mine = self.root.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !d.has_root_besides(&self.target, mine.as_ref().map(|(_, t)| t)) {
+            return Ok(());
+        }
+        let t = self.target.name();
+        Err(QmpError::generic(format!(
+            "Permission conflict on node '{t}': permissions 'consistent read, write' are both required by an unnamed block device (uses node '{t}' as 'root' child) and unshared by an unnamed block device (uses node '{t}' as 'root' child)."
+        )))
+    }
+
     fn total(&self) -> u64 {
         self.dirty_count()
     }
@@ -335,12 +373,21 @@ impl JobDriver for Mirror {
         if !active {
             return Vec::new();
         }
-        let mut v = vec![self.filter.clone(), self.target.clone()];
+        let mut v = vec![
+            self.filter.clone(),
+            self.source.clone(),
+            self.target.clone(),
+        ];
         v.extend(self.also_blocks.iter().cloned());
         v
     }
 
     fn run(&self, ctl: &JobCtl) -> Result<(), JobFailure> {
+        if self.source.size() != self.target.size() {
+            return Err(JobFailure(
+                "Source and target image have different sizes".into(),
+            ));
+        }
         let mut buf = Vec::new();
         let mut cursor = 0;
         loop {
@@ -357,6 +404,7 @@ impl JobDriver for Mirror {
                 }
             }
             if remaining == 0 {
+                self.converged.store(true, Ordering::SeqCst);
                 ctl.ready();
                 if ctl.finish().is_none() && ctl.wait_cancelled(IDLE) {
                     return Ok(());
@@ -501,6 +549,7 @@ pub fn prepare(
             let r = d.find_node(name).ok_or_else(|| {
                 QmpError::generic(format!("Failed to find node with node-name='{name}'"))
             })?;
+            d.check_op(&r, BlockOp::Replace)?;
             if !filters_down_to(d, &source, &r) {
                 return Err(QmpError::generic(format!(
                     "Cannot replace '{name}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
@@ -511,15 +560,16 @@ pub fn prepare(
         }
         None => source.clone(),
     };
-    if source.size() != target.size() {
-        return Err(QmpError::generic(
-            "Source and target image have different sizes",
-        ));
-    }
     let (granularity, buf_size) = check_sizes(a, &target)?;
+    // sync=full copies what any layer holds, or the whole disk when the
+    // target must be zeroed too (blockdev-mirror: qemu's zero_target);
+    // top only what the top layer holds. Targets of another size fail the
+    // job once it runs, as in qemu.
     let layers = match a.sync {
+        _ if source.size() != target.size() => None,
         SyncMode::None => None,
         SyncMode::Top => Some(Layers { from: 1, base: 2 }),
+        _ if own_target.is_none() => Some(Layers { from: 0, base: 0 }),
         _ => Some(Layers { from: 1, base: 0 }),
     };
     let setup_args = MirrorSetup {

@@ -126,6 +126,19 @@ pub trait JobDriver: Send + Sync + 'static {
     /// After commit or abort: undo what the job set up (filters, claims).
     fn clean(&self, _d: &Daemon) {}
 
+    /// Fields of the job's kind in query-block-jobs (a mirror's
+    /// `actively-synced`).
+    fn block_info_extra(&self) -> Option<serde_json::Map<String, Value>> {
+        None
+    }
+
+    /// Checks made once the job exists (qemu attaches a mirror's target
+    /// after creating the job: a refusal then still shows the job's
+    /// `created` and `null`).
+    fn check_created(&self, _d: &Daemon) -> QmpResult<()> {
+        Ok(())
+    }
+
     /// Whether the job can become ready and take job-complete.
     fn can_complete(&self) -> bool {
         false
@@ -320,6 +333,10 @@ impl Job {
             auto_dismiss: args.auto_dismiss.unwrap_or(true),
         };
         let job = Job::create(d, opts, driver, txn)?;
+        if let Err(e) = job.driver.check_created(d) {
+            job.refuse(d);
+            return Err(e);
+        }
         if speed < 0 {
             // qemu sets the speed on the new job, which refuses it.
             job.refuse(d);
@@ -331,15 +348,17 @@ impl Job {
     }
 
     /// Starts the work on its own thread (state `running` at once, as
-    /// qemu's job_start). qemu then drains the graph the job changed,
-    /// which pauses the new job and resumes it: clients see that pair, so
-    /// it is sent here too.
-    pub fn start(self: &Arc<Job>) -> QmpResult<()> {
+    /// qemu's job_start). A job started inside a transaction then sees the
+    /// end of the transaction's drain, which pauses and resumes it:
+    /// clients see that pair, so `in_transaction` sends it too.
+    pub fn start(self: &Arc<Job>, in_transaction: bool) -> QmpResult<()> {
         {
             let mut g = self.lock();
             self.transition(&mut g, JobStatus::Running);
-            self.transition(&mut g, JobStatus::Paused);
-            self.transition(&mut g, JobStatus::Running);
+            if in_transaction {
+                self.transition(&mut g, JobStatus::Paused);
+                self.transition(&mut g, JobStatus::Running);
+            }
         }
         let job = self.clone();
         std::thread::Builder::new()
@@ -391,6 +410,11 @@ impl Job {
     /// Whether the job works on `node` (see [`JobDriver::blocks`]).
     pub fn blocks(&self, node: &Arc<crate::block::node::Node>) -> bool {
         self.driver.blocks().iter().any(|n| Arc::ptr_eq(n, node))
+    }
+
+    /// Paused by job-pause (not yet resumed).
+    pub fn user_paused(&self) -> bool {
+        self.lock().user_paused
     }
 
     pub fn status(&self) -> JobStatus {
@@ -650,6 +674,9 @@ impl Job {
         if let Some(e) = error_text(&g) {
             v["error"] = json!(e);
         }
+        if let (Value::Object(m), Some(extra)) = (&mut v, self.driver.block_info_extra()) {
+            m.extend(extra);
+        }
         v
     }
 }
@@ -677,6 +704,7 @@ fn finish_txn(d: &Daemon, members: &[Arc<Job>], ok: bool) {
     for j in members {
         j.driver.clean(d);
     }
+    d.prune();
     for j in members {
         let mut g = j.lock();
         if matches!(g.status, JobStatus::Concluded | JobStatus::Null) {

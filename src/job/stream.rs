@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::copy::{copy_range, depth_of, Layers, Policies, STEP};
+use super::copy::{copy_range, depth_of, Layers, Policies};
 use super::{CommonArgs, JobCtl, JobDriver, JobFailure, JobType, OnError};
 use crate::block::cbw::{CopyError, Side};
 use crate::block::filter::{Filter, FilterKind};
@@ -38,6 +38,9 @@ pub struct StreamArgs {
     pub on_error: Option<String>,
     pub filter_node_name: Option<String>,
 }
+
+/// stream_run's unit of work (STREAM_CHUNK).
+const CHUNK: u64 = 512 << 10;
 
 pub struct Stream {
     /// The node streamed into.
@@ -80,7 +83,7 @@ fn find_base(d: &Daemon, a: &StreamArgs, top: &Arc<Node>) -> QmpResult<Option<Ar
             .ok_or_else(|| QmpError::generic(format!("Can't find '{file}' in the backing chain")));
     }
     if let Some(name) = &a.base_node {
-        let base = d.node(name)?;
+        let base = d.lookup(None, Some(name))?;
         if Arc::ptr_eq(&base, top) || depth_of(top, &base).is_none() {
             return Err(QmpError::generic(format!(
                 "Node '{name}' is not a backing image of '{}'",
@@ -90,7 +93,7 @@ fn find_base(d: &Daemon, a: &StreamArgs, top: &Arc<Node>) -> QmpResult<Option<Ar
         return Ok(Some(base));
     }
     if let Some(name) = &a.bottom {
-        let bottom = d.node(name)?;
+        let bottom = d.lookup(None, Some(name))?;
         if d.driver_of(name).is_some_and(Driver::is_filter) {
             return Err(QmpError::generic(format!(
                 "Node '{name}' is a filter, use a non-filter node as 'bottom'"
@@ -159,11 +162,9 @@ pub fn prepare(d: &Daemon, a: &StreamArgs) -> QmpResult<Stream> {
         base: base.as_ref().and_then(|b| depth_of(&top, b)).unwrap_or(0),
     };
     let backing_name = base.as_ref().map(|b| {
-        a.backing_file.clone().unwrap_or_else(|| {
-            b.filename()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        })
+        a.backing_file
+            .clone()
+            .unwrap_or_else(|| crate::qmp::commands::block::qemu_filename(d, b))
     });
     let backing_format = base
         .as_ref()
@@ -224,21 +225,25 @@ impl JobDriver for Stream {
     }
 
     fn total(&self) -> u64 {
-        self.top.size()
+        // qemu: nothing to do (and no length) without a backing.
+        match self.top.below() {
+            Some(_) => self.top.size(),
+            None => 0,
+        }
     }
 
     fn blocks(&self) -> Vec<Arc<Node>> {
-        let mut v = vec![self.filter.clone()];
+        let mut v = vec![self.top.clone(), self.filter.clone()];
         v.extend(self.between.iter().cloned());
         v
     }
 
     fn run(&self, ctl: &JobCtl) -> Result<(), JobFailure> {
-        let size = self.top.size();
+        let size = self.total();
         let mut buf = Vec::new();
         let mut offset = 0;
         while offset < size {
-            let n = STEP.min(size - offset);
+            let n = CHUNK.min(size - offset);
             let mut copied = 0;
             let stop = self.policies.step(ctl, || {
                 copied = self.populate(offset, n, &mut buf)?;

@@ -28,7 +28,10 @@
 //!        // transaction, even a failing one), so a "paused" directly followed
 //!        // by "running" is not recorded, except the pair right after
 //!        // "created", "running" that every job started by a transaction has
-//!        // (recorded, but "until": "paused" never means its pause).
+//!        // (recorded, but "until": "paused" never means its pause; a
+//!        // job that no transaction started has no such pair, and a
+//!        // "paused" right after its "running" that nothing follows yet
+//!        // is a pause, which query-jobs confirms).
 //!    {"event": "BLOCK_EXPORT_DELETED"},  // the next such event (not a job's)
 //!    {"bitmaps": "drive0"},            // the node's dirty-bitmaps (query-named-block-nodes)
 //!    {"run": ["qemu-img", "compare", "a.qcow2", "b.raw"]},
@@ -419,7 +422,14 @@ impl Jobs {
                 k += 2;
                 continue;
             }
-            let creation_pause = is_status(ev, "paused") && statuses == 2;
+            // Only a pause that a "running" follows: a job that no
+            // transaction started (block-stream, block-commit, mirror) has
+            // no creation pair, and its first pause may be the user's.
+            let creation_pause = is_status(ev, "paused")
+                && statuses == 2
+                && mine
+                    .get(k + 1)
+                    .is_some_and(|&n| is_status(&events[n], "running"));
             if is_status(ev, "null") {
                 // The id is free again: a new job may take it.
                 statuses = 0;
@@ -831,6 +841,19 @@ mod tests {
             1,
             "only the creation pair's pause is marked: {marked:?}"
         );
+    }
+
+    #[test]
+    fn a_first_pause_that_nothing_resumes_is_the_users() {
+        // block-stream and the like: no creation pair, job-pause at once.
+        let events = vec![
+            status("s", "created"),
+            status("s", "running"),
+            status("s", "paused"),
+        ];
+        let jobs = Jobs::default();
+        let marked = jobs.counted_marked(&events, "s");
+        assert_eq!(marked, vec![(0, false), (1, false), (2, false)]);
     }
 
     #[test]

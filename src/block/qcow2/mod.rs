@@ -195,6 +195,11 @@ impl Qcow2Node {
         self.header().backing_format()
     }
 
+    /// The backing node as it is now.
+    pub fn below_node(&self) -> Option<Arc<Node>> {
+        self.backing().map(|c| c.node())
+    }
+
     /// The backing edge as it is now.
     pub(crate) fn backing(&self) -> Option<Arc<Child>> {
         self.backing
@@ -340,7 +345,11 @@ impl Qcow2Node {
 /// unless it is absolute (qemu's rule for relative backing names).
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
-    if p.is_absolute() {
+    // qemu's path_has_protocol: "json:{...}", "nbd:..." stay as written.
+    let has_protocol = name
+        .find([':', '/', '\\'])
+        .is_some_and(|i| name.as_bytes()[i] == b':');
+    if p.is_absolute() || has_protocol {
         return p.to_owned();
     }
     match image.parent() {

@@ -57,7 +57,7 @@ struct Opened {
     driver: Driver,
     drv: Arc<dyn BlockNode>,
     image_extra: Option<Value>,
-    backing_given: bool,
+    auto_backing: Option<String>,
 }
 
 impl Opened {
@@ -66,7 +66,7 @@ impl Opened {
             driver,
             drv,
             image_extra: None,
-            backing_given: false,
+            auto_backing: None,
         }
     }
 }
@@ -89,6 +89,15 @@ impl Layers for Opening<'_> {
         let name = self.d.auto_node_name();
         let mut opened = Opened::new(kind, driver);
         opened.image_extra = opened.drv.image_info();
+        // A layer of a chain opened from the header stands for the layer
+        // it opened below it.
+        opened.auto_backing = opened
+            .drv
+            .children()
+            .iter()
+            .find(|c| c.role == ChildRole::Backing)
+            .and_then(|c| c.node().filename())
+            .map(|p| p.display().to_string());
         self.register(name, opened, false, slot)
             .map_err(|e| crate::block::BlockError::invalid(e.desc))
     }
@@ -139,10 +148,10 @@ impl Opening<'_> {
                 let file = self.child(opts.get("file"), read_only)?;
                 let slot = self.d.reserve_slot();
                 let mut q = Qcow2Node::open_on(file, read_only)?;
-                let backing_given = self.backing(&mut q, opts.get("backing"))?;
+                let auto_backing = self.backing(&mut q, opts.get("backing"))?;
                 let mut o = Opened::new(Driver::Qcow2, Arc::new(q));
                 o.image_extra = o.drv.image_info();
-                o.backing_given = backing_given;
+                o.auto_backing = auto_backing;
                 (o, slot)
             }
             "null-co" => {
@@ -173,8 +182,10 @@ impl Opening<'_> {
             node: node.clone(),
             driver: o.driver,
             slot,
-            backing_given: o.backing_given,
+            auto_backing: o.auto_backing,
             monitor_owned: root,
+            named_by_options: false,
+            implicit_filter: false,
             image_extra: o.image_extra,
             loaded_bitmaps: node.bitmaps().all(),
         })?;
@@ -197,15 +208,17 @@ impl Opening<'_> {
     /// Attaches the `backing` member: absent opens the chain the header
     /// names (every layer a node), `null` means none, a string names a
     /// node, an object is a nested definition (read-only by default, as
-    /// qemu opens backing files). True when the user's choice differs from
-    /// what the header implies.
-    fn backing(&mut self, q: &mut Qcow2Node, backing: Option<&Value>) -> QmpResult<bool> {
+    /// qemu opens backing files). Returns qemu's `auto_backing_file`: the
+    /// opened layer's name for a chain from the header, else the header's
+    /// name as written.
+    fn backing(&mut self, q: &mut Qcow2Node, backing: Option<&Value>) -> QmpResult<Option<String>> {
         match backing {
             None => {
                 chain::open_backing(q, self)?;
-                return Ok(false);
+                let opened = q.below_node().and_then(|b| b.filename());
+                return Ok(opened.map(|p| p.display().to_string()));
             }
-            Some(Value::Null) => return Ok(q.backing_file().is_some()),
+            Some(Value::Null) => return Ok(q.backing_file()),
             Some(Value::String(name)) => {
                 let b = self.d.node(name)?;
                 check_backing(q, &b)?;
@@ -217,7 +230,7 @@ impl Opening<'_> {
             }
             Some(_) => return Err(QmpError::generic("Invalid parameter type for 'backing'")),
         }
-        Ok(true)
+        Ok(q.backing_file())
     }
 }
 
@@ -459,11 +472,11 @@ fn describe(g: &GraphNode, all: &[&GraphNode]) -> (Value, bool) {
         g.node
             .child(role)
             .and_then(|c| entry(all, &c))
-            .map(|c| describe(c, all))
+            .map(|c| describe(through_implicit(c, all), all))
     };
     let mut opts = Map::new();
     opts.insert("driver".into(), json!(g.driver.name()));
-    let mut plain = true;
+    let mut plain = !g.named_by_options;
     match g.driver {
         Driver::File => {
             let f = g.node.filename().unwrap_or_default();
@@ -479,7 +492,7 @@ fn describe(g: &GraphNode, all: &[&GraphNode]) -> (Value, bool) {
                 opts.insert("file".into(), o);
                 plain &= p;
             }
-            if g.backing_given {
+            if backing_overridden(g, all) {
                 let b = child(ChildRole::Backing).map_or(Value::Null, |(o, _)| o);
                 opts.insert("backing".into(), b);
                 plain = false;
@@ -489,8 +502,66 @@ fn describe(g: &GraphNode, all: &[&GraphNode]) -> (Value, bool) {
     (Value::Object(opts), plain)
 }
 
+/// A job's unnamed filter stands for the node it filters (qemu skips
+/// implicit nodes when it describes a chain).
+fn through_implicit<'a>(g: &'a GraphNode, all: &[&'a GraphNode]) -> &'a GraphNode {
+    let mut g = g;
+    for _ in 0..crate::block::chain::MAX_CHAIN_DEPTH {
+        if !g.implicit_filter {
+            break;
+        }
+        match g
+            .node
+            .child(ChildRole::Filtered)
+            .and_then(|c| entry(all, &c))
+        {
+            Some(c) => g = c,
+            None => break,
+        }
+    }
+    g
+}
+
+/// qemu's `bs->filename` of `node`: what a snapshot, stream or commit
+/// writes as a backing file name (a `json:` description where the plain
+/// file name does not stand for the node).
+pub fn qemu_filename(d: &Daemon, node: &Arc<Node>) -> String {
+    d.with_nodes(|nodes| {
+        let all: Vec<&GraphNode> = nodes.collect();
+        match entry(&all, node) {
+            Some(g) => display_name(g, &all),
+            None => node
+                .filename()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }
+    })
+}
+
+/// qemu's bdrv_backing_overridden: the node's backing is not the one its
+/// image stands for (then qemu names the node by its options).
+fn backing_overridden(g: &GraphNode, all: &[&GraphNode]) -> bool {
+    match g.node.child(ChildRole::Backing) {
+        Some(b) => {
+            let name = entry(all, &b).map(|e| display_name(through_implicit(e, all), all));
+            g.auto_backing != name
+        }
+        None => g.auto_backing.is_some(),
+    }
+}
+
 /// The name qemu shows as `file` and `image.filename`.
 fn display_name(g: &GraphNode, all: &[&GraphNode]) -> String {
+    // A filter's name is its child's, unless qemu names it by options.
+    if g.driver.is_filter() && !g.named_by_options {
+        if let Some(c) = g
+            .node
+            .child(ChildRole::Filtered)
+            .and_then(|c| entry(all, &c))
+        {
+            return display_name(c, all);
+        }
+    }
     let (opts, plain) = describe(g, all);
     if plain {
         return g
@@ -675,31 +746,25 @@ pub fn query_block(_d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
 /// `file` node, its backing chain from the header unless `backing` names
 /// a node), as qemu opens a target drive-backup created.
 /// Opens an image file as an implicit node pair (format over file), as
-/// jobs and snapshots open the images they create. `name` names the
-/// format node (else auto-named); `backing` is blockdev-add's member (a
-/// node name, `null`; absent: the chain the header names).
+/// jobs and snapshots open the images they create. `extra` adds
+/// blockdev-add options of the format node (`node-name`, else it is
+/// auto-named; `backing`, else the chain the header names; `read-only`).
 pub fn open_image_node(
     d: &Daemon,
     path: &Path,
     format: Option<&str>,
-    name: Option<&str>,
-    backing: Option<Value>,
+    extra: Map<String, Value>,
 ) -> QmpResult<Arc<Node>> {
     let format = match format {
         Some(f) => f.to_owned(),
         None => crate::block::open::probe(path)?.name().to_owned(),
     };
-    let mut opts = json!({
+    let opts = json!({
         "driver": format,
         "file": {"driver": "file", "filename": path},
     });
-    if let Some(b) = backing {
-        opts["backing"] = b;
-    }
-    if let Some(n) = name {
-        opts["node-name"] = json!(n);
-    }
-    let opts = opts.as_object().cloned().unwrap_or_default();
+    let mut opts = opts.as_object().cloned().unwrap_or_default();
+    opts.extend(extra);
     let mut op = Opening {
         d,
         created: Vec::new(),

@@ -69,8 +69,14 @@ pub fn verb(d: &Daemon, command: &str, args: Map<String, Value>) -> QmpResult<Va
         // job-cancel always forces, as qemu's; block-job-cancel only with
         // `force` (a ready mirror otherwise ends without its pivot).
         "cancel" => {
-            let force = !command.starts_with("block-job-")
-                || args.get("force").and_then(Value::as_bool) == Some(true);
+            let block = command.starts_with("block-job-");
+            let force = !block || args.get("force").and_then(Value::as_bool) == Some(true);
+            if block && !force && job.user_paused() {
+                return Err(QmpError::generic(format!(
+                    "The block job for device '{}' is currently paused",
+                    job.id
+                )));
+            }
             job.cancel(d, force)?
         }
         "complete" => job.complete()?,
@@ -166,8 +172,11 @@ impl BackupAction {
                 None => {}
             }
         }
-        let backing_node = (a.sync == SyncMode::None).then(|| json!(source.name()));
-        super::block::open_image_node(d, path, format.as_deref(), None, backing_node)
+        let mut extra = Map::new();
+        if a.sync == SyncMode::None {
+            extra.insert("backing".into(), json!(source.name()));
+        }
+        super::block::open_image_node(d, path, format.as_deref(), extra)
     }
 }
 
@@ -209,7 +218,7 @@ impl Action for BackupAction {
 
     fn commit(&mut self, _d: &Daemon) {
         if let Some(job) = &self.job {
-            if let Err(e) = job.start() {
+            if let Err(e) = job.start(true) {
                 tracing::error!(job = %job.id, error = %e, "could not start the job");
             }
         }
@@ -251,7 +260,7 @@ fn start_job(d: &Daemon, common: &CommonArgs, driver: Box<dyn JobDriver>) -> Qmp
         .arc()
         .ok_or_else(|| QmpError::generic("The daemon is shutting down"))?;
     let job = Job::build(&da, common, driver, &JobTxn::new())?;
-    job.start()?;
+    job.start(false)?;
     Ok(json!({}))
 }
 
@@ -271,7 +280,7 @@ pub fn block_commit(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
 
 pub fn blockdev_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let a: MirrorArgs = parse(args)?;
-    let source = d.node(&a.device)?;
+    let source = d.root_node(&a.device)?;
     let target = d.node(&a.target)?;
     let driver = crate::job::mirror::prepare(d, &a, source, target, None)?;
     start_job(d, &a.common, Box::new(driver))
@@ -282,7 +291,7 @@ pub fn blockdev_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value>
 /// source's chain when the job pivots to it.
 pub fn drive_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let a: MirrorArgs = parse(args)?;
-    let source = d.node(&a.device)?;
+    let source = d.root_node(&a.device)?;
     let existing = a.mode.as_deref() == Some("existing");
     // What the target's chain continues with: the source itself (sync
     // none), the layer below it (top), or nothing (full).
@@ -303,10 +312,7 @@ pub fn drive_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
             "qcow2" => {
                 let opts = CreateOptions {
                     size: Some(source.size()),
-                    backing_file: backing
-                        .as_ref()
-                        .and_then(|b| b.filename())
-                        .map(|p| p.display().to_string()),
+                    backing_file: backing.as_ref().map(|b| super::block::qemu_filename(d, b)),
                     backing_format: backing
                         .as_ref()
                         .and_then(|b| d.driver_of(b.name()))
@@ -319,13 +325,12 @@ pub fn drive_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
             other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
         }
     }
-    let target = super::block::open_image_node(
-        d,
-        path,
-        Some(&format),
-        a.node_name.as_deref(),
-        Some(Value::Null),
-    )?;
+    let mut extra = Map::new();
+    extra.insert("backing".into(), Value::Null);
+    if let Some(n) = &a.node_name {
+        extra.insert("node-name".into(), json!(n));
+    }
+    let target = super::block::open_image_node(d, path, Some(&format), extra)?;
     let own = crate::job::mirror::OwnTarget { backing };
     let driver = match crate::job::mirror::prepare(d, &a, source, target.clone(), Some(own)) {
         Ok(m) => m,

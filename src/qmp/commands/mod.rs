@@ -78,7 +78,7 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
 pub async fn execute(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> QmpResult<Value> {
     let _serial = d.command_lock.lock().await;
     d.check_open()?;
-    match name {
+    let result = match name {
         "nbd-server-start" => export::nbd_server_start(d, args).await,
         "nbd-server-stop" => export::nbd_server_stop(d, args).await,
         _ => {
@@ -90,5 +90,9 @@ pub async fn execute(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> Q
                 .await
                 .map_err(|e| QmpError::generic(format!("command failed: {e}")))?
         }
-    }
+    };
+    // Nodes the command left without users go, as qemu's last unref.
+    let d = d.clone();
+    let _ = tokio::task::spawn_blocking(move || d.prune()).await;
+    result
 }

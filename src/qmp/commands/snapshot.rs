@@ -56,13 +56,13 @@ impl SnapshotAction {
 
     /// The node to snapshot: `device` or `node-name` (sync), `node`.
     fn old_node(&self, d: &Daemon) -> QmpResult<Arc<Node>> {
-        let name = match self.kind {
-            SnapshotKind::Sync => text(&self.args, "device")
-                .or_else(|| text(&self.args, "node-name"))
-                .unwrap_or_default(),
-            SnapshotKind::Existing => text(&self.args, "node").unwrap_or_default(),
-        };
-        d.node(&name)
+        match self.kind {
+            SnapshotKind::Sync => d.lookup(
+                text(&self.args, "device").as_deref(),
+                text(&self.args, "node-name").as_deref(),
+            ),
+            SnapshotKind::Existing => d.node(&text(&self.args, "node").unwrap_or_default()),
+        }
     }
 
     /// blockdev-snapshot-sync's overlay: the image created (unless
@@ -73,6 +73,9 @@ impl SnapshotAction {
         let node_name = text(&self.args, "snapshot-node-name");
         let format = text(&self.args, "format").unwrap_or_else(|| "qcow2".into());
         let existing = self.args.get("mode").and_then(Value::as_str) == Some("existing");
+        if self.args.contains_key("node-name") && node_name.is_none() {
+            return Err(QmpError::generic("New overlay node-name missing"));
+        }
         if let Some(n) = &node_name {
             if d.find_node(n).is_some() {
                 return Err(QmpError::generic("New overlay node-name already in use"));
@@ -80,30 +83,37 @@ impl SnapshotAction {
         }
         let path = Path::new(&file);
         if !existing {
-            if format != "qcow2" {
-                return Err(QmpError::generic(format!(
-                    "Format '{format}' does not support backing files"
-                )));
+            let backing = super::block::qemu_filename(d, old);
+            match format.as_str() {
+                "qcow2" => {}
+                "raw" | "file" => {
+                    return Err(QmpError::generic(format!(
+                        "Backing file not supported for file format '{format}'"
+                    )))
+                }
+                other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
+            }
+            if backing == file {
+                return Err(QmpError::generic(
+                    "Error: Trying to create an image with the same filename as the backing file",
+                ));
             }
             let opts = CreateOptions {
                 size: Some(old.size()),
-                backing_file: old.filename().map(|p| p.display().to_string()),
+                backing_file: Some(backing),
                 backing_format: d.driver_of(old.name()).map(|k| k.name().to_owned()),
                 ..CreateOptions::default()
             };
             create_qcow2(path, &opts)?;
         }
-        let overlay = super::block::open_image_node(
-            d,
-            path,
-            Some(&format),
-            node_name.as_deref(),
-            Some(Value::Null),
-        )?;
-        if old.read_only() {
-            // qemu opens the overlay with the old layer's flags.
-            let _ = overlay.reopen(true);
+        // qemu opens the overlay with the old layer's flags.
+        let mut extra = Map::new();
+        extra.insert("backing".into(), Value::Null);
+        extra.insert("read-only".into(), json!(old.read_only()));
+        if let Some(n) = &node_name {
+            extra.insert("node-name".into(), json!(n));
         }
+        let overlay = super::block::open_image_node(d, path, Some(&format), extra)?;
         self.opened = true;
         Ok(overlay)
     }
@@ -120,6 +130,22 @@ impl SnapshotAction {
         }
         if overlay.below().is_some() {
             return Err(QmpError::generic("The overlay already has a backing image"));
+        }
+        Ok(())
+    }
+
+    /// qemu's bdrv_append refuses a chain that would loop.
+    fn check_cycle(&self, old: &Arc<Node>, overlay: &Arc<Node>) -> QmpResult<()> {
+        let mut n = Some(old.clone());
+        while let Some(x) = n {
+            if Arc::ptr_eq(&x, overlay) {
+                return Err(QmpError::generic(format!(
+                    "Making '{}' a backing child of '{}' would create a cycle",
+                    old.name(),
+                    overlay.name()
+                )));
+            }
+            n = x.below();
         }
         Ok(())
     }
@@ -146,6 +172,7 @@ impl Action for SnapshotAction {
         };
         let appended = self
             .check_overlay(d, &overlay)
+            .and_then(|_| self.check_cycle(&old, &overlay))
             .and_then(|_| d.append_overlay(&old, &overlay))
             .and_then(|_| d.refresh_locks());
         if let Err(e) = appended {
