@@ -29,3 +29,27 @@ fn incremental_pull_example_copies_only_dirty_extents_and_matches() {
     assert!(out.contains("Images are identical."), "{out}");
     assert!(out.contains("No errors were found on the image."), "{out}");
 }
+
+#[test]
+fn snapshot_commit_example_commits_every_write_into_the_disk() {
+    snapshot_commit_output_is_complete(&example("snapshot-commit.sh"));
+}
+
+/// The same walkthrough on qemu-storage-daemon: checks the script itself
+/// against the reference.
+#[test]
+fn snapshot_commit_example_runs_on_qemu_storage_daemon() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/snapshot-commit.sh");
+    snapshot_commit_output_is_complete(&run(tool("bash").arg(&script).arg("--qsd")));
+}
+
+fn snapshot_commit_output_is_complete(out: &str) {
+    assert!(out.contains("blockdev-snapshot-sync -> ok"), "{out}");
+    assert!(out.contains("backing file: "), "{out}");
+    assert!(out.contains("still holds the snapshot: yes"), "{out}");
+    assert!(out.contains("BLOCK_JOB_READY"), "{out}");
+    assert!(out.contains("BLOCK_JOB_COMPLETED"), "{out}");
+    assert!(out.contains("query-block-jobs -> []"), "{out}");
+    assert!(out.contains("No errors were found on the image."), "{out}");
+    assert!(out.contains("Images are identical."), "{out}");
+}
