@@ -15,24 +15,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::copy::CopyError;
 use super::link::{Active, Child, ChildRole};
 use super::node::Node;
-use super::{BlockError, BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags, STATE_ZERO};
+use super::{BlockNode, BlockResult, DepthExtent, Extent, ZeroFlags};
 use crate::bitmap::DirtyBitmap;
-
-/// Which side of a copy failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Source,
-    Target,
-}
-
-/// A failed copy: the side and the error.
-#[derive(Debug)]
-pub struct CopyError {
-    pub side: Side,
-    pub error: BlockError,
-}
 
 struct CopyMap {
     /// One bit per cluster: still to be copied.
@@ -205,37 +192,11 @@ impl CopyBeforeWrite {
     fn copy_now(&self, off: u64, len: u64) -> Result<u64, CopyError> {
         let src = self.src();
         let len = len.min(src.size().saturating_sub(off));
-        let source = |error| CopyError {
-            side: Side::Source,
-            error,
-        };
-        let target = |error| CopyError {
-            side: Side::Target,
-            error,
-        };
         let dst = self.target.get();
         if self.compress > 0 {
             return self.copy_compressed(&src, &dst, off, len).map(|_| len);
         }
-        let mut pos = off;
-        let end = off + len;
-        let mut buf = Vec::new();
-        while pos < end {
-            let st = src.block_status(pos, end - pos).map_err(source)?;
-            let n = st.len.clamp(1, end - pos);
-            if st.flags & STATE_ZERO != 0 {
-                let flags = ZeroFlags {
-                    may_unmap: false,
-                    fast: false,
-                };
-                dst.write_zeroes(pos, n, flags).map_err(target)?;
-            } else {
-                buf.resize(n as usize, 0);
-                src.read_at(&mut buf, pos).map_err(source)?;
-                dst.write_at(&buf, pos, false).map_err(target)?;
-            }
-            pos += n;
-        }
+        super::copy::copy_range(&**src, &**dst, off, len, &mut Vec::new(), false)?;
         Ok(len)
     }
 
@@ -243,14 +204,8 @@ impl CopyBeforeWrite {
     /// then written compressed (or as zeroes when it is all zero).
     fn copy_compressed(&self, src: &Node, dst: &Node, off: u64, len: u64) -> Result<(), CopyError> {
         let mut buf = vec![0u8; len as usize];
-        src.read_at(&mut buf, off).map_err(|error| CopyError {
-            side: Side::Source,
-            error,
-        })?;
-        let target = |error| CopyError {
-            side: Side::Target,
-            error,
-        };
+        src.read_at(&mut buf, off).map_err(CopyError::source)?;
+        let target = CopyError::target;
         for (i, piece) in buf.chunks(self.compress as usize).enumerate() {
             let at = off + i as u64 * self.compress;
             if piece.iter().all(|&b| b == 0) {

@@ -10,6 +10,7 @@
 
 pub mod cbw;
 pub mod chain;
+pub mod copy;
 pub mod error;
 pub mod file;
 pub mod filter;

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::copy::{copy_range, depth_of, Layers, Policies};
+use super::copy::{depth_of, Layers, Policies};
 use super::{CommonArgs, JobCtl, JobDriver, JobFailure, JobType, OnError};
-use crate::block::cbw::{CopyError, Side};
+use crate::block::copy::{copy_range, CopyError};
 use crate::block::filter::{Filter, FilterKind};
 use crate::block::link::{ChildRole, Root};
 use crate::block::node::Node;
@@ -260,12 +260,9 @@ impl JobDriver for Commit {
                 found = self
                     .layers
                     .allocated(&self.top, offset, want)
-                    .map_err(|error| CopyError {
-                        side: Side::Source,
-                        error,
-                    })?;
+                    .map_err(CopyError::source)?;
                 if found.0 {
-                    copy_range(&*self.top, &*self.base, offset, found.1, &mut buf)?;
+                    copy_range(&*self.top, &*self.base, offset, found.1, &mut buf, true)?;
                 }
                 Ok(())
             })?;

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use super::{ErrorDecision, IoOp, JobCtl, JobFailure, OnError};
-use crate::block::cbw::{CopyError, Side};
+use crate::block::copy::{CopyError, Side};
 use crate::block::node::Node;
-use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
+use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind};
 
 /// The most a job copies in one step: large enough for sequential I/O
 /// to stream, small enough that pauses, cancels and the rate limit act
@@ -65,47 +65,6 @@ impl Layers {
         let counts = e.depth >= self.from && (self.base == 0 || e.depth < self.base);
         Ok((counts, e.len.clamp(1, len)))
     }
-}
-
-/// Copies `[offset, offset + len)` from `src` to `dst`, writing zeroes
-/// (not data) where the source reads as zero, as qemu's jobs do: ranges
-/// the source reports as zero are not even read, and data that turns out
-/// to be all zeroes is written as zeroes too.
-pub fn copy_range(
-    src: &dyn BlockNode,
-    dst: &dyn BlockNode,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(), CopyError> {
-    let source = |error| CopyError {
-        side: Side::Source,
-        error,
-    };
-    let target = |error| CopyError {
-        side: Side::Target,
-        error,
-    };
-    let end = offset + len;
-    let mut at = offset;
-    while at < end {
-        let e = src.block_status(at, end - at).map_err(source)?;
-        let n = e.len.clamp(1, end - at);
-        if e.flags & STATE_ZERO != 0 {
-            dst.write_zeroes(at, n, ZeroFlags::default())
-                .map_err(target)?;
-        } else {
-            buf.resize(n as usize, 0);
-            src.read_at(buf, at).map_err(source)?;
-            let written = match buf.iter().all(|&b| b == 0) {
-                true => dst.write_zeroes(at, n, ZeroFlags::default()),
-                false => dst.write_at(buf, at, false),
-            };
-            written.map_err(target)?;
-        }
-        at += n;
-    }
-    Ok(())
 }
 
 /// The job's error policies (on-error; mirror's on-source-error and

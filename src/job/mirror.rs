@@ -21,10 +21,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::backup::SyncMode;
-use super::copy::{copy_range, depth_of, Layers, Policies};
+use super::copy::{depth_of, Layers, Policies};
 use super::{CommonArgs, Finish, JobCtl, JobDriver, JobFailure, JobType, OnError};
 use crate::bitmap::DirtyBitmap;
-use crate::block::cbw::CopyError;
+use crate::block::copy::{copy_range, CopyError};
 use crate::block::filter::{Filter, FilterKind, WriteOp, WriteWatcher};
 use crate::block::link::Root;
 use crate::block::node::Node;
@@ -287,7 +287,7 @@ impl Mirror {
             let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             let _ = d.reset_range(offset, len);
         }
-        let r = copy_range(from, &*self.target, offset, len, buf);
+        let r = copy_range(from, &*self.target, offset, len, buf, true);
         if r.is_ok() {
             self.copied.fetch_add(len, Ordering::SeqCst);
         }
@@ -306,10 +306,7 @@ impl Mirror {
         while let Some((start, len)) = self.next_area(0) {
             self.copy(start, len, &mut buf, &self.pivot.replaced)?;
         }
-        self.target.flush().map_err(|error| CopyError {
-            side: crate::block::cbw::Side::Target,
-            error,
-        })
+        self.target.flush().map_err(CopyError::target)
     }
 
     fn finished(&self) -> Option<Finish> {

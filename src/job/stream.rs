@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::copy::{copy_range, depth_of, Layers, Policies};
+use super::copy::{depth_of, Layers, Policies};
 use super::{CommonArgs, JobCtl, JobDriver, JobFailure, JobType, OnError};
-use crate::block::cbw::{CopyError, Side};
+use crate::block::copy::{copy_range, CopyError};
 use crate::block::filter::{Filter, FilterKind};
 use crate::block::link::Root;
 use crate::block::node::Node;
@@ -205,12 +205,9 @@ impl Stream {
             let (copy, n) = self
                 .layers
                 .allocated(&self.top, at, offset + len - at)
-                .map_err(|error| CopyError {
-                    side: Side::Source,
-                    error,
-                })?;
+                .map_err(CopyError::source)?;
             if copy {
-                copy_range(&*self.top, &*self.top, at, n, buf)?;
+                copy_range(&*self.top, &*self.top, at, n, buf, true)?;
                 copied += n;
             }
             at += n;
