@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::backup::SyncMode;
 use super::copy::{depth_of, Layers, Policies};
-use super::{CommonArgs, Finish, JobCtl, JobDriver, JobFailure, JobType, OnError};
+use super::{CommonArgs, Finish, JobCtl, JobDriver, JobFailure, JobType, JobWaker, OnError};
 use crate::bitmap::DirtyBitmap;
 use crate::block::copy::{copy_range, CopyError};
 use crate::block::filter::{Filter, FilterKind, WriteOp, WriteWatcher};
@@ -67,21 +67,28 @@ pub enum CopyMode {
 /// qemu's default copy buffer (DEFAULT_MIRROR_BUF_SIZE).
 const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 
-/// How long a ready job with nothing to copy waits before it looks at its
-/// dirty bitmap again (verbs wake it at once).
-const IDLE: Duration = Duration::from_millis(20);
+/// The longest a ready job with nothing to copy sleeps; new writes and
+/// verbs wake it at once.
+const IDLE: Duration = Duration::from_secs(60);
 
 /// What the filter does with a guest write for the job.
 struct Watch {
     dirty: Arc<Mutex<DirtyBitmap>>,
     mode: CopyMode,
     target: Arc<Node>,
+    /// Wakes the job (idle once ready) when there is new work.
+    waker: Arc<Mutex<Option<JobWaker>>>,
 }
 
 impl Watch {
     fn mark(&self, offset: u64, len: u64) {
         let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         let _ = d.set_range(offset, len);
+        drop(d);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -97,12 +104,12 @@ impl WriteWatcher for Watch {
             WriteOp::Zeroes(flags) => t.write_zeroes(offset, len, *flags),
             WriteOp::Discard => t.discard(offset, len),
         };
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_err() {
             // The job copies it again.
-            let _ = d.set_range(offset, len);
+            self.mark(offset, len);
             return Ok(());
         }
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         // Whole granules the write covered are in sync now.
         let g = d.granularity();
         let start = offset.div_ceil(g) * g;
@@ -170,6 +177,7 @@ pub struct Mirror {
     finished: AtomicU8,
     /// Bytes copied (the job's offset; its len adds what is dirty).
     copied: AtomicU64,
+    waker: Arc<Mutex<Option<JobWaker>>>,
     mode: CopyMode,
     /// Set once nothing was dirty (the job became ready).
     converged: AtomicBool,
@@ -221,10 +229,12 @@ pub fn setup(d: &Daemon, s: MirrorSetup) -> QmpResult<Mirror> {
         guard.clone(),
         false,
     )?;
+    let waker = Arc::new(Mutex::new(None));
     guard.watch(Some(Arc::new(Watch {
         dirty: dirty.clone(),
         mode: s.mode,
         target: s.target.clone(),
+        waker: waker.clone(),
     })));
     if let Err(e) = mark_initial(&s.source, s.layers, &dirty) {
         guard.watch(None);
@@ -251,6 +261,7 @@ pub fn setup(d: &Daemon, s: MirrorSetup) -> QmpResult<Mirror> {
         also_blocks: s.also_blocks,
         finished: AtomicU8::new(0),
         copied: AtomicU64::new(0),
+        waker,
         mode: s.mode,
         converged: AtomicBool::new(false),
         root: Mutex::new(Some(root)),
@@ -380,6 +391,7 @@ impl JobDriver for Mirror {
     }
 
     fn run(&self, ctl: &JobCtl) -> Result<(), JobFailure> {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctl.waker());
         if self.source.size() != self.target.size() {
             return Err(JobFailure(
                 "Source and target image have different sizes".into(),
@@ -403,7 +415,7 @@ impl JobDriver for Mirror {
             if remaining == 0 {
                 self.converged.store(true, Ordering::SeqCst);
                 ctl.ready();
-                if ctl.finish().is_none() && ctl.wait_cancelled(IDLE) {
+                if ctl.finish().is_none() && ctl.idle(IDLE) {
                     return Ok(());
                 }
                 continue;

@@ -190,6 +190,8 @@ struct Inner {
     cancelled: bool,
     /// Set by job-complete, or by a soft cancel of a ready job.
     finish: Option<Finish>,
+    /// New work arrived for an idle job (see [`JobWaker`]).
+    kicked: bool,
     speed: u64,
     current: u64,
     total: u64,
@@ -256,6 +258,19 @@ pub struct CommonArgs {
     pub auto_dismiss: Option<bool>,
 }
 
+/// Wakes an idle job when new work arrives (a mirror's filter saw a write).
+#[derive(Clone)]
+pub struct JobWaker(Weak<Job>);
+
+impl JobWaker {
+    pub fn wake(&self) {
+        if let Some(job) = self.0.upgrade() {
+            job.lock().kicked = true;
+            job.wake.notify_all();
+        }
+    }
+}
+
 /// The job's side of its control: pause points, progress, rate limit.
 pub struct JobCtl {
     job: Arc<Job>,
@@ -287,6 +302,7 @@ impl Job {
                 sleeping: false,
                 cancelled: false,
                 finish: None,
+                kicked: false,
                 speed: opts.speed,
                 current: 0,
                 total,
@@ -780,6 +796,9 @@ impl JobCtl {
             return;
         }
         job.transition(&mut g, JobStatus::Ready);
+        // Converged: nothing to do until new writes come (qemu reports the
+        // ready job idle from the moment it says so).
+        g.sleeping = true;
         let (len, offset, speed) = (job.len(&g), job.current(&g), g.speed);
         job.emit(EventKind::BlockJobReady {
             job_type: job.job_type,
@@ -859,6 +878,31 @@ impl JobCtl {
     /// charge to the rate limit (qemu's stream and commit skip them free).
     pub fn skipped(&self, done: u64) {
         self.job.lock().current += done;
+    }
+
+    /// A handle that wakes the job from [`JobCtl::idle`].
+    pub fn waker(&self) -> JobWaker {
+        JobWaker(Arc::downgrade(&self.job))
+    }
+
+    /// Waits (not busy, as qemu's idle ready job) until new work arrives
+    /// (a [`JobWaker`]), a verb, or `limit`; returns whether the job
+    /// should stop.
+    pub fn idle(&self, limit: Duration) -> bool {
+        let job = &self.job;
+        let mut g = job.lock();
+        if !g.kicked && !g.cancelled && g.pause_count == 0 && g.finish.is_none() {
+            g.sleeping = true;
+            g = job
+                .wake
+                .wait_timeout(g, limit)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            g.sleeping = false;
+        }
+        g.kicked = false;
+        drop(g);
+        self.pause_point()
     }
 
     /// Waits up to `limit` for a cancel or a request to finish (pausing
