@@ -4,7 +4,7 @@
 # the command to BLOCK_JOB_COMPLETED, plus what a running backup costs guest
 # writes (copy-before-write).  Prints a markdown table with absolute figures
 # and tidemark / qsd ratios.  Progress goes to stderr, the report to stdout.
-# See benches/README.md.  Shares its helpers with compare.sh (benches/lib.sh);
+# See benches/README.md.  Shares its helpers with compare.sh and live.sh (benches/lib.sh);
 # QMP through benches/qmp_job.py.
 #
 # Usage: benches/backup.sh             (from anywhere; builds tidemark first)
@@ -40,50 +40,21 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-size_str=${BENCH_SIZE:-4G}
-inc_size_str=${BENCH_INC_SIZE:-64G}
-inc_every=${BENCH_INC_EVERY:-100}
-rand_secs=${BENCH_RAND_SECS:-10}
-qd=${BENCH_QD:-16}
-bs_str=${BENCH_BS:-4k}
-randio=${BENCH_RANDIO:-auto}
-cbw_target=${BENCH_CBW_TARGET:-auto}
-cbw_speed_str=${BENCH_CBW_SPEED:-auto}
-servers=${BENCH_DAEMONS:-qsd tidemark}
-verify=${BENCH_VERIFY:-1}
-start_timeout=${BENCH_START_TIMEOUT:-30}
-op_timeout=${BENCH_OP_TIMEOUT:-600}
-build_timeout=${BENCH_BUILD_TIMEOUT:-600}
-tidemark_bin=${TIDEMARK_BIN:-$repo/target/release/tidemark}
-py=/usr/bin/python3   # Debian's python has python3-libnbd; a pyenv python3 does not
-cluster=65536         # every image's cluster size, the bitmap granularity, the dirty write size
-
 # shellcheck source=benches/lib.sh
 . "$here/lib.sh"
+daemon_knobs   # the knobs live.sh takes too: BENCH_SIZE ... TIDEMARK_BIN
 
-size=$(to_bytes "$size_str") || die "bad BENCH_SIZE: $size_str"
+inc_size_str=${BENCH_INC_SIZE:-64G}
+inc_every=${BENCH_INC_EVERY:-100}
+cbw_target=${BENCH_CBW_TARGET:-auto}
+cbw_speed_str=${BENCH_CBW_SPEED:-auto}
+cluster=65536         # every image's cluster size, the bitmap granularity, the dirty write size
+
 inc_size=$(to_bytes "$inc_size_str") || die "bad BENCH_INC_SIZE: $inc_size_str"
-bs=$(to_bytes "$bs_str") || die "bad BENCH_BS: $bs_str"
-[[ $rand_secs =~ ^[1-9][0-9]*$ && $qd =~ ^[1-9][0-9]*$ ]] || die "BENCH_RAND_SECS and BENCH_QD must be positive integers"
 [[ $inc_every =~ ^[1-9][0-9]*$ ]] || die "BENCH_INC_EVERY must be a positive integer"
-[[ "$start_timeout $op_timeout $build_timeout" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*$ ]] ||
-    die "BENCH_START_TIMEOUT, BENCH_OP_TIMEOUT and BENCH_BUILD_TIMEOUT must be positive integers"
-[[ $verify == [01] ]] || die "BENCH_VERIFY must be 0 or 1"
-((size >= 1 << 20 && size % (1 << 20) == 0)) || die "BENCH_SIZE must be a multiple of 1 MiB"
 ((inc_size % cluster == 0 && inc_size / cluster >= inc_every)) || die "BENCH_INC_SIZE too small or not a multiple of 64 KiB"
-((size >= bs)) || die "BENCH_SIZE smaller than BENCH_BS"
-if [[ $cbw_speed_str == auto ]]; then
-    cbw_speed=$((size / (64 * rand_secs) / cluster * cluster))
-    ((cbw_speed >= cluster)) || cbw_speed=$cluster
-else
-    cbw_speed=$(to_bytes "$cbw_speed_str") || die "bad BENCH_CBW_SPEED: $cbw_speed_str"
-    ((cbw_speed > 0)) || die "BENCH_CBW_SPEED must be positive"
-fi
+cbw_speed=$(job_speed BENCH_CBW_SPEED "$cbw_speed_str") || exit 1
 [[ $cbw_target =~ ^(auto|null-co|qcow2)$ ]] || die "BENCH_CBW_TARGET must be auto, null-co or qcow2"
-for t in qemu-img qemu-io nbdinfo numfmt timeout jq; do
-    command -v "$t" >/dev/null || die "$t not found (Debian: apt-get install qemu-utils libnbd-bin coreutils jq)"
-done
-[[ -x $py ]] || die "$py not found"
 select_randio
 
 # ---- temp dir and cleanup -------------------------------------------------
@@ -105,51 +76,11 @@ inc=$tmp/inc.qcow2      # BENCH_INC_SIZE, empty; made afresh for each daemon
 # ---- tidemark build ------------------------------------------------------
 
 declare -A note    # per-daemon reasons for n/a cells and anomalies
-build_failed=
-if [[ " $servers " == *" tidemark "* && -z ${BENCH_NO_BUILD:-} ]]; then
-    log "cargo build --release (log: $tmp/cargo.log)"
-    if ! (cd "$repo" && cargo build --release) >"$tmp/cargo.log" 2>&1; then
-        note[tidemark]="cargo build --release failed"
-        build_failed=1
-        tail -n 15 "$tmp/cargo.log" >&2
-    fi
-fi
+build_tidemark
 
 # ---- the source image ------------------------------------------------------
-# A 64 MiB random chunk written over and over (qemu-io `write -s`, cache=unsafe,
-# one sync at the end, untimed): every cluster allocated, no zero runs, so
-# neither daemon can skip or zero-detect anything.
 
-qemu_io() { # qemu_io CMDS ARGS...: qemu-io ARGS with the commands in file CMDS
-    local cmds=$1 out=$tmp/qemu-io.out
-    shift
-    # shellcheck disable=SC2016 # expanded by the inner sh
-    run "$build_timeout" sh -c 'o=$1; shift; qemu-io "$@" <"$0" >"$o" 2>&1' "$cmds" "$out" "$@" ||
-        { tail -n 5 "$out" >&2; return 1; }
-    # qemu-io's exit status does not reflect failed commands: look for errors
-    if grep -qiE 'error|failed|invalid' "$out"; then
-        grep -iE -m 5 'error|failed|invalid' "$out" >&2
-        return 1
-    fi
-}
-
-allocated() { qemu-img check -U --output=json "$1" 2>/dev/null | jq -e '."allocated-clusters"'; }
-
-t_build=$EPOCHREALTIME
-log "creating the $size_str qcow2 source, every cluster written"
-qemu-img create -q -f qcow2 -o cluster_size=$cluster "$src" "$size" || die "qemu-img create failed"
-head -c $((64 << 20)) /dev/urandom >"$tmp/chunk"
-awk -v size="$size" 'BEGIN {
-    for (o = 0; o < size; o += 64 * 1048576)
-        printf "write -q -s CHUNK %.0f %.0f\n", o, (size - o < 64 * 1048576 ? size - o : 64 * 1048576)
-}' | sed "s|CHUNK|$tmp/chunk|" >"$tmp/cmds"
-qemu_io "$tmp/cmds" -t unsafe -f qcow2 "$src" || die "qemu-io on $src failed"
-rm -f "$tmp/chunk" "$tmp/cmds"
-got=$(allocated "$src") || die "qemu-img check $src failed"
-((got == size / cluster)) || die "$src has $got clusters allocated, expected $((size / cluster))"
-sync
-t_build=$(awk -v a="$t_build" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
-log "source ready in ${t_build}s"
+make_source "$src"
 
 # The incremental row's dirty writes: one cluster at a seeded random place in
 # every group of BENCH_INC_EVERY, each with its own (seeded) byte pattern, as
@@ -166,25 +97,10 @@ awk -v n="$n_dirty" -v every="$inc_every" -v c="$cluster" 'BEGIN {
 # ---- daemons ---------------------------------------------------------------
 
 serve_img=
-qmp=
-qemu_opt() { printf '%s' "${1//,/,,}"; }   # a path inside a qemu option value
 server_cmd() { # server_cmd NAME SOCKET: sets cmd (and qmp, the monitor socket); serves $serve_img
-    local base=${2%.sock}
-    case $1 in
-    qsd) cmd=(qemu-storage-daemon) ;;
-    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" daemon) ;;
-    *) die "unknown daemon $1" ;;
-    esac
-    qmp=$base.qmp
-    rm -f "$qmp" "$base.pid"
-    cmd+=(--chardev "socket,id=qmp0,path=$(qemu_opt "$qmp"),server=on,wait=off" --monitor chardev=qmp0
-        --blockdev "driver=file,node-name=srcf,filename=$(qemu_opt "$serve_img")"
+    daemon_cmd "$1" "$2" --blockdev "driver=file,node-name=srcf,filename=$(qemu_opt "$serve_img")" \
         --blockdev "driver=qcow2,node-name=src,file=srcf"
-        --nbd-server "addr.type=unix,addr.path=$(qemu_opt "$2")"
-        --export "type=nbd,id=e0,node-name=src,name=,writable=on"
-        --pidfile "$base.pid")
 }
-daemon_line="--chardev socket,id=qmp0,path=QMP,server=on,wait=off --monitor chardev=qmp0 --blockdev driver=file,node-name=srcf,filename=IMG --blockdev driver=qcow2,node-name=src,file=srcf --nbd-server addr.type=unix,addr.path=SOCK --export type=nbd,id=e0,node-name=src,name=,writable=on --pidfile PID"
 
 # Before each daemon start: write back what the previous one left dirty, and
 # read the source once, so that every daemon starts with the same warm cache.
@@ -193,65 +109,12 @@ prepare_cache() {
     cat "$src" >/dev/null
 }
 
-# qmp_run OUT STEP...: benches/qmp_job.py on the daemon's monitor, its JSON in
-# OUT; fails (with qerr set to the QMP error text) unless it succeeded.
-qerr=
-qmp_run() {
-    local out=$1
-    shift
-    qerr=
-    # shellcheck disable=SC2016 # expanded by the inner sh
-    if run $((op_timeout + 30)) sh -c '"$@" >"$0"' "$out" "$py" "$here/qmp_job.py" "$qmp" \
-        --timeout "$op_timeout" "$@" && jq -e .ok "$out" >/dev/null 2>&1; then
-        return 0
-    fi
-    qerr=$(jq -r '"\(.failed): \(.error.desc)"' "$out" 2>/dev/null) || qerr="qmp_job.py failed"
-    [[ -n $qerr ]] || qerr="qmp_job.py failed"
-    return 1
-}
-
-# The blockdev-add arguments of a target node (NAME) of KIND, a file for qcow2.
-target_args() { # target_args KIND NAME SIZE [FILE]
-    if [[ $1 == null-co ]]; then
-        jq -cn --arg n "$2" --argjson s "$3" '{driver: "null-co", "node-name": $n, size: $s, "read-zeroes": false}'
-    else
-        jq -cn --arg n "$2" --arg f "$4" '{driver: "qcow2", "node-name": $n, file: {driver: "file", filename: $f}}'
-    fi
-}
-
 # Checks a finished job's BLOCK_JOB_COMPLETED data in OUT: offset == len == WANT.
 check_done() { # check_done SERVER ROW OUT WANT
     local off len
     off=$(jq -r '.event.offset' "$3") len=$(jq -r '.event.len' "$3")
     [[ $off == "$4" && $len == "$4" ]] ||
         add_note "$1" "$2: BLOCK_JOB_COMPLETED has offset $off, len $len, expected $4 for both"
-}
-
-# Compares a target with its source (untimed; -U: the daemon still holds the source).
-same_image() { # same_image SRC TARGET
-    [[ $verify == 1 ]] || return 0
-    run "$op_timeout" qemu-img compare -U -q -f qcow2 -F qcow2 "$1" "$2"
-}
-
-add_note() { note[$1]="${note[$1]:+${note[$1]}; }$2"; }
-
-# record SERVER ROW: stores $v, or notes the failure with $why
-record() {
-    if [[ -n ${v:-} ]]; then
-        res[$1,$2]=$v
-        log "$1: $2 = $v"
-    else
-        log "$1: $2 failed${why:+: $why}"
-        add_note "$1" "$2: ${why:-failed}"
-        [[ -n $srv_pid ]] && ! kill -0 "$srv_pid" 2>/dev/null && note[$1]+=" (daemon died)"
-    fi
-}
-
-# stop_daemon SERVER: SIGTERM (lib.sh: SIGKILL after 15 s); notes a slow exit
-stop_daemon() {
-    local t0=$SECONDS
-    stop_server
-    ((SECONDS - t0 < 14)) || add_note "$1" "did not exit within 15 s of SIGTERM (killed)"
 }
 
 # ---- rows: each sets v (or why) --------------------------------------------
@@ -325,11 +188,8 @@ t_runs=$EPOCHREALTIME
 for s in $servers; do
     [[ $s == tidemark && -n $build_failed ]] && { log "tidemark: skipped (${note[tidemark]})"; continue; }
 
-    log "$s: preparing page cache"
-    prepare_cache
     serve_img=$src
-    log "$s: starting on the $size_str source"
-    if start_server "$s" full; then
+    if start_daemon "$s" full "the $size_str source"; then
         log "$s: full backup into a fresh qcow2"
         full_backup "$s" qcow2 full_qcow2; record "$s" full_qcow2
         log "$s: full backup into null-co"
@@ -342,7 +202,6 @@ for s in $servers; do
         fi
         stop_daemon "$s"
     else
-        log "$s: ${note[$s]}"
         continue
     fi
 
@@ -384,11 +243,8 @@ log "copy-before-write rows: backup into $cbw_target at $(numfmt --to=iec "$cbw_
 # Pass 2: row 4, one daemon at a time.
 for s in $servers; do
     [[ $s == tidemark && -n $build_failed ]] && continue
-    log "$s: preparing page cache"
-    prepare_cache
     serve_img=$src
-    log "$s: starting on the $size_str source"
-    start_server "$s" cbw || { log "$s: ${note[$s]}"; continue; }
+    start_daemon "$s" cbw "the $size_str source" || continue
 
     log "$s: $bs_str random writes, QD $qd, no backup"
     v='' why=''
@@ -430,24 +286,15 @@ for s in $servers; do
     fi
     record "$s" cbw_during
     rm -f "$t"
-    if [[ -n ${res[$s,cbw_during]:-} && -n ${res[$s,cbw_without]:-} ]]; then
-        res[$s,cbw_ratio]=$(awk -v a="${res[$s,cbw_during]}" -v b="${res[$s,cbw_without]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }')
-    fi
+    ratio_row "$s" cbw_ratio cbw_during cbw_without
     stop_daemon "$s"
 done
-t_runs=$(awk -v a="$t_runs" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
+t_runs=$(secs_since "$t_runs")
 log "runs done in ${t_runs}s"
 
 # ---- report --------------------------------------------------------------
 
-commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
-[[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && commit+="+dirty"
-
-ratio_qsd() { # ratio_qsd SERVER ROW -> SERVER / qsd
-    local a=${res[$1,$2]:-} b=${res[qsd,$2]:-}
-    [[ -n $a && -n $b ]] || { echo n/a; return; }
-    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'
-}
+commit=$(checkout_id)
 
 declare -A label=(
     [full_qcow2]="full backup of the $(numfmt --to=iec "$size") qcow2 → fresh qcow2 (MiB/s)"
@@ -471,13 +318,8 @@ cat <<EOF
 - backup rows: QMP (benches/qmp_job.py) \`blockdev-add\` of the target (a fresh \`qemu-img create\` qcow2, or null-co with read-zeroes=off), untimed; then timed from sending \`blockdev-backup\` (sync=full, or sync=incremental bitmap=b0) to BLOCK_JOB_COMPLETED; $([[ $verify == 1 ]] && echo "each qcow2 target then compared with its source (qemu-img compare), a mismatch makes the cell n/a" || echo "targets not verified (BENCH_VERIFY=0)")
 - row 4: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s, uniform over the whole source; first without a job, then right after \`blockdev-backup sync=full speed=$cbw_speed\` into $cbw_target (then cancelled); the first write to each 64 KiB cluster copies it out first, so the cost falls as the load goes on
 
-| row | qsd | tidemark | tidemark / qsd |
-|---|---:|---:|---:|
 EOF
-for row in "${rows[@]}"; do
-    printf '| %s | %s | %s | %s |\n' "${label[$row]}" "$(cell qsd "$row")" "$(cell tidemark "$row")" "$(ratio_qsd tidemark "$row")"
-done
-base_table "${rows[@]}"
+qsd_table "${rows[@]}"
 echo
 echo "Ratios are tidemark / qsd: above 1x is better for MiB/s, IOPS and during / without, below 1x for seconds."
 echo
@@ -492,10 +334,5 @@ done
 for s in qsd tidemark; do
     [[ -f $tmp/$s-events.txt ]] && echo "- $s: events of the full qcow2 backup: $(cat "$tmp/$s-events.txt")"
 done
-for s in $servers; do
-    [[ -n ${note[$s]:-} ]] && echo "- $s: ${note[$s]}"
-done
-for s in qsd tidemark; do
-    [[ " $servers " != *" $s "* ]] && echo "- $s: not run (BENCH_DAEMONS)"
-done
+daemon_notes
 exit 0

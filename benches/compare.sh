@@ -79,13 +79,7 @@ src=$tmp/source.raw
 # ---- tidemark build ------------------------------------------------------
 
 declare -A note    # per-server reason for an n/a column
-if [[ " $servers " == *" tidemark "* && -z ${BENCH_NO_BUILD:-} ]]; then
-    log "cargo build --release (log: $tmp/cargo.log)"
-    if ! (cd "$repo" && cargo build --release) >"$tmp/cargo.log" 2>&1; then
-        note[tidemark]="cargo build --release failed"
-        tail -n 15 "$tmp/cargo.log" >&2
-    fi
-fi
+build_tidemark
 
 log "creating $size_str image and $wsize_str write source in $tmp"
 fill "$img" "$size"
@@ -178,8 +172,7 @@ done
 
 # ---- report --------------------------------------------------------------
 
-commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
-[[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && commit+="+dirty"
+commit=$(checkout_id)
 
 cat <<EOF
 ## tidemark vs qemu-nbd vs nbdkit

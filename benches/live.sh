@@ -51,57 +51,28 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-size_str=${BENCH_SIZE:-4G}
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
+daemon_knobs   # the knobs backup.sh takes too: BENCH_SIZE ... TIDEMARK_BIN
+
 commit_size_str=${BENCH_COMMIT_SIZE:-2G}
 mirror_kind=${BENCH_MIRROR:-blockdev}
-rand_secs=${BENCH_RAND_SECS:-10}
-qd=${BENCH_QD:-16}
-bs_str=${BENCH_BS:-4k}
-randio=${BENCH_RANDIO:-auto}
 wb_target=${BENCH_WB_TARGET:-qcow2}
 wb_speed_str=${BENCH_WB_SPEED:-auto}
 groups=${BENCH_ROWS:-mirror commit wb}
-servers=${BENCH_DAEMONS:-qsd tidemark}
-verify=${BENCH_VERIFY:-1}
-start_timeout=${BENCH_START_TIMEOUT:-30}
-op_timeout=${BENCH_OP_TIMEOUT:-600}
-build_timeout=${BENCH_BUILD_TIMEOUT:-600}
-tidemark_bin=${TIDEMARK_BIN:-$repo/target/release/tidemark}
-py=/usr/bin/python3   # Debian's python has python3-libnbd; a pyenv python3 does not
 cluster=65536         # every image's cluster size
 piece=$((1 << 20))    # row b's overlay is written in pieces of this size
 
-# shellcheck source=benches/lib.sh
-. "$here/lib.sh"
-
-size=$(to_bytes "$size_str") || die "bad BENCH_SIZE: $size_str"
 commit_size=$(to_bytes "$commit_size_str") || die "bad BENCH_COMMIT_SIZE: $commit_size_str"
-bs=$(to_bytes "$bs_str") || die "bad BENCH_BS: $bs_str"
-[[ $rand_secs =~ ^[1-9][0-9]*$ && $qd =~ ^[1-9][0-9]*$ ]] || die "BENCH_RAND_SECS and BENCH_QD must be positive integers"
-[[ "$start_timeout $op_timeout $build_timeout" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*$ ]] ||
-    die "BENCH_START_TIMEOUT, BENCH_OP_TIMEOUT and BENCH_BUILD_TIMEOUT must be positive integers"
-[[ $verify == [01] ]] || die "BENCH_VERIFY must be 0 or 1"
 [[ $mirror_kind =~ ^(blockdev|drive)$ ]] || die "BENCH_MIRROR must be blockdev or drive"
 [[ $wb_target =~ ^(qcow2|null-co)$ ]] || die "BENCH_WB_TARGET must be qcow2 or null-co"
 for g in $groups; do [[ $g =~ ^(mirror|commit|wb)$ ]] || die "BENCH_ROWS: unknown row group $g (mirror, commit, wb)"; done
-((size >= 1 << 20 && size % (1 << 20) == 0)) || die "BENCH_SIZE must be a multiple of 1 MiB"
-((size >= bs)) || die "BENCH_SIZE smaller than BENCH_BS"
 n_pieces=$((commit_size / piece))
 ((commit_size % piece == 0 && n_pieces >= 1 && commit_size <= size && size % n_pieces == 0 &&
     size / n_pieces % cluster == 0)) ||
     die "BENCH_COMMIT_SIZE must be a multiple of 1 MiB, at most BENCH_SIZE, and split BENCH_SIZE into 64 KiB-aligned strides"
 stride=$((size / n_pieces))
-if [[ $wb_speed_str == auto ]]; then
-    wb_speed=$((size / (64 * rand_secs) / cluster * cluster))
-    ((wb_speed >= cluster)) || wb_speed=$cluster
-else
-    wb_speed=$(to_bytes "$wb_speed_str") || die "bad BENCH_WB_SPEED: $wb_speed_str"
-    ((wb_speed > 0)) || die "BENCH_WB_SPEED must be positive"
-fi
-for t in qemu-img qemu-io nbdinfo numfmt timeout jq; do
-    command -v "$t" >/dev/null || die "$t not found (Debian: apt-get install qemu-utils libnbd-bin coreutils jq)"
-done
-[[ -x $py ]] || die "$py not found"
+wb_speed=$(job_speed BENCH_WB_SPEED "$wb_speed_str") || exit 1
 [[ " $groups " == *" wb "* ]] && select_randio
 has() { [[ " $groups " == *" $1 "* ]]; }
 
@@ -123,51 +94,11 @@ ovl=$tmp/overlay.qcow2   # row b: over $src, BENCH_COMMIT_SIZE written; made afr
 # ---- tidemark build ------------------------------------------------------
 
 declare -A note    # per-daemon reasons for n/a cells and anomalies
-build_failed=
-if [[ " $servers " == *" tidemark "* && -z ${BENCH_NO_BUILD:-} ]]; then
-    log "cargo build --release (log: $tmp/cargo.log)"
-    if ! (cd "$repo" && cargo build --release) >"$tmp/cargo.log" 2>&1; then
-        note[tidemark]="cargo build --release failed"
-        build_failed=1
-        tail -n 15 "$tmp/cargo.log" >&2
-    fi
-fi
+build_tidemark
 
 # ---- images ----------------------------------------------------------------
 
-qemu_io() { # qemu_io CMDS ARGS...: qemu-io ARGS with the commands in file CMDS
-    local cmds=$1 out=$tmp/qemu-io.out
-    shift
-    # shellcheck disable=SC2016 # expanded by the inner sh
-    run "$build_timeout" sh -c 'o=$1; shift; qemu-io "$@" <"$0" >"$o" 2>&1' "$cmds" "$out" "$@" ||
-        { tail -n 5 "$out" >&2; return 1; }
-    # qemu-io's exit status does not reflect failed commands: look for errors
-    if grep -qiE 'error|failed|invalid' "$out"; then
-        grep -iE -m 5 'error|failed|invalid' "$out" >&2
-        return 1
-    fi
-}
-
-allocated() { qemu-img check -U --output=json "$1" 2>/dev/null | jq -e '."allocated-clusters"'; }
-
-# The source: a 64 MiB random chunk written over and over (qemu-io `write -s`,
-# cache=unsafe, one sync at the end, untimed): every cluster allocated, no
-# zero runs, so no daemon can skip or zero-detect anything.
-t_build=$EPOCHREALTIME
-log "creating the $size_str qcow2 source, every cluster written"
-qemu-img create -q -f qcow2 -o cluster_size=$cluster "$src" "$size" || die "qemu-img create failed"
-head -c $((64 << 20)) /dev/urandom >"$tmp/chunk"
-awk -v size="$size" 'BEGIN {
-    for (o = 0; o < size; o += 64 * 1048576)
-        printf "write -q -s CHUNK %.0f %.0f\n", o, (size - o < 64 * 1048576 ? size - o : 64 * 1048576)
-}' | sed "s|CHUNK|$tmp/chunk|" >"$tmp/cmds"
-qemu_io "$tmp/cmds" -t unsafe -f qcow2 "$src" || die "qemu-io on $src failed"
-rm -f "$tmp/chunk" "$tmp/cmds"
-got=$(allocated "$src") || die "qemu-img check $src failed"
-((got == size / cluster)) || die "$src has $got clusters allocated, expected $((size / cluster))"
-sync
-t_build=$(awk -v a="$t_build" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
-log "source ready in ${t_build}s"
+make_source "$src"
 
 # make_overlay: a fresh overlay over $src with one 1 MiB piece at the start of
 # every stride, all from a new random 1 MiB (so that it differs from what the
@@ -188,32 +119,17 @@ make_overlay() {
 # ---- daemons ---------------------------------------------------------------
 
 layout=plain   # plain: the source alone; chain: the overlay over the source (row b)
-qmp=
-qemu_opt() { printf '%s' "${1//,/,,}"; }   # a path inside a qemu option value
 server_cmd() { # server_cmd NAME SOCKET: sets cmd (and qmp, the monitor socket)
-    local base=${2%.sock}
-    case $1 in
-    qsd) cmd=(qemu-storage-daemon) ;;
-    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" daemon) ;;
-    *) die "unknown daemon $1" ;;
-    esac
-    qmp=$base.qmp
-    rm -f "$qmp" "$base.pid"
-    cmd+=(--chardev "socket,id=qmp0,path=$(qemu_opt "$qmp"),server=on,wait=off" --monitor chardev=qmp0)
     if [[ $layout == plain ]]; then
-        cmd+=(--blockdev "driver=file,node-name=srcf,filename=$(qemu_opt "$src")"
-            --blockdev "driver=qcow2,node-name=src,file=srcf")
+        daemon_cmd "$1" "$2" --blockdev "driver=file,node-name=srcf,filename=$(qemu_opt "$src")" \
+            --blockdev "driver=qcow2,node-name=src,file=srcf"
     else
-        cmd+=(--blockdev "driver=file,node-name=basef,filename=$(qemu_opt "$src")"
-            --blockdev "driver=qcow2,node-name=base,file=basef"
-            --blockdev "driver=file,node-name=topf,filename=$(qemu_opt "$ovl")"
-            --blockdev "driver=qcow2,node-name=src,file=topf,backing=base")
+        daemon_cmd "$1" "$2" --blockdev "driver=file,node-name=basef,filename=$(qemu_opt "$src")" \
+            --blockdev "driver=qcow2,node-name=base,file=basef" \
+            --blockdev "driver=file,node-name=topf,filename=$(qemu_opt "$ovl")" \
+            --blockdev "driver=qcow2,node-name=src,file=topf,backing=base"
     fi
-    cmd+=(--nbd-server "addr.type=unix,addr.path=$(qemu_opt "$2")"
-        --export "type=nbd,id=e0,node-name=src,name=,writable=on"
-        --pidfile "$base.pid")
 }
-daemon_line="--chardev socket,id=qmp0,path=QMP,server=on,wait=off --monitor chardev=qmp0 --blockdev driver=file,node-name=srcf,filename=IMG --blockdev driver=qcow2,node-name=src,file=srcf --nbd-server addr.type=unix,addr.path=SOCK --export type=nbd,id=e0,node-name=src,name=,writable=on --pidfile PID"
 chain_line="--blockdev driver=file,node-name=basef,filename=IMG --blockdev driver=qcow2,node-name=base,file=basef --blockdev driver=file,node-name=topf,filename=OVERLAY --blockdev driver=qcow2,node-name=src,file=topf,backing=base"
 
 # Before each daemon start: write back what the previous one left dirty, and
@@ -223,59 +139,6 @@ prepare_cache() {
     cat "$src" >/dev/null
     [[ $layout == chain ]] && cat "$ovl" >/dev/null
     return 0
-}
-
-# qmp_run OUT STEP...: benches/qmp_job.py on the daemon's monitor, its JSON in
-# OUT; fails (with qerr set to the QMP error text) unless it succeeded.
-qerr=
-qmp_run() {
-    local out=$1
-    shift
-    qerr=
-    # shellcheck disable=SC2016 # expanded by the inner sh
-    if run $((op_timeout + 30)) sh -c '"$@" >"$0"' "$out" "$py" "$here/qmp_job.py" "$qmp" \
-        --timeout "$op_timeout" "$@" && jq -e .ok "$out" >/dev/null 2>&1; then
-        return 0
-    fi
-    qerr=$(jq -r '"\(.failed): \(.error.desc)"' "$out" 2>/dev/null) || qerr="qmp_job.py failed"
-    [[ -n $qerr ]] || qerr="qmp_job.py failed"
-    return 1
-}
-
-# The blockdev-add arguments of a target node (NAME) of KIND, a file for qcow2.
-target_args() { # target_args KIND NAME SIZE [FILE]
-    if [[ $1 == null-co ]]; then
-        jq -cn --arg n "$2" --argjson s "$3" '{driver: "null-co", "node-name": $n, size: $s, "read-zeroes": false}'
-    else
-        jq -cn --arg n "$2" --arg f "$4" '{driver: "qcow2", "node-name": $n, file: {driver: "file", filename: $f}}'
-    fi
-}
-
-# Compares two images (untimed; -U: the daemon still holds them).
-same_image() { # same_image A B
-    [[ $verify == 1 ]] || return 0
-    run "$op_timeout" qemu-img compare -U -q -f qcow2 -F qcow2 "$1" "$2"
-}
-
-add_note() { note[$1]="${note[$1]:+${note[$1]}; }$2"; }
-
-# record SERVER ROW: stores $v, or notes the failure with $why
-record() {
-    if [[ -n ${v:-} ]]; then
-        res[$1,$2]=$v
-        log "$1: $2 = $v"
-    else
-        log "$1: $2 failed${why:+: $why}"
-        add_note "$1" "$2: ${why:-failed}"
-        [[ -n $srv_pid ]] && ! kill -0 "$srv_pid" 2>/dev/null && note[$1]+=" (daemon died)"
-    fi
-}
-
-# stop_daemon SERVER: SIGTERM (lib.sh: SIGKILL after 15 s); notes a slow exit
-stop_daemon() {
-    local t0=$SECONDS
-    stop_server
-    ((SECONDS - t0 < 14)) || add_note "$1" "did not exit within 15 s of SIGTERM (killed)"
 }
 
 secs_of() { jq -r '.secs' "$1"; }
@@ -348,6 +211,29 @@ commit_rows() { # commit_rows SERVER
     fi
 }
 
+# job_group SERVER GROUP BYTES WHAT DOES: the row group of a job that reaches
+# READY (GROUP mirror or commit): the daemon started on WHAT, the group's
+# rows (mirror_rows or commit_rows, which DOES), then the rows GROUP_ready,
+# GROUP_complete and GROUP_mibps (BYTES over both phases).
+job_group() {
+    local ok
+    start_daemon "$1" "$2" "$4" || return 0
+    log "$1: $5"
+    case $2 in
+    mirror) mirror_rows "$1" ;;
+    commit) commit_rows "$1" ;;
+    esac
+    ok=$?
+    if ((ok == 0)); then
+        v=$(round3 "$ready_s"); record "$1" "${2}_ready"
+        v=$(round3 "$done_s"); record "$1" "${2}_complete"
+        v=$(mibps_of "$3" "$(awk -v a="$ready_s" -v b="$done_s" 'BEGIN { print a + b }')"); record "$1" "${2}_mibps"
+    else
+        v=''; record "$1" "${2}_ready"
+    fi
+    stop_daemon "$1"
+}
+
 # (c) random writes during a speed-limited mirror in copy-mode MODE
 wb_during() { # wb_during SERVER MODE
     local t=$tmp/wb-target-$1.qcow2 job args
@@ -401,83 +287,39 @@ for s in $servers; do
 
     if has mirror; then
         layout=plain
-        log "$s: preparing page cache"
-        prepare_cache
-        log "$s: starting on the $size_str source"
-        if start_server "$s" mirror; then
-            log "$s: $mirror_kind-mirror sync=full into a fresh qcow2"
-            if mirror_rows "$s"; then
-                v=$(round3 "$ready_s"); record "$s" mirror_ready
-                v=$(round3 "$done_s"); record "$s" mirror_complete
-                v=$(mibps_of "$size" "$(awk -v a="$ready_s" -v b="$done_s" 'BEGIN { print a + b }')"); record "$s" mirror_mibps
-            else
-                v=''; record "$s" mirror_ready
-            fi
-            stop_daemon "$s"
-        else
-            log "$s: ${note[$s]}"
-        fi
+        job_group "$s" mirror "$size" "the $size_str source" "$mirror_kind-mirror sync=full into a fresh qcow2"
     fi
 
     if has commit; then
         layout=chain
         log "$s: a fresh overlay with $commit_size_str allocated (setup)"
         make_overlay || die "could not build $ovl"
-        log "$s: preparing page cache"
-        prepare_cache
-        log "$s: starting on the overlay over the source"
-        if start_server "$s" commit; then
-            log "$s: active block-commit of the overlay"
-            if commit_rows "$s"; then
-                v=$(round3 "$ready_s"); record "$s" commit_ready
-                v=$(round3 "$done_s"); record "$s" commit_complete
-                v=$(mibps_of "$commit_size" "$(awk -v a="$ready_s" -v b="$done_s" 'BEGIN { print a + b }')"); record "$s" commit_mibps
-            else
-                v=''; record "$s" commit_ready
-            fi
-            stop_daemon "$s"
-        else
-            log "$s: ${note[$s]}"
-        fi
+        job_group "$s" commit "$commit_size" "the overlay over the source" "active block-commit of the overlay"
         rm -f "$ovl"
         layout=plain
     fi
 
     if has wb; then
         layout=plain
-        log "$s: preparing page cache"
-        prepare_cache
-        log "$s: starting on the $size_str source"
-        if start_server "$s" wb; then
+        if start_daemon "$s" wb "the $size_str source"; then
             log "$s: $bs_str random writes, QD $qd, no job"
             v='' why=''
             rand_io write || v=
             why="random writes failed"; record "$s" wb_without
             for mode in background write-blocking; do
                 wb_during "$s" "$mode"; record "$s" "wb_$mode"
-                if [[ -n ${res[$s,wb_$mode]:-} && -n ${res[$s,wb_without]:-} ]]; then
-                    res[$s,wb_${mode}_ratio]=$(awk -v a="${res[$s,wb_$mode]}" -v b="${res[$s,wb_without]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }')
-                fi
+                ratio_row "$s" "wb_${mode}_ratio" "wb_$mode" wb_without
             done
             stop_daemon "$s"
-        else
-            log "$s: ${note[$s]}"
         fi
     fi
 done
-t_runs=$(awk -v a="$t_runs" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
+t_runs=$(secs_since "$t_runs")
 log "runs done in ${t_runs}s"
 
 # ---- report --------------------------------------------------------------
 
-commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
-[[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && commit+="+dirty"
-
-ratio_qsd() { # ratio_qsd SERVER ROW -> SERVER / qsd
-    local a=${res[$1,$2]:-} b=${res[qsd,$2]:-}
-    [[ -n $a && -n $b ]] || { echo n/a; return; }
-    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'
-}
+commit=$(checkout_id)
 
 hsize=$(numfmt --to=iec "$size") hcommit=$(numfmt --to=iec "$commit_size") hspeed=$(numfmt --to=iec "$wb_speed")
 declare -A label=(
@@ -512,13 +354,8 @@ cat <<EOF
 - commit: a fresh overlay per daemon (\`qemu-img create -b\`), $n_pieces pieces of 1 MiB, one every $(numfmt --to=iec "$stride"), from a new random 1 MiB; \`block-commit\` with top = the active layer; the base is then $([[ $verify == 1 ]] && echo "compared with the overlay chain" || echo "not verified")
 - random writes: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s, uniform over the whole source; first without a job, then right after \`blockdev-mirror sync=full speed=$wb_speed\` into a fresh $wb_target target, once per copy-mode (then \`block-job-cancel force=true\`); a cell is n/a unless the job is still \`running\` (not ready) when the load ends
 
-| row | qsd | tidemark | tidemark / qsd |
-|---|---:|---:|---:|
 EOF
-for row in "${rows[@]}"; do
-    printf '| %s | %s | %s | %s |\n' "${label[$row]}" "$(cell qsd "$row")" "$(cell tidemark "$row")" "$(ratio_qsd tidemark "$row")"
-done
-base_table "${rows[@]}"
+qsd_table "${rows[@]}"
 echo
 echo "Ratios are tidemark / qsd: above 1x is better for MiB/s, IOPS and the during / without rows, below 1x for seconds."
 echo
@@ -532,10 +369,5 @@ for s in qsd tidemark tidemark-base; do
         [[ -f $tmp/$s-$g-events.txt ]] && echo "- $s: events of the $g job: $(cat "$tmp/$s-$g-events.txt")"
     done
 done
-for s in $servers; do
-    [[ -n ${note[$s]:-} ]] && echo "- $s: ${note[$s]}"
-done
-for s in qsd tidemark; do
-    [[ " $servers " != *" $s "* ]] && echo "- $s: not run (BENCH_DAEMONS)"
-done
+daemon_notes
 exit 0

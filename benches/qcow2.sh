@@ -101,13 +101,7 @@ empty=$tmp/empty.qcow2   # BENCH_MAP_SIZE, nothing written (BENCH_EMPTY_OPTS)
 # ---- tidemark build ------------------------------------------------------
 
 declare -A note    # per-server reason for an n/a cell
-if [[ " $servers " == *" tidemark "* && -z ${BENCH_NO_BUILD:-} ]]; then
-    log "cargo build --release (log: $tmp/cargo.log)"
-    if ! (cd "$repo" && cargo build --release) >"$tmp/cargo.log" 2>&1; then
-        note[tidemark]="cargo build --release failed"
-        tail -n 15 "$tmp/cargo.log" >&2
-    fi
-fi
+build_tidemark
 
 # ---- test images -----------------------------------------------------------
 # Written with qemu-io (cache=unsafe: nothing is fsynced while building; one
@@ -116,17 +110,9 @@ fi
 # random data: qcow2 does not compress or zero-detect written clusters, so the
 # content does not matter, and a pattern is much cheaper to write.
 
-# qemu_io IMG SCRIPT: runs the qemu-io commands in SCRIPT against IMG.
-qemu_io() {
-    local out=$tmp/qemu-io.out
-    run "$build_timeout" sh -c 'qemu-io -t unsafe -f qcow2 "$0" <"$1" >"$2" 2>&1' "$1" "$2" "$out" ||
-        { tail -n 5 "$out" >&2; die "qemu-io on $1 failed"; }
-    # qemu-io's exit status does not reflect failed commands: look for errors
-    if grep -qiE 'error|failed|invalid' "$out"; then
-        grep -iE -m 5 'error|failed|invalid' "$out" >&2
-        die "qemu-io on $1 reported errors"
-    fi
-}
+# build_io IMG SCRIPT: runs the qemu-io commands in SCRIPT against IMG (lib.sh's
+# qemu_io: failed commands count too).
+build_io() { qemu_io "$2" -t unsafe -f qcow2 "$1" || die "qemu-io on $1 failed"; }
 
 # check_alloc IMG EXPECTED_CLUSTERS: qemu-img check is clean and counts them.
 check_alloc() {
@@ -149,7 +135,7 @@ awk -v size="$size" 'BEGIN {
     }
     print "aio_flush"
 }' >"$tmp/base.cmds"
-qemu_io "$base" "$tmp/base.cmds"
+build_io "$base" "$tmp/base.cmds"
 qcreate -b "$(basename "$base")" -F qcow2 "$top" "$size"
 awk -v size="$size" 'BEGIN {
     for (o = 0; o < size; o += 2 * 1048576) {
@@ -158,7 +144,7 @@ awk -v size="$size" 'BEGIN {
     }
     print "aio_flush"
 }' >"$tmp/top.cmds"
-qemu_io "$top" "$tmp/top.cmds"
+build_io "$top" "$tmp/top.cmds"
 check_alloc "$base" $(((size + cluster - 1) / cluster))
 check_alloc "$top" $(((size / (2 << 20)) * (((1 << 20) + cluster - 1) / cluster)))
 
@@ -179,7 +165,7 @@ awk -v n="$n_sparse" -v every="$map_every" -v c="$cluster" 'BEGIN {
     }
     print "aio_flush"
 }' >"$tmp/sparse.cmds"
-qemu_io "$sparse" "$tmp/sparse.cmds"
+build_io "$sparse" "$tmp/sparse.cmds"
 check_alloc "$sparse" "$n_sparse"
 rm -f "$tmp"/*.cmds
 log "syncing (untimed)"
@@ -239,18 +225,6 @@ map_row() {
     c1=$(cpu_ticks) || return 1
     wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
     cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$clk_tck" 'BEGIN { printf "%.2f", (b - a) / hz }')
-}
-
-# record SERVER ROW: stores $v, or notes the failure
-record() {
-    if [[ -n ${v:-} ]]; then
-        res[$1,$2]=$v
-        log "$1: $2 = $v"
-    else
-        log "$1: $2 failed"
-        note[$1]="${note[$1]:+${note[$1]}; }$2 failed"
-        [[ -n $srv_pid ]] && ! kill -0 "$srv_pid" 2>/dev/null && note[$1]+=" (server died)"
-    fi
 }
 
 # ---- the runs ------------------------------------------------------------
@@ -327,8 +301,7 @@ done
 
 # ---- report --------------------------------------------------------------
 
-commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
-[[ -n $(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && commit+="+dirty"
+commit=$(checkout_id)
 
 cat <<EOF
 ## tidemark vs qemu-nbd on qcow2

@@ -31,15 +31,13 @@ mod common;
 mod qmp_common;
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use common::{describe_failure, output, py_script, run, tool, PYTHON};
+use common::{describe_failure, output, run, tool, PyScript};
 use qmp_common::{qcow2_image, wait_child, Impl, Instance, Qmp};
 use serde_json::{json, Value};
 
@@ -286,54 +284,30 @@ fn assert_image_clean(img: &Path) {
 
 /// tests/py/backup_writer.py: runs until told to stop, then reports one
 /// line of JSON. Killed and reaped on drop.
-struct Writer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: PathBuf,
-}
+struct Writer(PyScript);
 
 impl Writer {
     fn spawn(uri: &str, dir: &Path) -> Writer {
-        let stderr = dir.join("writer.stderr");
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg(py_script("backup_writer.py"))
-            .arg(uri)
-            .arg(SEED.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).expect("writer stderr file"));
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("writer stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Writer {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            stderr,
-        }
+        let args = [uri.to_owned(), SEED.to_string()];
+        Writer(PyScript::spawn(
+            "backup_writer.py",
+            args,
+            dir.join("writer.stderr"),
+        ))
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.0.stderr()
     }
 
     /// Stops the writer and returns its report, in which "before" counts
     /// the commands acknowledged before `limit_us` (CLOCK_REALTIME, µs).
     fn stop(&mut self, limit_us: u64) -> Value {
-        if let Some(mut stdin) = self.stdin.take() {
+        if let Some(mut stdin) = self.0.stdin.take() {
             // A writer that died already shows below, with its stderr.
             let _ = writeln!(stdin, "stop {limit_us}").and_then(|()| stdin.flush());
         }
-        let line = match self.lines.recv_timeout(STEP_DEADLINE) {
+        let line = match self.0.lines.recv_timeout(STEP_DEADLINE) {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => panic!(
                 "writer: no report within {STEP_DEADLINE:?}; stderr:\n{}",
@@ -345,20 +319,13 @@ impl Writer {
             ),
         };
         assert!(
-            wait_child(&mut self.child, STEP_DEADLINE),
+            wait_child(&mut self.0.child, STEP_DEADLINE),
             "writer: no exit after its report; stderr:\n{}",
             self.stderr()
         );
-        let st = self.child.wait().expect("writer status");
+        let st = self.0.child.wait().expect("writer status");
         assert!(st.success(), "writer: {st}; stderr:\n{}", self.stderr());
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("writer report {line:?}: {e}"))
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

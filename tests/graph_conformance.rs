@@ -26,34 +26,24 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use qmp_common::{normalise, wait_for_path, DirWatch, Impl, Qmp, TIDEMARK};
-use scenario::{compare, contains, run_tool, Filter, Suite};
+use scenario::{compare, contains, run_tool, Filter};
 use serde_json::{json, Value};
-
-const SUITE: Suite = Suite {
-    env: "GRAPH_CONFORMANCE",
-};
 
 /// How long a `serve` gets to announce its socket.
 const START_DEADLINE: Duration = Duration::from_secs(20);
 
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                SUITE.run(stringify!($name));
-            }
-        )*
-    };
+scenario::conformance_suite! {
+    env: "GRAPH_CONFORMANCE",
+    files: "graph_",
+    every_file: every_graph_scenario_file_runs,
+    scenarios: [
+        graph_fleecing_raw,
+        graph_fleecing_qcow2,
+        graph_backing_null,
+        graph_chain,
+        graph_reopen,
+    ],
 }
-
-scenarios!(
-    graph_fleecing_raw,
-    graph_fleecing_qcow2,
-    graph_backing_null,
-    graph_chain,
-    graph_reopen,
-);
 
 // ---------------------------------------------------------------- serve
 

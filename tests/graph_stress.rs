@@ -30,16 +30,16 @@
 mod common;
 mod qmp_common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{describe_failure, output, py_script, signal, tool, PYTHON};
+use common::{describe_failure, output, signal, tool, PyScript};
 use qmp_common::{qcow2_image, wait_child, Impl, Instance, Qmp};
 use serde_json::{json, Value};
 
@@ -54,52 +54,29 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 // ---- a load script on a pipe ----------------------------------------------
 
-/// A tests/py load script: lines to its stdin, lines from its stdout (read
-/// by a thread, so every wait has a deadline), stderr kept in a file for
-/// failure messages. Killed and reaped on drop.
+/// A tests/py load script (common::PyScript: stdout read by a thread, so
+/// every wait has a deadline; stderr kept in a file for failure messages;
+/// killed and reaped on drop), named in its failure messages.
 struct Script {
     name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: PathBuf,
+    p: PyScript,
 }
 
 impl Script {
     fn spawn(name: &str, args: &[&str], dir: &Path) -> Script {
         let stderr = dir.join(format!("{name}.stderr"));
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg(py_script(name))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("script stderr file"));
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("script stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         Script {
             name: name.to_owned(),
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            stderr,
+            p: PyScript::spawn(name, args, stderr),
         }
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.p.stderr()
     }
 
     fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("script stdin open");
+        let stdin = self.p.stdin.as_mut().expect("script stdin open");
         if let Err(e) = writeln!(stdin, "{line}").and_then(|()| stdin.flush()) {
             panic!(
                 "{}: cannot send {line:?} ({e}); stderr:\n{}",
@@ -112,7 +89,7 @@ impl Script {
     /// The next line, waiting at most until `deadline`.
     fn next_line(&mut self, deadline: Instant, waiting_for: &str) -> String {
         let left = deadline.saturating_duration_since(Instant::now());
-        match self.lines.recv_timeout(left) {
+        match self.p.lines.recv_timeout(left) {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => panic!(
                 "{}: no {waiting_for} within the deadline; stderr:\n{}",
@@ -120,7 +97,7 @@ impl Script {
                 self.stderr()
             ),
             Err(RecvTimeoutError::Disconnected) => {
-                let st = self.child.wait().expect("wait script");
+                let st = self.p.child.wait().expect("wait script");
                 panic!(
                     "{}: exited ({st}) while the test waited for {waiting_for}; stderr:\n{}",
                     self.name,
@@ -150,7 +127,7 @@ impl Script {
     /// Waits for `n` progress ticks that arrive from now on (ticks already
     /// queued are dropped first, so they show work done after this call).
     fn fresh_ticks(&mut self, n: usize, limit: Duration) {
-        while let Ok(l) = self.lines.try_recv() {
+        while let Ok(l) = self.p.lines.try_recv() {
             assert_eq!(l, "tick", "{}: unexpected line", self.name);
         }
         let deadline = Instant::now() + limit;
@@ -162,21 +139,14 @@ impl Script {
 
     /// Closes stdin and waits (bounded) for the script to exit.
     fn finish(&mut self, limit: Duration) -> ExitStatus {
-        self.stdin = None;
+        self.p.stdin = None;
         assert!(
-            wait_child(&mut self.child, limit),
+            wait_child(&mut self.p.child, limit),
             "{}: did not exit within {limit:?}; stderr:\n{}",
             self.name,
             self.stderr()
         );
-        self.child.wait().expect("script status")
-    }
-}
-
-impl Drop for Script {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.child.wait().expect("script status")
     }
 }
 

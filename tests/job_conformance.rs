@@ -36,53 +36,23 @@
 mod qmp_common;
 mod scenario;
 
-use scenario::Suite;
-
-const SUITE: Suite = Suite {
+scenario::conformance_suite! {
     env: "JOB_CONFORMANCE",
-};
-
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                SUITE.run(stringify!($name));
-            }
-        )*
-
-        const SCENARIOS: &[&str] = &[$(stringify!($name)),*];
-    };
-}
-
-scenarios!(
-    job_control,
-    job_cancel,
-    job_incremental_drive_backup,
-    job_incremental_blockdev_backup,
-    job_matrix_bitmap,
-    job_matrix_full,
-    job_matrix_top,
-    job_failure_rollback,
-    job_enospc,
-    job_bad_input,
-    job_graph,
-    job_drive_backup_targets,
-    job_drivers,
-);
-
-/// Every tests/qmp_scenarios/job_*.json is one of the tests above.
-#[test]
-fn every_job_scenario_file_runs() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp_scenarios");
-    let mut files: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir:?}: {e}"))
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| Some(n.strip_suffix(".json")?.to_owned()))
-        .filter(|n| n.starts_with("job_"))
-        .collect();
-    files.sort();
-    let mut listed: Vec<String> = SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
-    listed.sort();
-    assert_eq!(files, listed, "scenario files vs the scenarios! list");
+    files: "job_",
+    every_file: every_job_scenario_file_runs,
+    scenarios: [
+        job_control,
+        job_cancel,
+        job_incremental_drive_backup,
+        job_incremental_blockdev_backup,
+        job_matrix_bitmap,
+        job_matrix_full,
+        job_matrix_top,
+        job_failure_rollback,
+        job_enospc,
+        job_bad_input,
+        job_graph,
+        job_drive_backup_targets,
+        job_drivers,
+    ],
 }

@@ -31,45 +31,15 @@
 mod qmp_common;
 mod scenario;
 
-use scenario::Suite;
-
-const SUITE: Suite = Suite {
+scenario::conformance_suite! {
     env: "LIVE_CONFORMANCE",
-};
-
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                SUITE.run(stringify!($name));
-            }
-        )*
-
-        const SCENARIOS: &[&str] = &[$(stringify!($name)),*];
-    };
-}
-
-scenarios!(
-    live_snapshot,
-    live_stream,
-    live_commit,
-    live_mirror,
-    live_bad_input,
-);
-
-/// Every tests/qmp_scenarios/live_*.json is one of the tests above.
-#[test]
-fn every_live_scenario_file_runs() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp_scenarios");
-    let mut files: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir:?}: {e}"))
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| Some(n.strip_suffix(".json")?.to_owned()))
-        .filter(|n| n.starts_with("live_"))
-        .collect();
-    files.sort();
-    let mut listed: Vec<String> = SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
-    listed.sort();
-    assert_eq!(files, listed, "scenario files vs the scenarios! list");
+    files: "live_",
+    every_file: every_live_scenario_file_runs,
+    scenarios: [
+        live_snapshot,
+        live_stream,
+        live_commit,
+        live_mirror,
+        live_bad_input,
+    ],
 }

@@ -52,15 +52,14 @@
 mod common;
 mod qmp_common;
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::ffi::OsStr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
+use std::process::{Command, Output};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use common::{describe_failure, output, pattern, py_script, run, tool, PYTHON};
+use common::{describe_failure, output, pattern, run, tool, PyScript};
 use qmp_common::{wait_child, Impl, Instance, Qmp};
 use serde_json::{json, Value};
 
@@ -84,82 +83,54 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 
 // ---- which implementations --------------------------------------------------
 
-/// `LIVE_DATA_ONLY=qsd|tidemark` runs that side only.
-fn selected(kind: Impl) -> bool {
-    match std::env::var("LIVE_DATA_ONLY").as_deref() {
+/// Runs `scenario` on `kind`, unless `LIVE_DATA_ONLY=qsd|tidemark` asks
+/// for the other side only.
+fn run_on(kind: Impl, scenario: impl FnOnce(Impl)) {
+    let selected = match std::env::var("LIVE_DATA_ONLY").as_deref() {
         Err(_) | Ok("") => true,
         Ok("qsd") => kind == Impl::Qsd,
         Ok("tidemark") => kind == Impl::Tidemark,
         Ok(other) => panic!("LIVE_DATA_ONLY={other:?}: expected qsd or tidemark"),
+    };
+    if selected {
+        scenario(kind);
+    } else {
+        eprintln!("skipped: LIVE_DATA_ONLY");
     }
 }
 
+/// Per line, two tests: `$scenario` (a function of the `Impl`) on qsd, and
+/// on tidemark.
 macro_rules! both {
-    ($scenario:ident, $qsd:ident, $tidemark:ident) => {
-        #[test]
-        fn $qsd() {
-            if selected(Impl::Qsd) {
-                $scenario(Impl::Qsd);
-            } else {
-                eprintln!("skipped: LIVE_DATA_ONLY");
+    ($($qsd:ident, $tidemark:ident: $scenario:expr;)*) => {
+        $(
+            #[test]
+            fn $qsd() {
+                run_on(Impl::Qsd, $scenario);
             }
-        }
 
-        #[test]
-        fn $tidemark() {
-            if selected(Impl::Tidemark) {
-                $scenario(Impl::Tidemark);
-            } else {
-                eprintln!("skipped: LIVE_DATA_ONLY");
+            #[test]
+            fn $tidemark() {
+                run_on(Impl::Tidemark, $scenario);
             }
-        }
+        )*
     };
 }
 
-both!(snapshot_sync, snapshot_sync_qsd, snapshot_sync_tidemark);
-both!(
-    snapshot_blockdev,
-    snapshot_blockdev_qsd,
-    snapshot_blockdev_tidemark
-);
-both!(commit_active, commit_active_qsd, commit_active_tidemark);
-both!(
-    commit_active_cancel,
-    commit_active_cancel_qsd,
-    commit_active_cancel_tidemark
-);
-both!(
-    mirror_background,
-    mirror_background_qsd,
-    mirror_background_tidemark
-);
-both!(
-    mirror_write_blocking,
-    mirror_write_blocking_qsd,
-    mirror_write_blocking_tidemark
-);
-both!(mirror_cancel, mirror_cancel_qsd, mirror_cancel_tidemark);
-both!(
-    drive_mirror_full,
-    drive_mirror_full_qsd,
-    drive_mirror_full_tidemark
-);
-both!(
-    drive_mirror_top,
-    drive_mirror_top_qsd,
-    drive_mirror_top_tidemark
-);
-both!(
-    bitmaps_libvirt,
-    bitmaps_libvirt_qsd,
-    bitmaps_libvirt_tidemark
-);
-both!(block_stream, block_stream_qsd, block_stream_tidemark);
-both!(
-    commit_intermediate,
-    commit_intermediate_qsd,
-    commit_intermediate_tidemark
-);
+both! {
+    snapshot_sync_qsd, snapshot_sync_tidemark: |kind| snapshot_scenario(kind, false);
+    snapshot_blockdev_qsd, snapshot_blockdev_tidemark: |kind| snapshot_scenario(kind, true);
+    commit_active_qsd, commit_active_tidemark: |kind| commit_active_scenario(kind, false);
+    commit_active_cancel_qsd, commit_active_cancel_tidemark: |kind| commit_active_scenario(kind, true);
+    mirror_background_qsd, mirror_background_tidemark: |kind| mirror_scenario(kind, Mirror::Background);
+    mirror_write_blocking_qsd, mirror_write_blocking_tidemark: |kind| mirror_scenario(kind, Mirror::WriteBlocking);
+    mirror_cancel_qsd, mirror_cancel_tidemark: |kind| mirror_scenario(kind, Mirror::Cancel);
+    drive_mirror_full_qsd, drive_mirror_full_tidemark: |kind| mirror_scenario(kind, Mirror::DriveFull);
+    drive_mirror_top_qsd, drive_mirror_top_tidemark: |kind| mirror_scenario(kind, Mirror::DriveTop);
+    bitmaps_libvirt_qsd, bitmaps_libvirt_tidemark: bitmaps_libvirt;
+    block_stream_qsd, block_stream_tidemark: |kind| middle_job(kind, true);
+    commit_intermediate_qsd, commit_intermediate_tidemark: |kind| middle_job(kind, false);
+}
 
 // ---- qemu's job events --------------------------------------------------------
 
@@ -285,6 +256,17 @@ fn layer_to_raw(img: &Path, raw: &Path) {
     run(&mut cmd);
 }
 
+/// `qemu-img compare` of image `img` (qcow2, its chain) with raw file `raw`:
+/// the command and what it did.
+fn compare_with_raw(img: &Path, raw: &Path) -> (Command, Output) {
+    let mut cmd = tool("qemu-img");
+    cmd.args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(img)
+        .arg(raw);
+    let out = output(&mut cmd);
+    (cmd, out)
+}
+
 /// `qemu-img check` must find nothing wrong.
 fn assert_image_clean(kind: Impl, img: &Path) {
     let mut cmd = tool("qemu-img");
@@ -315,50 +297,26 @@ fn chain_info(img: &Path) -> Vec<Value> {
 // ---- the NBD agent ----------------------------------------------------------------
 
 /// tests/py/live_agent.py on the export; killed and reaped on drop.
-struct Agent {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: PathBuf,
-}
+struct Agent(PyScript);
 
 impl Agent {
     fn spawn(uri: &str, shadow: &Path, dir: &Path) -> Agent {
-        let stderr = dir.join("agent.stderr");
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg(py_script("live_agent.py"))
-            .arg(uri)
-            .arg(shadow)
-            .arg(SEED.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).expect("agent stderr file"));
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("agent stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Agent {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            stderr,
-        }
+        let seed = SEED.to_string();
+        let args = [OsStr::new(uri), shadow.as_os_str(), OsStr::new(&seed)];
+        Agent(PyScript::spawn(
+            "live_agent.py",
+            args,
+            dir.join("agent.stderr"),
+        ))
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.0.stderr()
     }
 
     /// The next line from the agent.
     fn line(&mut self) -> Result<String, String> {
-        match self.lines.recv_timeout(STEP_DEADLINE) {
+        match self.0.lines.recv_timeout(STEP_DEADLINE) {
             Ok(l) => Ok(l),
             Err(RecvTimeoutError::Timeout) => Err(format!(
                 "agent: no reply within {STEP_DEADLINE:?}; stderr:\n{}",
@@ -371,7 +329,7 @@ impl Agent {
     }
 
     fn send(&mut self, line: &str) -> Result<String, String> {
-        let Some(stdin) = self.stdin.as_mut() else {
+        let Some(stdin) = self.0.stdin.as_mut() else {
             return Err("agent: stdin closed".into());
         };
         writeln!(stdin, "{line}")
@@ -381,19 +339,12 @@ impl Agent {
     }
 
     fn quit(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
+        if let Some(mut stdin) = self.0.stdin.take() {
             let _ = writeln!(stdin, "quit");
         }
-        if !wait_child(&mut self.child, EXIT_DEADLINE) {
+        if !wait_child(&mut self.0.child, EXIT_DEADLINE) {
             panic!("agent: no exit after quit; stderr:\n{}", self.stderr());
         }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -481,6 +432,21 @@ impl Live {
         self.qmp("transaction", json!({ "actions": actions }));
     }
 
+    /// blockdev-add of the qcow2 image `img` as node `node`; with
+    /// `no_backing`, `"backing": null` (as libvirt adds an overlay).
+    #[track_caller]
+    fn add_qcow2(&mut self, node: &str, img: &Path, no_backing: bool) {
+        let mut args = json!({
+            "driver": "qcow2",
+            "node-name": node,
+            "file": {"driver": "file", "filename": img.display().to_string()},
+        });
+        if no_backing {
+            args["backing"] = Value::Null;
+        }
+        self.qmp("blockdev-add", args);
+    }
+
     /// An agent command that must reply "ok ...": the rest of the reply.
     #[track_caller]
     fn agent(&mut self, line: &str) -> String {
@@ -498,6 +464,32 @@ impl Live {
         let r = self.agent(&format!("wait {BATCH}"));
         r.parse()
             .unwrap_or_else(|_| self.fail(&format!("agent wait: {r:?}")))
+    }
+
+    /// The writes from now on are phase `name`'s; `BATCH` of them.
+    #[track_caller]
+    fn phase(&mut self, name: &str) {
+        self.agent(&format!("phase {name}"));
+        self.writes();
+    }
+
+    /// `phase`, with the background writer (stopped or paused) started.
+    #[track_caller]
+    fn start_phase(&mut self, name: &str) {
+        self.agent(&format!("phase {name}"));
+        self.agent("start");
+        self.writes();
+    }
+
+    /// With the writer paused: the agent reads the whole export back and
+    /// compares it with the shadow; job `id`'s events must be `want`; then
+    /// `quit`.
+    #[track_caller]
+    fn verify_and_quit(&mut self, id: &str, want: &[&str]) {
+        self.agent("pause");
+        self.agent("verify");
+        self.assert_job_events(id, want);
+        self.quit();
     }
 
     /// The first event not yet taken named `name` (for the job or export
@@ -650,6 +642,43 @@ impl Live {
         self.assert_no_jobs();
     }
 
+    /// Job `id` of type `ty`, started at speed SLOW: writes during its copy
+    /// phase, READY, then writes while it is ready.
+    #[track_caller]
+    fn until_ready(&mut self, id: &str, ty: &str) {
+        self.agent("phase during-job");
+        let ready = self.writes_during_copy_then_ready(id);
+        if ready["data"]["type"] != ty {
+            self.fail(&format!("{ready}"));
+        }
+        self.phase("ready");
+    }
+
+    /// job-complete of ready job `id`: it ends, with the export pivoted
+    /// onto `node`; then writes there.
+    #[track_caller]
+    fn complete_ready(&mut self, id: &str, ty: &str, node: &str, when: &str) {
+        self.qmp("job-complete", json!({ "id": id }));
+        self.completed(id, ty);
+        self.assert_export_on(node, when);
+        self.phase("after-pivot");
+    }
+
+    /// block-job-cancel of ready job `id` with nothing in flight (after READY
+    /// a completion without pivot): the export stays on `node`; then the
+    /// writer goes on. Returns the shadow at the cancel point, saved.
+    #[track_caller]
+    fn cancel_ready(&mut self, id: &str, ty: &str, node: &str, when: &str) -> PathBuf {
+        self.agent("pause");
+        let at_cancel = self.path("at-cancel.raw");
+        self.agent(&format!("save {}", at_cancel.display()));
+        self.qmp("block-job-cancel", json!({ "device": id }));
+        self.completed(id, ty);
+        self.assert_export_on(node, when);
+        self.start_phase("after-cancel");
+        at_cancel
+    }
+
     /// Ends the agent's connection, then `quit`: the daemon must exit 0.
     #[track_caller]
     fn quit(&mut self) {
@@ -668,11 +697,7 @@ impl Live {
     /// `raw` must say identical; otherwise the agent says where and what.
     #[track_caller]
     fn assert_same(&mut self, img: &Path, raw: &Path, what: &str) {
-        let mut cmd = tool("qemu-img");
-        cmd.args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(img)
-            .arg(raw);
-        let out = output(&mut cmd);
+        let (cmd, out) = compare_with_raw(img, raw);
         match out.status.code() {
             Some(0) => {}
             Some(1) => {
@@ -696,13 +721,19 @@ impl Live {
     /// `qemu-img compare` must find a difference.
     #[track_caller]
     fn assert_differs(&mut self, img: &Path, raw: &Path, what: &str) {
-        let mut cmd = tool("qemu-img");
-        cmd.args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(img)
-            .arg(raw);
-        let out = output(&mut cmd);
+        let (cmd, out) = compare_with_raw(img, raw);
         if out.status.code() != Some(1) {
             self.fail(&format!("{what}: {}", describe_failure(&cmd, &out)));
+        }
+    }
+
+    /// `img` must be a layer over `backing` (named by its absolute path),
+    /// a chain of two; else fails with `what` and the chain.
+    #[track_caller]
+    fn assert_backing(&self, img: &Path, backing: &Path, what: &str) {
+        let chain = chain_info(img);
+        if chain.len() != 2 || chain[0]["full-backing-filename"] != backing.display().to_string() {
+            self.fail(&format!("{what}: {chain:?}"));
         }
     }
 
@@ -801,15 +832,7 @@ fn snapshot_scenario(kind: Impl, blockdev_overlay: bool) {
 
     let overlay = l.path("overlay.qcow2");
     if blockdev_overlay {
-        l.qmp(
-            "blockdev-add",
-            json!({
-                "driver": "qcow2",
-                "node-name": "ov",
-                "file": {"driver": "file", "filename": overlay.display().to_string()},
-                "backing": null,
-            }),
-        );
+        l.add_qcow2("ov", &overlay, true);
         l.qmp(
             "blockdev-snapshot",
             json!({"node": "disk", "overlay": "ov"}),
@@ -835,23 +858,14 @@ fn snapshot_scenario(kind: Impl, blockdev_overlay: bool) {
     let (disk, shadow) = (l.path("disk.qcow2"), l.path("shadow.raw"));
     l.assert_same(&disk, &a_only, "the old layer holds A only");
     l.assert_same(&overlay, &shadow, "the overlay chain holds A+B");
-    let chain = chain_info(&overlay);
-    if chain.len() != 2 || chain[0]["full-backing-filename"] != disk.display().to_string() {
-        l.fail(&format!(
-            "the overlay's backing is not the old layer: {chain:?}"
-        ));
-    }
+    l.assert_backing(
+        &overlay,
+        &disk,
+        "the overlay's backing is not the old layer",
+    );
     assert_image_clean(kind, &disk);
     assert_image_clean(kind, &overlay);
     l.done();
-}
-
-fn snapshot_sync(kind: Impl) {
-    snapshot_scenario(kind, false);
-}
-
-fn snapshot_blockdev(kind: Impl) {
-    snapshot_scenario(kind, true);
 }
 
 // ---- B: active commit under writes ------------------------------------------------------
@@ -875,87 +889,47 @@ fn chain_setup(d: &Path, top: &str) {
     to_raw(&top, &d.join("shadow.raw"));
 }
 
-fn commit_start(kind: Impl) -> Live {
+/// Active commit of top into base under the writer, to READY; then
+/// job-complete (the export pivots onto base), or block-job-cancel.
+fn commit_active_scenario(kind: Impl, cancel: bool) {
     let a = args(&[
         blockdev("base", "base.qcow2", None),
         blockdev("top", "top.qcow2", Some("base")),
         serve("top"),
     ]);
     let mut l = Live::start(kind, &refs(&a), |d| chain_setup(d, "top.qcow2"));
-    l.agent("phase before-job");
-    l.agent("start");
-    l.writes();
+    l.start_phase("before-job");
     l.qmp(
         "block-commit",
         json!({"job-id": "c0", "device": "top", "speed": SLOW}),
     );
-    l.agent("phase during-job");
-    let ready = l.writes_during_copy_then_ready("c0");
-    if ready["data"]["type"] != "commit" {
-        l.fail(&format!("{ready}"));
-    }
-    l.agent("phase ready");
-    l.writes();
-    l
-}
-
-fn commit_active(kind: Impl) {
-    let mut l = commit_start(kind);
-    l.qmp("job-complete", json!({"id": "c0"}));
-    l.completed("c0", "commit");
-    l.assert_export_on("base", "after the active commit");
-    l.agent("phase after-pivot");
-    l.writes();
-    l.agent("pause");
-    l.agent("verify");
-    l.assert_job_events("c0", &READY_JOB_EVENTS);
-    l.quit();
+    l.until_ready("c0", "commit");
 
     let (base, top, shadow) = (
         l.path("base.qcow2"),
         l.path("top.qcow2"),
         l.path("shadow.raw"),
     );
-    l.assert_same(&base, &shadow, "base alone holds every write");
-    assert_image_clean(kind, &base);
-    assert_image_clean(kind, &top);
-    l.done();
-}
-
-fn commit_active_cancel(kind: Impl) {
-    let mut l = commit_start(kind);
-    // The cancel point: nothing in flight.
-    l.agent("pause");
-    let at_cancel = l.path("at-cancel.raw");
-    l.agent(&format!("save {}", at_cancel.display()));
-    l.qmp("block-job-cancel", json!({"device": "c0"}));
-    l.completed("c0", "commit");
-    l.assert_export_on("top", "after cancelling the ready commit");
-    l.agent("phase after-cancel");
-    l.agent("start");
-    l.writes();
-    l.agent("pause");
-    l.agent("verify");
-    l.assert_job_events("c0", &READY_JOB_EVENTS);
-    l.quit();
-
-    let (base, top, shadow) = (
-        l.path("base.qcow2"),
-        l.path("top.qcow2"),
-        l.path("shadow.raw"),
-    );
-    l.assert_same(&top, &shadow, "the chain holds every write");
-    l.assert_same(&base, &at_cancel, "base is the chain at the cancel point");
-    let top_alone = l.path("top-alone.raw");
-    layer_to_raw(&top, &top_alone);
-    let r = l
-        .agent
-        .send(&format!("diff {} after-cancel", top_alone.display()));
-    match r {
-        Ok(r) if r.starts_with("ok") => {}
-        r => l.fail(&format!(
-            "writes after the cancel are not all in top: {r:?}"
-        )),
+    if cancel {
+        let at_cancel = l.cancel_ready("c0", "commit", "top", "after cancelling the ready commit");
+        l.verify_and_quit("c0", &READY_JOB_EVENTS);
+        l.assert_same(&top, &shadow, "the chain holds every write");
+        l.assert_same(&base, &at_cancel, "base is the chain at the cancel point");
+        let top_alone = l.path("top-alone.raw");
+        layer_to_raw(&top, &top_alone);
+        let r = l
+            .agent
+            .send(&format!("diff {} after-cancel", top_alone.display()));
+        match r {
+            Ok(r) if r.starts_with("ok") => {}
+            r => l.fail(&format!(
+                "writes after the cancel are not all in top: {r:?}"
+            )),
+        }
+    } else {
+        l.complete_ready("c0", "commit", "base", "after the active commit");
+        l.verify_and_quit("c0", &READY_JOB_EVENTS);
+        l.assert_same(&base, &shadow, "base alone holds every write");
     }
     assert_image_clean(kind, &base);
     assert_image_clean(kind, &top);
@@ -983,9 +957,7 @@ fn mirror_scenario(kind: Impl, how: Mirror) {
         chain_setup(d, "src.qcow2");
         empty_qcow2(&d.join("tgt.qcow2"), DISK);
     });
-    l.agent("phase before-job");
-    l.agent("start");
-    l.writes();
+    l.start_phase("before-job");
 
     let (target_node, target) = match how {
         Mirror::DriveFull | Mirror::DriveTop => {
@@ -1007,13 +979,7 @@ fn mirror_scenario(kind: Impl, how: Mirror) {
         }
         _ => {
             let target = l.path("tgt.qcow2");
-            l.qmp(
-                "blockdev-add",
-                json!({
-                    "driver": "qcow2", "node-name": "tgt",
-                    "file": {"driver": "file", "filename": target.display().to_string()},
-                }),
-            );
+            l.add_qcow2("tgt", &target, false);
             let mode = if how == Mirror::WriteBlocking {
                 "write-blocking"
             } else {
@@ -1029,30 +995,13 @@ fn mirror_scenario(kind: Impl, how: Mirror) {
             ("tgt", target)
         }
     };
-    l.agent("phase during-job");
-    let ready = l.writes_during_copy_then_ready("m0");
-    if ready["data"]["type"] != "mirror" {
-        l.fail(&format!("{ready}"));
-    }
-    l.agent("phase ready");
-    l.writes();
+    l.until_ready("m0", "mirror");
 
     let shadow = l.path("shadow.raw");
     let src = l.path("src.qcow2");
     if how == Mirror::Cancel {
-        l.agent("pause");
-        let at_cancel = l.path("at-cancel.raw");
-        l.agent(&format!("save {}", at_cancel.display()));
-        l.qmp("block-job-cancel", json!({"device": "m0"}));
-        l.completed("m0", "mirror");
-        l.assert_export_on("src", "after cancelling the ready mirror");
-        l.agent("phase after-cancel");
-        l.agent("start");
-        l.writes();
-        l.agent("pause");
-        l.agent("verify");
-        l.assert_job_events("m0", &READY_JOB_EVENTS);
-        l.quit();
+        let at_cancel = l.cancel_ready("m0", "mirror", "src", "after cancelling the ready mirror");
+        l.verify_and_quit("m0", &READY_JOB_EVENTS);
         l.assert_same(
             &target,
             &at_cancel,
@@ -1060,15 +1009,8 @@ fn mirror_scenario(kind: Impl, how: Mirror) {
         );
         l.assert_same(&src, &shadow, "the source holds every write");
     } else {
-        l.qmp("job-complete", json!({"id": "m0"}));
-        l.completed("m0", "mirror");
-        l.assert_export_on(target_node, "after the mirror's pivot");
-        l.agent("phase after-pivot");
-        l.writes();
-        l.agent("pause");
-        l.agent("verify");
-        l.assert_job_events("m0", &READY_JOB_EVENTS);
-        l.quit();
+        l.complete_ready("m0", "mirror", target_node, "after the mirror's pivot");
+        l.verify_and_quit("m0", &READY_JOB_EVENTS);
         l.assert_same(&target, &shadow, "the target holds every write");
         l.assert_differs(
             &src,
@@ -1100,26 +1042,6 @@ fn mirror_scenario(kind: Impl, how: Mirror) {
     assert_image_clean(kind, &target);
     assert_image_clean(kind, &src);
     l.done();
-}
-
-fn mirror_background(kind: Impl) {
-    mirror_scenario(kind, Mirror::Background);
-}
-
-fn mirror_write_blocking(kind: Impl) {
-    mirror_scenario(kind, Mirror::WriteBlocking);
-}
-
-fn mirror_cancel(kind: Impl) {
-    mirror_scenario(kind, Mirror::Cancel);
-}
-
-fn drive_mirror_full(kind: Impl) {
-    mirror_scenario(kind, Mirror::DriveFull);
-}
-
-fn drive_mirror_top(kind: Impl) {
-    mirror_scenario(kind, Mirror::DriveTop);
 }
 
 // ---- D: libvirt's bitmaps across snapshot and commit ---------------------------------------
@@ -1172,29 +1094,19 @@ fn bitmaps_libvirt(kind: Impl) {
         json!({"node": "base", "name": "b0", "persistent": true, "granularity": GRAN}),
     );
     l.agent("mark");
-    l.agent("phase before-snapshot");
-    l.agent("start");
-    l.writes();
+    l.start_phase("before-snapshot");
 
     // External snapshot; the overlay gets its own b0 in the same
     // transaction; base's b0 stays.
     let top = l.path("top.qcow2");
-    l.qmp(
-        "blockdev-add",
-        json!({
-            "driver": "qcow2", "node-name": "top",
-            "file": {"driver": "file", "filename": top.display().to_string()},
-            "backing": null,
-        }),
-    );
+    l.add_qcow2("top", &top, true);
     l.transaction(json!([
         {"type": "blockdev-snapshot", "data": {"node": "base", "overlay": "top"}},
         {"type": "block-dirty-bitmap-add", "data": {
             "node": "top", "name": "b0", "persistent": true, "granularity": GRAN}},
     ]));
     l.assert_export_on("top", "after the snapshot");
-    l.agent("phase after-snapshot");
-    l.writes();
+    l.phase("after-snapshot");
 
     // An incremental backup across both layers.
     l.agent("pause");
@@ -1209,17 +1121,14 @@ fn bitmaps_libvirt(kind: Impl) {
     // Active commit of top into base, libvirt's way: at the pivot a
     // recording libvirt-tmp-activewrite on base, after it top's b0 and that
     // bitmap merged into base's b0.
-    l.agent("phase before-commit");
-    l.agent("start");
-    l.writes();
+    l.start_phase("before-commit");
     l.qmp(
         "block-commit",
         json!({"job-id": "c0", "device": "top", "speed": SLOW}),
     );
     l.agent("phase during-commit");
     l.writes_during_copy_then_ready("c0");
-    l.agent("phase ready");
-    l.writes();
+    l.phase("ready");
     l.transaction(json!([
         {"type": "block-dirty-bitmap-add", "data": {
             "node": "base", "name": "libvirt-tmp-activewrite", "persistent": false,
@@ -1236,8 +1145,7 @@ fn bitmaps_libvirt(kind: Impl) {
             "node": "base", "name": "libvirt-tmp-activewrite"}},
     ]));
     l.assert_export_on("base", "after the active commit");
-    l.agent("phase after-commit");
-    l.writes();
+    l.phase("after-commit");
     l.agent("pause");
     check_checkpoint(
         &mut l,
@@ -1291,9 +1199,7 @@ fn middle_job(kind: Impl, stream: bool) {
         serve("top"),
     ]);
     let mut l = Live::start(kind, &refs(&a), three_layer_setup);
-    l.agent("phase before-job");
-    l.agent("start");
-    l.writes();
+    l.start_phase("before-job");
     let (job, ty) = if stream {
         l.qmp(
             "block-stream",
@@ -1312,12 +1218,8 @@ fn middle_job(kind: Impl, stream: bool) {
     l.writes_during_copy(job);
     l.completed(job, ty);
     l.assert_export_on("top", "after the job");
-    l.agent("phase after-job");
-    l.writes();
-    l.agent("pause");
-    l.agent("verify");
-    l.assert_job_events(job, &JOB_EVENTS);
-    l.quit();
+    l.phase("after-job");
+    l.verify_and_quit(job, &JOB_EVENTS);
 
     let (base, mid, top) = (
         l.path("base.qcow2"),
@@ -1330,22 +1232,13 @@ fn middle_job(kind: Impl, stream: bool) {
         let mid_raw = l.path("mid.raw");
         l.assert_same(&base, &mid_raw, "base alone is the old base+mid");
     }
-    let chain = chain_info(&top);
-    if chain.len() != 2 || chain[0]["full-backing-filename"] != base.display().to_string() {
-        l.fail(&format!(
-            "top's backing is not base after the {ty}: {chain:?}"
-        ));
-    }
+    l.assert_backing(
+        &top,
+        &base,
+        &format!("top's backing is not base after the {ty}"),
+    );
     for img in [&base, &mid, &top] {
         assert_image_clean(kind, img);
     }
     l.done();
-}
-
-fn block_stream(kind: Impl) {
-    middle_job(kind, true);
-}
-
-fn commit_intermediate(kind: Impl) {
-    middle_job(kind, false);
 }

@@ -11,10 +11,12 @@ pub mod wire;
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -419,4 +421,61 @@ pub fn run_py(script: &str, args: &[&str]) -> String {
     let mut cmd = tool(PYTHON);
     cmd.arg(py_script(script)).args(args);
     run(&mut cmd)
+}
+
+/// A tests/py script on pipes: lines to its stdin, lines from its stdout
+/// (read by a thread into `lines`, so that every wait can have a deadline),
+/// its stderr in a file for failure messages. Killed and reaped on drop.
+pub struct PyScript {
+    pub child: Child,
+    /// None once closed (which tells most scripts to finish).
+    pub stdin: Option<ChildStdin>,
+    pub lines: Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl PyScript {
+    /// Starts tests/py/`script` with `args` under Debian's python3, its
+    /// stderr going to the file `stderr`.
+    pub fn spawn<I, S>(script: &str, args: I, stderr: PathBuf) -> PyScript
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(py_script(script))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr).unwrap_or_else(|e| panic!("{stderr:?}: {e}")));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("script stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        PyScript {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// What the script has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for PyScript {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -60,7 +60,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -173,10 +173,67 @@ impl Suite {
     }
 }
 
+/// Declares a conformance suite: `SUITE` (its environment variables start
+/// with `env`), one test per scenario, named after its file
+/// (tests/qmp_scenarios/NAME.json), and the test `every_file`: each file
+/// whose name starts with `files` is one of those scenarios.
+///
+/// ```ignore
+/// scenario::conformance_suite! {
+///     env: "LIVE_CONFORMANCE",
+///     files: "live_",
+///     every_file: every_live_scenario_file_runs,
+///     scenarios: [live_snapshot, live_stream],
+/// }
+/// ```
+macro_rules! conformance_suite {
+    (
+        env: $env:literal,
+        files: $prefix:literal,
+        every_file: $every:ident,
+        scenarios: [$($name:ident),* $(,)?] $(,)?
+    ) => {
+        const SUITE: $crate::scenario::Suite = $crate::scenario::Suite { env: $env };
+
+        $(
+            #[test]
+            fn $name() {
+                SUITE.run(stringify!($name));
+            }
+        )*
+
+        #[doc = concat!("Every tests/qmp_scenarios/", $prefix, "*.json is one of the tests above.")]
+        #[test]
+        fn $every() {
+            $crate::scenario::assert_scenario_files($prefix, &[$(stringify!($name)),*]);
+        }
+    };
+}
+pub(crate) use conformance_suite;
+
+/// The scenario files whose names start with `prefix` must be `listed`.
+pub fn assert_scenario_files(prefix: &str, listed: &[&str]) {
+    let mut files: Vec<String> = std::fs::read_dir(scenario_dir())
+        .unwrap_or_else(|e| panic!("{:?}: {e}", scenario_dir()))
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| Some(n.strip_suffix(".json")?.to_owned()))
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = listed.iter().map(|s| (*s).to_owned()).collect();
+    listed.sort();
+    assert_eq!(
+        files, listed,
+        "scenario files vs the conformance_suite! list"
+    );
+}
+
+fn scenario_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp_scenarios")
+}
+
 pub fn load(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/qmp_scenarios")
-        .join(format!("{name}.json"));
+    let path = scenario_dir().join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
 }
