@@ -373,7 +373,7 @@ impl JobDriver for Backup {
         if self.sync == SyncMode::None {
             // Fleecing: only the filter copies; the job runs until
             // cancelled.
-            while !ctl.wait_cancelled(std::time::Duration::from_millis(200)) {
+            while !ctl.idle(std::time::Duration::from_millis(200)) {
                 if report(ctl) {
                     break;
                 }
@@ -399,16 +399,7 @@ impl JobDriver for Backup {
     }
 
     fn blocks(&self) -> Vec<Arc<Node>> {
-        // Until the filter goes (the job's end), as qemu's blockers.
-        let active = self
-            .root
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        match active {
-            true => vec![self.filter.clone(), self.target.clone()],
-            false => Vec::new(),
-        }
+        vec![self.filter.clone(), self.target.clone()]
     }
 
     fn done(&self) -> Option<u64> {

@@ -235,14 +235,6 @@ impl JobDriver for Commit {
     }
 
     fn blocks(&self) -> Vec<Arc<Node>> {
-        let active = self
-            .root
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        if !active {
-            return Vec::new();
-        }
         let mut v = vec![self.filter.clone(), self.base.clone()];
         v.extend(self.dropped.iter().cloned());
         v.extend(self.overlays.iter().cloned());

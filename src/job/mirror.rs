@@ -64,6 +64,14 @@ pub enum CopyMode {
     WriteBlocking,
 }
 
+fn panicked() -> crate::block::BlockError {
+    crate::block::BlockError::new(crate::block::ErrorKind::Io, "a copy thread panicked")
+}
+
+/// Parts of a range copied at once (qemu keeps up to 16 requests in
+/// flight; two threads already overlap reading and writing).
+const LANES: usize = 2;
+
 /// qemu's default copy buffer (DEFAULT_MIRROR_BUF_SIZE).
 const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 
@@ -309,6 +317,70 @@ impl Mirror {
         r
     }
 
+    /// The dirty ranges from `cursor` on (wrapping once), up to
+    /// `buf_size` bytes in all, cut into pieces for the lanes.
+    fn next_batch(&self, cursor: u64) -> Vec<(u64, u64)> {
+        let d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let size = d.size();
+        let piece = (self.buf_size / LANES as u64).div_ceil(d.granularity()) * d.granularity();
+        let mut out = Vec::new();
+        let mut total = 0;
+        let mut at = cursor;
+        let mut wrapped = false;
+        while total < self.buf_size {
+            let Some((start, len)) = d.next_dirty_area(at, size) else {
+                if wrapped || cursor == 0 {
+                    break;
+                }
+                wrapped = true;
+                at = 0;
+                continue;
+            };
+            if wrapped && start >= cursor {
+                break;
+            }
+            let len = len.min(self.buf_size - total);
+            let mut p = start;
+            while p < start + len {
+                let n = piece.min(start + len - p);
+                out.push((p, n));
+                p += n;
+            }
+            total += len;
+            at = start + len;
+        }
+        out
+    }
+
+    /// Copies a batch on [`LANES`] threads at once (one reads while another
+    /// writes), each taking every LANES-th piece. A failed piece stays
+    /// dirty; the caller copies it again under the error policy.
+    fn copy_lanes(&self, batch: &[(u64, u64)], bufs: &mut [Vec<u8>]) -> Result<(), CopyError> {
+        let lanes = bufs.len();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = bufs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, buf)| {
+                    s.spawn(move || {
+                        for &(at, n) in batch.iter().skip(i).step_by(lanes) {
+                            self.copy(at, n, buf, &self.source)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CopyError::source(panicked())))
+                })
+                .collect::<Result<Vec<()>, CopyError>>()
+                .map(|_| ())
+        })
+    }
+
     /// Copies everything still dirty (under the final drain: no guest
     /// write runs meanwhile). Reads the replaced node itself: the edges
     /// above it are drained, and filters change no data.
@@ -317,7 +389,7 @@ impl Mirror {
         while let Some((start, len)) = self.next_area(0) {
             self.copy(start, len, &mut buf, &self.pivot.replaced)?;
         }
-        self.target.flush().map_err(CopyError::target)
+        Ok(())
     }
 
     fn finished(&self) -> Option<Finish> {
@@ -373,14 +445,6 @@ impl JobDriver for Mirror {
     }
 
     fn blocks(&self) -> Vec<Arc<Node>> {
-        let active = self
-            .root
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        if !active {
-            return Vec::new();
-        }
         let mut v = vec![
             self.filter.clone(),
             self.source.clone(),
@@ -397,7 +461,7 @@ impl JobDriver for Mirror {
                 "Source and target image have different sizes".into(),
             ));
         }
-        let mut buf = Vec::new();
+        let mut bufs = vec![Vec::new(); LANES];
         let mut cursor = 0;
         loop {
             if ctl.is_cancelled() {
@@ -413,24 +477,38 @@ impl JobDriver for Mirror {
                 }
             }
             if remaining == 0 {
-                self.converged.store(true, Ordering::SeqCst);
+                if !self.converged.load(Ordering::SeqCst) {
+                    // As qemu: the target is flushed before the job says
+                    // it is ready (the pivot then only moves users).
+                    let flush = || self.target.flush().map_err(CopyError::target);
+                    if self.policies.step(ctl, flush)? {
+                        return Ok(());
+                    }
+                    self.converged.store(true, Ordering::SeqCst);
+                }
                 ctl.ready();
                 if ctl.finish().is_none() && ctl.idle(IDLE) {
                     return Ok(());
                 }
                 continue;
             }
-            let Some((start, len)) = self.next_area(cursor) else {
+            let batch = self.next_batch(cursor);
+            let Some(&(last, last_len)) = batch.last() else {
                 continue;
             };
-            if self
-                .policies
-                .step(ctl, || self.copy(start, len, &mut buf, &self.source))?
-            {
-                return Ok(());
+            if self.copy_lanes(&batch, &mut bufs).is_err() {
+                // What failed is dirty again: copy it alone, by policy.
+                for &(at, n) in &batch {
+                    if self
+                        .policies
+                        .step(ctl, || self.copy(at, n, &mut bufs[0], &self.source))?
+                    {
+                        return Ok(());
+                    }
+                }
             }
-            cursor = start + len;
-            if ctl.progress(len) {
+            cursor = last + last_len;
+            if ctl.progress(batch.iter().map(|&(_, n)| n).sum()) {
                 return Ok(());
             }
         }

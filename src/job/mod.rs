@@ -192,6 +192,8 @@ struct Inner {
     finish: Option<Finish>,
     /// New work arrived for an idle job (see [`JobWaker`]).
     kicked: bool,
+    /// The driver's clean-up ran: the job no longer holds its nodes.
+    cleaned: bool,
     speed: u64,
     current: u64,
     total: u64,
@@ -303,6 +305,7 @@ impl Job {
                 cancelled: false,
                 finish: None,
                 kicked: false,
+                cleaned: false,
                 speed: opts.speed,
                 current: 0,
                 total,
@@ -423,9 +426,17 @@ impl Job {
         }
     }
 
-    /// Whether the job works on `node` (see [`JobDriver::blocks`]).
+    /// Whether the job works on `node` (see [`JobDriver::blocks`]): until
+    /// its driver has cleaned up (qemu drops a job's blockers with its
+    /// filter), not while it waits to be dismissed.
     pub fn blocks(&self, node: &Arc<crate::block::node::Node>) -> bool {
-        self.driver.blocks().iter().any(|n| Arc::ptr_eq(n, node))
+        !self.lock().cleaned && self.driver.blocks().iter().any(|n| Arc::ptr_eq(n, node))
+    }
+
+    /// The driver's clean-up, once.
+    fn clean(&self, d: &Daemon) {
+        self.driver.clean(d);
+        self.lock().cleaned = true;
     }
 
     /// Paused by job-pause (not yet resumed).
@@ -555,7 +566,7 @@ impl Job {
     /// Drops a job refused right after creation (a bad speed): `null`.
     pub fn refuse(&self, d: &Daemon) {
         self.driver.abort(d);
-        self.driver.clean(d);
+        self.clean(d);
         self.transition(&mut self.lock(), JobStatus::Null);
         d.remove_job(&self.id);
     }
@@ -565,7 +576,7 @@ impl Job {
     pub fn abort_unstarted(&self, d: &Daemon) {
         self.lock().cancelled = true;
         self.driver.abort(d);
-        self.driver.clean(d);
+        self.clean(d);
         let mut g = self.lock();
         self.transition(&mut g, JobStatus::Aborting);
         self.transition(&mut g, JobStatus::Concluded);
@@ -718,7 +729,7 @@ fn finish_txn(d: &Daemon, members: &[Arc<Job>], ok: bool) {
         }
     }
     for j in members {
-        j.driver.clean(d);
+        j.clean(d);
     }
     d.prune();
     for j in members {
@@ -885,9 +896,9 @@ impl JobCtl {
         JobWaker(Arc::downgrade(&self.job))
     }
 
-    /// Waits (not busy, as qemu's idle ready job) until new work arrives
-    /// (a [`JobWaker`]), a verb, or `limit`; returns whether the job
-    /// should stop.
+    /// Waits (not busy, as qemu's idle job) until new work arrives (a
+    /// [`JobWaker`]), a verb (cancel, complete, pause: pausing here), or
+    /// `limit`; returns whether the job should stop.
     pub fn idle(&self, limit: Duration) -> bool {
         let job = &self.job;
         let mut g = job.lock();
@@ -901,24 +912,6 @@ impl JobCtl {
             g.sleeping = false;
         }
         g.kicked = false;
-        drop(g);
-        self.pause_point()
-    }
-
-    /// Waits up to `limit` for a cancel or a request to finish (pausing
-    /// meanwhile if asked); returns whether the job should stop.
-    pub fn wait_cancelled(&self, limit: Duration) -> bool {
-        let job = &self.job;
-        let mut g = job.lock();
-        if !g.cancelled && g.pause_count == 0 && g.finish.is_none() {
-            g.sleeping = true;
-            g = job
-                .wake
-                .wait_timeout(g, limit)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            g.sleeping = false;
-        }
         drop(g);
         self.pause_point()
     }

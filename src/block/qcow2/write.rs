@@ -111,7 +111,11 @@ impl Qcow2Node {
                 Mapping::Unallocated => self.backing().is_none_or(|b| b.get().size() <= c0 * cs),
                 _ => false,
             };
-            if zero_source && self.f.zero_range(host, span) {
+            if head == 0 && n == span {
+                // The new clusters are written whole: nothing to keep.
+                self.f.debug_event(crate::block::DebugEvent::WriteAio);
+                self.f.write(&src[..n as usize], host, "data cluster")?;
+            } else if zero_source && self.f.zero_range(host, span) {
                 // The new clusters zeroed by the filesystem (allocated, as
                 // qemu does it): only the data itself needs writing.
                 self.f.debug_event(crate::block::DebugEvent::WriteAio);

@@ -16,6 +16,7 @@ use crate::block::filter::{Filter, FilterKind};
 use crate::block::link::ChildRole;
 use crate::block::node::Node;
 use crate::block::open::Driver;
+use crate::block::qcow2::create::{create_qcow2, create_raw, CreateOptions};
 use crate::block::qcow2::Qcow2Node;
 use crate::block::raw::RawFormat;
 use crate::block::{BlockNode, BlockResult};
@@ -745,6 +746,43 @@ pub fn query_block(_d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
 /// Opens the image at `path` as implicit nodes (a format node over a
 /// `file` node, its backing chain from the header unless `backing` names
 /// a node), as qemu opens a target drive-backup created.
+/// Creates an image file as qemu's bdrv_img_create does for jobs and
+/// snapshots: `format` qcow2 (with `backing`'s name and format as its
+/// backing file) or raw, with qemu's refusals.
+pub fn create_image(
+    d: &Daemon,
+    path: &Path,
+    format: &str,
+    size: u64,
+    backing: Option<&Arc<Node>>,
+) -> QmpResult<()> {
+    let backing_file = backing.map(|b| qemu_filename(d, b));
+    match format {
+        "qcow2" => {}
+        "raw" | "file" if backing.is_none() => return Ok(create_raw(path, size)?),
+        "raw" | "file" => {
+            return Err(QmpError::generic(format!(
+                "Backing file not supported for file format '{format}'"
+            )))
+        }
+        other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
+    }
+    if backing_file.as_deref() == path.to_str() {
+        return Err(QmpError::generic(
+            "Error: Trying to create an image with the same filename as the backing file",
+        ));
+    }
+    let opts = CreateOptions {
+        size: Some(size),
+        backing_format: backing
+            .and_then(|b| d.driver_of(b.name()))
+            .map(|k| k.name().to_owned()),
+        backing_file,
+        ..CreateOptions::default()
+    };
+    Ok(create_qcow2(path, &opts)?)
+}
+
 /// Opens an image file as an implicit node pair (format over file), as
 /// jobs and snapshots open the images they create. `extra` adds
 /// blockdev-add options of the format node (`node-name`, else it is

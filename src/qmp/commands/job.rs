@@ -10,7 +10,6 @@ use serde_json::{json, Map, Value};
 
 use super::transaction::Action;
 use crate::block::node::Node;
-use crate::block::qcow2::create::{create_qcow2, create_raw, CreateOptions};
 use crate::block::BlockNode;
 use crate::daemon::Daemon;
 use crate::job::backup::{self, BackupArgs, SyncMode};
@@ -148,29 +147,9 @@ impl BackupAction {
             ),
         };
         let path = Path::new(&a.target);
-        if !existing {
-            match format.as_deref() {
-                Some("qcow2") => {
-                    let opts = CreateOptions {
-                        size: Some(source.size()),
-                        backing_file: backing
-                            .as_ref()
-                            .and_then(|b| b.filename())
-                            .map(|p| p.display().to_string()),
-                        backing_format: backing
-                            .as_ref()
-                            .and_then(|b| d.driver_of(b.name()))
-                            .map(|k| k.name().to_owned()),
-                        ..CreateOptions::default()
-                    };
-                    create_qcow2(path, &opts)?;
-                }
-                Some("raw") => create_raw(path, source.size())?,
-                Some(other) => {
-                    return Err(QmpError::generic(format!("Unknown file format '{other}'")))
-                }
-                None => {}
-            }
+        if let (false, Some(f)) = (existing, &format) {
+            let backing = backing.as_ref().filter(|_| f == "qcow2");
+            super::block::create_image(d, path, f, source.size(), backing)?;
         }
         let mut extra = Map::new();
         if a.sync == SyncMode::None {
@@ -308,22 +287,8 @@ pub fn drive_mirror(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     });
     let path = Path::new(&a.target);
     if !existing {
-        match format.as_str() {
-            "qcow2" => {
-                let opts = CreateOptions {
-                    size: Some(source.size()),
-                    backing_file: backing.as_ref().map(|b| super::block::qemu_filename(d, b)),
-                    backing_format: backing
-                        .as_ref()
-                        .and_then(|b| d.driver_of(b.name()))
-                        .map(|k| k.name().to_owned()),
-                    ..CreateOptions::default()
-                };
-                create_qcow2(path, &opts)?;
-            }
-            "raw" => create_raw(path, source.size())?,
-            other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
-        }
+        let create_backing = backing.as_ref().filter(|_| format == "qcow2");
+        super::block::create_image(d, path, &format, source.size(), create_backing)?;
     }
     let mut extra = Map::new();
     extra.insert("backing".into(), Value::Null);

@@ -14,7 +14,6 @@ use serde_json::{json, Map, Value};
 use super::transaction::Action;
 use crate::block::node::Node;
 use crate::block::open::Driver;
-use crate::block::qcow2::create::{create_qcow2, CreateOptions};
 use crate::block::BlockNode;
 use crate::daemon::{BlockOp, Daemon};
 use crate::qmp::error::{QmpError, QmpResult};
@@ -83,28 +82,7 @@ impl SnapshotAction {
         }
         let path = Path::new(&file);
         if !existing {
-            let backing = super::block::qemu_filename(d, old);
-            match format.as_str() {
-                "qcow2" => {}
-                "raw" | "file" => {
-                    return Err(QmpError::generic(format!(
-                        "Backing file not supported for file format '{format}'"
-                    )))
-                }
-                other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
-            }
-            if backing == file {
-                return Err(QmpError::generic(
-                    "Error: Trying to create an image with the same filename as the backing file",
-                ));
-            }
-            let opts = CreateOptions {
-                size: Some(old.size()),
-                backing_file: Some(backing),
-                backing_format: d.driver_of(old.name()).map(|k| k.name().to_owned()),
-                ..CreateOptions::default()
-            };
-            create_qcow2(path, &opts)?;
+            super::block::create_image(d, path, &format, old.size(), Some(old))?;
         }
         // qemu opens the overlay with the old layer's flags.
         let mut extra = Map::new();
