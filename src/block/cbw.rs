@@ -10,6 +10,13 @@
 //! copied now, sits behind one mutex held only to decide; the copy itself
 //! (a read of the source, a write of the target) runs outside it, and a
 //! write to a cluster being copied waits for that copy to end.
+//!
+//! As a node of its own (blockdev-add, qemu's fleecing) the filter also
+//! offers the point-in-time view a `snapshot-access` node reads
+//! ([`SnapshotView`]): a cluster still in the source is read from there
+//! (held like a copy, so no write changes it meanwhile), a copied one
+//! from the target. `on-cbw-error=break-snapshot` lets guest writes go on
+//! when a copy fails, and the view fails from then on.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,8 +31,28 @@ use crate::bitmap::DirtyBitmap;
 struct CopyMap {
     /// One bit per cluster: still to be copied.
     todo: DirtyBitmap,
-    /// Clusters being copied right now.
+    /// One bit per cluster: readable through the view (qemu's access
+    /// bitmap: the `bitmap` option's clusters, or all).
+    access: DirtyBitmap,
+    /// Clusters being copied (or read through the view) right now.
     busy: HashSet<u64>,
+}
+
+/// qapi's OnCbwError: what a failed copy before a guest write breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCbwError {
+    #[default]
+    BreakGuestWrite,
+    BreakSnapshot,
+}
+
+/// The point-in-time view a copy-before-write node offers (read by
+/// `snapshot-access`).
+pub trait SnapshotView: Send + Sync {
+    fn snapshot_read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()>;
+    fn snapshot_status(&self, offset: u64, len: u64) -> BlockResult<Extent>;
+    fn snapshot_discard(&self, offset: u64, len: u64) -> BlockResult<()>;
 }
 
 pub struct CopyBeforeWrite {
@@ -40,6 +67,9 @@ pub struct CopyBeforeWrite {
     active: AtomicBool,
     /// Write the target compressed, in clusters of this size (0: plain).
     compress: u64,
+    on_error: OnCbwError,
+    /// A copy failed under break-snapshot: the view is gone.
+    broken: AtomicBool,
 }
 
 impl CopyBeforeWrite {
@@ -62,6 +92,7 @@ impl CopyBeforeWrite {
             source: Child::new(ChildRole::Filtered, source),
             target: Child::new(ChildRole::Target, target),
             map: Mutex::new(CopyMap {
+                access: todo.clone(),
                 todo,
                 busy: HashSet::new(),
             }),
@@ -69,7 +100,57 @@ impl CopyBeforeWrite {
             copied: AtomicU64::new(0),
             active: AtomicBool::new(true),
             compress,
+            on_error: OnCbwError::default(),
+            broken: AtomicBool::new(false),
         }
+    }
+
+    /// With `on-cbw-error`.
+    pub fn on_error(mut self, on_error: OnCbwError) -> CopyBeforeWrite {
+        self.on_error = on_error;
+        self
+    }
+
+    fn view_broken(&self) -> BlockResult<()> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(super::BlockError::new(
+                super::ErrorKind::Io,
+                "the snapshot is broken: a copy before a write failed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until no copy runs in `[first, last]`, then claims the
+    /// clusters still in the source (returns them), so no write changes
+    /// them while the view reads them.
+    fn hold_for_view(&self, first: u64, last: u64) -> BlockResult<Vec<u64>> {
+        let mut g = self.lock();
+        loop {
+            if (first..=last).any(|c| g.busy.contains(&c)) {
+                g = self.copied_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            if (first..=last).any(|c| !g.access.is_dirty(c * self.cluster)) {
+                return Err(outside_view());
+            }
+            let held: Vec<u64> = (first..=last)
+                .filter(|&c| g.todo.is_dirty(c * self.cluster))
+                .collect();
+            for &c in &held {
+                g.busy.insert(c);
+            }
+            return Ok(held);
+        }
+    }
+
+    fn release(&self, held: &[u64]) {
+        let mut g = self.lock();
+        for c in held {
+            g.busy.remove(c);
+        }
+        drop(g);
+        self.copied_cv.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, CopyMap> {
@@ -228,10 +309,93 @@ impl CopyBeforeWrite {
         if len == 0 || !self.active.load(Ordering::Acquire) {
             return Ok(());
         }
-        // qemu's default on-cbw-error=break-guest-write: the write fails
-        // rather than the backup losing the old data.
-        self.copy_clusters(off / self.cluster, (off + len - 1) / self.cluster)
-            .map_err(|e| e.error)
+        // break-guest-write (qemu's default): the write fails rather than
+        // the backup losing the old data; break-snapshot: the write goes
+        // on and the view is gone.
+        match self.copy_clusters(off / self.cluster, (off + len - 1) / self.cluster) {
+            Ok(()) => Ok(()),
+            Err(e) if self.on_error == OnCbwError::BreakGuestWrite => Err(e.error),
+            Err(e) => {
+                tracing::warn!(error = %e.error, "copy-before-write failed: the snapshot is broken");
+                self.broken.store(true, Ordering::Release);
+                self.deactivate();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// qemu's EINVAL for a part of the disk the view does not hold (outside
+/// the `bitmap`, or discarded).
+fn outside_view() -> super::BlockError {
+    super::BlockError::invalid("outside the snapshot's bitmap")
+}
+
+impl SnapshotView for CopyBeforeWrite {
+    fn snapshot_read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.view_broken()?;
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (offset / self.cluster, (offset + len - 1) / self.cluster);
+        let held = self.hold_for_view(first, last)?;
+        let r = (|| {
+            let mut at = offset;
+            while at < offset + len {
+                let c = at / self.cluster;
+                let end = ((c + 1) * self.cluster).min(offset + len);
+                let part = &mut buf[(at - offset) as usize..(end - offset) as usize];
+                if held.contains(&c) {
+                    self.src().read_at(part, at)?;
+                } else {
+                    self.target.get().read_at(part, at)?;
+                }
+                at = end;
+            }
+            Ok(())
+        })();
+        self.release(&held);
+        r?;
+        self.view_broken()
+    }
+
+    fn snapshot_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.view_broken()?;
+        let c = offset / self.cluster;
+        let end = ((c + 1) * self.cluster).min(offset + len);
+        let (in_source, readable) = {
+            let g = self.lock();
+            (
+                g.todo.is_dirty(c * self.cluster),
+                g.access.is_dirty(c * self.cluster),
+            )
+        };
+        if !readable {
+            return Err(outside_view());
+        }
+        let e = match in_source {
+            true => self.src().block_status(offset, end - offset)?,
+            false => self.target.get().block_status(offset, end - offset)?,
+        };
+        Ok(Extent {
+            len: e.len.clamp(1, end - offset),
+            flags: e.flags,
+        })
+    }
+
+    /// The client is done with these clusters: they leave the view, and
+    /// nothing needs copying there any more.
+    fn snapshot_discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let first = offset.div_ceil(self.cluster) * self.cluster;
+        let end = (offset + len) / self.cluster * self.cluster;
+        if end <= first {
+            return Ok(());
+        }
+        let mut g = self.lock();
+        let _ = g.access.reset_range(first, end - first);
+        let _ = g.todo.reset_range(first, end - first);
+        Ok(())
     }
 }
 
@@ -298,6 +462,10 @@ impl BlockNode for CopyBeforeWrite {
 
     fn children(&self) -> Vec<Arc<Child>> {
         vec![self.source.clone(), self.target.clone()]
+    }
+
+    fn snapshot(&self) -> Option<&dyn SnapshotView> {
+        Some(self)
     }
 
     fn filename(&self) -> Option<std::path::PathBuf> {

@@ -21,6 +21,7 @@ pub mod open;
 pub mod qcow2;
 pub mod range_lock;
 pub mod raw;
+pub mod snapshot_access;
 
 // Test and benchmark drivers (qemu's null-co and blkdebug).
 pub mod blkdebug;
@@ -147,6 +148,12 @@ pub trait BlockNode: Send + Sync + 'static {
     /// here, in the driver that uses them, and nowhere else.
     fn children(&self) -> Vec<std::sync::Arc<link::Child>> {
         Vec::new()
+    }
+
+    /// The point-in-time view this node offers (a copy-before-write
+    /// filter), for `snapshot-access`.
+    fn snapshot(&self) -> Option<&dyn cbw::SnapshotView> {
+        None
     }
 
     /// Attaches, replaces or removes the `backing` child (a snapshot's

@@ -252,6 +252,10 @@ impl BlockNode for Node {
         self.driver.set_backing(backing)
     }
 
+    fn snapshot(&self) -> Option<&dyn super::cbw::SnapshotView> {
+        self.driver.snapshot()
+    }
+
     fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
         self.driver.change_backing_file(name, format)
     }

@@ -62,8 +62,11 @@ pub enum Driver {
     Qcow2,
     /// tidemark's pass-through filter (a test hook for graph changes).
     Passthrough,
-    /// A backup job's copy-before-write filter.
+    /// The copy-before-write filter (a backup job's, or one of its own for
+    /// fleecing).
     CopyBeforeWrite,
+    /// The point-in-time view over a copy-before-write node.
+    SnapshotAccess,
     /// The filters of mirror (and active commit), commit and stream.
     MirrorTop,
     CommitTop,
@@ -91,6 +94,7 @@ impl Driver {
             Driver::Qcow2 => "qcow2",
             Driver::Passthrough => "x-tidemark-passthrough",
             Driver::CopyBeforeWrite => "copy-before-write",
+            Driver::SnapshotAccess => "snapshot-access",
             Driver::MirrorTop => "mirror_top",
             Driver::CommitTop => "commit_top",
             Driver::CopyOnRead => "copy-on-read",

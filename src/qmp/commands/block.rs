@@ -160,6 +160,19 @@ impl Opening<'_> {
                 let drv = crate::block::null::from_options(opts, read_only)?;
                 (Opened::new(Driver::NullCo, drv), slot)
             }
+            "copy-before-write" => {
+                let slot = self.d.reserve_slot();
+                let file = self.child(opts.get("file"), read_only)?;
+                let target = self.child_named("target", opts.get("target"), false)?;
+                let drv = cbw_from_options(self.d, opts, file, target)?;
+                (Opened::new(Driver::CopyBeforeWrite, drv), slot)
+            }
+            "snapshot-access" => {
+                let slot = self.d.reserve_slot();
+                let file = self.child(opts.get("file"), true)?;
+                let drv = crate::block::snapshot_access::SnapshotAccess::new(file)?;
+                (Opened::new(Driver::SnapshotAccess, Arc::new(drv)), slot)
+            }
             "blkdebug" => {
                 // A filter driver opens its child itself, after qemu named
                 // the node: its place comes first.
@@ -199,10 +212,21 @@ impl Opening<'_> {
     /// Resolves a `file` member: a node-name, or a nested definition
     /// opened now.
     fn child(&mut self, file: Option<&Value>, read_only: bool) -> QmpResult<Arc<Node>> {
-        match file {
+        self.child_named("file", file, read_only)
+    }
+
+    /// Resolves a child member `key`: a node-name, or a nested definition
+    /// opened now.
+    fn child_named(
+        &mut self,
+        key: &str,
+        v: Option<&Value>,
+        read_only: bool,
+    ) -> QmpResult<Arc<Node>> {
+        match v {
             Some(Value::String(name)) => self.d.node(name),
             Some(Value::Object(m)) => self.open_node(m, false, read_only),
-            _ => Err(QmpError::generic("Parameter 'file' is missing")),
+            _ => Err(QmpError::generic(format!("Parameter '{key}' is missing"))),
         }
     }
 
@@ -233,6 +257,48 @@ impl Opening<'_> {
         }
         Ok(q.backing_file())
     }
+}
+
+/// A copy-before-write node of its own (qemu's fleecing filter): it copies
+/// every cluster, or those of `bitmap`, before a write changes them.
+fn cbw_from_options(
+    d: &Daemon,
+    opts: &Map<String, Value>,
+    file: Arc<Node>,
+    target: Arc<Node>,
+) -> QmpResult<Arc<dyn BlockNode>> {
+    use crate::block::cbw::{CopyBeforeWrite, OnCbwError};
+    let on_error: OnCbwError = match opts.get("on-cbw-error") {
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| QmpError::generic(format!("Invalid parameter 'on-cbw-error': {e}")))?,
+        None => OnCbwError::default(),
+    };
+    // qemu's block-copy cluster: the target's, at least 64 KiB, at least
+    // min-cluster-size.
+    let min = opts
+        .get("min-cluster-size")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let cluster = (64u64 << 10).max(target.cluster_size()).max(min);
+    if !cluster.is_power_of_two() {
+        return Err(QmpError::generic(
+            "min-cluster-size needs to be a power of 2",
+        ));
+    }
+    let size = file.size();
+    let mut todo = crate::bitmap::DirtyBitmap::anonymous(size, cluster)?;
+    match opts.get("bitmap") {
+        Some(b) => {
+            let node = b.get("node").and_then(Value::as_str).unwrap_or("");
+            let name = b.get("name").and_then(Value::as_str).unwrap_or("");
+            let (_, bm) = super::bitmap::lookup(d, node, name)?;
+            todo.merge(&lock(&bm))?;
+        }
+        None => todo.set_range(0, size)?,
+    }
+    Ok(Arc::new(
+        CopyBeforeWrite::new(file, target, todo, false).on_error(on_error),
+    ))
 }
 
 /// qemu's conditions on an existing node given as `backing`.
