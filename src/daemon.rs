@@ -123,6 +123,9 @@ struct State {
     next_slot: u64,
     /// The running server's connection limit, when one runs.
     nbd_max_connections: Option<Option<usize>>,
+    /// How clients reach the running server: its first address as an NBD
+    /// URI prefix (`nbd+unix:///` + name + `?socket=...`, `nbd://host:port/`).
+    nbd_uri: Option<(String, String)>,
     /// Set when the daemon is closing: no command may change anything.
     closing: bool,
 }
@@ -165,6 +168,8 @@ pub struct Daemon {
     quit: watch::Sender<bool>,
     /// The drain of every root (see [`Gate`]).
     gate: Arc<Gate>,
+    /// Pull-backup sessions (tidemark's extension).
+    sessions: crate::qmp::commands::session::Sessions,
     /// Itself, for what must outlive a command (a job's thread).
     me: Weak<Daemon>,
 }
@@ -182,6 +187,7 @@ impl Daemon {
         Arc::new_cyclic(|me| Daemon {
             me: me.clone(),
             gate: Arc::new(Gate::default()),
+            sessions: Default::default(),
             state: Mutex::new(State::default()),
             nbd: tokio::sync::Mutex::new(None),
             command_lock: tokio::sync::Mutex::new(()),
@@ -390,6 +396,10 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    pub fn sessions(&self) -> &crate::qmp::commands::session::Sessions {
+        &self.sessions
     }
 
     /// Holds every client request back until dropped (a transaction).
@@ -862,6 +872,14 @@ impl Daemon {
                 info!("listening on unix {}", p.display());
             }
         }
+        let uri = match (addrs.first(), server.tcp_addrs().first()) {
+            (Some(Address::Unix(p)), _) => Some((
+                "nbd+unix:///".to_owned(),
+                format!("?socket={}", p.display()),
+            )),
+            (Some(Address::Tcp(_)), Some(a)) => Some((format!("nbd://{a}/"), String::new())),
+            _ => None,
+        };
         let (stop, stop_rx) = watch::channel(false);
         let mut running = NbdRunning {
             stop,
@@ -872,8 +890,18 @@ impl Daemon {
             running.accept();
         }
         *nbd = Some(running);
-        self.state().nbd_max_connections = Some(max_connections);
+        let mut st = self.state();
+        st.nbd_max_connections = Some(max_connections);
+        st.nbd_uri = uri;
         Ok(())
+    }
+
+    /// The URI of export `name` on the running server.
+    pub fn nbd_uri(&self, name: &str) -> Option<String> {
+        self.state()
+            .nbd_uri
+            .as_ref()
+            .map(|(head, tail)| format!("{head}{name}{tail}"))
     }
 
     /// Starts accepting on a server [`Daemon::start_nbd`] bound.
@@ -896,6 +924,7 @@ impl Daemon {
         let doomed: Vec<ExportRecord> = {
             let mut st = self.state();
             st.nbd_max_connections = None;
+            st.nbd_uri = None;
             let mut v = std::mem::take(&mut st.exports);
             v.reverse();
             v

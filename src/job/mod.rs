@@ -392,12 +392,14 @@ impl Job {
         // cancel takes effect once the first step has landed.
         let ctl = JobCtl { job: self.clone() };
         let result = self.driver.run(&ctl);
+        // The work has returned: a command waiting for that (see
+        // [`Job::cancel_and_wait`]) may move the job on itself.
+        self.lock().ret = Some(result);
+        self.wake.notify_all();
         let Some(d) = self.daemon.upgrade() else {
             return;
         };
         let _serial = d.command_lock.blocking_lock();
-        self.lock().ret = Some(result);
-        self.wake.notify_all();
         self.advance(&d);
     }
 
@@ -549,6 +551,23 @@ impl Job {
         Ok(())
     }
 
+    /// Cancels (forced) and waits until the work has returned, then ends
+    /// the job with its transaction, all within the calling command (which
+    /// holds the command lock): the job's nodes are released when it
+    /// returns.
+    pub fn cancel_and_wait(&self, d: &Daemon) {
+        self.request_cancel();
+        let mut g = self.lock();
+        g.pause_count = 0;
+        g.user_paused = false;
+        self.wake.notify_all();
+        while g.ret.is_none() {
+            g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(g);
+        self.advance(d);
+    }
+
     fn request_cancel(&self) {
         let mut g = self.lock();
         g.cancelled = true;
@@ -598,6 +617,10 @@ impl Job {
     /// Moves a job whose work has returned (or that was cancelled after
     /// it) on with its transaction. Call with the command lock held.
     fn advance(&self, d: &Daemon) {
+        if matches!(self.status(), JobStatus::Concluded | JobStatus::Null) {
+            // Already moved on (by a command that waited for the work).
+            return;
+        }
         let members = self.txn.members();
         let failed = members.iter().any(|j| {
             let g = j.lock();

@@ -6,6 +6,7 @@ pub mod block;
 pub mod export;
 pub mod job;
 pub mod misc;
+pub mod session;
 pub mod snapshot;
 pub mod transaction;
 
@@ -51,6 +52,9 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync,
         "blockdev-snapshot" => snapshot::blockdev_snapshot,
         "block-stream" => job::block_stream,
+        "x-tidemark-backup-begin" => session::begin,
+        "x-tidemark-backup-end" => session::end,
+        "x-tidemark-query-backups" => session::query,
         "block-commit" => job::block_commit,
         "blockdev-mirror" => job::blockdev_mirror,
         "drive-mirror" => job::drive_mirror,

@@ -1,0 +1,300 @@
+//! Pull-backup sessions, tidemark's extension (`x-tidemark-backup-begin`,
+//! `-end`, `x-tidemark-query-backups`): one call builds, for one or
+//! several disks at once, what libvirt's pull sequence builds with a dozen
+//! commands, and one call takes it down. Each step is the QMP command
+//! libvirt would send, run here in the same order:
+//!
+//! 1. a qcow2 scratch per disk, with the live disk as its backing;
+//! 2. one transaction: the new checkpoint bitmap on each disk, a disabled
+//!    `backup-<disk>` bitmap on each scratch merged from the old
+//!    checkpoint in every layer that has it, and `blockdev-backup
+//!    sync=none` into each scratch (the point in time);
+//! 3. a read-only export of each scratch with its bitmap.
+//!
+//! Ending with `success: false` removes the new checkpoint again: since
+//! every checkpoint bitmap keeps recording, the old one still covers
+//! every write since it was made, and nothing is lost for the next
+//! incremental. Either way the jobs, exports, scratch nodes and files go.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::block::BlockNode;
+use crate::daemon::Daemon;
+use crate::qmp::error::{QmpError, QmpResult};
+
+/// One disk of a session.
+struct Disk {
+    node: String,
+    scratch_node: String,
+    /// A scratch file tidemark made (deleted at the end).
+    scratch_file: Option<PathBuf>,
+    job: String,
+    export: String,
+    bitmap: Option<String>,
+    size: u64,
+    dirty: u64,
+}
+
+struct Session {
+    id: String,
+    checkpoint: Option<String>,
+    disks: Vec<Disk>,
+}
+
+/// The open sessions.
+#[derive(Default)]
+pub struct Sessions(Mutex<Vec<Session>>);
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct DiskArgs {
+    node: String,
+    /// A scratch file to create (default: one in the temp directory).
+    scratch: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct BeginArgs {
+    id: String,
+    disks: Vec<DiskArgs>,
+    incremental: Option<String>,
+    checkpoint: Option<String>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> QmpResult<T> {
+    serde_json::from_value(Value::Object(args))
+        .map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))
+}
+
+/// The layers of `node`'s chain that hold bitmap `name`, top first.
+fn layers_with(node: &std::sync::Arc<crate::block::node::Node>, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut layer = Some(node.clone());
+    while let Some(l) = layer {
+        if l.bitmaps().get(name).is_some() {
+            out.push(l.name().to_owned());
+        }
+        layer = l.below();
+    }
+    out
+}
+
+pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a: BeginArgs = parse(args)?;
+    if d.sessions().lock().iter().any(|s| s.id == a.id) {
+        return Err(QmpError::generic(format!(
+            "Backup session '{}' already exists",
+            a.id
+        )));
+    }
+    if a.disks.is_empty() {
+        return Err(QmpError::generic(
+            "A backup session needs at least one disk",
+        ));
+    }
+    let mut disks: Vec<Disk> = Vec::new();
+    let built = prepare(d, &a, &mut disks);
+    if let Err(e) = built {
+        undo(d, &disks);
+        return Err(e);
+    }
+    let reply = disks
+        .iter()
+        .map(|k| {
+            json!({
+                "node": k.node, "export": k.export, "uri": d.nbd_uri(&k.export),
+                "bitmap": k.bitmap, "size": k.size, "dirty-bytes": k.dirty,
+            })
+        })
+        .collect::<Vec<_>>();
+    d.sessions().lock().push(Session {
+        id: a.id,
+        checkpoint: a.checkpoint,
+        disks,
+    });
+    Ok(json!({ "disks": reply }))
+}
+
+/// Builds every disk's part; what was built is in `disks` for [`undo`].
+fn prepare(d: &Daemon, a: &BeginArgs, disks: &mut Vec<Disk>) -> QmpResult<()> {
+    d.nbd_max_connections()?;
+    let mut actions = Vec::new();
+    for k in &a.disks {
+        let node = d.node(&k.node)?;
+        let merge_from = match &a.incremental {
+            Some(c) => {
+                let layers = layers_with(&node, c);
+                if layers.first().map(String::as_str) != Some(node.name()) {
+                    return Err(QmpError::generic(format!(
+                        "Checkpoint '{c}' not found on disk '{}'",
+                        k.node
+                    )));
+                }
+                layers
+            }
+            None => Vec::new(),
+        };
+        let file = k.scratch.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "tidemark-{}-{}-{}.scratch.qcow2",
+                std::process::id(),
+                a.id,
+                k.node
+            ))
+        });
+        let path = file.as_path();
+        if k.scratch.is_some() && path.exists() {
+            return Err(QmpError::generic(format!(
+                "Scratch file '{}' already exists",
+                path.display()
+            )));
+        }
+        super::block::create_image(d, path, "qcow2", node.size(), None)?;
+        let mut extra = Map::new();
+        extra.insert("backing".into(), json!(node.name()));
+        let scratch = match super::block::open_image_node(d, path, Some("qcow2"), extra) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        let name = format!("{}-{}", a.id, k.node);
+        let bitmap = a.incremental.as_ref().map(|_| format!("backup-{}", k.node));
+        disks.push(Disk {
+            node: k.node.clone(),
+            scratch_node: scratch.name().to_owned(),
+            scratch_file: Some(file.clone()),
+            job: format!("backup-{name}"),
+            export: name,
+            bitmap: bitmap.clone(),
+            size: node.size(),
+            dirty: node.size(),
+        });
+        if let Some(c) = &a.checkpoint {
+            actions.push(json!({"type": "block-dirty-bitmap-add",
+                "data": {"node": node.name(), "name": c, "persistent": true, "disabled": false}}));
+        }
+        if let (Some(b), Some(c)) = (&bitmap, &a.incremental) {
+            let mut add = json!({"node": scratch.name(), "name": b, "persistent": false,
+                                 "disabled": true});
+            if let Some(x) = node.bitmaps().get(c) {
+                add["granularity"] = json!(crate::bitmap::set::lock(&x).granularity());
+            }
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": add}));
+            let sources: Vec<Value> = merge_from
+                .iter()
+                .map(|l| json!({"node": l, "name": c}))
+                .collect();
+            actions.push(json!({"type": "block-dirty-bitmap-merge",
+                "data": {"node": scratch.name(), "target": b, "bitmaps": sources}}));
+        }
+        actions.push(json!({"type": "blockdev-backup",
+            "data": {"device": node.name(), "job-id": format!("backup-{}-{}", a.id, k.node),
+                     "target": scratch.name(), "sync": "none"}}));
+    }
+    let txn = json!({ "actions": actions });
+    super::transaction::transaction(d, txn.as_object().cloned().unwrap_or_default())?;
+    for k in disks.iter_mut() {
+        let mut export = json!({"type": "nbd", "id": k.export, "node-name": k.scratch_node,
+            "name": k.export, "writable": false});
+        if let Some(b) = &k.bitmap {
+            export["bitmaps"] = json!([b]);
+            k.dirty = d
+                .find_node(&k.scratch_node)
+                .and_then(|n| n.bitmaps().get(b))
+                .map_or(0, |x| crate::bitmap::set::lock(&x).count());
+        }
+        super::export::block_export_add(d, export.as_object().cloned().unwrap_or_default())?;
+    }
+    Ok(())
+}
+
+/// Takes down what a session built: exports, jobs, scratch nodes, files.
+fn undo(d: &Daemon, disks: &[Disk]) {
+    for k in disks {
+        let _ = d.delete_export(&k.export, false, true);
+        if let Some(job) = d.job(&k.job) {
+            job.cancel_and_wait(d);
+        }
+    }
+    d.prune();
+    for k in disks {
+        if let Some(f) = &k.scratch_file {
+            if d.find_node(&k.scratch_node).is_none() {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EndArgs {
+    id: String,
+    success: bool,
+}
+
+pub fn end(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let a: EndArgs = parse(args)?;
+    let session = {
+        let mut all = d.sessions().lock();
+        let Some(i) = all.iter().position(|s| s.id == a.id) else {
+            return Err(QmpError::generic(format!(
+                "Backup session '{}' not found",
+                a.id
+            )));
+        };
+        all.remove(i)
+    };
+    undo(d, &session.disks);
+    if !a.success {
+        // The old checkpoints kept recording: dropping the new one loses
+        // nothing.
+        if let Some(c) = &session.checkpoint {
+            for k in &session.disks {
+                let args = json!({"node": k.node, "name": c});
+                let _ = super::bitmap::command(
+                    d,
+                    "block-dirty-bitmap-remove",
+                    args.as_object().cloned().unwrap_or_default(),
+                );
+            }
+        }
+    }
+    Ok(json!({}))
+}
+
+pub fn query(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
+    let all = d.sessions().lock();
+    let list: Vec<Value> = all
+        .iter()
+        .map(|s| {
+            let disks: Vec<Value> = s
+                .disks
+                .iter()
+                .map(|k| {
+                    let used = d
+                        .find_node(&k.scratch_node)
+                        .and_then(|n| n.allocated_size())
+                        .unwrap_or(0);
+                    json!({"node": k.node, "export": k.export, "uri": d.nbd_uri(&k.export),
+                           "bitmap": k.bitmap, "size": k.size, "dirty-bytes": k.dirty,
+                           "scratch-bytes": used})
+                })
+                .collect();
+            json!({"id": s.id, "checkpoint": s.checkpoint, "disks": disks})
+        })
+        .collect();
+    Ok(Value::Array(list))
+}

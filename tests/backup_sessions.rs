@@ -1,0 +1,294 @@
+//! Pull-backup sessions (`x-tidemark-backup-begin` / `-end` /
+//! `x-tidemark-query-backups`) against `tidemark daemon`: a full pull is
+//! the disk at begin whatever the guest writes meanwhile; the next
+//! session's incremental bitmap holds exactly the writes since the
+//! checkpoint; a failed session leaves the checkpoints as they were; a
+//! begin over two disks is all or nothing; bad input is refused and
+//! leaves nothing behind.
+
+mod qmp_common;
+
+use std::path::Path;
+use std::process::Command;
+
+use qmp_common::{nbd_map, qcow2_image, qemu_io, Impl, Instance, Qmp};
+use serde_json::{json, Value};
+
+const SIZE: u64 = 8 << 20;
+
+fn start(disks: &[&str]) -> (Instance, Qmp) {
+    let inst = Instance::start(
+        Impl::Tidemark,
+        &[
+            "--nbd-server".into(),
+            "addr.type=unix,addr.path=$DIR/nbd.sock".into(),
+        ],
+        |dir| {
+            for d in disks {
+                let img = dir.join(format!("{d}.qcow2"));
+                qcow2_image(&img, SIZE);
+                let out = Command::new("qemu-io")
+                    .args(["-c", "write -P 0x11 0 8M"])
+                    .arg(&img)
+                    .output()
+                    .expect("qemu-io");
+                assert!(out.status.success());
+            }
+        },
+    );
+    let mut q = inst.client();
+    for d in disks {
+        let file = inst.path(&format!("{d}.qcow2"));
+        ok(
+            &mut q,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": d,
+            "file": {"driver": "file", "filename": file}}),
+        );
+        ok(
+            &mut q,
+            "block-export-add",
+            json!({"type": "nbd", "id": format!("guest-{d}"),
+            "node-name": d, "name": d, "writable": true}),
+        );
+    }
+    (inst, q)
+}
+
+fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
+    let r = q.exec(cmd, args.clone());
+    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
+    r["return"].clone()
+}
+
+fn err(q: &mut Qmp, cmd: &str, args: Value) -> String {
+    let r = q.exec(cmd, args.clone());
+    r["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{cmd} {args} should fail: {r}"))
+        .to_owned()
+}
+
+/// Reads a whole export into a raw file.
+fn pull(uri: &str, to: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(to)
+        .output()
+        .expect("qemu-img convert");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn bytes_at(path: &Path, at: u64, n: usize) -> Vec<u8> {
+    let all = std::fs::read(path).expect("read pulled image");
+    all[at as usize..at as usize + n].to_vec()
+}
+
+fn checkpoints(q: &mut Qmp, node: &str) -> Vec<String> {
+    let nodes = ok(q, "query-named-block-nodes", json!({"flat": true}));
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// What the session leaves behind once ended: nothing but the guests'.
+fn assert_torn_down(q: &mut Qmp, scratch: &Path) {
+    assert_eq!(ok(q, "query-jobs", json!({})), json!([]));
+    assert_eq!(ok(q, "x-tidemark-query-backups", json!({})), json!([]));
+    let exports = ok(q, "query-block-exports", json!({}));
+    assert!(
+        exports
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| e["id"].as_str().is_some_and(|i| i.starts_with("guest-"))),
+        "{exports}"
+    );
+    assert!(!scratch.exists(), "{} left behind", scratch.display());
+}
+
+#[test]
+fn full_then_incremental_pull_and_a_failed_session_keeps_the_checkpoint() {
+    let (inst, mut q) = start(&["vda"]);
+    let guest = inst.nbd_uri("vda");
+    let scratch = inst.path("s1.qcow2");
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "s1", "checkpoint": "c1",
+        "disks": [{"node": "vda", "scratch": scratch}]}),
+    );
+    let disk = &r["disks"][0];
+    assert_eq!(disk["size"], SIZE);
+    let uri = disk["uri"].as_str().expect("uri").to_owned();
+    assert_eq!(uri, inst.nbd_uri("s1-vda"));
+    // The guest writes during the pull: the pull is the disk at begin.
+    qemu_io(&guest, &["write -P 0x22 1M 64k"]);
+    let full = inst.path("full.raw");
+    pull(&uri, &full);
+    assert_eq!(bytes_at(&full, 1 << 20, 4), vec![0x11; 4]);
+    let q1 = ok(&mut q, "x-tidemark-query-backups", json!({}));
+    assert_eq!(q1[0]["id"], "s1");
+    assert!(
+        q1[0]["disks"][0]["scratch-bytes"].as_u64().unwrap_or(0) > 0,
+        "{q1}"
+    );
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "s1", "success": true}),
+    );
+    assert_torn_down(&mut q, &scratch);
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+
+    // Incremental from c1: exactly the writes since the first begin.
+    qemu_io(&guest, &["write -P 0x33 3M 128k"]);
+    let scratch2 = inst.path("s2.qcow2");
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "s2", "incremental": "c1",
+        "checkpoint": "c2", "disks": [{"node": "vda", "scratch": scratch2}]}),
+    );
+    assert_eq!(r["disks"][0]["bitmap"], "backup-vda");
+    assert_eq!(r["disks"][0]["dirty-bytes"], 64 * 1024 + 128 * 1024);
+    let uri = r["disks"][0]["uri"].as_str().expect("uri").to_owned();
+    let map = nbd_map(&uri, "qemu:dirty-bitmap:backup-vda");
+    let dirty: Vec<&str> = map.lines().filter(|l| l.contains("dirty")).collect();
+    assert_eq!(dirty.len(), 2, "{map}");
+    assert!(dirty[0].trim_start().starts_with("1048576"), "{map}");
+    assert!(dirty[1].trim_start().starts_with("3145728"), "{map}");
+    // A failure keeps the checkpoints as before the begin.
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "s2", "success": false}),
+    );
+    assert_torn_down(&mut q, &scratch2);
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+
+    // So the next incremental from c1 still sees every write since it.
+    qemu_io(&guest, &["write -P 0x44 6M 64k"]);
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "s3", "incremental": "c1",
+        "disks": [{"node": "vda", "scratch": inst.path("s3.qcow2")}]}),
+    );
+    assert_eq!(
+        r["disks"][0]["dirty-bytes"],
+        64 * 1024 + 128 * 1024 + 64 * 1024
+    );
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "s3", "success": true}),
+    );
+    let check = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(inst.path("vda.qcow2"))
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn a_two_disk_begin_is_all_or_nothing() {
+    let (inst, mut q) = start(&["vda", "vdb"]);
+    let good = inst.path("sa.qcow2");
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "m", "checkpoint": "c1",
+        "disks": [{"node": "vda", "scratch": good},
+                  {"node": "vdb", "scratch": inst.path("nodir/sb.qcow2")}]}),
+    );
+    assert!(e.contains("nodir"), "{e}");
+    assert_torn_down(&mut q, &good);
+    assert!(checkpoints(&mut q, "vda").is_empty());
+    assert!(checkpoints(&mut q, "vdb").is_empty());
+    let nodes = ok(&mut q, "query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(nodes.as_array().map(Vec::len), Some(4), "{nodes}");
+
+    // Both disks at once, each with its own export and checkpoint.
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "m", "checkpoint": "c1",
+        "disks": [{"node": "vda"}, {"node": "vdb"}]}),
+    );
+    let exports: Vec<&str> = r["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k["export"].as_str())
+        .collect();
+    assert_eq!(exports, vec!["m-vda", "m-vdb"]);
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "m", "success": true}),
+    );
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+    assert_eq!(checkpoints(&mut q, "vdb"), vec!["c1"]);
+    assert_eq!(ok(&mut q, "query-jobs", json!({})), json!([]));
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing() {
+    let (inst, mut q) = start(&["vda"]);
+    let scratch = inst.path("x.qcow2");
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "x", "incremental": "nope",
+        "disks": [{"node": "vda", "scratch": scratch}]}),
+    );
+    assert_eq!(e, "Checkpoint 'nope' not found on disk 'vda'");
+    assert_torn_down(&mut q, &scratch);
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "x",
+        "disks": [{"node": "nosuch"}]}),
+    );
+    assert_eq!(e, "Cannot find device='nosuch' nor node-name='nosuch'");
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "zz", "success": true}),
+    );
+    assert_eq!(e, "Backup session 'zz' not found");
+    ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "x",
+        "disks": [{"node": "vda", "scratch": scratch}]}),
+    );
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "x",
+        "disks": [{"node": "vda", "scratch": inst.path("y.qcow2")}]}),
+    );
+    assert_eq!(e, "Backup session 'x' already exists");
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "x", "success": true}),
+    );
+    assert_torn_down(&mut q, &scratch);
+}
