@@ -4,6 +4,7 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod checkpoint;
 pub mod cli;
 pub mod daemon;
 pub mod daemonize;

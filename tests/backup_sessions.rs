@@ -292,3 +292,190 @@ fn bad_input_is_refused_and_leaves_nothing() {
     );
     assert_torn_down(&mut q, &scratch);
 }
+
+fn qemu_img(args: &[&str], dir: &Path) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+}
+
+fn checkpoint_list(q: &mut Qmp, node: &str) -> Value {
+    let mut v = ok(q, "x-tidemark-query-checkpoints", json!({"node": node}));
+    // The dirty counts change with every write; the list itself must not.
+    for c in v["checkpoints"].as_array_mut().into_iter().flatten() {
+        c.as_object_mut().map(|m| m.remove("dirty-bytes"));
+    }
+    v
+}
+
+#[test]
+fn checkpoints_live_in_the_image_across_restarts_and_qemu() {
+    let (inst, mut q) = start(&["vda"]);
+    for (id, inc, chk) in [("s1", None, "c1"), ("s2", Some("c1"), "c2")] {
+        let mut args = json!({"id": id, "checkpoint": chk, "disks": [{"node": "vda"}]});
+        if let Some(i) = inc {
+            args["incremental"] = json!(i);
+        }
+        ok(&mut q, "x-tidemark-backup-begin", args);
+        ok(
+            &mut q,
+            "x-tidemark-backup-end",
+            json!({"id": id, "success": true}),
+        );
+    }
+    let before = checkpoint_list(&mut q, "vda");
+    let names: Vec<&str> = before["checkpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["c1", "c2"], "{before}");
+    assert_eq!(before["checkpoints"][1]["parent"], "c1");
+    ok(&mut q, "quit", json!({}));
+    drop(q);
+    let dir = inst.dir.path().to_owned();
+    let img = inst.path("vda.qcow2");
+    let mut inst = inst;
+    assert!(inst.wait_exit(std::time::Duration::from_secs(20)));
+    // qemu rewrites the header and writes through the image: the record
+    // stays, and the bitmaps record qemu's writes.
+    qemu_img(&["bitmap", "--add", "vda.qcow2", "other"], &dir);
+    let out = Command::new("qemu-io")
+        .args(["-c", "write -P 0x55 2M 64k"])
+        .arg(&img)
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success());
+    qemu_img(&["check", "vda.qcow2"], &dir);
+    let inst2 = Instance::start(Impl::Tidemark, &[], |d| {
+        std::fs::rename(&img, d.join("vda.qcow2")).expect("move image");
+    });
+    let mut q = inst2.client();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "vda",
+        "file": {"driver": "file", "filename": inst2.path("vda.qcow2")}}),
+    );
+    assert_eq!(checkpoint_list(&mut q, "vda"), before);
+    let full = ok(
+        &mut q,
+        "x-tidemark-query-checkpoints",
+        json!({"node": "vda"}),
+    );
+    assert_eq!(full["checkpoints"][1]["dirty-bytes"], 65536, "{full}");
+    // Removing c1: c2 takes its parent (none).
+    ok(
+        &mut q,
+        "x-tidemark-checkpoint-remove",
+        json!({"node": "vda", "name": "c1"}),
+    );
+    let after = checkpoint_list(&mut q, "vda");
+    assert_eq!(
+        after["checkpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{after}"
+    );
+    assert!(after["checkpoints"][0].get("parent").is_none(), "{after}");
+    ok(&mut q, "quit", json!({}));
+}
+
+#[test]
+fn the_four_chain_rules_and_removal_from_two_layers() {
+    let nbd = [
+        "--nbd-server".to_owned(),
+        "addr.type=unix,addr.path=$DIR/nbd.sock".to_owned(),
+    ];
+    let inst = Instance::start(Impl::Tidemark, &nbd, |dir| {
+        qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "4M"], dir);
+        qemu_img(&["bitmap", "--add", "b.qcow2", "gap"], dir);
+        qemu_img(&["bitmap", "--add", "b.qcow2", "two"], dir);
+        qemu_img(
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "m.qcow2",
+            ],
+            dir,
+        );
+        qemu_img(&["bitmap", "--add", "m.qcow2", "low"], dir);
+        qemu_img(
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "t.qcow2",
+            ],
+            dir,
+        );
+        qemu_img(&["bitmap", "--add", "t.qcow2", "gap"], dir);
+        qemu_img(&["bitmap", "--add", "t.qcow2", "two"], dir);
+        qemu_img(&["bitmap", "--add", "--disable", "t.qcow2", "off"], dir);
+        qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "4M"], dir);
+    });
+    qmp_common::qcow2_with_stale_bitmap(&inst.path("s.qcow2"), 4 << 20, "stale");
+    let mut q = inst.client();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t",
+        "file": {"driver": "file", "filename": inst.path("t.qcow2")}}),
+    );
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "s",
+        "file": {"driver": "file", "filename": inst.path("s.qcow2")}}),
+    );
+    let begin = |q: &mut Qmp, node: &str, chk: &str| {
+        err(
+            q,
+            "x-tidemark-backup-begin",
+            json!({"id": "x", "incremental": chk,
+            "disks": [{"node": node, "scratch": inst.path("x.qcow2")}]}),
+        )
+    };
+    assert_eq!(
+        begin(&mut q, "t", "low"),
+        "Checkpoint 'low' of disk 't' is broken: the top layer has no bitmap of its name"
+    );
+    // "gap" is in t and b, not in m; "two" likewise, so both are gapped.
+    assert_eq!(
+        begin(&mut q, "t", "gap"),
+        "Checkpoint 'gap' of disk 't' is broken: the layers holding its bitmap are not contiguous"
+    );
+    assert_eq!(
+        begin(&mut q, "t", "off"),
+        "Checkpoint 'off' of disk 't' is broken: its bitmap in 't' is not recording and persistent"
+    );
+    assert_eq!(
+        begin(&mut q, "s", "stale"),
+        "Checkpoint 'stale' of disk 's' is broken: its bitmap in 's' is inconsistent"
+    );
+    assert!(!inst.path("x.qcow2").exists());
+    // Removal reaches the read-only backing layer too.
+    let layers = ok(&mut q, "x-tidemark-query-checkpoints", json!({"node": "t"}));
+    assert_eq!(
+        layers["checkpoints"],
+        json!([]),
+        "records only for tidemark's own"
+    );
+    ok(
+        &mut q,
+        "x-tidemark-checkpoint-remove",
+        json!({"node": "t", "name": "two"}),
+    );
+    ok(&mut q, "quit", json!({}));
+    let mut inst = inst;
+    assert!(inst.wait_exit(std::time::Duration::from_secs(20)));
+    let info = Command::new("qemu-img")
+        .args(["info", "--backing-chain"])
+        .arg(inst.path("t.qcow2"))
+        .output()
+        .expect("qemu-img info");
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(!text.contains("name: two"), "{text}");
+    assert!(text.contains("name: gap"), "{text}");
+    for f in ["b.qcow2", "m.qcow2", "t.qcow2"] {
+        qemu_img(&["check", f], inst.dir.path());
+    }
+}

@@ -179,6 +179,20 @@ pub trait BlockNode: Send + Sync + 'static {
         None
     }
 
+    /// tidemark's checkpoint record kept in the image (see
+    /// crate::checkpoint), where the format has room for one.
+    fn checkpoint_record(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Replaces (or removes) the image's checkpoint record, durably.
+    fn set_checkpoint_record(&self, _record: Option<Vec<u8>>) -> BlockResult<()> {
+        Err(BlockError::not_supported(format!(
+            "the {} format cannot keep checkpoints",
+            self.format_name()
+        )))
+    }
+
     /// Switches between read-only and read-write without closing (qemu's
     /// reopen), taking or dropping what writing needs (image locks, the
     /// in-use marks of stored bitmaps).

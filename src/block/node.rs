@@ -268,6 +268,14 @@ impl BlockNode for Node {
         self.driver.image_info()
     }
 
+    fn checkpoint_record(&self) -> Option<Vec<u8>> {
+        self.driver.checkpoint_record()
+    }
+
+    fn set_checkpoint_record(&self, record: Option<Vec<u8>>) -> BlockResult<()> {
+        self.driver.set_checkpoint_record(record)
+    }
+
     fn debug_event(&self, event: super::DebugEvent) {
         self.driver.debug_event(event)
     }

@@ -17,6 +17,9 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// tidemark's checkpoint records ("tdmk"): an extension qemu does not know
+/// and keeps as it is when it rewrites the header.
+pub const EXT_TIDEMARK_CHECKPOINTS: u32 = 0x7464_6d6b;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;

@@ -224,6 +224,21 @@ impl Qcow2Node {
         }
     }
 
+    /// Replaces (or with `None` removes) a header extension, synced before
+    /// it returns.
+    fn rewrite_extension(&self, kind: u32, data: Option<Vec<u8>>) -> BlockResult<()> {
+        self.check_writable()?;
+        let mut meta = self.lock_meta()?;
+        let mut h = meta.header.clone();
+        h.set_extension(kind, data);
+        let bytes = h.serialize()?;
+        meta.write_back(&self.f)?;
+        self.f.write(&bytes, 0, "header")?;
+        self.f.sync()?;
+        meta.header = h;
+        Ok(())
+    }
+
     /// Rewrites the backing file name and format in the header (qemu's
     /// bdrv_change_backing_file), synced before it returns.
     fn rewrite_backing_name(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
@@ -457,6 +472,16 @@ impl BlockNode for Qcow2Node {
 
     fn backing_file(&self) -> Option<String> {
         self.header().backing_file
+    }
+
+    fn checkpoint_record(&self) -> Option<Vec<u8>> {
+        self.header()
+            .extension(EXT_TIDEMARK_CHECKPOINTS)
+            .map(<[u8]>::to_vec)
+    }
+
+    fn set_checkpoint_record(&self, record: Option<Vec<u8>>) -> BlockResult<()> {
+        self.rewrite_extension(EXT_TIDEMARK_CHECKPOINTS, record)
     }
 
     fn children(&self) -> Vec<Arc<Child>> {

@@ -55,6 +55,8 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "x-tidemark-backup-begin" => session::begin,
         "x-tidemark-backup-end" => session::end,
         "x-tidemark-query-backups" => session::query,
+        "x-tidemark-query-checkpoints" => session::query_checkpoints,
+        "x-tidemark-checkpoint-remove" => session::remove_checkpoint,
         "block-commit" => job::block_commit,
         "blockdev-mirror" => job::blockdev_mirror,
         "drive-mirror" => job::drive_mirror,

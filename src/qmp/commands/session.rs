@@ -77,19 +77,6 @@ fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> QmpResult<
         .map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))
 }
 
-/// The layers of `node`'s chain that hold bitmap `name`, top first.
-fn layers_with(node: &std::sync::Arc<crate::block::node::Node>, name: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut layer = Some(node.clone());
-    while let Some(l) = layer {
-        if l.bitmaps().get(name).is_some() {
-            out.push(l.name().to_owned());
-        }
-        layer = l.below();
-    }
-    out
-}
-
 pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     let a: BeginArgs = parse(args)?;
     if d.sessions().lock().iter().any(|s| s.id == a.id) {
@@ -104,9 +91,13 @@ pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
         ));
     }
     let mut disks: Vec<Disk> = Vec::new();
-    let built = prepare(d, &a, &mut disks);
+    let mut checkpointed = false;
+    let built = prepare(d, &a, &mut disks, &mut checkpointed);
     if let Err(e) = built {
         undo(d, &disks);
+        if let (true, Some(c)) = (checkpointed, &a.checkpoint) {
+            drop_checkpoint(d, &disks, c);
+        }
         return Err(e);
     }
     let reply = disks
@@ -127,22 +118,21 @@ pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
 }
 
 /// Builds every disk's part; what was built is in `disks` for [`undo`].
-fn prepare(d: &Daemon, a: &BeginArgs, disks: &mut Vec<Disk>) -> QmpResult<()> {
+fn prepare(
+    d: &Daemon,
+    a: &BeginArgs,
+    disks: &mut Vec<Disk>,
+    checkpointed: &mut bool,
+) -> QmpResult<()> {
     d.nbd_max_connections()?;
     let mut actions = Vec::new();
     for k in &a.disks {
         let node = d.node(&k.node)?;
-        let merge_from = match &a.incremental {
-            Some(c) => {
-                let layers = layers_with(&node, c);
-                if layers.first().map(String::as_str) != Some(node.name()) {
-                    return Err(QmpError::generic(format!(
-                        "Checkpoint '{c}' not found on disk '{}'",
-                        k.node
-                    )));
-                }
-                layers
-            }
+        let merge_from: Vec<String> = match &a.incremental {
+            Some(c) => crate::checkpoint::validate(&k.node, &node, c)?
+                .iter()
+                .map(|l| l.name().to_owned())
+                .collect(),
             None => Vec::new(),
         };
         let file = k.scratch.clone().unwrap_or_else(|| {
@@ -206,6 +196,12 @@ fn prepare(d: &Daemon, a: &BeginArgs, disks: &mut Vec<Disk>) -> QmpResult<()> {
     }
     let txn = json!({ "actions": actions });
     super::transaction::transaction(d, txn.as_object().cloned().unwrap_or_default())?;
+    *checkpointed = true;
+    if let Some(c) = &a.checkpoint {
+        for k in disks.iter() {
+            crate::checkpoint::record(&d.node(&k.node)?, c)?;
+        }
+    }
     for k in disks.iter_mut() {
         let mut export = json!({"type": "nbd", "id": k.export, "node-name": k.scratch_node,
             "name": k.export, "writable": false});
@@ -222,6 +218,20 @@ fn prepare(d: &Daemon, a: &BeginArgs, disks: &mut Vec<Disk>) -> QmpResult<()> {
 }
 
 /// Takes down what a session built: exports, jobs, scratch nodes, files.
+/// Takes a session's new checkpoint back: its bitmaps and its records.
+fn drop_checkpoint(d: &Daemon, disks: &[Disk], name: &str) {
+    for k in disks {
+        let Some(disk) = d.find_node(&k.node) else {
+            continue;
+        };
+        let removed = remove_bitmaps(d, &crate::checkpoint::layers_with(&disk, name), name)
+            .and_then(|_| crate::checkpoint::forget(&disk, name));
+        if let Err(e) = removed {
+            tracing::error!(disk = %k.node, checkpoint = name, error = %e.desc, "could not take the checkpoint back");
+        }
+    }
+}
+
 fn undo(d: &Daemon, disks: &[Disk]) {
     for k in disks {
         let _ = d.delete_export(&k.export, false, true);
@@ -262,14 +272,7 @@ pub fn end(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
         // The old checkpoints kept recording: dropping the new one loses
         // nothing.
         if let Some(c) = &session.checkpoint {
-            for k in &session.disks {
-                let args = json!({"node": k.node, "name": c});
-                let _ = super::bitmap::command(
-                    d,
-                    "block-dirty-bitmap-remove",
-                    args.as_object().cloned().unwrap_or_default(),
-                );
-            }
+            drop_checkpoint(d, &session.disks, c);
         }
     }
     Ok(json!({}))
@@ -297,4 +300,61 @@ pub fn query(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
         })
         .collect();
     Ok(Value::Array(list))
+}
+
+/// x-tidemark-query-checkpoints: a disk's checkpoints, oldest first.
+pub fn query_checkpoints(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let name = args.get("node").and_then(Value::as_str).unwrap_or("");
+    let disk = d.node(name)?;
+    Ok(crate::checkpoint::describe(name, &disk))
+}
+
+/// x-tidemark-checkpoint-remove: the checkpoint's bitmap goes from every
+/// layer that has it (read-only layers are made writable for that, as
+/// libvirt does), and its record with it; its children take its parent.
+pub fn remove_checkpoint(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let node = args.get("node").and_then(Value::as_str).unwrap_or("");
+    let name = args.get("name").and_then(Value::as_str).unwrap_or("");
+    let disk = d.node(node)?;
+    let known = crate::checkpoint::all(&disk).iter().any(|c| c.name == name);
+    let layers = crate::checkpoint::layers_with(&disk, name);
+    if !known && layers.is_empty() {
+        return Err(QmpError::generic(format!(
+            "Checkpoint '{name}' not found on disk '{node}'"
+        )));
+    }
+    remove_bitmaps(d, &layers, name)?;
+    crate::checkpoint::forget(&disk, name)?;
+    Ok(json!({}))
+}
+
+/// Removes bitmap `name` from `layers` in one transaction, read-only
+/// layers reopened read-write meanwhile.
+fn remove_bitmaps(
+    d: &Daemon,
+    layers: &[std::sync::Arc<crate::block::node::Node>],
+    name: &str,
+) -> QmpResult<()> {
+    let mut reopened = Vec::new();
+    let mut result = Ok(());
+    for l in layers.iter().filter(|l| l.read_only()) {
+        if let Err(e) = super::block::reopen_with_file(d, l, false, &mut reopened) {
+            result = Err(e);
+            break;
+        }
+    }
+    if result.is_ok() {
+        let actions: Vec<Value> = layers
+            .iter()
+            .map(|l| json!({"type": "block-dirty-bitmap-remove", "data": {"node": l.name(), "name": name}}))
+            .collect();
+        let txn = json!({ "actions": actions });
+        result = super::transaction::transaction(d, txn.as_object().cloned().unwrap_or_default())
+            .map(|_| ());
+    }
+    for (l, before) in reopened.into_iter().rev() {
+        let _ = l.reopen(before);
+    }
+    d.relock();
+    result
 }
