@@ -44,6 +44,17 @@ enum Cmd {
     /// --chardev socket,id=X,path=P,server=on,wait=off --monitor chardev=X,
     /// --pidfile (keyval or JSON values, as qsd).
     Daemon(DaemonArgs),
+    /// Send one QMP command to a running tidemark (or qemu) and print the
+    /// reply: SOCKET COMMAND [ARGUMENTS-JSON].
+    Qmp(QmpArgs),
+}
+
+#[derive(clap::Args)]
+struct QmpArgs {
+    socket: PathBuf,
+    command: String,
+    /// The command's arguments, a JSON object.
+    arguments: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -90,8 +101,9 @@ struct DaemonArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Image to serve; without it, a small demo image is created (if
-    /// missing) in the current directory and served.
+    /// Image to serve; without it, a demo qcow2 (created if missing in the
+    /// current directory, with a recording checkpoint `demo`) is served,
+    /// with QMP on ./tidemark-qmp.sock.
     image: Option<PathBuf>,
     /// Unix socket to listen on (default ./tidemark.sock unless --listen is given).
     #[arg(long, short = 'k')]
@@ -126,8 +138,11 @@ struct ServeArgs {
     qmp: Vec<PathBuf>,
 }
 
-const DEMO_IMAGE: &str = "tidemark-demo.img";
+const DEMO_IMAGE: &str = "tidemark-demo.qcow2";
 const DEMO_SIZE: u64 = 64 << 20;
+const DEMO_QMP: &str = "tidemark-qmp.sock";
+/// The demo image's checkpoint: an incremental backup from it works at once.
+const DEMO_CHECKPOINT: &str = "demo";
 const DEFAULT_SOCKET: &str = "tidemark.sock";
 
 fn main() -> ExitCode {
@@ -149,6 +164,7 @@ fn main() -> ExitCode {
         Cmd::Info(args) => info(args),
         Cmd::Create(args) => create(args),
         Cmd::Daemon(args) => daemon(args),
+        Cmd::Qmp(args) => qmp(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -252,25 +268,50 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("Could not start the runtime")
 }
 
-/// Creates the demo image as a sparse raw file if it does not exist.
-fn ensure_demo_image(path: &Path) -> Result<()> {
+/// Creates the demo image, an empty qcow2, if it does not exist; returns
+/// whether it did (its checkpoint is added once it is open).
+fn ensure_demo_image(path: &Path) -> Result<bool> {
     if path.exists() {
-        return Ok(());
+        return Ok(false);
     }
-    let f = std::fs::File::create(path)
+    let opts = tidemark::block::qcow2::create::CreateOptions {
+        size: Some(DEMO_SIZE),
+        ..Default::default()
+    };
+    tidemark::block::qcow2::create::create_qcow2(path, &opts)
         .with_context(|| format!("Could not create demo image '{}'", path.display()))?;
-    f.set_len(DEMO_SIZE)
-        .with_context(|| format!("Could not size demo image '{}'", path.display()))?;
     info!(path = %path.display(), size = DEMO_SIZE, "created demo image");
-    Ok(())
+    Ok(true)
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    let image = match args.image {
+/// The demo's first checkpoint: a persistent recording bitmap and its
+/// record, as a backup session makes them.
+async fn add_demo_checkpoint(d: &std::sync::Arc<Daemon>) -> Result<()> {
+    let args = json!({"node": "drive0", "name": DEMO_CHECKPOINT, "persistent": true});
+    commands::execute(
+        d,
+        "block-dirty-bitmap-add",
+        args.as_object().cloned().unwrap_or_default(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e.desc))?;
+    let node = d.node("drive0").map_err(|e| anyhow::anyhow!(e.desc))?;
+    tokio::task::spawn_blocking(move || tidemark::checkpoint::record(&node, DEMO_CHECKPOINT))
+        .await
+        .context("demo checkpoint")?
+        .map_err(|e| anyhow::anyhow!(e.desc))
+}
+
+fn serve(mut args: ServeArgs) -> Result<()> {
+    let mut new_demo = false;
+    let image = match args.image.take() {
         Some(p) => p,
         None => {
             let p = PathBuf::from(DEMO_IMAGE);
-            ensure_demo_image(&p)?;
+            new_demo = ensure_demo_image(&p)?;
+            if args.qmp.is_empty() {
+                args.qmp.push(PathBuf::from(DEMO_QMP));
+            }
             p
         }
     };
@@ -307,6 +348,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!(e.desc))
             .with_context(|| format!("Could not open '{}'", image.display()))?;
+        if new_demo {
+            add_demo_checkpoint(&d).await?;
+        }
         // Monitors before the NBD socket: once that is announced, QMP
         // clients can connect too.
         let started = match bind_monitors(&args.qmp) {
@@ -357,6 +401,39 @@ async fn start_serving(
 
 fn bind_monitors(paths: &[PathBuf]) -> Result<Vec<QmpListener>> {
     paths.iter().map(|p| Ok(QmpListener::bind(p)?)).collect()
+}
+
+/// `tidemark qmp`: one command over a QMP socket, the reply's `return`
+/// printed as JSON; an error reply is the exit status 1 and its text.
+fn qmp(args: QmpArgs) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let arguments: Value = match &args.arguments {
+        Some(a) => serde_json::from_str(a).context("ARGUMENTS must be a JSON object")?,
+        None => json!({}),
+    };
+    let stream = std::os::unix::net::UnixStream::connect(&args.socket)
+        .with_context(|| format!("Could not connect to '{}'", args.socket.display()))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(600)))?;
+    let mut writer = stream.try_clone()?;
+    let mut lines = BufReader::new(stream).lines();
+    let mut reply = |cmd: Value| -> Result<Value> {
+        writeln!(writer, "{cmd}")?;
+        loop {
+            let line = lines.next().context("the monitor closed")??;
+            let v: Value = serde_json::from_str(&line).context("not QMP")?;
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return Ok(v);
+            }
+        }
+    };
+    // The greeting comes first, unasked.
+    reply(json!({"execute": "qmp_capabilities"}))?;
+    let r = reply(json!({"execute": args.command, "arguments": arguments}))?;
+    if let Some(e) = r.get("error") {
+        anyhow::bail!("{}", e["desc"].as_str().unwrap_or("error"));
+    }
+    println!("{}", serde_json::to_string_pretty(&r["return"])?);
+    Ok(())
 }
 
 /// `tidemark daemon`: qemu-storage-daemon's command line.

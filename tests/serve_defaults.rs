@@ -1,7 +1,9 @@
 //! Check 8: the README's first command, as a new user runs it. `tidemark
-//! serve` with no arguments, in an empty directory, creates its demo image,
-//! listens on ./tidemark.sock, answers `nbdinfo nbd+unix:///?socket=./tidemark.sock`,
-//! and on SIGTERM or SIGINT exits 0 and removes the socket.
+//! serve` with no arguments, in an empty directory, creates its demo image
+//! (a qcow2 with a recording checkpoint), listens on ./tidemark.sock and
+//! takes QMP on ./tidemark-qmp.sock, answers `nbdinfo
+//! nbd+unix:///?socket=./tidemark.sock`, runs the README's backup
+//! walkthrough, and on SIGTERM or SIGINT exits 0 and removes its sockets.
 
 mod common;
 
@@ -122,13 +124,12 @@ fn serve_without_arguments_works_with_nbdinfo_and_exits_0_on_sigterm() {
     let mut s = Bare::start(cwd.path());
 
     let info = nbdinfo_relative(cwd.path(), &[]);
-    let demo = cwd.path().join("tidemark-demo.img");
+    let demo = cwd.path().join("tidemark-demo.qcow2");
     assert!(
         demo.exists(),
-        "no tidemark-demo.img in the working directory"
+        "no tidemark-demo.qcow2 in the working directory"
     );
-    let demo_size = std::fs::metadata(&demo).unwrap().len();
-    assert!(demo_size > 0, "demo image is empty");
+    let demo_size = 64 << 20;
     assert!(
         info.contains(&format!("export-size: {demo_size}")),
         "nbdinfo does not show the demo image's size {demo_size}:\n{info}"
@@ -143,6 +144,41 @@ fn serve_without_arguments_works_with_nbdinfo_and_exits_0_on_sigterm() {
 
     s.stop_with(libc::SIGTERM);
     assert!(demo.exists(), "demo image must survive shutdown");
+    assert!(!cwd.path().join("tidemark-qmp.sock").exists());
+}
+
+/// The README's walkthrough: write, begin a session, map its bitmap, pull
+/// it, end it.
+#[test]
+fn readme_backup_walkthrough_pulls_what_was_written() {
+    let cwd = common::temp_dir();
+    let mut s = Bare::start(cwd.path());
+    let uri = "nbd+unix:///?socket=./tidemark.sock";
+    run(tool("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", uri])
+        .current_dir(cwd.path()));
+    let begin = run(tool(TIDEMARK)
+        .args(["qmp", "./tidemark-qmp.sock", "x-tidemark-backup-begin"])
+        .arg(r#"{"id": "b1", "disks": [{"node": "drive0"}], "incremental": "demo", "checkpoint": "b1"}"#)
+        .current_dir(cwd.path()));
+    assert!(begin.contains(r#""dirty-bytes": 65536"#), "{begin}");
+    let backup = "nbd+unix:///b1-drive0?socket=./tidemark.sock";
+    let map = run(tool("nbdinfo")
+        .args(["--map=qemu:dirty-bitmap:backup-drive0", backup])
+        .current_dir(cwd.path()));
+    let dirty: Vec<&str> = map.lines().filter(|l| l.contains("dirty")).collect();
+    assert_eq!(dirty.len(), 1, "{map}");
+    assert!(dirty[0].trim_start().starts_with("1048576"), "{map}");
+    run(tool("nbdcopy")
+        .args([backup, "backup.raw"])
+        .current_dir(cwd.path()));
+    let pulled = std::fs::read(cwd.path().join("backup.raw")).unwrap();
+    assert_eq!(&pulled[1 << 20..(1 << 20) + 65536], &[0x5a; 65536][..]);
+    run(tool(TIDEMARK)
+        .args(["qmp", "./tidemark-qmp.sock", "x-tidemark-backup-end"])
+        .arg(r#"{"id": "b1", "success": true}"#)
+        .current_dir(cwd.path()));
+    s.stop_with(libc::SIGTERM);
 }
 
 #[test]
