@@ -355,6 +355,17 @@ impl Daemon {
             .collect()
     }
 
+    /// The copy-before-write node filtering `node`, if any (it does not
+    /// share writing `node` with other users).
+    pub fn cbw_above(&self, node: &Arc<Node>) -> Option<String> {
+        let st = self.state();
+        st.parents(node).into_iter().find_map(|(p, role)| {
+            let kind = st.find(p.name()).map(|g| g.driver);
+            (role == ChildRole::Filtered && kind == Some(Driver::CopyBeforeWrite))
+                .then(|| p.name().to_owned())
+        })
+    }
+
     /// Whether anything uses `node`: a root or a parent.
     pub fn in_use(&self, node: &Arc<Node>) -> bool {
         let mut st = self.state();

@@ -113,8 +113,8 @@ impl CopyBeforeWrite {
 
     fn view_broken(&self) -> BlockResult<()> {
         if self.broken.load(Ordering::Acquire) {
-            return Err(super::BlockError::new(
-                super::ErrorKind::Io,
+            // qemu: EACCES, which its NBD server sends as EINVAL.
+            return Err(super::BlockError::invalid(
                 "the snapshot is broken: a copy before a write failed",
             ));
         }

@@ -14,14 +14,9 @@ pub struct SnapshotAccess {
 }
 
 impl SnapshotAccess {
-    /// Over `file`, which must offer a view (a copy-before-write node).
+    /// Over `file`, which should offer a view (a copy-before-write node);
+    /// over anything else, as in qemu, every request fails.
     pub fn new(file: Arc<Node>) -> BlockResult<SnapshotAccess> {
-        if file.snapshot().is_none() {
-            return Err(BlockError::invalid(format!(
-                "'{}' is not a copy-before-write node",
-                file.name()
-            )));
-        }
         Ok(SnapshotAccess {
             file: Child::new(ChildRole::File, file),
         })
@@ -31,8 +26,12 @@ impl SnapshotAccess {
         self.file.get()
     }
 
+    /// qemu's snapshot-access refuses writes with ENOTSUP.
     fn read_only_error() -> BlockError {
-        BlockError::new(ErrorKind::Permission, "Node is read-only")
+        BlockError::new(
+            ErrorKind::NotSupported,
+            "snapshot-access nodes take no writes",
+        )
     }
 }
 
@@ -40,7 +39,7 @@ impl SnapshotAccess {
 fn view<'a>(child: &'a Active<'_>) -> BlockResult<&'a dyn super::cbw::SnapshotView> {
     child
         .snapshot()
-        .ok_or_else(|| BlockError::invalid("the child offers no snapshot"))
+        .ok_or_else(|| BlockError::not_supported("the child offers no snapshot"))
 }
 
 impl BlockNode for SnapshotAccess {
@@ -78,6 +77,18 @@ impl BlockNode for SnapshotAccess {
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let child = self.child();
         view(&child)?.snapshot_status(offset, len)
+    }
+
+    /// The view is one layer of its own (qemu: all of it `local`).
+    fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<super::DepthExtent> {
+        let size = self.size();
+        if offset >= size {
+            return Err(BlockError::invalid("offset past the end"));
+        }
+        Ok(super::DepthExtent {
+            len: len.min(size - offset),
+            depth: 1,
+        })
     }
 
     fn format_name(&self) -> &'static str {

@@ -4,7 +4,9 @@
 //! - a busy or inconsistent bitmap is refused ("Bitmap 'X' is inconsistent
 //!   and cannot be used");
 //! - a recording bitmap cannot back a read-only export of a writable node
-//!   (its bits would keep changing under a reader that expects a snapshot);
+//!   (its bits would keep changing under a reader that expects a snapshot),
+//!   where the export found it by name; one given as `{node, name}` is the
+//!   caller's choice, and qemu takes it as it is;
 //! - every bitmap is checked before any is taken, then all are busy for
 //!   as long as the export lives (each context holds a [`BusyClaim`]), so
 //!   nobody clears or removes them under a backup reader.
@@ -18,14 +20,11 @@ use super::context::{DirtyBitmapContext, MetaContext};
 use crate::bitmap::set::{lock, BusyClaim, SharedBitmap};
 use crate::bitmap::{BitmapError, BitmapResult, Checks, DirtyBitmap};
 
-/// Whether `bitmap` may back a `qemu:dirty-bitmap` context of an export.
-pub fn check_exportable(
-    bitmap: &DirtyBitmap,
-    read_only_export: bool,
-    node_writable: bool,
-) -> BitmapResult<()> {
+/// Whether `bitmap` may back a `qemu:dirty-bitmap` context of an export;
+/// `frozen` when it must not be recording.
+pub fn check_exportable(bitmap: &DirtyBitmap, frozen: bool) -> BitmapResult<()> {
     bitmap.check(Checks::ALLOW_RO)?;
-    if read_only_export && node_writable && bitmap.state.recording {
+    if frozen && bitmap.state.recording {
         return Err(BitmapError::invalid(format!(
             "Enabled bitmap '{}' incompatible with readonly export",
             bitmap.name()
@@ -37,17 +36,24 @@ pub fn check_exportable(
 /// The contexts for `bitmaps` (in context order), each holding its bitmap
 /// busy. All are checked before any is claimed; on error none stays busy.
 pub fn bitmap_contexts(
-    bitmaps: &[SharedBitmap],
-    read_only_export: bool,
-    node_writable: bool,
+    bitmaps: &[(SharedBitmap, bool)],
 ) -> BitmapResult<Vec<Arc<dyn MetaContext>>> {
-    for b in bitmaps {
-        check_exportable(&lock(b), read_only_export, node_writable)?;
+    for (b, frozen) in bitmaps {
+        check_exportable(&lock(b), *frozen)?;
     }
     let mut out: Vec<Arc<dyn MetaContext>> = Vec::with_capacity(bitmaps.len());
-    for b in bitmaps {
-        // Dropping `out` on error releases the claims taken so far.
-        let claim = BusyClaim::take(b)?;
+    let mut claims: Vec<(&SharedBitmap, Arc<BusyClaim>)> = Vec::new();
+    for (b, _) in bitmaps {
+        // Dropping `out` on error releases the claims taken so far; a
+        // bitmap listed twice is one claim.
+        let claim = match claims.iter().find(|(x, _)| Arc::ptr_eq(x, b)) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = Arc::new(BusyClaim::take(b)?);
+                claims.push((b, c.clone()));
+                c
+            }
+        };
         let name = lock(b).name().to_owned();
         out.push(Arc::new(DirtyBitmapContext::new(&name, claim)));
     }
@@ -74,17 +80,17 @@ mod tests {
         let on = set.get("on").expect("on");
         let off = set.get("off").expect("off");
         assert_eq!(
-            err(bitmap_contexts(&[off.clone(), on.clone()], true, true)),
+            err(bitmap_contexts(&[(off.clone(), true), (on.clone(), true)])),
             "Enabled bitmap 'on' incompatible with readonly export"
         );
         // Nothing was taken by the refused export.
         assert!(!lock(&off).state.busy);
-        let ctxs = bitmap_contexts(&[off.clone(), on.clone()], false, true).expect("export");
+        let ctxs = bitmap_contexts(&[(off.clone(), false), (on.clone(), false)]).expect("export");
         let order: Vec<&str> = ctxs.iter().map(|c| c.name()).collect();
         assert_eq!(order, ["qemu:dirty-bitmap:off", "qemu:dirty-bitmap:on"]);
         assert!(lock(&on).state.busy);
         assert_eq!(
-            err(bitmap_contexts(std::slice::from_ref(&on), false, true)),
+            err(bitmap_contexts(&[(on.clone(), false)])),
             "Bitmap 'on' is currently in use by another operation and cannot be used"
         );
         drop(ctxs);

@@ -148,14 +148,15 @@ impl MetaContext for AllocationDepth {
 /// context holds the bitmap busy for as long as the export lives.
 pub struct DirtyBitmapContext {
     name: String,
-    claim: BusyClaim,
+    /// Shared when one export lists a bitmap twice (qemu offers it twice).
+    claim: Arc<BusyClaim>,
 }
 
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 impl DirtyBitmapContext {
     /// `export_as` is the leaf the client sees (qemu: the bitmap's name).
-    pub fn new(export_as: &str, claim: BusyClaim) -> Self {
+    pub fn new(export_as: &str, claim: Arc<BusyClaim>) -> Self {
         DirtyBitmapContext {
             name: format!("{DIRTY_BITMAP_PREFIX}{export_as}"),
             claim,
@@ -227,7 +228,10 @@ pub fn select(contexts: &[Arc<dyn MetaContext>], queries: &[&str], list: bool) -
         } else if list {
             queries.iter().any(|q| list_matches(q, name))
         } else {
+            // A name an export offers twice (a bitmap listed twice) is set
+            // once, as qemu.
             queries.iter().any(|q| set_matches(q, name))
+                && !ids.iter().any(|&i| contexts[i as usize].name() == name)
         };
         if hit {
             ids.push(id as u32);

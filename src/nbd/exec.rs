@@ -217,6 +217,8 @@ fn zero_runs(node: &Node, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>
 
 fn block_status(export: &Export, to: ReplyTo, len: u64, req_one: bool, ids: &[u32]) -> Vec<u8> {
     let max = if req_one { 1 } else { MAX_EXTENTS };
+    // A bitmap of another (larger) node is cut to the export, as qemu.
+    let len = len.min(export.size().saturating_sub(to.offset));
     let mut out = Vec::new();
     let mut descs: Vec<Descriptor> = Vec::new();
     for (i, &id) in ids.iter().enumerate() {

@@ -279,12 +279,12 @@ fn cbw_from_options(
         .get("min-cluster-size")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let cluster = (64u64 << 10).max(target.cluster_size()).max(min);
-    if !cluster.is_power_of_two() {
+    if min != 0 && !min.is_power_of_two() {
         return Err(QmpError::generic(
-            "min-cluster-size needs to be a power of 2",
+            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2",
         ));
     }
+    let cluster = (64u64 << 10).max(target.cluster_size()).max(min);
     let size = file.size();
     let mut todo = crate::bitmap::DirtyBitmap::anonymous(size, cluster)?;
     match opts.get("bitmap") {
@@ -292,7 +292,12 @@ fn cbw_from_options(
             let node = b.get("node").and_then(Value::as_str).unwrap_or("");
             let name = b.get("name").and_then(Value::as_str).unwrap_or("");
             let (_, bm) = super::bitmap::lookup(d, node, name)?;
-            todo.merge(&lock(&bm))?;
+            todo.merge(&lock(&bm)).map_err(|e| {
+                QmpError::generic(format!(
+                    "Cannot create block-copy-state: Failed to merge bitmap '{name}' to internal copy-bitmap: {}",
+                    e.message
+                ))
+            })?;
         }
         None => todo.set_range(0, size)?,
     }
@@ -736,13 +741,20 @@ fn image_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
         "virtual-size": virtual_size,
         "filename": filename,
         "format": g.driver.name(),
-        "dirty-flag": false,
     });
+    if g.driver != Driver::SnapshotAccess {
+        // qemu asks the driver; snapshot-access has no answer.
+        image["dirty-flag"] = json!(false);
+    }
     if let Some(a) = node.allocated_size() {
         image["actual-size"] = json!(a);
     }
     if g.driver == Driver::File {
         image["format-specific"] = json!({"type": "file", "data": {}});
+    }
+    if g.driver == Driver::CopyBeforeWrite {
+        // qemu shows the filtered node's.
+        image["cluster-size"] = json!(node.cluster_size());
     }
     for key in [
         "cluster-size",

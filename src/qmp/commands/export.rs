@@ -133,8 +133,20 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
             "NBD server already has export named '{name}'"
         )));
     }
-    let bitmaps = find_bitmaps(d, &node, a.bitmaps.unwrap_or_default())?;
-    let contexts = bitmap_contexts(&bitmaps, !writable, !node.read_only())?;
+    if let Some(cbw) = d.cbw_above(&node).filter(|_| writable) {
+        return Err(QmpError::generic(format!(
+            "Permission conflict on node '{n}': permissions 'write' are both required by an unnamed block device (uses node '{n}' as 'root' child) and unshared by node '{cbw}' (uses node '{n}' as 'file' child).",
+            n = node.name()
+        )));
+    }
+    // A bitmap found by name must be frozen under a read-only view of a
+    // writable node; one named with its node is taken as it is (qemu).
+    let frozen = !writable && !node.read_only();
+    let bitmaps: Vec<_> = find_bitmaps(d, &node, a.bitmaps.unwrap_or_default())?
+        .into_iter()
+        .map(|(b, by_name)| (b, by_name && frozen))
+        .collect();
+    let contexts = bitmap_contexts(&bitmaps)?;
     let root = d.new_root(node, writable);
     let export = Export::new(
         root,
@@ -151,19 +163,21 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
 }
 
 /// The exported bitmaps: a name is looked up on the node, then down its
-/// chain (as qemu's exports do); `{node, name}` names another node's.
+/// chain (as qemu's exports do); `{node, name}` names another node's. With
+/// each, whether it was found by name.
 fn find_bitmaps(
     d: &Daemon,
     node: &Arc<crate::block::node::Node>,
     sources: Vec<Source>,
-) -> QmpResult<Vec<SharedBitmap>> {
+) -> QmpResult<Vec<(SharedBitmap, bool)>> {
     sources
         .iter()
         .map(|s| match s {
             Source::Local(name) => node
                 .find_bitmap(name)
+                .map(|b| (b, true))
                 .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found"))),
-            Source::External(r) => Ok(bitmap::lookup(d, &r.node, &r.name)?.1),
+            Source::External(r) => Ok((bitmap::lookup(d, &r.node, &r.name)?.1, false)),
         })
         .collect()
 }
