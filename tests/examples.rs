@@ -53,3 +53,23 @@ fn snapshot_commit_output_is_complete(out: &str) {
     assert!(out.contains("No errors were found on the image."), "{out}");
     assert!(out.contains("Images are identical."), "{out}");
 }
+
+#[test]
+fn vendor_pull_example_pulls_the_full_then_only_dirty_extents() {
+    let out = example("vendor-pull.sh");
+    assert!(out.contains("vda: full backup c1 -> "), "{out}");
+    assert!(out.contains("pulled 11599872 bytes"), "{out}");
+    assert!(
+        out.contains("vda: incremental c1 -> c2, over vda.c1.qcow2"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "pulled 458752 bytes (0.4 MiB) in 2 data extents, zeroed 1048576 bytes in 1 extent,"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("x-tidemark-query-backups -> []"), "{out}");
+    assert_eq!(out.matches("check clean").count(), 2, "{out}");
+    assert_eq!(out.matches("Images are identical.").count(), 3, "{out}");
+}

@@ -277,7 +277,11 @@ impl CopyBeforeWrite {
         if self.compress > 0 {
             return self.copy_compressed(&src, &dst, off, len).map(|_| len);
         }
-        super::copy::copy_range(&**src, &**dst, off, len, &mut Vec::new(), false)?;
+        let zeroes = super::copy::Zeroes {
+            detect: false,
+            unmap: true,
+        };
+        super::copy::copy_range(&**src, &**dst, off, len, &mut Vec::new(), zeroes)?;
         Ok(len)
     }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::copy::{depth_of, Layers, Policies};
 use super::{CommonArgs, JobCtl, JobDriver, JobFailure, JobType, OnError};
-use crate::block::copy::{copy_range, CopyError};
+use crate::block::copy::{copy_range, CopyError, Zeroes};
 use crate::block::filter::{Filter, FilterKind};
 use crate::block::link::{ChildRole, Root};
 use crate::block::node::Node;
@@ -254,7 +254,14 @@ impl JobDriver for Commit {
                     .allocated(&self.top, offset, want)
                     .map_err(CopyError::source)?;
                 if found.0 {
-                    copy_range(&*self.top, &*self.base, offset, found.1, &mut buf, true)?;
+                    copy_range(
+                        &*self.top,
+                        &*self.base,
+                        offset,
+                        found.1,
+                        &mut buf,
+                        Zeroes::JOBS,
+                    )?;
                 }
                 Ok(())
             })?;

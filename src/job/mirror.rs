@@ -24,7 +24,7 @@ use super::backup::SyncMode;
 use super::copy::{depth_of, Layers, Policies};
 use super::{CommonArgs, Finish, JobCtl, JobDriver, JobFailure, JobType, JobWaker, OnError};
 use crate::bitmap::DirtyBitmap;
-use crate::block::copy::{copy_range, CopyError};
+use crate::block::copy::{copy_range, CopyError, Zeroes};
 use crate::block::filter::{Filter, FilterKind, WriteOp, WriteWatcher};
 use crate::block::link::Root;
 use crate::block::node::Node;
@@ -306,7 +306,7 @@ impl Mirror {
             let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             let _ = d.reset_range(offset, len);
         }
-        let r = copy_range(from, &*self.target, offset, len, buf, true);
+        let r = copy_range(from, &*self.target, offset, len, buf, Zeroes::JOBS);
         if r.is_ok() {
             self.copied.fetch_add(len, Ordering::SeqCst);
         }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::copy::{depth_of, Layers, Policies};
 use super::{CommonArgs, JobCtl, JobDriver, JobFailure, JobType, OnError};
-use crate::block::copy::{copy_range, CopyError};
+use crate::block::copy::{copy_range, CopyError, Zeroes};
 use crate::block::filter::{Filter, FilterKind};
 use crate::block::link::Root;
 use crate::block::node::Node;
@@ -207,7 +207,7 @@ impl Stream {
                 .allocated(&self.top, at, offset + len - at)
                 .map_err(CopyError::source)?;
             if copy {
-                copy_range(&*self.top, &*self.top, at, n, buf, true)?;
+                copy_range(&*self.top, &*self.top, at, n, buf, Zeroes::JOBS)?;
                 copied += n;
             }
             at += n;
