@@ -6,11 +6,9 @@
 #   examples/full-pull.sh            (builds tidemark; TIDEMARK=path uses that binary)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-tidemark=${TIDEMARK:-}
-if [ -z "$tidemark" ]; then
-  cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-  tidemark=$repo/target/release/tidemark
-fi
+# shellcheck source=examples/lib.sh
+. "$repo/examples/lib.sh"
+tidemark=$(tidemark_binary)
 work=$(mktemp -d)
 trap 'kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 

@@ -10,11 +10,9 @@
 #   examples/incremental-pull.sh   (builds tidemark; TIDEMARK=path uses that binary)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-tidemark=${TIDEMARK:-}
-if [ -z "$tidemark" ]; then
-  cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-  tidemark=$repo/target/release/tidemark
-fi
+# shellcheck source=examples/lib.sh
+. "$repo/examples/lib.sh"
+tidemark=$(tidemark_binary)
 work=$(mktemp -d)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -17,18 +17,13 @@
 #   examples/snapshot-commit.sh --qsd   (the same with qemu-storage-daemon; or EXAMPLE_DAEMON=qsd)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=examples/lib.sh
+. "$repo/examples/lib.sh"
 daemon=${EXAMPLE_DAEMON:-tidemark}
 [ "${1:-}" = --qsd ] && daemon=qsd
 case $daemon in
 qsd | qemu-storage-daemon) daemon_cmd=(qemu-storage-daemon) ;;
-tidemark)
-  tidemark=${TIDEMARK:-}
-  if [ -z "$tidemark" ]; then
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-    tidemark=$repo/target/release/tidemark
-  fi
-  daemon_cmd=("$tidemark" daemon)
-  ;;
+tidemark) daemon_cmd=("$(tidemark_binary)" daemon) ;;
 *) echo "EXAMPLE_DAEMON must be tidemark or qsd" >&2; exit 2 ;;
 esac
 work=$(mktemp -d)
@@ -83,17 +78,6 @@ while argv:
 qmp() { /usr/bin/python3 -c "$qmp_py" "$work/qmp.sock" "$@"; }
 
 uri="nbd+unix:///disk0?socket=$work/nbd.sock"
-# guest WRITE...: each qemu-io command (write -P / write -z) goes through the
-# export and, the same, into expected.raw. qemu-io's exit status does not
-# tell a failed write: its output must be free of errors.
-guest() {
-  local args=() c out
-  for c in "$@"; do args+=(-c "$c"); done
-  out=$(qemu-io -f raw "${args[@]}" "$uri" 2>&1) || { echo "$out" >&2; exit 1; }
-  if grep -qiE 'error|fail' <<<"$out"; then echo "$out" >&2; exit 1; fi
-  qemu-io -f raw "${args[@]}" "$work/expected.raw" >/dev/null
-  printf '  guest: %s\n' "$@"
-}
 
 echo "== 1. a 64 MiB qcow2 disk, served by ${daemon_cmd[*]}"
 qemu-img create -q -f qcow2 "$work/disk.qcow2" 64M

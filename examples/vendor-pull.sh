@@ -15,27 +15,14 @@
 #   examples/vendor-pull.sh   (builds tidemark; TIDEMARK=path uses that binary)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-tidemark=${TIDEMARK:-}
-if [ -z "$tidemark" ]; then
-  cargo build --release --quiet --manifest-path "$repo/Cargo.toml"
-  tidemark=$repo/target/release/tidemark
-fi
+# shellcheck source=examples/lib.sh
+. "$repo/examples/lib.sh"
+tidemark=$(tidemark_binary)
 work=$(mktemp -d)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
 uri="nbd+unix:///vda?socket=$work/nbd.sock"
-# guest WRITE...: each qemu-io command (write -P / write -z) goes through the
-# export and, the same, into expected.raw. qemu-io's exit status does not
-# tell a failed write: its output must be free of errors.
-guest() {
-  local args=() c out
-  for c in "$@"; do args+=(-c "$c"); done
-  out=$(qemu-io -f raw "${args[@]}" "$uri" 2>&1) || { echo "$out" >&2; exit 1; }
-  if grep -qiE 'error|fail' <<<"$out"; then echo "$out" >&2; exit 1; fi
-  qemu-io -f raw "${args[@]}" "$work/expected.raw" >/dev/null
-  printf '  guest: %s\n' "$@"
-}
 # qmp COMMAND [ARGS-JSON]: one command on the monitor, its return printed.
 qmp() {
   local json_args=${2:-'{}'}

@@ -224,13 +224,13 @@ impl Qcow2Node {
         }
     }
 
-    /// Replaces (or with `None` removes) a header extension, synced before
-    /// it returns.
-    fn rewrite_extension(&self, kind: u32, data: Option<Vec<u8>>) -> BlockResult<()> {
+    /// Changes the header with `change` and writes it back, synced before
+    /// it returns (the metadata it points at first).
+    fn rewrite_header(&self, change: impl FnOnce(&mut Header)) -> BlockResult<()> {
         self.check_writable()?;
         let mut meta = self.lock_meta()?;
         let mut h = meta.header.clone();
-        h.set_extension(kind, data);
+        change(&mut h);
         let bytes = h.serialize()?;
         meta.write_back(&self.f)?;
         self.f.write(&bytes, 0, "header")?;
@@ -240,25 +240,18 @@ impl Qcow2Node {
     }
 
     /// Rewrites the backing file name and format in the header (qemu's
-    /// bdrv_change_backing_file), synced before it returns.
+    /// bdrv_change_backing_file).
     fn rewrite_backing_name(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
-        self.check_writable()?;
-        let mut meta = self.lock_meta()?;
-        let mut h = meta.header.clone();
         if name.is_some_and(|n| n.len() > MAX_BACKING_NAME as usize) {
             return Err(BlockError::invalid("Backing file name too long"));
         }
-        h.backing_file = name.map(str::to_owned);
-        h.set_extension(
-            EXT_BACKING_FORMAT,
-            name.and(format).map(|f| f.as_bytes().to_vec()),
-        );
-        let bytes = h.serialize()?;
-        meta.write_back(&self.f)?;
-        self.f.write(&bytes, 0, "header")?;
-        self.f.sync()?;
-        meta.header = h;
-        Ok(())
+        self.rewrite_header(|h| {
+            h.backing_file = name.map(str::to_owned);
+            h.set_extension(
+                EXT_BACKING_FORMAT,
+                name.and(format).map(|f| f.as_bytes().to_vec()),
+            );
+        })
     }
 
     fn vsize(&self) -> u64 {
@@ -481,7 +474,7 @@ impl BlockNode for Qcow2Node {
     }
 
     fn set_checkpoint_record(&self, record: Option<Vec<u8>>) -> BlockResult<()> {
-        self.rewrite_extension(EXT_TIDEMARK_CHECKPOINTS, record)
+        self.rewrite_header(|h| h.set_extension(EXT_TIDEMARK_CHECKPOINTS, record))
     }
 
     fn children(&self) -> Vec<Arc<Child>> {
