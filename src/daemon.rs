@@ -780,6 +780,17 @@ impl Daemon {
             .collect()
     }
 
+    /// How many clients are connected to export `id` now.
+    pub fn export_clients(&self, id: &str) -> usize {
+        let st = self.state();
+        st.exports
+            .iter()
+            .find(|e| e.id == id)
+            // The table and the record hold one reference each; every
+            // connection holds another.
+            .map_or(0, |e| Arc::strong_count(&e.export).saturating_sub(2))
+    }
+
     pub fn export_id_taken(&self, id: &str) -> bool {
         self.state().exports.iter().any(|e| e.id == id)
     }

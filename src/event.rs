@@ -52,6 +52,10 @@ pub enum EventKind {
         offset: u64,
         speed: u64,
     },
+    /// A pull-backup session ended by itself: no client was connected to
+    /// its exports for its lease (tidemark's extension). It ended as a
+    /// failure: its new checkpoint is taken back.
+    XTidemarkBackupExpired { id: String },
     /// A block job waits for job-finalize (auto-finalize off).
     BlockJobPending {
         #[serde(rename = "type")]

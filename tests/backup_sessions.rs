@@ -479,3 +479,20 @@ fn the_four_chain_rules_and_removal_from_two_layers() {
         qemu_img(&["check", f], inst.dir.path());
     }
 }
+
+#[test]
+fn a_session_nobody_uses_expires_as_a_failure() {
+    let (inst, mut q) = start(&["vda"]);
+    let scratch = inst.path("l.qcow2");
+    ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "l", "checkpoint": "c1", "lease": 1,
+        "disks": [{"node": "vda", "scratch": scratch}]}),
+    );
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+    let ev = q.event("X_TIDEMARK_BACKUP_EXPIRED");
+    assert_eq!(ev["data"]["id"], "l", "{ev}");
+    assert_torn_down(&mut q, &scratch);
+    assert!(checkpoints(&mut q, "vda").is_empty());
+}

@@ -17,7 +17,8 @@
 //! incremental. Either way the jobs, exports, scratch nodes and files go.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -70,6 +71,8 @@ struct BeginArgs {
     disks: Vec<DiskArgs>,
     incremental: Option<String>,
     checkpoint: Option<String>,
+    /// Seconds without a client after which the session ends as failed.
+    lease: Option<u32>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(args: Map<String, Value>) -> QmpResult<T> {
@@ -109,6 +112,9 @@ pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
             })
         })
         .collect::<Vec<_>>();
+    if let (Some(secs), Some(da)) = (a.lease, d.arc()) {
+        watch_lease(&da, a.id.clone(), Duration::from_secs(secs.into()));
+    }
     d.sessions().lock().push(Session {
         id: a.id,
         checkpoint: a.checkpoint,
@@ -246,6 +252,54 @@ fn undo(d: &Daemon, disks: &[Disk]) {
                 let _ = std::fs::remove_file(f);
             }
         }
+    }
+}
+
+/// How often a lease is looked at.
+const LEASE_TICK: Duration = Duration::from_millis(200);
+
+/// Ends session `id` as failed once no client has been connected to any
+/// of its exports for `lease` (a vendor's agent that died does not keep
+/// its checkpoint, nor the scratch space). A timer on its own thread; the
+/// check and the end run under the command lock, as a command would.
+fn watch_lease(d: &Arc<Daemon>, id: String, lease: Duration) {
+    let d = Arc::downgrade(d);
+    let spawned = std::thread::Builder::new()
+        .name(format!("lease {id}"))
+        .spawn(move || {
+            let mut idle_since = Instant::now();
+            loop {
+                std::thread::sleep(LEASE_TICK);
+                let Some(d) = d.upgrade() else {
+                    return;
+                };
+                let _serial = d.command_lock.blocking_lock();
+                if d.check_open().is_err() {
+                    return;
+                }
+                let exports: Option<Vec<String>> = {
+                    let all = d.sessions().lock();
+                    all.iter()
+                        .find(|s| s.id == id)
+                        .map(|s| s.disks.iter().map(|k| k.export.clone()).collect())
+                };
+                let Some(exports) = exports else {
+                    return;
+                };
+                if exports.iter().any(|e| d.export_clients(e) > 0) {
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= lease {
+                    let args = json!({"id": id, "success": false});
+                    if end(&d, args.as_object().cloned().unwrap_or_default()).is_ok() {
+                        d.prune();
+                        d.emit(crate::event::EventKind::XTidemarkBackupExpired { id });
+                    }
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not watch a session's lease");
     }
 }
 
