@@ -678,6 +678,15 @@ impl Job {
         self.driver.done().unwrap_or(g.current)
     }
 
+    /// qemu's `busy`: doing I/O now. Not while paused or sleeping; nor
+    /// when a rate-limited job has finished a step it has not yet charged
+    /// (it sleeps next: qemu charges a step before it is done with it).
+    fn busy(&self, g: &Inner) -> bool {
+        let unreported = self.current(g).saturating_sub(g.current);
+        let about_to_sleep = g.speed > 0 && unreported > 0;
+        !g.paused && !g.sleeping && !g.status.is_completed() && !about_to_sleep
+    }
+
     /// Bytes of work in all, as queries and events report them.
     fn len(&self, g: &Inner) -> u64 {
         self.driver.total_now().unwrap_or(g.total)
@@ -712,7 +721,7 @@ impl Job {
             "io-status": io_status,
             "device": self.id,
             "auto-dismiss": g.auto_dismiss,
-            "busy": !g.paused && !g.sleeping && !g.status.is_completed(),
+            "busy": self.busy(&g),
             "len": self.len(&g),
             "offset": self.current(&g),
             "status": g.status,
