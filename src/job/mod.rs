@@ -641,6 +641,17 @@ impl Job {
                 }
             }
             if members.iter().all(|j| j.lock().ret.is_some()) {
+                // A member whose work returned meanwhile (its thread sets
+                // that before it waits for the command lock) aborts too.
+                for j in &members {
+                    let mut g = j.lock();
+                    if !matches!(
+                        g.status,
+                        JobStatus::Aborting | JobStatus::Concluded | JobStatus::Null
+                    ) {
+                        j.transition(&mut g, JobStatus::Aborting);
+                    }
+                }
                 finish_txn(d, &members, false);
             }
             return;
@@ -856,8 +867,13 @@ impl JobCtl {
     /// `paused`, or `standby` when ready), unless it is cancelled. Returns
     /// whether the job should stop.
     pub fn pause_point(&self) -> bool {
+        self.unpaused(self.job.lock()).cancelled
+    }
+
+    /// The pause itself, with the job's lock held on return, so a caller
+    /// that sleeps next (the rate limit) is never seen running but idle.
+    fn unpaused<'a>(&'a self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
         let job = &self.job;
-        let mut g = job.lock();
         if g.pause_count > 0 && !g.cancelled {
             let before = g.status;
             let paused_state = if before == JobStatus::Ready {
@@ -873,7 +889,7 @@ impl JobCtl {
             g.paused = false;
             job.transition(&mut g, before);
         }
-        g.cancelled
+        g
     }
 
     /// Adds `done` bytes to the progress and, with a speed limit, sleeps
@@ -895,11 +911,7 @@ impl JobCtl {
             }
             if g.pause_count > 0 {
                 // Paused while owing: after the pause the debt remains.
-                drop(g);
-                if self.pause_point() {
-                    return true;
-                }
-                g = job.lock();
+                g = self.unpaused(g);
                 continue;
             }
             let now = Instant::now();
