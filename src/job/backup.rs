@@ -73,18 +73,16 @@ impl BitmapMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BackupArgs {
-    pub job_id: Option<String>,
+    #[serde(flatten)]
+    pub common: super::CommonArgs,
     pub device: String,
     pub target: String,
     pub sync: SyncMode,
-    pub speed: Option<i64>,
     pub bitmap: Option<String>,
     pub bitmap_mode: Option<BitmapMode>,
     pub compress: Option<bool>,
     pub on_source_error: Option<String>,
     pub on_target_error: Option<String>,
-    pub auto_finalize: Option<bool>,
-    pub auto_dismiss: Option<bool>,
     pub filter_node_name: Option<String>,
     pub discard_source: Option<bool>,
     pub x_perf: Option<serde_json::Value>,

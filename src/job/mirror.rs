@@ -287,17 +287,6 @@ impl Mirror {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner()).count()
     }
 
-    /// The next dirty range at or after `cursor` (wrapping), at most
-    /// `buf_size` long.
-    fn next_area(&self, cursor: u64) -> Option<(u64, u64)> {
-        let d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        let size = d.size();
-        let (start, len) = d
-            .next_dirty_area(cursor, size)
-            .or_else(|| d.next_dirty_area(0, size))?;
-        Some((start, len.min(self.buf_size)))
-    }
-
     /// Copies one range: held against guest writes, cleared, read from the
     /// source, written to the target. A failed copy leaves it dirty.
     fn copy(&self, offset: u64, len: u64, buf: &mut Vec<u8>, from: &Node) -> Result<(), CopyError> {
@@ -386,10 +375,15 @@ impl Mirror {
     /// above it are drained, and filters change no data.
     fn sync_rest(&self) -> Result<(), CopyError> {
         let mut buf = Vec::new();
-        while let Some((start, len)) = self.next_area(0) {
-            self.copy(start, len, &mut buf, &self.pivot.replaced)?;
+        loop {
+            let batch = self.next_batch(0);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (start, len) in batch {
+                self.copy(start, len, &mut buf, &self.pivot.replaced)?;
+            }
         }
-        Ok(())
     }
 
     fn finished(&self) -> Option<Finish> {

@@ -184,14 +184,8 @@ impl Action for BackupAction {
                     return Err(e);
                 }
             };
-        let common = CommonArgs {
-            job_id: args.job_id.clone(),
-            speed: args.speed,
-            auto_finalize: args.auto_finalize,
-            auto_dismiss: args.auto_dismiss,
-        };
         let txn = self.txn.clone().unwrap_or_default();
-        self.job = Some(Job::build(&da, &common, Box::new(driver), &txn)?);
+        self.job = Some(Job::build(&da, &args.common, Box::new(driver), &txn)?);
         Ok(())
     }
 
