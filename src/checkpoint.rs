@@ -28,6 +28,11 @@ pub struct Checkpoint {
     /// Seconds since the epoch.
     pub created: u64,
     pub parent: Option<String>,
+    /// The backup session that made it and has not yet ended with
+    /// success (the first phase of its commit). A record still pending
+    /// when the image is opened again is one a crash cut short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
 }
 
 /// What the image stores: versioned, so a later layout can tell.
@@ -100,8 +105,9 @@ pub fn all(disk: &Arc<Node>) -> Vec<Checkpoint> {
 }
 
 /// Records a new checkpoint (its bitmap is already on the top layer),
-/// child of the newest one.
-pub fn record(disk: &Arc<Node>, name: &str) -> QmpResult<()> {
+/// child of the newest one; `pending` names the session that must still
+/// commit it.
+pub fn record(disk: &Arc<Node>, name: &str, pending: Option<&str>) -> QmpResult<()> {
     let parent = all(disk).last().map(|c| c.name.clone());
     let mut own = read(disk);
     own.push(Checkpoint {
@@ -110,8 +116,32 @@ pub fn record(disk: &Arc<Node>, name: &str) -> QmpResult<()> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         parent,
+        pending: pending.map(str::to_owned),
     });
     write(disk, own)
+}
+
+/// The second phase: checkpoint `name` is no longer pending.
+pub fn commit(disk: &Arc<Node>, name: &str) -> QmpResult<()> {
+    for l in layers(disk) {
+        let mut own = read(&l);
+        let Some(c) = own.iter_mut().find(|c| c.name == name && c.pending.is_some()) else {
+            continue;
+        };
+        c.pending = None;
+        write(&l, own)?;
+    }
+    Ok(())
+}
+
+/// Checkpoints of `disk` still pending: made by sessions that never
+/// ended (the daemon died meanwhile).
+pub fn pending(disk: &Arc<Node>) -> Vec<String> {
+    all(disk)
+        .into_iter()
+        .filter(|c| c.pending.is_some())
+        .map(|c| c.name)
+        .collect()
 }
 
 /// Drops the record of `name` from every layer; its children take its
@@ -225,6 +255,9 @@ pub fn describe(disk_name: &str, disk: &Arc<Node>) -> Value {
             });
             if let Some(p) = &c.parent {
                 v["parent"] = json!(p);
+            }
+            if let Some(s) = &c.pending {
+                v["pending"] = json!(s);
             }
             v
         })

@@ -791,6 +791,15 @@ impl Daemon {
             .map_or(0, |e| Arc::strong_count(&e.export).saturating_sub(2))
     }
 
+    /// Bytes clients asked to read from export `id`.
+    pub fn export_read_bytes(&self, id: &str) -> u64 {
+        let st = self.state();
+        st.exports
+            .iter()
+            .find(|e| e.id == id)
+            .map_or(0, |e| e.export.read_bytes())
+    }
+
     pub fn export_id_taken(&self, id: &str) -> bool {
         self.state().exports.iter().any(|e| e.id == id)
     }

@@ -56,6 +56,15 @@ pub enum EventKind {
     /// its exports for its lease (tidemark's extension). It ended as a
     /// failure: its new checkpoint is taken back.
     XTidemarkBackupExpired { id: String },
+    /// A pull-backup session's snapshot of disk `node` broke: a copy
+    /// before a guest write failed or would have passed the scratch quota
+    /// (tidemark's extension). The guest's write went on; the session's
+    /// reads fail from now on.
+    XTidemarkBackupBroken {
+        id: String,
+        node: String,
+        reason: String,
+    },
     /// A block job waits for job-finalize (auto-finalize off).
     BlockJobPending {
         #[serde(rename = "type")]

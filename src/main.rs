@@ -296,7 +296,7 @@ async fn add_demo_checkpoint(d: &std::sync::Arc<Daemon>) -> Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!(e.desc))?;
     let node = d.node("drive0").map_err(|e| anyhow::anyhow!(e.desc))?;
-    tokio::task::spawn_blocking(move || tidemark::checkpoint::record(&node, DEMO_CHECKPOINT))
+    tokio::task::spawn_blocking(move || tidemark::checkpoint::record(&node, DEMO_CHECKPOINT, None))
         .await
         .context("demo checkpoint")?
         .map_err(|e| anyhow::anyhow!(e.desc))

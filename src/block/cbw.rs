@@ -19,7 +19,7 @@
 //! when a copy fails, and the view fails from then on.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::copy::CopyError;
@@ -55,6 +55,26 @@ pub trait SnapshotView: Send + Sync {
     fn snapshot_discard(&self, offset: u64, len: u64) -> BlockResult<()>;
 }
 
+/// A backup session's guard on its scratch (tidemark's): the snapshot
+/// breaks, rather than a guest write failing, when a copy fails or would
+/// take the target past `quota` bytes; `on_break` hears of it once.
+#[derive(Clone, Default)]
+pub struct Guard {
+    pub quota: Option<u64>,
+    pub on_break: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard").field("quota", &self.quota).finish()
+    }
+}
+
+/// Why the view broke (`CopyBeforeWrite::broken`).
+const INTACT: u8 = 0;
+const COPY_FAILED: u8 = 1;
+const OVER_QUOTA: u8 = 2;
+
 pub struct CopyBeforeWrite {
     source: Arc<Child>,
     target: Arc<Child>,
@@ -68,8 +88,13 @@ pub struct CopyBeforeWrite {
     /// Write the target compressed, in clusters of this size (0: plain).
     compress: u64,
     on_error: OnCbwError,
-    /// A copy failed under break-snapshot: the view is gone.
-    broken: AtomicBool,
+    /// A copy failed under break-snapshot (or the quota was reached): the
+    /// view is gone. One of INTACT, COPY_FAILED, OVER_QUOTA.
+    broken: AtomicU8,
+    guard: Guard,
+    /// Bytes the copies in flight or done will have written to the target
+    /// (what the quota counts).
+    charged: AtomicU64,
 }
 
 impl CopyBeforeWrite {
@@ -101,8 +126,22 @@ impl CopyBeforeWrite {
             active: AtomicBool::new(true),
             compress,
             on_error: OnCbwError::default(),
-            broken: AtomicBool::new(false),
+            broken: AtomicU8::new(INTACT),
+            guard: Guard::default(),
+            charged: AtomicU64::new(0),
         }
+    }
+
+    /// Under a session's guard: break-snapshot, with its quota.
+    pub fn guarded(mut self, guard: Guard) -> CopyBeforeWrite {
+        self.on_error = OnCbwError::BreakSnapshot;
+        self.guard = guard;
+        self
+    }
+
+    /// Whether the view broke.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire) != INTACT
     }
 
     /// With `on-cbw-error`.
@@ -112,13 +151,18 @@ impl CopyBeforeWrite {
     }
 
     fn view_broken(&self) -> BlockResult<()> {
-        if self.broken.load(Ordering::Acquire) {
+        match self.broken.load(Ordering::Acquire) {
+            INTACT => Ok(()),
             // qemu: EACCES, which its NBD server sends as EINVAL.
-            return Err(super::BlockError::invalid(
+            COPY_FAILED => Err(super::BlockError::invalid(
                 "the snapshot is broken: a copy before a write failed",
-            ));
+            )),
+            // A session's reader sees an I/O error, as for a lost disk.
+            _ => Err(super::BlockError::new(
+                super::ErrorKind::Io,
+                "the snapshot is broken: its scratch quota was reached",
+            )),
         }
-        Ok(())
     }
 
     /// Waits until no copy runs in `[first, last]`, then claims the
@@ -200,7 +244,9 @@ impl CopyBeforeWrite {
 
     /// Copies the claimed run `[first, first + n)`, then releases it.
     fn copy_claimed(&self, first: u64, n: u64) -> Result<u64, CopyError> {
-        let r = self.copy_now(first * self.cluster, n * self.cluster);
+        let r = self
+            .charge(n * self.cluster)
+            .and_then(|()| self.copy_now(first * self.cluster, n * self.cluster));
         let mut g = self.lock();
         for c in first..first + n {
             g.busy.remove(&c);
@@ -215,6 +261,23 @@ impl CopyBeforeWrite {
             self.copied.fetch_add(bytes, Ordering::AcqRel);
         }
         r
+    }
+
+    /// Counts `len` target bytes against the quota, or refuses them.
+    fn charge(&self, len: u64) -> Result<(), CopyError> {
+        let Some(quota) = self.guard.quota else {
+            return Ok(());
+        };
+        let before = self.charged.fetch_add(len, Ordering::AcqRel);
+        if before.saturating_add(len) > quota {
+            self.charged.fetch_sub(len, Ordering::AcqRel);
+            let e = super::BlockError::new(
+                super::ErrorKind::NoSpace,
+                format!("the scratch quota of {quota} bytes is reached"),
+            );
+            return Err(CopyError::target(e));
+        }
+        Ok(())
     }
 
     /// The job's step: copies the next run (up to `max_bytes`) still to
@@ -321,8 +384,18 @@ impl CopyBeforeWrite {
             Err(e) if self.on_error == OnCbwError::BreakGuestWrite => Err(e.error),
             Err(e) => {
                 tracing::warn!(error = %e.error, "copy-before-write failed: the snapshot is broken");
-                self.broken.store(true, Ordering::Release);
+                let why = match e.error.kind {
+                    super::ErrorKind::NoSpace if self.guard.quota.is_some() => OVER_QUOTA,
+                    _ => COPY_FAILED,
+                };
+                let first = self
+                    .broken
+                    .compare_exchange(INTACT, why, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
                 self.deactivate();
+                if let (true, Some(hook)) = (first, &self.guard.on_break) {
+                    hook(&e.error.context);
+                }
                 Ok(())
             }
         }

@@ -90,6 +90,9 @@ pub struct BackupArgs {
     pub format: Option<String>,
     /// drive-backup: `existing` or `absolute-paths`.
     pub mode: Option<String>,
+    /// A backup session's scratch guard (never from QMP).
+    #[serde(skip)]
+    pub guard: Option<crate::block::cbw::Guard>,
 }
 
 /// qemu's default copy unit (block-copy's BLOCK_COPY_CLUSTER_SIZE_DEFAULT).
@@ -269,12 +272,11 @@ pub fn prepare(
         }
         None => None,
     };
-    let cbw = Arc::new(CopyBeforeWrite::new(
-        source.clone(),
-        target.clone(),
-        todo,
-        compress,
-    ));
+    let cbw = CopyBeforeWrite::new(source.clone(), target.clone(), todo, compress);
+    let cbw = Arc::new(match a.guard.clone() {
+        Some(guard) => cbw.guarded(guard),
+        None => cbw,
+    });
     let filter = d.insert_filter(
         &source,
         a.filter_node_name.as_deref(),

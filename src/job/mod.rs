@@ -435,6 +435,11 @@ impl Job {
         !self.lock().cleaned && self.driver.blocks().iter().any(|n| Arc::ptr_eq(n, node))
     }
 
+    /// The nodes the job works on (its driver's, see [`JobDriver::blocks`]).
+    pub fn nodes(&self) -> Vec<Arc<crate::block::node::Node>> {
+        self.driver.blocks()
+    }
+
     /// The driver's clean-up, once.
     fn clean(&self, d: &Daemon) {
         self.driver.clean(d);

@@ -24,6 +24,8 @@ pub struct Export {
     /// Turns true when the export is removed by force (QMP
     /// block-export-del mode=hard): its connections end, as in qemu.
     closed: tokio::sync::watch::Sender<bool>,
+    /// Bytes clients asked to read (a backup session's progress).
+    read_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What an export is built from; the rest is derived.
@@ -53,6 +55,7 @@ impl Export {
             root,
             contexts,
             closed: tokio::sync::watch::channel(false).0,
+            read_bytes: Default::default(),
         }
     }
 
@@ -69,6 +72,17 @@ impl Export {
 
     pub fn size(&self) -> u64 {
         self.root.get().size()
+    }
+
+    /// Counts a read request of `len` bytes.
+    pub fn note_read(&self, len: u64) {
+        self.read_bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes clients asked to read so far.
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Transmission flags, as qemu computes them for the same export.

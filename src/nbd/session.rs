@@ -226,6 +226,9 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             _ => return Ok(Next::Continue),
         };
         let to = self.reply_to(&req);
+        if let Command::Read { len, .. } = cmd {
+            self.export.note_read(len);
+        }
         if let Some(reply) = try_inline(&self.export, &to, &cmd) {
             self.sink.send(reply, permit);
             return Ok(Next::Continue);

@@ -31,12 +31,17 @@ pub fn blockdev_add(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     // The image locks follow the new node's needs; another process
     // holding a conflicting lock makes the whole add fail.
     let added = op.open_node(&args, true, false).and_then(|n| {
-        d.refresh_locks().inspect_err(|_| {
-            let _ = d.delete_node(n.name());
-        })
+        d.refresh_locks()
+            .inspect_err(|_| {
+                let _ = d.delete_node(n.name());
+            })
+            .map(|_| n)
     });
     match added {
-        Ok(_) => Ok(json!({})),
+        Ok(n) => {
+            super::session::roll_back_pending(d, &n);
+            Ok(json!({}))
+        }
         Err(e) => {
             // Implicit nodes made for this node go with it, newest first.
             for n in op.created.iter().rev() {
@@ -881,11 +886,17 @@ pub fn open_image_node(
     });
     let mut opts = opts.as_object().cloned().unwrap_or_default();
     opts.extend(extra);
+    open_implicit(d, &opts)
+}
+
+/// Opens a node from blockdev-add options as an implicit node (pruned
+/// once nothing uses it), with the implicit nodes under it.
+pub fn open_implicit(d: &Daemon, opts: &Map<String, Value>) -> QmpResult<Arc<Node>> {
     let mut op = Opening {
         d,
         created: Vec::new(),
     };
-    let opened = op.open_node(&opts, false, false);
+    let opened = op.open_node(opts, false, false);
     let opened = opened.and_then(|n| d.refresh_locks().map(|_| n));
     if opened.is_err() {
         for n in op.created.iter().rev() {

@@ -115,6 +115,12 @@ impl BackupAction {
         })
     }
 
+    /// Under a backup session's scratch guard (tidemark's; no QMP form).
+    pub fn guarded(mut self, guard: crate::block::cbw::Guard) -> BackupAction {
+        self.args.guard = Some(guard);
+        self
+    }
+
     /// Joins the jobs of a `grouped` transaction.
     pub fn join(&mut self, txn: &Arc<JobTxn>) {
         self.txn = Some(txn.clone());

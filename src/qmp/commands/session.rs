@@ -1,20 +1,29 @@
 //! Pull-backup sessions, tidemark's extension (`x-tidemark-backup-begin`,
 //! `-end`, `x-tidemark-query-backups`): one call builds, for one or
 //! several disks at once, what libvirt's pull sequence builds with a dozen
-//! commands, and one call takes it down. Each step is the QMP command
-//! libvirt would send, run here in the same order:
+//! commands, and one call takes it down. Each step is a QMP command,
+//! run here in libvirt's order:
 //!
-//! 1. a qcow2 scratch per disk, with the live disk as its backing;
+//! 1. a qcow2 scratch per disk (or a node the caller gives);
 //! 2. one transaction: the new checkpoint bitmap on each disk, a disabled
 //!    `backup-<disk>` bitmap on each scratch merged from the old
 //!    checkpoint in every layer that has it, and `blockdev-backup
 //!    sync=none` into each scratch (the point in time);
-//! 3. a read-only export of each scratch with its bitmap.
+//! 3. a `snapshot-access` node over each backup's copy-before-write
+//!    filter (qemu's newer fleecing), exported read-only with its bitmap.
 //!
-//! Ending with `success: false` removes the new checkpoint again: since
-//! every checkpoint bitmap keeps recording, the old one still covers
-//! every write since it was made, and nothing is lost for the next
-//! incremental. Either way the jobs, exports, scratch nodes and files go.
+//! The export reads through the filter's view rather than the scratch
+//! itself, so the session can guard its scratch: a copy that fails or
+//! would pass the quota breaks the view (reads fail with EIO,
+//! `X_TIDEMARK_BACKUP_BROKEN`) and the guest's write goes on.
+//!
+//! The new checkpoint is committed in two phases: its record says
+//! `pending` until the session ends with success. Ending with failure, a
+//! lease running out, a broken snapshot, or a restart that finds the
+//! record still pending (a crash) takes it back: since every checkpoint
+//! bitmap keeps recording, the old one still covers every write since it
+//! was made, and nothing is lost for the next incremental. Either way the
+//! jobs, exports, scratch nodes and files go.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,6 +32,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::bitmap::set::lock;
 use crate::block::BlockNode;
 use crate::daemon::Daemon;
 use crate::qmp::error::{QmpError, QmpResult};
@@ -31,13 +41,21 @@ use crate::qmp::error::{QmpError, QmpResult};
 struct Disk {
     node: String,
     scratch_node: String,
-    /// A scratch file tidemark made (deleted at the end).
+    /// A scratch file tidemark made (deleted at the end); `None` for a
+    /// scratch node the caller gave (kept, its bitmap removed).
     scratch_file: Option<PathBuf>,
     job: String,
+    /// The snapshot-access node the export reads.
+    view: Option<String>,
     export: String,
     bitmap: Option<String>,
     size: u64,
     dirty: u64,
+    /// Bytes allocated in the disk at the begin.
+    allocated: u64,
+    quota: Option<u64>,
+    /// Why the snapshot broke, once it has.
+    broken: Arc<Mutex<Option<String>>>,
 }
 
 struct Session {
@@ -57,15 +75,19 @@ impl Sessions {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct DiskArgs {
     node: String,
     /// A scratch file to create (default: one in the temp directory).
     scratch: Option<PathBuf>,
+    /// An existing node to use as the scratch instead.
+    scratch_node: Option<String>,
+    /// Most bytes the scratch may take.
+    quota: Option<u64>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct BeginArgs {
     id: String,
     disks: Vec<DiskArgs>,
@@ -92,6 +114,20 @@ pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
         return Err(QmpError::generic(
             "A backup session needs at least one disk",
         ));
+    }
+    for (i, k) in a.disks.iter().enumerate() {
+        if a.disks[..i].iter().any(|o| o.node == k.node) {
+            return Err(QmpError::generic(format!(
+                "Disk '{}' is given twice",
+                k.node
+            )));
+        }
+        if k.scratch.is_some() && k.scratch_node.is_some() {
+            return Err(QmpError::generic(format!(
+                "Disk '{}': give 'scratch' or 'scratch-node', not both",
+                k.node
+            )));
+        }
     }
     let mut disks: Vec<Disk> = Vec::new();
     let mut checkpointed = false;
@@ -123,6 +159,62 @@ pub fn begin(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     Ok(json!({ "disks": reply }))
 }
 
+/// The checkpoint to start from must not be held by a job: a backup
+/// running from it would hand its bits to a successor meanwhile.
+fn check_not_busy(disk: &str, layers: &[Arc<crate::block::node::Node>], c: &str) -> QmpResult<()> {
+    for l in layers {
+        if l.bitmaps().get(c).is_some_and(|b| lock(&b).state.busy) {
+            return Err(QmpError::generic(format!(
+                "Checkpoint '{c}' of disk '{disk}' is in use by a block job"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The scratch of one disk: a node the caller gave (of the disk's size),
+/// or a qcow2 file made for the session.
+fn scratch_for(
+    d: &Daemon,
+    a: &BeginArgs,
+    k: &DiskArgs,
+    size: u64,
+) -> QmpResult<(Arc<crate::block::node::Node>, Option<PathBuf>)> {
+    if let Some(name) = &k.scratch_node {
+        let s = d.node(name)?;
+        if s.size() != size {
+            return Err(QmpError::generic(format!(
+                "Scratch node '{name}' has {} bytes; disk '{}' needs {size}",
+                s.size(),
+                k.node
+            )));
+        }
+        return Ok((s, None));
+    }
+    let file = k.scratch.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!(
+            "tidemark-{}-{}-{}.scratch.qcow2",
+            std::process::id(),
+            a.id,
+            k.node
+        ))
+    });
+    if k.scratch.is_some() && file.exists() {
+        return Err(QmpError::generic(format!(
+            "Scratch file '{}' already exists",
+            file.display()
+        )));
+    }
+    super::block::create_image(d, &file, "qcow2", size, None)?;
+    match super::block::open_image_node(d, &file, Some("qcow2"), Map::new()) {
+        Ok(s) => Ok((s, Some(file))),
+        Err(e) => {
+            let _ = std::fs::remove_file(&file);
+            Err(e)
+        }
+    }
+}
+
 /// Builds every disk's part; what was built is in `disks` for [`undo`].
 fn prepare(
     d: &Daemon,
@@ -131,99 +223,147 @@ fn prepare(
     checkpointed: &mut bool,
 ) -> QmpResult<()> {
     d.nbd_max_connections()?;
-    let mut actions = Vec::new();
+    let mut actions: Vec<Box<dyn super::transaction::Action>> = Vec::new();
+    let mut add = |v: Value| -> QmpResult<()> {
+        actions.push(super::transaction::parse_action(&v)?);
+        Ok(())
+    };
+    let mut backups = Vec::new();
     for k in &a.disks {
         let node = d.node(&k.node)?;
         let merge_from: Vec<String> = match &a.incremental {
-            Some(c) => crate::checkpoint::validate(&k.node, &node, c)?
-                .iter()
-                .map(|l| l.name().to_owned())
-                .collect(),
+            Some(c) => {
+                let layers = crate::checkpoint::validate(&k.node, &node, c)?;
+                check_not_busy(&k.node, &layers, c)?;
+                layers.iter().map(|l| l.name().to_owned()).collect()
+            }
             None => Vec::new(),
         };
-        let file = k.scratch.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!(
-                "tidemark-{}-{}-{}.scratch.qcow2",
-                std::process::id(),
-                a.id,
-                k.node
-            ))
-        });
-        let path = file.as_path();
-        if k.scratch.is_some() && path.exists() {
-            return Err(QmpError::generic(format!(
-                "Scratch file '{}' already exists",
-                path.display()
-            )));
-        }
-        super::block::create_image(d, path, "qcow2", node.size(), None)?;
-        let mut extra = Map::new();
-        extra.insert("backing".into(), json!(node.name()));
-        let scratch = match super::block::open_image_node(d, path, Some("qcow2"), extra) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                return Err(e);
-            }
-        };
+        let (scratch, scratch_file) = scratch_for(d, a, k, node.size())?;
         let name = format!("{}-{}", a.id, k.node);
         let bitmap = a.incremental.as_ref().map(|_| format!("backup-{}", k.node));
+        let broken = Arc::new(Mutex::new(None));
         disks.push(Disk {
             node: k.node.clone(),
             scratch_node: scratch.name().to_owned(),
-            scratch_file: Some(file.clone()),
+            scratch_file,
             job: format!("backup-{name}"),
+            view: None,
             export: name,
             bitmap: bitmap.clone(),
             size: node.size(),
             dirty: node.size(),
+            allocated: allocated_bytes(&node),
+            quota: k.quota,
+            broken: broken.clone(),
         });
         if let Some(c) = &a.checkpoint {
-            actions.push(json!({"type": "block-dirty-bitmap-add",
-                "data": {"node": node.name(), "name": c, "persistent": true, "disabled": false}}));
+            add(json!({"type": "block-dirty-bitmap-add",
+                "data": {"node": node.name(), "name": c, "persistent": true, "disabled": false}}))?;
         }
         if let (Some(b), Some(c)) = (&bitmap, &a.incremental) {
-            let mut add = json!({"node": scratch.name(), "name": b, "persistent": false,
-                                 "disabled": true});
+            let mut bitmap_add = json!({"node": scratch.name(), "name": b, "persistent": false,
+                                        "disabled": true});
             if let Some(x) = node.bitmaps().get(c) {
-                add["granularity"] = json!(crate::bitmap::set::lock(&x).granularity());
+                bitmap_add["granularity"] = json!(lock(&x).granularity());
             }
-            actions.push(json!({"type": "block-dirty-bitmap-add", "data": add}));
+            add(json!({"type": "block-dirty-bitmap-add", "data": bitmap_add}))?;
             let sources: Vec<Value> = merge_from
                 .iter()
                 .map(|l| json!({"node": l, "name": c}))
                 .collect();
-            actions.push(json!({"type": "block-dirty-bitmap-merge",
-                "data": {"node": scratch.name(), "target": b, "bitmaps": sources}}));
+            add(json!({"type": "block-dirty-bitmap-merge",
+                "data": {"node": scratch.name(), "target": b, "bitmaps": sources}}))?;
         }
-        actions.push(json!({"type": "blockdev-backup",
-            "data": {"device": node.name(), "job-id": format!("backup-{}-{}", a.id, k.node),
-                     "target": scratch.name(), "sync": "none"}}));
+        backups.push((
+            json!({"device": node.name(), "job-id": format!("backup-{}-{}", a.id, k.node),
+                   "target": scratch.name(), "sync": "none"}),
+            guard(d, &a.id, k, broken),
+        ));
     }
-    let txn = json!({ "actions": actions });
-    super::transaction::transaction(d, txn.as_object().cloned().unwrap_or_default())?;
+    for (args, guard) in backups {
+        let backup = super::job::BackupAction::new("blockdev-backup", args)?.guarded(guard);
+        actions.push(Box::new(backup));
+    }
+    super::transaction::run(d, actions)?;
     *checkpointed = true;
     if let Some(c) = &a.checkpoint {
         for k in disks.iter() {
-            crate::checkpoint::record(&d.node(&k.node)?, c)?;
+            crate::checkpoint::record(&d.node(&k.node)?, c, Some(&a.id))?;
         }
     }
     for k in disks.iter_mut() {
-        let mut export = json!({"type": "nbd", "id": k.export, "node-name": k.scratch_node,
+        let view = open_view(d, &k.job)?;
+        k.view = Some(view.clone());
+        let mut export = json!({"type": "nbd", "id": k.export, "node-name": view,
             "name": k.export, "writable": false});
         if let Some(b) = &k.bitmap {
-            export["bitmaps"] = json!([b]);
+            export["bitmaps"] = json!([{"node": k.scratch_node, "name": b}]);
             k.dirty = d
                 .find_node(&k.scratch_node)
                 .and_then(|n| n.bitmaps().get(b))
-                .map_or(0, |x| crate::bitmap::set::lock(&x).count());
+                .map_or(0, |x| lock(&x).count());
         }
         super::export::block_export_add(d, export.as_object().cloned().unwrap_or_default())?;
     }
     Ok(())
 }
 
-/// Takes down what a session built: exports, jobs, scratch nodes, files.
+/// The scratch guard of one disk: break-snapshot, with the disk's quota;
+/// a break is remembered for the query and announced.
+fn guard(
+    d: &Daemon,
+    id: &str,
+    k: &DiskArgs,
+    broken: Arc<Mutex<Option<String>>>,
+) -> crate::block::cbw::Guard {
+    let daemon = d.arc().map(|a| Arc::downgrade(&a));
+    let (id, node) = (id.to_owned(), k.node.clone());
+    let on_break = move |reason: &str| {
+        *broken.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
+        tracing::warn!(session = %id, disk = %node, reason, "backup snapshot broken");
+        if let Some(d) = daemon.as_ref().and_then(std::sync::Weak::upgrade) {
+            d.emit(crate::event::EventKind::XTidemarkBackupBroken {
+                id: id.clone(),
+                node: node.clone(),
+                reason: reason.to_owned(),
+            });
+        }
+    };
+    crate::block::cbw::Guard {
+        quota: k.quota,
+        on_break: Some(Arc::new(on_break)),
+    }
+}
+
+/// A snapshot-access node over the copy-before-write filter of backup
+/// job `job`; returns its name.
+fn open_view(d: &Daemon, job: &str) -> QmpResult<String> {
+    let filter = d
+        .job(job)
+        .and_then(|j| j.nodes().into_iter().find(|n| n.snapshot().is_some()))
+        .ok_or_else(|| QmpError::generic(format!("Backup job '{job}' has no filter")))?;
+    let opts = json!({"driver": "snapshot-access", "file": filter.name()});
+    let view = super::block::open_implicit(d, opts.as_object().unwrap_or(&Map::new()))?;
+    Ok(view.name().to_owned())
+}
+
+/// Bytes of `disk` that hold data (what a full pull reads).
+fn allocated_bytes(disk: &crate::block::node::Node) -> u64 {
+    let (size, mut at, mut total) = (disk.size(), 0, 0);
+    while at < size {
+        let Ok(e) = disk.block_status(at, size - at) else {
+            return total;
+        };
+        let n = e.len.clamp(1, size - at);
+        if e.flags & crate::block::STATE_HOLE == 0 {
+            total += n;
+        }
+        at += n;
+    }
+    total
+}
+
 /// Takes a session's new checkpoint back: its bitmaps and its records.
 fn drop_checkpoint(d: &Daemon, disks: &[Disk], name: &str) {
     for k in disks {
@@ -238,11 +378,22 @@ fn drop_checkpoint(d: &Daemon, disks: &[Disk], name: &str) {
     }
 }
 
+/// Takes down what a session built: exports, views, jobs, scratch nodes
+/// (a given one loses its bitmap) and files.
 fn undo(d: &Daemon, disks: &[Disk]) {
     for k in disks {
         let _ = d.delete_export(&k.export, false, true);
+    }
+    // The views go before their filters do.
+    d.prune();
+    for k in disks {
         if let Some(job) = d.job(&k.job) {
             job.cancel_and_wait(d);
+        }
+        if let (None, Some(b)) = (&k.scratch_file, &k.bitmap) {
+            if let Some(s) = d.find_node(&k.scratch_node) {
+                s.bitmaps().remove(b);
+            }
         }
     }
     d.prune();
@@ -319,17 +470,36 @@ pub fn end(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
                 a.id
             )));
         };
+        if a.success {
+            if let Some((k, why)) = all[i].disks.iter().find_map(|k| Some((k, broken(k)?))) {
+                return Err(QmpError::generic(format!(
+                    "Backup session '{}' cannot succeed: the snapshot of disk '{}' broke ({why}); end it with success false",
+                    a.id, k.node
+                )));
+            }
+        }
         all.remove(i)
     };
     undo(d, &session.disks);
-    if !a.success {
+    let Some(c) = &session.checkpoint else {
+        return Ok(json!({}));
+    };
+    if a.success {
+        for k in &session.disks {
+            if let Some(disk) = d.find_node(&k.node) {
+                crate::checkpoint::commit(&disk, c)?;
+            }
+        }
+    } else {
         // The old checkpoints kept recording: dropping the new one loses
         // nothing.
-        if let Some(c) = &session.checkpoint {
-            drop_checkpoint(d, &session.disks, c);
-        }
+        drop_checkpoint(d, &session.disks, c);
     }
     Ok(json!({}))
+}
+
+fn broken(k: &Disk) -> Option<String> {
+    k.broken.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 pub fn query(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
@@ -345,15 +515,42 @@ pub fn query(d: &Daemon, _args: Map<String, Value>) -> QmpResult<Value> {
                         .find_node(&k.scratch_node)
                         .and_then(|n| n.allocated_size())
                         .unwrap_or(0);
-                    json!({"node": k.node, "export": k.export, "uri": d.nbd_uri(&k.export),
-                           "bitmap": k.bitmap, "size": k.size, "dirty-bytes": k.dirty,
-                           "scratch-bytes": used})
+                    let mut v = json!({"node": k.node, "export": k.export,
+                        "uri": d.nbd_uri(&k.export), "bitmap": k.bitmap, "size": k.size,
+                        "dirty-bytes": k.dirty, "allocated-bytes": k.allocated,
+                        "read-bytes": d.export_read_bytes(&k.export),
+                        "clients": d.export_clients(&k.export), "scratch-bytes": used,
+                        "state": if broken(k).is_some() { "broken" } else { "active" }});
+                    if let Some(q) = k.quota {
+                        v["scratch-quota"] = json!(q);
+                    }
+                    if let Some(why) = broken(k) {
+                        v["broken"] = json!(why);
+                    }
+                    v
                 })
                 .collect();
             json!({"id": s.id, "checkpoint": s.checkpoint, "disks": disks})
         })
         .collect();
     Ok(Value::Array(list))
+}
+
+/// Takes back the checkpoints of `disk` that a session left pending: the
+/// daemon stopped (crashed) before the session ended, so the backup
+/// never completed. Run when a disk is opened.
+pub fn roll_back_pending(d: &Daemon, disk: &Arc<crate::block::node::Node>) {
+    if disk.read_only() {
+        return;
+    }
+    for name in crate::checkpoint::pending(disk) {
+        tracing::warn!(disk = disk.name(), checkpoint = %name, "a backup session never ended: its checkpoint is taken back");
+        let removed = remove_bitmaps(d, &crate::checkpoint::layers_with(disk, &name), &name)
+            .and_then(|_| crate::checkpoint::forget(disk, &name));
+        if let Err(e) = removed {
+            tracing::error!(disk = disk.name(), checkpoint = %name, error = %e.desc, "could not take the checkpoint back");
+        }
+    }
 }
 
 /// x-tidemark-query-checkpoints: a disk's checkpoints, oldest first.

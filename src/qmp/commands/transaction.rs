@@ -78,7 +78,7 @@ impl Action for AbortAction {
     }
 }
 
-fn parse_action(v: &Value) -> QmpResult<Box<dyn Action>> {
+pub fn parse_action(v: &Value) -> QmpResult<Box<dyn Action>> {
     let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
     let data = v.get("data").cloned().unwrap_or(Value::Null);
     Ok(match kind {
