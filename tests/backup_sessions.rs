@@ -496,3 +496,228 @@ fn a_session_nobody_uses_expires_as_a_failure() {
     assert_torn_down(&mut q, &scratch);
     assert!(checkpoints(&mut q, "vda").is_empty());
 }
+
+/// Makes checkpoint `c` on `vda` with a session that succeeds.
+fn checkpoint(q: &mut Qmp, c: &str) {
+    ok(
+        q,
+        "x-tidemark-backup-begin",
+        json!({"id": format!("make-{c}"), "checkpoint": c, "disks": [{"node": "vda"}]}),
+    );
+    ok(
+        q,
+        "x-tidemark-backup-end",
+        json!({"id": format!("make-{c}"), "success": true}),
+    );
+}
+
+/// Reads `len` bytes at `at` of `uri` with qemu-io; its stderr and stdout
+/// on failure.
+fn try_read(uri: &str, at: u64, len: u64) -> Result<(), String> {
+    let out = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", &format!("read {at} {len}"), uri])
+        .output()
+        .expect("qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.success() && !text.contains("failed") {
+        true => Ok(()),
+        false => Err(text),
+    }
+}
+
+#[test]
+fn a_full_scratch_breaks_the_snapshot_not_the_guest() {
+    let (inst, mut q) = start(&["vda"]);
+    let guest = inst.nbd_uri("vda");
+    checkpoint(&mut q, "c1");
+    qemu_io(&guest, &["write -P 0x22 0 64k"]);
+    let scratch = inst.path("q.qcow2");
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "q", "incremental": "c1", "checkpoint": "c2",
+        "disks": [{"node": "vda", "scratch": scratch, "quota": 128 * 1024}]}),
+    );
+    let uri = r["disks"][0]["uri"].as_str().expect("uri").to_owned();
+    assert!(try_read(&uri, 0, 65536).is_ok());
+    // Two clusters fit the quota; the third write breaks the snapshot,
+    // and every guest write succeeds.
+    qemu_io(
+        &guest,
+        &[
+            "write -P 0x33 1M 4k",
+            "write -P 0x33 2M 4k",
+            "write -P 0x33 3M 4k",
+            "write -P 0x33 4M 4k",
+        ],
+    );
+    let ev = q.event("X_TIDEMARK_BACKUP_BROKEN");
+    assert_eq!(ev["data"]["id"], "q", "{ev}");
+    assert_eq!(ev["data"]["node"], "vda", "{ev}");
+    let s = ok(&mut q, "x-tidemark-query-backups", json!({}));
+    let disk = &s[0]["disks"][0];
+    assert_eq!(disk["state"], "broken", "{s}");
+    assert_eq!(disk["scratch-quota"], 128 * 1024, "{s}");
+    assert_eq!(disk["read-bytes"], 65536, "{s}");
+    assert_eq!(disk["allocated-bytes"], SIZE, "{s}");
+    let e = try_read(&uri, 0, 65536).expect_err("a broken snapshot must not be read");
+    assert!(e.contains("Input/output error"), "{e}");
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "q", "success": true}),
+    );
+    assert!(e.contains("broke"), "{e}");
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "q", "success": false}),
+    );
+    assert_torn_down(&mut q, &scratch);
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+    // The guest's writes are all there, and c1 still covers them.
+    let mut buf = inst.path("now.raw");
+    pull(&guest, &buf);
+    for at in [1u64 << 20, 2 << 20, 3 << 20, 4 << 20] {
+        assert_eq!(bytes_at(&buf, at, 4), vec![0x33; 4]);
+    }
+    buf.set_extension("x");
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "n", "incremental": "c1", "disks": [{"node": "vda"}]}),
+    );
+    assert_eq!(r["disks"][0]["dirty-bytes"], 5 * 65536, "{r}");
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "n", "success": true}),
+    );
+}
+
+#[test]
+fn a_given_scratch_node_and_refusals_that_leave_nothing() {
+    let (inst, mut q) = start(&["vda"]);
+    checkpoint(&mut q, "c1");
+    for (name, size) in [("small", SIZE / 2), ("fit", SIZE)] {
+        qcow2_image(&inst.path(&format!("{name}.qcow2")), size);
+        ok(
+            &mut q,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": name,
+            "file": {"driver": "file", "filename": inst.path(&format!("{name}.qcow2"))}}),
+        );
+    }
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "g", "incremental": "c1", "checkpoint": "c2",
+        "disks": [{"node": "vda", "scratch-node": "small"}]}),
+    );
+    assert_eq!(
+        e,
+        format!("Scratch node 'small' has {} bytes; disk 'vda' needs {SIZE}", SIZE / 2)
+    );
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+    // A file that exists already is not the session's to make.
+    let taken = inst.path("fit.qcow2");
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "g", "disks": [{"node": "vda", "scratch": taken}]}),
+    );
+    assert!(e.contains("already exists"), "{e}");
+    assert!(taken.exists());
+    // A job holding the checkpoint's bitmap (slowly: it has writes to
+    // copy).
+    qemu_io(&inst.nbd_uri("vda"), &["write -P 0x22 0 1M"]);
+    ok(
+        &mut q,
+        "blockdev-backup",
+        json!({"job-id": "hold", "device": "vda", "target": "fit", "sync": "bitmap",
+        "bitmap": "c1", "bitmap-mode": "never", "speed": 1}),
+    );
+    let e = err(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "g", "incremental": "c1", "disks": [{"node": "vda"}]}),
+    );
+    assert_eq!(e, "Checkpoint 'c1' of disk 'vda' is in use by a block job");
+    ok(
+        &mut q,
+        "block-job-cancel",
+        json!({"device": "hold", "force": true}),
+    );
+    while q.event("JOB_STATUS_CHANGE")["data"] != json!({"id": "hold", "status": "null"}) {}
+    assert_eq!(ok(&mut q, "query-jobs", json!({})), json!([]));
+    // The given node serves as the scratch and stays, without the bitmap.
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "g", "incremental": "c1",
+        "disks": [{"node": "vda", "scratch-node": "fit"}]}),
+    );
+    let uri = r["disks"][0]["uri"].as_str().expect("uri").to_owned();
+    let pulled = inst.path("g.raw");
+    pull(&uri, &pulled);
+    assert_eq!(bytes_at(&pulled, 0, 4), vec![0x22; 4]);
+    assert_eq!(bytes_at(&pulled, 2 << 20, 4), vec![0x11; 4]);
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "g", "success": true}),
+    );
+    assert_torn_down(&mut q, &inst.path("none"));
+    assert!(checkpoints(&mut q, "fit").is_empty());
+    assert!(taken.exists());
+}
+
+#[test]
+fn a_crash_mid_session_takes_the_new_checkpoint_back() {
+    let (mut inst, mut q) = start(&["vda"]);
+    let guest = inst.nbd_uri("vda");
+    checkpoint(&mut q, "c1");
+    qemu_io(&guest, &["write -P 0x22 1M 64k"]);
+    ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "k", "incremental": "c1", "checkpoint": "c2",
+        "disks": [{"node": "vda"}]}),
+    );
+    let listed = checkpoint_list(&mut q, "vda");
+    assert_eq!(listed["checkpoints"][1]["pending"], "k", "{listed}");
+    qemu_io(&guest, &["write -P 0x33 5M 64k", "flush"]);
+    drop(q);
+    inst.kill();
+    let img = inst.path("vda.qcow2");
+    let inst2 = Instance::start(Impl::Tidemark, &[], |d| {
+        std::fs::rename(&img, d.join("vda.qcow2")).expect("move image");
+    });
+    let mut q = inst2.client();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "vda",
+        "file": {"driver": "file", "filename": inst2.path("vda.qcow2")}}),
+    );
+    let listed = checkpoint_list(&mut q, "vda");
+    let names: Vec<&str> = listed["checkpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["c1"], "{listed}");
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+    // c1 came back usable and covers both writes since it.
+    assert_eq!(listed["checkpoints"][0]["valid"], true, "{listed}");
+    assert!(
+        listed["checkpoints"][0]["dirty-bytes"].as_u64().unwrap_or(0) >= 2 * 65536,
+        "{listed}"
+    );
+    ok(&mut q, "quit", json!({}));
+}

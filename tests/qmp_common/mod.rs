@@ -141,6 +141,12 @@ impl Instance {
         self.child.try_wait().ok().flatten().is_none()
     }
 
+    /// Kills the process with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the process to exit on its own (after `quit`).
     pub fn wait_exit(&mut self, limit: Duration) -> bool {
         wait_child(&mut self.child, limit)
