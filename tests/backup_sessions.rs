@@ -721,3 +721,41 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
     );
     ok(&mut q, "quit", json!({}));
 }
+
+#[test]
+fn checkpoints_carry_across_an_external_snapshot() {
+    let (inst, mut q) = start(&["vda"]);
+    let guest = inst.nbd_uri("vda");
+    checkpoint(&mut q, "c1");
+    qemu_io(&guest, &["write -P 0x22 1M 64k"]);
+    ok(
+        &mut q,
+        "blockdev-snapshot-sync",
+        json!({"node-name": "vda", "snapshot-file": inst.path("top.qcow2"),
+        "snapshot-node-name": "top", "format": "qcow2"}),
+    );
+    qemu_io(&guest, &["write -P 0x33 5M 64k"]);
+    let listed = ok(&mut q, "x-tidemark-query-checkpoints", json!({"node": "top"}));
+    let c1 = &listed["checkpoints"][0];
+    assert_eq!(c1["name"], "c1", "{listed}");
+    assert_eq!(c1["layers"], json!(["top", "vda"]), "{listed}");
+    assert_eq!(c1["valid"], true, "{listed}");
+    assert_eq!(c1["dirty-bytes"], 2 * 65536, "{listed}");
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "s", "incremental": "c1", "checkpoint": "c2", "disks": [{"node": "top"}]}),
+    );
+    assert_eq!(r["disks"][0]["dirty-bytes"], 2 * 65536, "{r}");
+    ok(
+        &mut q,
+        "x-tidemark-backup-end",
+        json!({"id": "s", "success": true}),
+    );
+    ok(&mut q, "quit", json!({}));
+    let mut inst = inst;
+    assert!(inst.wait_exit(std::time::Duration::from_secs(20)));
+    for img in ["vda.qcow2", "top.qcow2"] {
+        qemu_img(&["check", img], inst.dir.path());
+    }
+}

@@ -4,7 +4,8 @@
 //! external_snapshot_action. `prepare` puts the overlay above the node
 //! (every export and parent moves onto it); `commit` makes the old layer
 //! read-only (its persistent bitmaps are stored and become read-only with
-//! it); `abort` takes the overlay off again.
+//! it) and carries the disk's checkpoints onto the overlay; `abort` takes
+//! the overlay off again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -165,7 +166,8 @@ impl Action for SnapshotAction {
     }
 
     fn commit(&mut self, d: &Daemon) {
-        if let Some((old, _)) = &self.done {
+        if let Some((old, overlay)) = &self.done {
+            carry_checkpoints(d, old, overlay);
             // As qemu: best effort, the snapshot stands either way.
             let _ = super::block::reopen_with_file(d, old, true, &mut Vec::new());
             d.relock();
@@ -179,6 +181,43 @@ impl Action for SnapshotAction {
                 d.delete_implicit(&overlay);
             }
             d.relock();
+        }
+    }
+}
+
+/// libvirt's recipe for a checkpoint across a snapshot, done for the
+/// disk's recorded checkpoints (tidemark's; images without a record are
+/// left as qemu leaves them): a recording persistent bitmap of each
+/// checkpoint's name on the overlay, so the chain stays valid for it.
+/// Names already on the overlay (the caller's own bitmap-add in the same
+/// transaction) are left alone. Best effort, as the commit it is part of.
+fn carry_checkpoints(d: &Daemon, old: &Arc<Node>, overlay: &Arc<Node>) {
+    if overlay.read_only() {
+        return;
+    }
+    for c in crate::checkpoint::all(old) {
+        let Some(b) = old.bitmaps().get(&c.name) else {
+            continue;
+        };
+        let (granularity, usable) = {
+            let b = crate::bitmap::set::lock(&b);
+            let s = &b.state;
+            (b.granularity(), s.recording && s.persistent && !s.inconsistent)
+        };
+        if !usable || overlay.bitmaps().get(&c.name).is_some() {
+            continue;
+        }
+        let add = json!({"node": overlay.name(), "name": c.name, "persistent": true,
+                         "granularity": granularity});
+        let added = super::bitmap::action("block-dirty-bitmap-add", add).and_then(|mut a| {
+            a.prepare(d)?;
+            a.commit(d);
+            a.clean(d);
+            Ok(())
+        });
+        if let Err(e) = added {
+            tracing::error!(checkpoint = %c.name, overlay = overlay.name(), error = %e.desc,
+                "could not carry the checkpoint onto the snapshot");
         }
     }
 }
