@@ -125,7 +125,10 @@ pub fn record(disk: &Arc<Node>, name: &str, pending: Option<&str>) -> QmpResult<
 pub fn commit(disk: &Arc<Node>, name: &str) -> QmpResult<()> {
     for l in layers(disk) {
         let mut own = read(&l);
-        let Some(c) = own.iter_mut().find(|c| c.name == name && c.pending.is_some()) else {
+        let Some(c) = own
+            .iter_mut()
+            .find(|c| c.name == name && c.pending.is_some())
+        else {
             continue;
         };
         c.pending = None;

@@ -620,7 +620,10 @@ fn a_given_scratch_node_and_refusals_that_leave_nothing() {
     );
     assert_eq!(
         e,
-        format!("Scratch node 'small' has {} bytes; disk 'vda' needs {SIZE}", SIZE / 2)
+        format!(
+            "Scratch node 'small' has {} bytes; disk 'vda' needs {SIZE}",
+            SIZE / 2
+        )
     );
     assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
     // A file that exists already is not the session's to make.
@@ -716,7 +719,10 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
     // c1 came back usable and covers both writes since it.
     assert_eq!(listed["checkpoints"][0]["valid"], true, "{listed}");
     assert!(
-        listed["checkpoints"][0]["dirty-bytes"].as_u64().unwrap_or(0) >= 2 * 65536,
+        listed["checkpoints"][0]["dirty-bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2 * 65536,
         "{listed}"
     );
     ok(&mut q, "quit", json!({}));
@@ -735,7 +741,11 @@ fn checkpoints_carry_across_an_external_snapshot() {
         "snapshot-node-name": "top", "format": "qcow2"}),
     );
     qemu_io(&guest, &["write -P 0x33 5M 64k"]);
-    let listed = ok(&mut q, "x-tidemark-query-checkpoints", json!({"node": "top"}));
+    let listed = ok(
+        &mut q,
+        "x-tidemark-query-checkpoints",
+        json!({"node": "top"}),
+    );
     let c1 = &listed["checkpoints"][0];
     assert_eq!(c1["name"], "c1", "{listed}");
     assert_eq!(c1["layers"], json!(["top", "vda"]), "{listed}");

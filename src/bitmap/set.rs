@@ -76,14 +76,18 @@ impl BitmapSet {
     }
 
     /// Marks `[offset, offset + len)` dirty in every recording bitmap.
-    pub fn mark(&self, offset: u64, len: u64) {
+    /// Returns whether a persistent one was among them (the write then
+    /// goes through the image's intent log first).
+    pub fn mark(&self, offset: u64, len: u64) -> bool {
         if len == 0 {
-            return;
+            return false;
         }
+        let mut persistent = false;
         let all = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
         for b in all.iter() {
             let mut b = lock(b);
             if b.state.recording && !b.state.frozen {
+                persistent |= b.state.persistent;
                 // The range was validated against the node's size; a bitmap
                 // of another size is a bug we must not turn into a failed write.
                 if let Err(e) = b.set_range(offset, len) {
@@ -91,6 +95,7 @@ impl BitmapSet {
                 }
             }
         }
+        persistent
     }
 
     pub fn get(&self, name: &str) -> Option<SharedBitmap> {

@@ -270,6 +270,41 @@ pub trait BlockNode: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Before a write that persistent recording bitmaps record: makes the
+    /// range's zones durable in the image's intent log (qcow2; see
+    /// qcow2/intent.rs). Nothing for formats without one.
+    fn intent_mark(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Ok(())
+    }
+
+    /// Whether a write to the range needs no [`BlockNode::intent_mark`]
+    /// I/O (the fast path may go ahead).
+    fn intent_ready(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+
+    /// A store point copied the bitmaps (they are still locked): a new
+    /// epoch of the intent log starts.
+    fn intent_new_epoch(&self) {}
+
+    /// Whether the intent log has marks a store point would clear.
+    fn intent_marked(&self) -> bool {
+        false
+    }
+
+    /// A store point: writes `bitmaps` as the stored bitmaps, still in
+    /// use (the image stays open for writing), and clears the intent log
+    /// of the epochs they cover.
+    fn store_point(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {
+        self.store_bitmaps(bitmaps)
+    }
+
+    /// Bitmaps the intent log recovered when the image was opened: name
+    /// and the bytes recovery added to what was stored.
+    fn recovered_bitmaps(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+
     /// Writes `bitmaps` as the image's stored bitmaps (replacing what was
     /// there), marked as cleanly stored.
     fn store_bitmaps(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {

@@ -1,7 +1,9 @@
 //! A named node of the block graph: a format driver plus the dirty bitmaps
 //! that watch it. Every write through a `Node` marks the node's recording
 //! bitmaps before it reaches the driver, so no acknowledged write can be
-//! missing from a bitmap, even after a crash mid-write.
+//! missing from a bitmap; when a persistent bitmap records it, the write's
+//! zones are made durable in the image's intent log first, so not even a
+//! crash mid-write loses it (qcow2/intent.rs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,8 @@ pub struct Node {
     stored_clean: AtomicBool,
     /// Serialises that re-marking, so no write overtakes it.
     remark: Mutex<()>,
+    /// One store (a store point or a clean store) at a time.
+    storing: Mutex<()>,
 }
 
 impl Node {
@@ -33,6 +37,7 @@ impl Node {
             bitmaps: Arc::new(bitmaps),
             stored_clean: AtomicBool::new(false),
             remark: Mutex::new(()),
+            storing: Mutex::new(()),
         })
     }
 
@@ -116,6 +121,7 @@ impl Node {
     /// Stores the persistent bitmaps in the image (a clean close, or an
     /// explicit store point), then flushes.
     pub fn store_bitmaps(&self) -> BlockResult<()> {
+        let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
         let all = self.bitmaps.all();
         let guards = lock_all(&all);
         let persistent: Vec<&DirtyBitmap> = guards
@@ -130,7 +136,43 @@ impl Node {
         self.driver.flush()
     }
 
-    /// Before a write: after a store point, marks the stored bitmaps in use
+    /// A store point of a writable image: the persistent bitmaps are
+    /// copied under their locks (the only pause writes see), the intent
+    /// log starts a new epoch at that instant, and the copies are stored
+    /// (still in use) while writes go on; the log then forgets the zones
+    /// the copies cover.
+    pub fn store_point(&self) -> BlockResult<()> {
+        let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.driver.read_only() {
+            return Ok(());
+        }
+        let all = self.bitmaps.all();
+        let guards = lock_all(&all);
+        let copies: Vec<DirtyBitmap> = guards
+            .iter()
+            .filter(|b| b.state.persistent)
+            .map(|b| (**b).clone())
+            .collect();
+        if copies.is_empty() {
+            return Ok(());
+        }
+        self.driver.intent_new_epoch();
+        drop(guards);
+        let refs: Vec<&DirtyBitmap> = copies.iter().collect();
+        self.driver.store_point(&refs)
+    }
+
+    /// Marks `[offset, offset + len)` in the recording bitmaps, then, if a
+    /// persistent one records it, makes its zones durable in the intent
+    /// log (in that order: see qcow2/intent.rs on epochs).
+    fn mark(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if self.bitmaps.mark(offset, len) {
+            self.driver.intent_mark(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Before a write: after a clean store, marks the stored bitmaps in use
     /// again (once), as a read-write open does.
     fn before_write(&self) -> BlockResult<()> {
         if !self.stored_clean.load(Ordering::SeqCst) {
@@ -183,7 +225,7 @@ impl BlockNode for Node {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.before_write()?;
-        self.bitmaps.mark(offset, buf.len() as u64);
+        self.mark(offset, buf.len() as u64)?;
         self.driver.write_at(buf, offset, fua)
     }
 
@@ -192,21 +234,29 @@ impl BlockNode for Node {
     }
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
-        // Marking first keeps the rule; if the fast path declines, the
-        // slow path marks the same range again, which changes nothing.
-        self.bitmaps.mark(offset, buf.len() as u64);
+        // A write that needs I/O before it (in-use marking, an intent
+        // zone) takes the slow path. Marking first keeps the rule; if the
+        // fast path declines, the slow path marks the same range again,
+        // which changes nothing.
+        let len = buf.len() as u64;
+        if self.stored_clean.load(Ordering::SeqCst) {
+            return false;
+        }
+        if self.bitmaps.mark(offset, len) && !self.driver.intent_ready(offset, len) {
+            return false;
+        }
         self.driver.try_write_nowait(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         self.before_write()?;
-        self.bitmaps.mark(offset, len);
+        self.mark(offset, len)?;
         self.driver.write_zeroes(offset, len, flags)
     }
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
         self.before_write()?;
-        self.bitmaps.mark(offset, buf.len() as u64);
+        self.mark(offset, buf.len() as u64)?;
         self.driver.write_compressed(buf, offset)
     }
 
@@ -216,7 +266,7 @@ impl BlockNode for Node {
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.before_write()?;
-        self.bitmaps.mark(offset, len);
+        self.mark(offset, len)?;
         self.driver.discard(offset, len)
     }
 

@@ -105,6 +105,22 @@ impl Header {
             .map(|e| e.data.as_slice())
     }
 
+    /// Where extension `kind`'s payload starts in the serialised header.
+    pub fn extension_offset(&self, kind: u32) -> Option<u64> {
+        let mut at = if self.version >= 3 {
+            u64::from(V3_HEADER_LEN) + self.extra_fields.len() as u64
+        } else {
+            u64::from(V2_HEADER_LEN)
+        };
+        for e in &self.extensions {
+            if e.kind == kind {
+                return Some(at + 8);
+            }
+            at += 8 + (e.data.len() as u64).div_ceil(8) * 8;
+        }
+        None
+    }
+
     /// Replaces (or with `None` removes) an extension, keeping the order of
     /// the others.
     pub fn set_extension(&mut self, kind: u32, data: Option<Vec<u8>>) {

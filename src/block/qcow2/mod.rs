@@ -19,6 +19,7 @@ mod cache;
 pub mod compress;
 pub mod create;
 pub mod header;
+pub mod intent;
 pub(crate) mod io;
 pub(crate) mod meta;
 mod read;
@@ -57,6 +58,10 @@ pub struct Qcow2Node {
     geo: Geometry,
     compression: u8,
     header: Header,
+    /// The intent log of the image's persistent bitmaps.
+    intent: intent::IntentLog,
+    /// What the log recovered at open: bitmap name, bytes added.
+    recovered: Mutex<Vec<(String, u64)>>,
     /// Whether the image looks metadata-preallocated (see status.rs).
     prealloc: OnceLock<bool>,
 }
@@ -125,6 +130,8 @@ impl Qcow2Node {
             size: AtomicU64::new(header.size),
             geo,
             compression: header.compression_type,
+            intent: intent::IntentLog::new(header.size, header.cluster_size()),
+            recovered: Mutex::new(Vec::new()),
             header,
             prealloc: OnceLock::new(),
         };
@@ -135,19 +142,50 @@ impl Qcow2Node {
     }
 
     /// What a writer does first (at a read-write open, or a reopen
-    /// read-write): clears the autoclear bits it does not know and a stale
-    /// bitmaps extension (the spec's rule for writers; qemu drops stale
-    /// bitmaps too), then marks the stored bitmaps in use.
+    /// read-write): recovers the bitmaps a crash left in use if the
+    /// intent log covers them; clears the autoclear bits it does not know,
+    /// a stale bitmaps extension (the spec's rule for writers; qemu drops
+    /// stale bitmaps too) and a stale intent log; then marks the stored
+    /// bitmaps in use.
     fn become_writable(&self) -> BlockResult<()> {
         check_features(&self.header, false)?;
         let mut meta = self.lock_meta()?;
+        self.recover_from_log(&mut meta)?;
+        let known = match intent::enabled() {
+            true => KNOWN_AUTOCLEAR | intent::AUTOCLEAR_INTENT,
+            false => KNOWN_AUTOCLEAR,
+        };
         let stale = bitmaps::load::is_stale(&meta.header);
-        if meta.header.autoclear & !KNOWN_AUTOCLEAR != 0 || stale {
-            meta.header.autoclear &= KNOWN_AUTOCLEAR;
+        // Whatever log recovery left is not current (qemu wrote the image,
+        // or it is unreadable, or there was nothing to recover).
+        let old_log = meta.header.extension(intent::EXT_TIDEMARK_INTENT).is_some();
+        // The bitmaps about to be marked in use need a fresh log first.
+        let install = intent::enabled()
+            && meta.header.version >= 3
+            && !stale
+            && !self.lock_stored()?.bitmaps.is_empty();
+        if meta.header.autoclear & !known != 0 || stale || old_log || install {
+            meta.header.autoclear &= known & !intent::AUTOCLEAR_INTENT;
+            meta.header.set_extension(intent::EXT_TIDEMARK_INTENT, None);
             let mut stored = self.lock_stored()?;
             if stale {
                 bitmaps::store::set_extension(&mut meta.header, None);
                 *stored = bitmaps::Stored::default();
+            }
+            if install {
+                let mut disk = self.intent.lock_disk();
+                self.intent.reset(&mut disk);
+                disk.untrusted = stored
+                    .bitmaps
+                    .iter()
+                    .filter(|b| b.inconsistent)
+                    .map(|b| b.entry.name.clone())
+                    .collect();
+                let payload = disk.combined(self.intent.shift);
+                meta.header
+                    .set_extension(intent::EXT_TIDEMARK_INTENT, Some(payload.encode()));
+                meta.header.autoclear |= intent::AUTOCLEAR_INTENT;
+                disk.installed = true;
             }
             let bytes = meta.header.serialize()?;
             self.f.write(&bytes, 0, "header")?;
@@ -563,11 +601,35 @@ impl BlockNode for Qcow2Node {
     }
 
     fn store_bitmaps(&self, bitmaps: &[&crate::bitmap::DirtyBitmap]) -> BlockResult<()> {
-        self.store_all_bitmaps(bitmaps)
+        self.store_bitmaps_at(bitmaps, false)
     }
 
     fn mark_bitmaps_in_use(&self) -> BlockResult<()> {
         self.mark_stored_in_use()
+    }
+
+    fn intent_mark(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.log_write(offset, len)
+    }
+
+    fn intent_ready(&self, offset: u64, len: u64) -> bool {
+        !intent::enabled() || self.intent.is_durable(offset, len)
+    }
+
+    fn intent_new_epoch(&self) {
+        self.log_new_epoch();
+    }
+
+    fn intent_marked(&self) -> bool {
+        self.intent.any_marked()
+    }
+
+    fn store_point(&self, bitmaps: &[&crate::bitmap::DirtyBitmap]) -> BlockResult<()> {
+        self.store_bitmaps_at(bitmaps, true)
+    }
+
+    fn recovered_bitmaps(&self) -> Vec<(String, u64)> {
+        self.recovered.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 

@@ -127,6 +127,10 @@ impl Action for Add {
         "block-dirty-bitmap-add"
     }
 
+    fn bitmaps_of(&self) -> Option<&str> {
+        Some(&self.args.node)
+    }
+
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let a = &self.args;
         let node = d.node(&a.node)?;
@@ -167,6 +171,10 @@ struct Remove {
 impl Action for Remove {
     fn kind(&self) -> &'static str {
         "block-dirty-bitmap-remove"
+    }
+
+    fn bitmaps_of(&self) -> Option<&str> {
+        Some(&self.args.node)
     }
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
@@ -221,6 +229,10 @@ impl Action for Clear {
         "block-dirty-bitmap-clear"
     }
 
+    fn bitmaps_of(&self) -> Option<&str> {
+        Some(&self.args.node)
+    }
+
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let (_, b) = lookup(d, &self.args.node, &self.args.name)?;
         let backup = {
@@ -259,6 +271,10 @@ impl Action for Toggle {
         } else {
             "block-dirty-bitmap-disable"
         }
+    }
+
+    fn bitmaps_of(&self) -> Option<&str> {
+        Some(&self.args.node)
     }
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
@@ -302,6 +318,10 @@ struct Merge {
 impl Action for Merge {
     fn kind(&self) -> &'static str {
         "block-dirty-bitmap-merge"
+    }
+
+    fn bitmaps_of(&self) -> Option<&str> {
+        Some(&self.args.node)
     }
 
     fn set_undo_needed(&mut self, needed: bool) {

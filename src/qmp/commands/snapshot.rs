@@ -202,7 +202,10 @@ fn carry_checkpoints(d: &Daemon, old: &Arc<Node>, overlay: &Arc<Node>) {
         let (granularity, usable) = {
             let b = crate::bitmap::set::lock(&b);
             let s = &b.state;
-            (b.granularity(), s.recording && s.persistent && !s.inconsistent)
+            (
+                b.granularity(),
+                s.recording && s.persistent && !s.inconsistent,
+            )
         };
         if !usable || overlay.bitmaps().get(&c.name).is_some() {
             continue;

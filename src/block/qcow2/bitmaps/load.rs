@@ -108,7 +108,6 @@ pub fn load_bitmap(
     read_only: bool,
 ) -> BlockResult<DirtyBitmap> {
     let e = &stored.entry;
-    let cs = header.cluster_size();
     let mut b = DirtyBitmap::new(&e.name, header.size, e.granularity())
         .map_err(|err| BlockError::corrupt(format!("bitmap '{}': {}", e.name, err.message)))?;
     b.state.persistent = true;
@@ -118,6 +117,32 @@ pub fn load_bitmap(
         b.mark_inconsistent();
         return Ok(b);
     }
+    read_bits(f, header, stored, &mut b)?;
+    Ok(b)
+}
+
+/// A stored bitmap's bits as they are on disk, in use or not (the intent
+/// log's recovery starts from them).
+pub fn load_forced(
+    f: &HostFile,
+    header: &Header,
+    stored: &StoredBitmap,
+) -> BlockResult<DirtyBitmap> {
+    let clean = StoredBitmap {
+        inconsistent: false,
+        ..stored.clone()
+    };
+    load_bitmap(f, header, &clean, false)
+}
+
+fn read_bits(
+    f: &HostFile,
+    header: &Header,
+    stored: &StoredBitmap,
+    b: &mut DirtyBitmap,
+) -> BlockResult<()> {
+    let e = &stored.entry;
+    let cs = header.cluster_size();
     let (bytes, _) = data_geometry(header.size, e.granularity_bits, cs);
     let file_len = f.len()?;
     let mut buf = vec![0u8; cs as usize];
@@ -137,5 +162,5 @@ pub fn load_bitmap(
         };
         r.map_err(|err| BlockError::corrupt(format!("bitmap '{}': {}", e.name, err.message)))?;
     }
-    Ok(b)
+    Ok(())
 }

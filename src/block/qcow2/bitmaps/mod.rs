@@ -29,6 +29,7 @@
 pub mod dir;
 pub mod ext;
 pub mod load;
+pub mod recover;
 pub mod store;
 pub mod table;
 
@@ -124,18 +125,60 @@ impl Qcow2Node {
         store::mark_in_use(&self.f, &mut stored)
     }
 
-    pub(super) fn store_all_bitmaps(&self, bitmaps: &[&DirtyBitmap]) -> BlockResult<()> {
+    /// Writes `bitmaps` as the stored bitmaps. `in_use`: a store point of
+    /// an image that stays writable (flags stay set; the intent log keeps
+    /// the current epoch's zones); otherwise a clean store (a close): the
+    /// log leaves the header with the directory switch.
+    pub(super) fn store_bitmaps_at(
+        &self,
+        bitmaps: &[&DirtyBitmap],
+        in_use: bool,
+    ) -> BlockResult<()> {
+        use crate::block::qcow2::intent::{Payload, AUTOCLEAR_INTENT, EXT_TIDEMARK_INTENT};
         self.check_writable()?;
         let mut meta = self.lock_meta()?;
         let mut stored = self.lock_stored()?;
-        store::store(&self.f, &mut meta, &mut stored, bitmaps).map_err(|e| BlockError {
+        let mut disk = self.intent.lock_disk();
+        let untrusted: Vec<String> = bitmaps
+            .iter()
+            .filter(|b| b.state.inconsistent)
+            .map(|b| b.name().to_owned())
+            .collect();
+        let payload = Payload {
+            shift: self.intent.shift,
+            map: disk.new.clone(),
+            untrusted: untrusted.clone(),
+        };
+        let mut header = |h: &mut crate::block::qcow2::header::Header| {
+            if in_use {
+                // Bitmaps stored in use need a log that vouches for them.
+                h.set_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
+                h.autoclear |= AUTOCLEAR_INTENT;
+            } else {
+                h.set_extension(EXT_TIDEMARK_INTENT, None);
+                h.autoclear &= !AUTOCLEAR_INTENT;
+            }
+        };
+        let mode = store::StoreMode {
+            in_use,
+            header: &mut header,
+        };
+        store::store(&self.f, &mut meta, &mut stored, bitmaps, mode).map_err(|e| BlockError {
             context: format!(
                 "'{}': could not store bitmaps: {}",
                 self.f.path.display(),
                 e.context
             ),
             ..e
-        })
+        })?;
+        if in_use {
+            disk.old.iter_mut().for_each(|b| *b = 0);
+            disk.untrusted = untrusted;
+            disk.installed = true;
+        } else {
+            self.intent.reset(&mut disk);
+        }
+        Ok(())
     }
 }
 

@@ -109,14 +109,25 @@ pub fn check_can_store(
     Ok(())
 }
 
-/// Writes `bitmaps` as the image's whole bitmap directory, with `in_use`
-/// clear. An inconsistent bitmap keeps its old entry and clusters exactly
-/// as found (still in use), as qemu does.
+/// How a store leaves the bitmaps: `Clean` (a close: `in_use` clear), or
+/// `InUse` (a store point of an image that stays open for writing: the
+/// flag stays, so a crash still reads as one to qemu). `header` makes the
+/// last changes to the header that switches the directory (the intent
+/// log's map goes with it).
+pub struct StoreMode<'a> {
+    pub in_use: bool,
+    pub header: &'a mut dyn FnMut(&mut Header),
+}
+
+/// Writes `bitmaps` as the image's whole bitmap directory. An
+/// inconsistent bitmap keeps its old entry and clusters exactly as found
+/// (still in use), as qemu does.
 pub fn store(
     f: &HostFile,
     meta: &mut Meta,
     stored: &mut Stored,
     bitmaps: &[&DirtyBitmap],
+    mode: StoreMode<'_>,
 ) -> BlockResult<()> {
     if bitmaps.is_empty() && stored.ext.is_none() {
         return Ok(());
@@ -145,13 +156,16 @@ pub fn store(
                 }
                 continue;
             }
-            let sb = write_bitmap(
+            let mut sb = write_bitmap(
                 f,
                 meta,
                 b,
                 old.map(|i| &stored.bitmaps[i].entry),
                 &mut fresh,
             )?;
+            if mode.in_use {
+                sb.entry.flags |= FLAG_IN_USE;
+            }
             new.push(sb);
         }
         let raw = serialize_directory(new.iter().map(|b| &b.entry));
@@ -181,6 +195,7 @@ pub fn store(
         header.refcount_table_offset = meta.refs.table_offset;
         header.refcount_table_clusters = meta.refs.table_clusters;
         set_extension(&mut header, ext);
+        (mode.header)(&mut header);
         let bytes = header.serialize()?;
         Ok((ext, header, bytes))
     })();
