@@ -31,6 +31,7 @@ use crate::job::Job;
 use crate::nbd::export::{Export, ExportTable};
 use crate::nbd::server::{Address, NbdServer};
 use crate::qmp::error::{QmpError, QmpResult};
+use crate::store_point::BitmapPolicy;
 
 /// What a command is about to do with a node, for [`Daemon::check_op`]
 /// (qemu's BlockOpType).
@@ -172,6 +173,8 @@ pub struct Daemon {
     sessions: crate::qmp::commands::session::Sessions,
     /// Itself, for what must outlive a command (a job's thread).
     me: Weak<Daemon>,
+    /// How persistent bitmaps are kept (crate::store_point).
+    bitmap_policy: Mutex<BitmapPolicy>,
 }
 
 fn not_found(name: &str) -> QmpError {
@@ -184,7 +187,7 @@ impl Daemon {
     pub fn new() -> Arc<Daemon> {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let (quit, _) = watch::channel(false);
-        Arc::new_cyclic(|me| Daemon {
+        let d = Arc::new_cyclic(|me| Daemon {
             me: me.clone(),
             gate: Arc::new(Gate::default()),
             sessions: Default::default(),
@@ -195,7 +198,20 @@ impl Daemon {
             jobs: Mutex::new(Vec::new()),
             events,
             quit,
-        })
+            bitmap_policy: Mutex::new(BitmapPolicy::default()),
+        });
+        crate::store_point::start_timer(Arc::downgrade(&d));
+        d
+    }
+
+    /// Sets how persistent bitmaps are kept; before images are opened.
+    pub fn set_bitmap_policy(&self, p: BitmapPolicy) {
+        crate::block::qcow2::intent::set_enabled(p.intent_log);
+        *self.bitmap_policy.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    pub fn bitmap_policy(&self) -> BitmapPolicy {
+        *self.bitmap_policy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The daemon as a shared handle.

@@ -74,9 +74,18 @@ pub struct BitmapInfo {
     pub flags: Vec<String>,
     pub name: String,
     pub granularity: u64,
+    /// tidemark's: the bitmap was left in use by a crash and the intent
+    /// log covers it; recovery (the next read-write open, or `tidemark
+    /// bitmap --recover`) adds this many bytes to what was stored.
+    #[serde(
+        rename = "x-tidemark-recoverable-bytes",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub recoverable_bytes: Option<u64>,
 }
 
 fn bitmap_infos(node: &Qcow2Node) -> Option<Vec<BitmapInfo>> {
+    let recoverable = node.recoverable();
     let list: Vec<BitmapInfo> = node
         .stored_bitmaps()
         .into_iter()
@@ -91,6 +100,10 @@ fn bitmap_infos(node: &Qcow2Node) -> Option<Vec<BitmapInfo>> {
             BitmapInfo {
                 flags,
                 granularity: e.granularity(),
+                recoverable_bytes: recoverable
+                    .iter()
+                    .find(|(n, _)| *n == e.name)
+                    .map(|(_, b)| *b),
                 name: e.name,
             }
         })

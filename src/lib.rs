@@ -13,3 +13,4 @@ pub mod info;
 pub mod job;
 pub mod nbd;
 pub mod qmp;
+pub mod store_point;

@@ -14,6 +14,7 @@ use tidemark::nbd::server::Address;
 use tidemark::qmp::cmdline::{self, Opt};
 use tidemark::qmp::commands::{self, block::serve_options};
 use tidemark::qmp::server::{serve_until_quit, QmpListener};
+use tidemark::store_point::BitmapPolicy;
 
 /// Serve disk images over NBD and track their changes for incremental backup.
 #[derive(Parser)]
@@ -42,7 +43,9 @@ enum Cmd {
     Create(CreateArgs),
     /// Run as qemu-storage-daemon: --blockdev, --nbd-server, --export,
     /// --chardev socket,id=X,path=P,server=on,wait=off --monitor chardev=X,
-    /// --pidfile (keyval or JSON values, as qsd).
+    /// --pidfile (keyval or JSON values, as qsd); tidemark's
+    /// --bitmap-intent-log on|off and --bitmap-store-interval SECS, as for
+    /// `serve`.
     Daemon(DaemonArgs),
     /// Send one QMP command to a running tidemark (or qemu) and print the
     /// reply: SOCKET COMMAND [ARGUMENTS-JSON].
@@ -136,6 +139,13 @@ struct ServeArgs {
     /// is node `drive0`.
     #[arg(long = "qmp", value_name = "PATH")]
     qmp: Vec<PathBuf>,
+    /// Persistent bitmaps survive a crash through an intent log in the
+    /// image (on), or follow qemu exactly: inconsistent after a crash (off).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = BitmapPolicy::parse_switch)]
+    bitmap_intent_log: bool,
+    /// Seconds between store points of the persistent bitmaps (0: none).
+    #[arg(long, value_name = "SECS", default_value_t = tidemark::store_point::DEFAULT_STORE_INTERVAL)]
+    bitmap_store_interval: u64,
 }
 
 const DEMO_IMAGE: &str = "tidemark-demo.qcow2";
@@ -343,6 +353,10 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         // The same state `daemon` builds: a file node, a format node
         // `drive0` over it, the NBD server and one export.
         let d = Daemon::new();
+        d.set_bitmap_policy(BitmapPolicy {
+            intent_log: args.bitmap_intent_log,
+            store_interval: args.bitmap_store_interval,
+        });
         let add = serve_options(&image, format.name(), args.read_only);
         commands::execute(&d, "blockdev-add", add)
             .await

@@ -697,7 +697,11 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
     drop(q);
     inst.kill();
     let img = inst.path("vda.qcow2");
-    let inst2 = Instance::start(Impl::Tidemark, &[], |d| {
+    let nbd = [
+        "--nbd-server".to_owned(),
+        "addr.type=unix,addr.path=$DIR/nbd.sock".to_owned(),
+    ];
+    let inst2 = Instance::start(Impl::Tidemark, &nbd, |d| {
         std::fs::rename(&img, d.join("vda.qcow2")).expect("move image");
     });
     let mut q = inst2.client();
@@ -717,14 +721,30 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
     assert_eq!(names, vec!["c1"], "{listed}");
     assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
     // c1 came back usable and covers both writes since it.
-    assert_eq!(listed["checkpoints"][0]["valid"], true, "{listed}");
-    assert!(
-        listed["checkpoints"][0]["dirty-bytes"]
-            .as_u64()
-            .unwrap_or(0)
-            >= 2 * 65536,
-        "{listed}"
+    let full = ok(
+        &mut q,
+        "x-tidemark-query-checkpoints",
+        json!({"node": "vda"}),
     );
+    assert_eq!(full["checkpoints"][0]["valid"], true, "{full}");
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "after", "incremental": "c1", "disks": [{"node": "vda"}]}),
+    );
+    let uri = r["disks"][0]["uri"].as_str().expect("uri").to_owned();
+    let map = nbd_map(&uri, "qemu:dirty-bitmap:backup-vda");
+    for at in [1u64 << 20, 5 << 20] {
+        let covered = map.lines().any(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            l.contains("dirty") && f.len() == 2 && f[0] <= at && at + 65536 <= f[0] + f[1]
+        });
+        assert!(covered, "write at {at} not covered: {map}");
+    }
     ok(&mut q, "quit", json!({}));
 }
 

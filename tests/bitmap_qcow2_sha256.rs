@@ -65,7 +65,8 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
     reader.read_line(&mut greeting).expect("qmp greeting");
     assert!(greeting.contains("QMP"), "qsd greeting: {greeting:?}");
     let mut call = |cmd: Value| -> Value {
-        writeln!(writer, "{cmd}").unwrap_or_else(|e| panic!("send: {e}: {}", qsd_log()));
+        writeln!(writer, "{cmd}")
+            .unwrap_or_else(|e| panic!("send {cmd}: {e}: {} img={}", qsd_log(), img.display()));
         loop {
             let mut line = String::new();
             reader.read_line(&mut line).expect("qmp reply");
@@ -88,6 +89,7 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
                 .to_string()
         })
         .collect();
+    eprintln!("hashes {out:?}");
     call(json!({"execute": "quit"}));
     // The daemon exits after quit; wait for its pid to go (bounded).
     if let Ok(pid) = std::fs::read_to_string(&pidfile) {

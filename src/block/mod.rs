@@ -270,10 +270,10 @@ pub trait BlockNode: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Before a write that persistent recording bitmaps record: makes the
-    /// range's zones durable in the image's intent log (qcow2; see
-    /// qcow2/intent.rs). Nothing for formats without one.
-    fn intent_mark(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+    /// Before persistent recording bitmaps gain byte `ranges` (a write, a
+    /// merge): makes their zones durable in the image's intent log (qcow2;
+    /// see qcow2/intent.rs). Nothing for formats without one.
+    fn intent_mark(&self, _ranges: &[(u64, u64)]) -> BlockResult<()> {
         Ok(())
     }
 

@@ -167,9 +167,15 @@ impl Node {
     /// log (in that order: see qcow2/intent.rs on epochs).
     fn mark(&self, offset: u64, len: u64) -> BlockResult<()> {
         if self.bitmaps.mark(offset, len) {
-            self.driver.intent_mark(offset, len)?;
+            self.driver.intent_mark(&[(offset, len)])?;
         }
         Ok(())
+    }
+
+    /// Puts the zones of byte `ranges` into the intent log, as writes
+    /// there would (bits a merge gave a recording persistent bitmap).
+    pub fn cover(&self, ranges: &[(u64, u64)]) -> BlockResult<()> {
+        self.driver.intent_mark(ranges)
     }
 
     /// Before a write: after a clean store, marks the stored bitmaps in use

@@ -8,7 +8,10 @@
 //!
 //! `--sha256` is a tidemark extension for tests: it prints the bitmap's
 //! SHA-256 as qemu's `x-debug-block-dirty-bitmap-sha256` computes it,
-//! opening the image read-only.
+//! opening the image read-only. `--recover IMAGE` (tidemark's) recovers
+//! the bitmaps a crash left in use from the intent log, for an image qemu
+//! will open next (any read-write open here recovers; this one does only
+//! that, and says what it did).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,12 +56,15 @@ pub struct BitmapArgs {
     pub source_format: Option<Format>,
     /// Print the bitmap's SHA-256 instead of changing anything.
     pub sha256: bool,
+    /// Only recover from the intent log (no bitmap name).
+    pub recover: bool,
     pub image: PathBuf,
     pub name: String,
 }
 
 pub const USAGE: &str = "usage: tidemark bitmap (--add | --remove | --clear | --enable | \
---disable | --merge SRC [-b SRCFILE [-F FMT]] | --sha256)... [-g GRANULARITY] [-f FMT] IMAGE NAME";
+--disable | --merge SRC [-b SRCFILE [-F FMT]] | --sha256)... [-g GRANULARITY] [-f FMT] IMAGE NAME
+       tidemark bitmap --recover [-f FMT] IMAGE";
 
 fn parse_format(s: &str) -> Result<Format, String> {
     match s {
@@ -111,6 +117,7 @@ pub fn parse_args(args: &[String]) -> Result<BitmapArgs, String> {
             "--disable" => a.ops.push(Op::Disable),
             "--merge" => a.ops.push(Op::Merge(value("--merge")?)),
             "--sha256" => a.sha256 = true,
+            "--recover" => a.recover = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             "-g" | "--granularity" => a.granularity = Some(parse_size(&value(arg)?)?),
             "-f" => a.format = Some(parse_format(&value("-f")?)?),
@@ -121,6 +128,16 @@ pub fn parse_args(args: &[String]) -> Result<BitmapArgs, String> {
             }
             _ => positional.push(arg.clone()),
         }
+    }
+    if a.recover {
+        let [image]: [String; 1] = positional
+            .try_into()
+            .map_err(|_| format!("--recover takes the image file name alone\n{USAGE}"))?;
+        if a.sha256 || !a.ops.is_empty() {
+            return Err("--recover cannot be combined with other operations".into());
+        }
+        a.image = PathBuf::from(image);
+        return Ok(a);
     }
     let [image, name]: [String; 2] = positional
         .try_into()
@@ -154,6 +171,20 @@ pub fn run(a: &BitmapArgs) -> Result<String, String> {
         return sha256(a);
     }
     let node = open_node(&a.image, a.format, false)?;
+    if a.recover {
+        let report = node.driver().recovered_bitmaps();
+        node.store_bitmaps()
+            .map_err(|e| format!("Could not close '{}': {e}", a.image.display()))?;
+        if report.is_empty() {
+            return Ok("nothing to recover\n".into());
+        }
+        return Ok(report
+            .iter()
+            .map(|(n, added)| {
+                format!("recovered bitmap '{n}': {added} bytes added from the intent log\n")
+            })
+            .collect());
+    }
     let mut result = Ok(());
     for op in &a.ops {
         result = apply(&node, op, a).map_err(|reason| {

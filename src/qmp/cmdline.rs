@@ -29,12 +29,16 @@ pub enum Opt {
     Pidfile(PathBuf),
     /// Fork; the parent exits once the daemon is ready.
     Daemonize,
+    /// tidemark's: `--bitmap-intent-log on|off`, `--bitmap-store-interval
+    /// SECS` (see qcow2/intent.rs).
+    Bitmaps(crate::store_point::BitmapPolicy),
 }
 
 /// Parses the arguments after `tidemark daemon`.
 pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
     let mut opts = Vec::new();
     let mut chardevs: HashMap<String, PathBuf> = HashMap::new();
+    let mut policy: Option<crate::store_point::BitmapPolicy> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -87,9 +91,21 @@ pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
                 opts.push(Opt::Monitor(path.clone()));
             }
             "pidfile" => opts.push(Opt::Pidfile(PathBuf::from(value()?))),
+            "bitmap-intent-log" => {
+                let on = crate::store_point::BitmapPolicy::parse_switch(&value()?)?;
+                policy.get_or_insert_with(Default::default).intent_log = on;
+            }
+            "bitmap-store-interval" => {
+                let secs = crate::store_point::BitmapPolicy::parse_interval(&value()?)?;
+                policy.get_or_insert_with(Default::default).store_interval = secs;
+            }
             "daemonize" => opts.push(Opt::Daemonize),
             _ => return Err(format!("unrecognized option '{arg}'")),
         }
+    }
+    // First, whatever the order given: it decides how images open.
+    if let Some(p) = policy {
+        opts.insert(0, Opt::Bitmaps(p));
     }
     Ok(opts)
 }
@@ -218,6 +234,7 @@ pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
             Opt::Export(v) => {
                 commands::execute(d, "block-export-add", as_map(v)).await?;
             }
+            Opt::Bitmaps(p) => d.set_bitmap_policy(*p),
             Opt::Monitor(_) | Opt::Pidfile(_) | Opt::Daemonize => {}
         }
     }

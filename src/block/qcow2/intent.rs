@@ -246,6 +246,19 @@ impl IntentLog {
         (offset >> self.shift)..=last.min(self.zones - 1)
     }
 
+    /// The zones of byte ranges `(offset, len)`.
+    fn zone_list(&self, ranges: &[(u64, u64)]) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for &(off, len) in ranges {
+            for z in self.zones_of(off, len) {
+                if out.last() != Some(&z) {
+                    out.push(z);
+                }
+            }
+        }
+        out
+    }
+
     /// Whether `[offset, offset + len)` lies in zones already durable in
     /// this epoch (a write there costs nothing extra).
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
@@ -253,23 +266,28 @@ impl IntentLog {
         self.zones_of(offset, len).all(|z| has_bit(&st.durable, z))
     }
 
-    /// Makes the zones of `[offset, offset + len)` durable in the current
-    /// epoch before returning. `persist(batch)` adds a batch of zones to
-    /// the on-disk map and flushes; concurrent callers share one
-    /// `persist` (one flush) for all the zones they wait for.
+    /// Makes the zones of `ranges` durable in the current epoch before
+    /// returning. `persist(batch)` adds a batch of zones to the on-disk
+    /// map and flushes; concurrent callers share one `persist` (one
+    /// flush) for all the zones they wait for.
     pub fn ensure(
         &self,
-        offset: u64,
-        len: u64,
+        ranges: &[(u64, u64)],
         persist: impl Fn(&[u8]) -> BlockResult<()>,
     ) -> BlockResult<()> {
-        let zones = self.zones_of(offset, len);
         let mut st = self.state();
-        loop {
-            if zones.clone().all(|z| has_bit(&st.durable, z)) {
+        if ranges.len() == 1 {
+            let (off, len) = ranges[0];
+            if self.zones_of(off, len).all(|z| has_bit(&st.durable, z)) {
                 return Ok(());
             }
-            for z in zones.clone() {
+        }
+        let zones = self.zone_list(ranges);
+        loop {
+            if zones.iter().all(|&z| has_bit(&st.durable, z)) {
+                return Ok(());
+            }
+            for &z in &zones {
                 if !has_bit(&st.durable, z) {
                     set_bit(&mut st.wanted, z);
                 }
@@ -363,8 +381,8 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
         };
-        log.ensure(0, 4096, persist).expect("mark");
-        log.ensure(100, 4096, persist).expect("again");
+        log.ensure(&[(0, 4096)], persist).expect("mark");
+        log.ensure(&[(100, 4096)], persist).expect("again");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(log.is_durable(0, 1 << 26));
         assert!(!log.is_durable(1 << 26, 1));
@@ -377,13 +395,13 @@ mod tests {
 
 /// The log's I/O on a qcow2 image.
 impl super::Qcow2Node {
-    /// Before a write the persistent recording bitmaps record.
-    pub(super) fn log_write(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if !enabled() || self.is_read_only() {
+    /// Before the persistent recording bitmaps gain `ranges` (a write, a
+    /// merge).
+    pub(super) fn log_write(&self, ranges: &[(u64, u64)]) -> BlockResult<()> {
+        if !enabled() || self.is_read_only() || ranges.is_empty() {
             return Ok(());
         }
-        self.intent
-            .ensure(offset, len, |batch| self.log_persist(batch))
+        self.intent.ensure(ranges, |batch| self.log_persist(batch))
     }
 
     /// Adds `batch` to the on-disk map and flushes. The first time, the

@@ -608,8 +608,8 @@ impl BlockNode for Qcow2Node {
         self.mark_stored_in_use()
     }
 
-    fn intent_mark(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.log_write(offset, len)
+    fn intent_mark(&self, ranges: &[(u64, u64)]) -> BlockResult<()> {
+        self.log_write(ranges)
     }
 
     fn intent_ready(&self, offset: u64, len: u64) -> bool {

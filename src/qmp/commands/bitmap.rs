@@ -75,6 +75,7 @@ pub fn action(kind: &str, data: Value) -> QmpResult<Box<dyn Action>> {
         "block-dirty-bitmap-remove" => Box::new(Remove {
             args: parse(data)?,
             found: None,
+            removed_from: None,
         }),
         "block-dirty-bitmap-clear" => Box::new(Clear {
             args: parse(data)?,
@@ -85,16 +86,19 @@ pub fn action(kind: &str, data: Value) -> QmpResult<Box<dyn Action>> {
             args: parse(data)?,
             enable: true,
             before: None,
+            node: None,
         }),
         "block-dirty-bitmap-disable" => Box::new(Toggle {
             args: parse(data)?,
             enable: false,
             before: None,
+            node: None,
         }),
         "block-dirty-bitmap-merge" => Box::new(Merge {
             args: parse(data)?,
             backup: None,
             undo: true,
+            merged_into: None,
         }),
         other => {
             return Err(QmpError::generic(format!(
@@ -117,6 +121,17 @@ pub fn sha256(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     Ok(json!({ "sha256": hash }))
 }
 
+/// x-tidemark-bitmap-store: a store point now (tidemark's): the node's
+/// persistent bitmaps are written to its image, still in use, and its
+/// intent log keeps only the zones written since.
+pub fn store_point(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    let name = args.get("node").and_then(Value::as_str).unwrap_or("");
+    let node = d.node(name)?;
+    node.store_point()
+        .map_err(|e| QmpError::generic(format!("Could not store the bitmaps of '{name}': {e}")))?;
+    Ok(json!({}))
+}
+
 struct Add {
     args: AddArgs,
     added: Option<Arc<Node>>,
@@ -125,10 +140,6 @@ struct Add {
 impl Action for Add {
     fn kind(&self) -> &'static str {
         "block-dirty-bitmap-add"
-    }
-
-    fn bitmaps_of(&self) -> Option<&str> {
-        Some(&self.args.node)
     }
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
@@ -159,6 +170,24 @@ impl Action for Add {
             node.bitmaps().remove(&self.args.name);
         }
     }
+
+    /// A new persistent bitmap is in the image at once.
+    fn after_commit(&mut self, _d: &Daemon) {
+        if let (Some(node), Some(true)) = (&self.added, self.args.persistent) {
+            durable(node, |n| n.store_point());
+        }
+    }
+}
+
+/// With the intent log on, `make` makes a bitmap change of `node` durable
+/// (the log covers writes; adds, removals, enables and merges need this).
+fn durable(node: &Node, make: impl FnOnce(&Node) -> crate::block::BlockResult<()>) {
+    if !crate::block::qcow2::intent::enabled() {
+        return;
+    }
+    if let Err(e) = make(node) {
+        tracing::error!(node = node.name(), error = %e, "a bitmap change could not be made durable");
+    }
 }
 
 struct Remove {
@@ -166,15 +195,12 @@ struct Remove {
     /// Busy until commit, so a later action of the same transaction
     /// cannot use a bitmap that is about to go.
     found: Option<(Arc<Node>, BusyClaim)>,
+    removed_from: Option<Arc<Node>>,
 }
 
 impl Action for Remove {
     fn kind(&self) -> &'static str {
         "block-dirty-bitmap-remove"
-    }
-
-    fn bitmaps_of(&self) -> Option<&str> {
-        Some(&self.args.node)
     }
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
@@ -193,6 +219,14 @@ impl Action for Remove {
         if let Some((node, claim)) = self.found.take() {
             drop(claim);
             node.bitmaps().remove(&self.args.name);
+            self.removed_from = Some(node);
+        }
+    }
+
+    /// Gone from the image too, or a crash would bring it back.
+    fn after_commit(&mut self, _d: &Daemon) {
+        if let Some(node) = self.removed_from.take() {
+            durable(&node, |n| n.store_point());
         }
     }
 
@@ -229,10 +263,6 @@ impl Action for Clear {
         "block-dirty-bitmap-clear"
     }
 
-    fn bitmaps_of(&self) -> Option<&str> {
-        Some(&self.args.node)
-    }
-
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let (_, b) = lookup(d, &self.args.node, &self.args.name)?;
         let backup = {
@@ -262,6 +292,7 @@ struct Toggle {
     args: BitmapRef,
     enable: bool,
     before: Option<(SharedBitmap, bool)>,
+    node: Option<Arc<Node>>,
 }
 
 impl Action for Toggle {
@@ -273,12 +304,8 @@ impl Action for Toggle {
         }
     }
 
-    fn bitmaps_of(&self) -> Option<&str> {
-        Some(&self.args.node)
-    }
-
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
-        let (_, b) = lookup(d, &self.args.node, &self.args.name)?;
+        let (node, b) = lookup(d, &self.args.node, &self.args.name)?;
         let before = {
             let mut g = lock(&b);
             g.check(Checks::ALLOW_RO)?;
@@ -287,12 +314,25 @@ impl Action for Toggle {
             before
         };
         self.before = Some((b, before));
+        self.node = Some(node);
         Ok(())
     }
 
     fn abort(&mut self, _d: &Daemon) {
         if let Some((b, before)) = self.before.take() {
             lock(&b).state.recording = before;
+        }
+    }
+
+    /// A bitmap stored as disabled gets no zones at recovery: once it
+    /// records again, the image must say so.
+    fn after_commit(&mut self, _d: &Daemon) {
+        let persistent = self
+            .before
+            .as_ref()
+            .is_some_and(|(b, was)| !was && lock(b).state.persistent);
+        if let (true, true, Some(node)) = (self.enable, persistent, &self.node) {
+            durable(node, |n| n.store_point());
         }
     }
 }
@@ -313,15 +353,13 @@ struct Merge {
     backup: Option<(SharedBitmap, DirtyBitmap)>,
     /// As in [`Clear`]: no copy when no abort can follow.
     undo: bool,
+    /// The node and target, for [`Action::after_commit`].
+    merged_into: Option<(Arc<Node>, SharedBitmap)>,
 }
 
 impl Action for Merge {
     fn kind(&self) -> &'static str {
         "block-dirty-bitmap-merge"
-    }
-
-    fn bitmaps_of(&self) -> Option<&str> {
-        Some(&self.args.node)
     }
 
     fn set_undo_needed(&mut self, needed: bool) {
@@ -375,8 +413,31 @@ impl Action for Merge {
                 backup
             }
         };
+        self.merged_into = Some((node, target.clone()));
         self.backup = merged.map(|b| (target, b));
         Ok(())
+    }
+
+    /// Merged bits are not writes: a recording persistent target's dirty
+    /// zones go into the intent log; a disabled one gets no zones at
+    /// recovery, so it is stored.
+    fn after_commit(&mut self, _d: &Daemon) {
+        let Some((node, target)) = self.merged_into.take() else {
+            return;
+        };
+        let (persistent, recording, ranges) = {
+            let g = lock(&target);
+            let ranges: Vec<(u64, u64)> = match g.state.recording {
+                true => g.dirty_extents(0, g.size()).collect(),
+                false => Vec::new(),
+            };
+            (g.state.persistent, g.state.recording, ranges)
+        };
+        match (persistent, recording) {
+            (false, _) => {}
+            (true, true) => durable(&node, |n| n.cover(&ranges)),
+            (true, false) => durable(&node, |n| n.store_point()),
+        }
     }
 
     fn abort(&mut self, _d: &Daemon) {

@@ -701,6 +701,7 @@ fn node_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
     {
         info["backing_file"] = json!(display_name(b, all));
     }
+    let recovered = g.node.driver().recovered_bitmaps();
     let bitmaps: Vec<Value> = g
         .node
         .bitmaps()
@@ -716,6 +717,11 @@ fn node_info(g: &GraphNode, all: &[&GraphNode], flat: bool) -> Value {
             });
             if b.state.inconsistent {
                 v["inconsistent"] = json!(true);
+            }
+            // tidemark's: recovered from the intent log at open, and by
+            // how many bytes recovery added to what was stored.
+            if let Some((_, added)) = recovered.iter().find(|(n, _)| n == b.name()) {
+                v["x-tidemark-recovered-bytes"] = json!(added);
             }
             if b.name().is_empty() {
                 // A backup's successor: qemu lists it without a name.

@@ -56,6 +56,7 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "x-tidemark-backup-end" => session::end,
         "x-tidemark-query-backups" => session::query,
         "x-tidemark-query-checkpoints" => session::query_checkpoints,
+        "x-tidemark-bitmap-store" => bitmap::store_point,
         "x-tidemark-checkpoint-remove" => session::remove_checkpoint,
         "block-commit" => job::block_commit,
         "blockdev-mirror" => job::blockdev_mirror,

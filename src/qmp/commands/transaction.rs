@@ -29,10 +29,9 @@ pub trait Action: Send {
     fn commit(&mut self, _d: &Daemon) {}
     fn abort(&mut self, _d: &Daemon) {}
     fn clean(&mut self, _d: &Daemon) {}
-    /// The node whose bitmaps the action changes (other than by writes).
-    fn bitmaps_of(&self) -> Option<&str> {
-        None
-    }
+    /// After every action committed: make what changed durable where a
+    /// crash would otherwise lose it (a bitmap change and the intent log).
+    fn after_commit(&mut self, _d: &Daemon) {}
     /// Joins the jobs of a `grouped` transaction; false for actions that
     /// start no job (qemu then refuses the property).
     fn join_group(&mut self, _txn: &Arc<JobTxn>) -> bool {
@@ -60,7 +59,7 @@ pub fn run(d: &Daemon, mut actions: Vec<Box<dyn Action>>) -> QmpResult<()> {
     match failure {
         None => {
             actions.iter_mut().for_each(|a| a.commit(d));
-            store_points(d, &actions);
+            actions.iter_mut().for_each(|a| a.after_commit(d));
         }
         Some(_) => actions[..prepared]
             .iter_mut()
@@ -69,27 +68,6 @@ pub fn run(d: &Daemon, mut actions: Vec<Box<dyn Action>>) -> QmpResult<()> {
     }
     actions.iter_mut().for_each(|a| a.clean(d));
     failure.map_or(Ok(()), Err)
-}
-
-/// With the intent log, a store point on each node whose bitmaps the
-/// transaction changed: the log covers writes, not merges, enables or new
-/// bitmaps, so those must reach the image before a crash could lose them.
-fn store_points(d: &Daemon, actions: &[Box<dyn Action>]) {
-    if !crate::block::qcow2::intent::enabled() {
-        return;
-    }
-    let mut done: Vec<&str> = Vec::new();
-    for name in actions.iter().filter_map(|a| a.bitmaps_of()) {
-        if done.contains(&name) {
-            continue;
-        }
-        done.push(name);
-        if let Some(node) = d.find_node(name) {
-            if let Err(e) = node.store_point() {
-                tracing::error!(node = name, error = %e, "store point after a bitmap change failed");
-            }
-        }
-    }
 }
 
 /// The `abort` action: always fails to prepare, so tests and clients can
