@@ -33,11 +33,19 @@ pub struct FileNode {
     /// (ext4 takes it for buffered reads only); don't ask again.
     nowait_read_unsupported: AtomicBool,
     nowait_write_unsupported: AtomicBool,
+    /// Tests only: every write and flush, recorded (see io_trace.rs).
+    trace: Option<super::io_trace::Trace>,
 }
 
 const SECTOR: u64 = 512;
 
 impl FileNode {
+    fn traced(&self, op: u8, offset: u64, len: u64, data: &[u8]) {
+        if let Some(t) = &self.trace {
+            t.record(op, offset, len, data);
+        }
+    }
+
     pub fn open(path: &Path, read_only: bool) -> BlockResult<Self> {
         Self::open_with(path, read_only, false)
     }
@@ -75,6 +83,10 @@ impl FileNode {
             size: AtomicU64::new(size),
             nowait_read_unsupported: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
+            trace: match read_only {
+                true => None,
+                false => super::io_trace::Trace::open_for(path),
+            },
         })
     }
 
@@ -234,6 +246,7 @@ impl BlockNode for FileNode {
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.err("Could not write", offset, e))?;
+        self.traced(super::io_trace::OP_WRITE, offset, buf.len() as u64, buf);
         self.grew_to(offset + buf.len() as u64);
         if fua {
             self.flush()?;
@@ -249,6 +262,7 @@ impl BlockNode for FileNode {
         if flags.may_unmap {
             let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
             if self.falloc(punch, offset, len).is_ok() {
+                self.traced(super::io_trace::OP_ZEROES, offset, len, &[]);
                 return Ok(());
             }
         }
@@ -262,6 +276,7 @@ impl BlockNode for FileNode {
             Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => self.write_zero_buffers(offset, len)?,
             Err(e) => return Err(self.err("Could not zero", offset, errno_io(e))),
         }
+        self.traced(super::io_trace::OP_ZEROES, offset, len, &[]);
         self.grew_to(offset + len);
         Ok(())
     }
@@ -273,8 +288,12 @@ impl BlockNode for FileNode {
         }
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match self.falloc(punch, offset, len) {
+            Ok(()) => {
+                self.traced(super::io_trace::OP_DISCARD, offset, len, &[]);
+                Ok(())
+            }
             // Discard is advisory: a filesystem that cannot punch keeps the data.
-            Ok(()) | Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => Ok(()),
+            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => Ok(()),
             Err(e) => Err(self.err("Could not discard", offset, errno_io(e))),
         }
     }
@@ -285,7 +304,9 @@ impl BlockNode for FileNode {
         }
         self.file
             .sync_data()
-            .map_err(|e| self.err("Could not flush", 0, e))
+            .map_err(|e| self.err("Could not flush", 0, e))?;
+        self.traced(super::io_trace::OP_FLUSH, 0, 0, &[]);
+        Ok(())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
@@ -344,7 +365,8 @@ impl BlockNode for FileNode {
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
         let unsupported = &self.nowait_write_unsupported;
-        if self.is_read_only() || unsupported.load(Ordering::Relaxed) {
+        // Traced writes take the slow path, which records them.
+        if self.is_read_only() || unsupported.load(Ordering::Relaxed) || self.trace.is_some() {
             return false;
         }
         let r = pwritev2(

@@ -14,6 +14,7 @@ pub mod copy;
 pub mod error;
 pub mod file;
 pub mod filter;
+pub mod io_trace;
 pub mod link;
 pub mod lock;
 pub mod node;
