@@ -308,8 +308,14 @@ impl IntentLog {
             // batch may have gone into the old one, so it is not counted
             // as durable now (the zones are marked again).
             if r.is_ok() && st.epoch == epoch {
-                for (d, b) in st.durable.iter_mut().zip(&batch) {
+                let State {
+                    durable, wanted, ..
+                } = &mut *st;
+                for ((d, w), b) in durable.iter_mut().zip(wanted.iter_mut()).zip(&batch) {
                     *d |= b;
+                    // Asked for again meanwhile, and now durable: a stale
+                    // wish would mark the zone again in a later epoch.
+                    *w &= !*d;
                 }
             }
             self.done.notify_all();

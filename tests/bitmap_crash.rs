@@ -1,0 +1,411 @@
+//! Bitmaps that survive a crash (the intent log, src/block/qcow2/intent.rs):
+//!
+//! - kill -9 under load, seeded iterations: after a restart every recording
+//!   bitmap is usable, a superset of every request the writer sent, and
+//!   its extra bytes lie in zones first written since the last store point;
+//!   a disabled bitmap is exactly as before; `qemu-img check` is clean;
+//! - qemu in between: an image qemu wrote after the crash gets qemu's
+//!   semantics (inconsistent bitmaps), never the stale log; without a crash
+//!   qemu-img and qemu-nbd read tidemark's images as before;
+//! - the switch: `--bitmap-intent-log off` is qemu's behaviour exactly.
+
+mod common;
+mod qmp_common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use common::PyScript;
+use qmp_common::{Impl, Instance, Qmp};
+use serde_json::{json, Value};
+
+const SIZE: u64 = 4 << 30;
+/// The log's zone size for this disk (qcow2/intent.rs: 64 MiB).
+const ZONE: u64 = 64 << 20;
+const GRAN: u64 = 65536;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn qemu_img(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img")
+}
+
+fn ok_tool(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh image: recording bitmap `rec`, and `off`, disabled after
+/// recording one write at 1 GiB (its bits must come back exactly).
+fn make_image(dir: &Path) {
+    ok_tool(
+        qemu_img(
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "disk.qcow2",
+                &SIZE.to_string(),
+            ],
+            dir,
+        ),
+        "create",
+    );
+    ok_tool(
+        qemu_img(&["bitmap", "--add", "disk.qcow2", "off"], dir),
+        "add off",
+    );
+    let out = Command::new("qemu-io")
+        .args(["-c", "write 1G 64k", "disk.qcow2"])
+        .current_dir(dir)
+        .output()
+        .expect("qemu-io");
+    ok_tool(out, "qemu-io");
+    ok_tool(
+        qemu_img(&["bitmap", "--disable", "disk.qcow2", "off"], dir),
+        "disable",
+    );
+    ok_tool(
+        qemu_img(&["bitmap", "--add", "disk.qcow2", "rec"], dir),
+        "add rec",
+    );
+}
+
+fn daemon_args(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--blockdev",
+        "driver=qcow2,node-name=disk,file.driver=file,file.filename=$DIR/disk.qcow2",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=vm,node-name=disk,name=vm,writable=on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Starts tidemark on `dir`'s image (moved there by `setup`).
+fn start_on(image: &Path, extra: &[&str]) -> Instance {
+    let image = image.to_owned();
+    Instance::start(Impl::Tidemark, &daemon_args(extra), move |d| {
+        std::fs::rename(&image, d.join("disk.qcow2")).expect("move image");
+    })
+}
+
+fn exec(q: &mut Qmp, cmd: &str, args: Value) -> Value {
+    let r = q.exec(cmd, args.clone());
+    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
+    r["return"].clone()
+}
+
+/// The node's bitmaps as query-named-block-nodes lists them.
+fn bitmaps(q: &mut Qmp) -> Vec<Value> {
+    let nodes = exec(q, "query-named-block-nodes", json!({"flat": true}));
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["node-name"] == "disk")
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// Dirty extents of `bitmap`, read over NBD (a writable export: qemu
+/// exports a recording bitmap only from one; nothing writes to it).
+fn dirty(q: &mut Qmp, inst: &Instance, bitmap: &str) -> Vec<(u64, u64)> {
+    let id = format!("map-{bitmap}");
+    exec(
+        q,
+        "block-export-add",
+        json!({"type": "nbd", "id": id, "node-name": "disk", "name": id,
+               "writable": true, "bitmaps": [bitmap]}),
+    );
+    let map = qmp_common::nbd_map(&inst.nbd_uri(&id), &format!("qemu:dirty-bitmap:{bitmap}"));
+    exec(q, "block-export-del", json!({"id": id}));
+    map.lines()
+        .filter(|l| l.contains("dirty") && !l.contains("clean"))
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 2).then(|| (f[0], f[1]))
+        })
+        .collect()
+}
+
+/// One granule-per-bit set over the disk, from byte ranges.
+fn granules(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<bool> {
+    let mut g = vec![false; (SIZE / GRAN) as usize];
+    for (off, len) in ranges {
+        for i in off / GRAN..(off + len).div_ceil(GRAN) {
+            g[i as usize] = true;
+        }
+    }
+    g
+}
+
+/// One request of the writer's log.
+struct Request {
+    index: u64,
+    offset: u64,
+    len: u64,
+    acked: bool,
+}
+
+/// The writer's log.
+fn read_log(path: &Path) -> Vec<Request> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let acked: std::collections::HashSet<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ack ")?.parse().ok())
+        .collect();
+    text.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let index = w.first()?.parse().ok()?;
+            (w.len() == 4).then(|| Request {
+                index,
+                offset: w[2].parse().unwrap_or(0),
+                len: w[3].parse().unwrap_or(0),
+                acked: acked.contains(&index),
+            })
+        })
+        .collect()
+}
+
+fn expect_line(w: &PyScript, prefix: &str) -> String {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match w.lines.recv_timeout(left) {
+            Ok(l) if l.starts_with(prefix) => return l,
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                panic!("writer: no '{prefix}' line; stderr: {}", w.stderr())
+            }
+        }
+    }
+}
+
+fn send(w: &mut PyScript, line: &str) {
+    use std::io::Write;
+    let stdin = w.stdin.as_mut().expect("writer stdin");
+    writeln!(stdin, "{line}").expect("write to the writer");
+}
+
+/// A small seeded generator (xorshift), so an iteration can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("TIDEMARK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261130)
+}
+
+/// How an iteration places its store point.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    None,
+    /// Completed, then more writes.
+    Before,
+    /// Asked for just before the kill: it may be cut short.
+    During,
+}
+
+/// One iteration: a fresh image, a writer, a kill, a restart, the checks.
+fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
+    let mut rng = Rng(seed | 1);
+    let stop = 20 + rng.next() % 300;
+    let store = match rng.next() % 3 {
+        0 => Store::None,
+        1 => Store::Before,
+        _ => Store::During,
+    };
+    let store_at = 1 + rng.next() % stop;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    make_image(tmp.path());
+    let mut inst = start_on(
+        &tmp.path().join("disk.qcow2"),
+        &["--bitmap-store-interval", "0"],
+    );
+    let mut q = inst.client();
+    let log = inst.path("writer.log");
+    let stops = match store {
+        Store::None => format!("{stop}"),
+        _ => format!("{} {stop}", store_at.min(stop - 1).max(1)),
+    };
+    send(
+        writer,
+        &format!(
+            "run {} {} {seed} {SIZE} {stops}",
+            inst.nbd_uri("vm"),
+            log.display()
+        ),
+    );
+    // Requests sent before this index were acknowledged before the store
+    // point began (at most DEPTH = 8 are in flight): the store covers them.
+    let mut covered_below = 0;
+    if !matches!(store, Store::None) {
+        let at: u64 = expect_line(writer, "at ")[3..].parse().expect("index");
+        match store {
+            Store::Before => {
+                exec(&mut q, "x-tidemark-bitmap-store", json!({"node": "disk"}));
+                covered_below = at.saturating_sub(8);
+            }
+            _ => {
+                // Sent, not waited for: the kill may cut it short.
+                let req =
+                    json!({"execute": "x-tidemark-bitmap-store", "arguments": {"node": "disk"}});
+                q.send_raw(format!("{req}\n").as_bytes());
+            }
+        }
+    }
+    expect_line(writer, &format!("at {stop}"));
+    inst.kill();
+    expect_line(writer, "done");
+    drop(q);
+    let requests = read_log(&log);
+    assert!(
+        requests.iter().any(|r| r.acked),
+        "iteration {n}: no request was acknowledged"
+    );
+    let img = inst.path("disk.qcow2");
+    let check = qemu_img(&["check", img.to_str().unwrap_or("")], inst.dir.path());
+    // 0: clean; 3: leaked clusters only (a crash may leak).
+    assert!(
+        matches!(check.status.code(), Some(0) | Some(3)),
+        "iteration {n} (seed {seed}): qemu-img check after the crash: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    if let Ok(keep) = std::env::var("TIDEMARK_CRASH_KEEP") {
+        let _ = std::fs::copy(&img, format!("{keep}/crash-{n}.qcow2"));
+        let _ = std::fs::copy(&log, format!("{keep}/crash-{n}.log"));
+    }
+    let after = start_on(&img, &[]);
+    let mut q = after.client();
+    // Which unacknowledged writes reached the disk anyway (their stamp is
+    // there): they must be covered too. Requests neither acknowledged nor
+    // seen may never have reached the daemon.
+    send(
+        writer,
+        &format!("seen {} {}", after.nbd_uri("vm"), log.display()),
+    );
+    let seen: std::collections::HashSet<u64> = expect_line(writer, "seen")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    expect_line(writer, "end");
+    let must: Vec<&Request> = requests
+        .iter()
+        .filter(|r| r.acked || seen.contains(&r.index))
+        .collect();
+    let list = bitmaps(&mut q);
+    for b in &list {
+        assert!(
+            b.get("inconsistent").is_none(),
+            "iteration {n} (seed {seed}, {store:?}): {b} came back inconsistent"
+        );
+    }
+    let rec = list
+        .iter()
+        .find(|b| b["name"] == "rec")
+        .unwrap_or_else(|| panic!("no bitmap rec: {list:?}"));
+    assert_eq!(rec["recording"], true);
+    assert!(rec.get("x-tidemark-recovered-bytes").is_some(), "{rec}");
+    // Every request that reached the daemon is covered.
+    let got = granules(dirty(&mut q, &after, "rec"));
+    let want = granules(must.iter().map(|r| (r.offset, r.len)));
+    for (i, (&w, &g)) in want.iter().zip(&got).enumerate() {
+        assert!(
+            !w || g,
+            "iteration {n} (seed {seed}, {store:?}): granule at {} written but not dirty",
+            i as u64 * GRAN
+        );
+    }
+    // What is dirty beyond the requests lies in zones written since the
+    // last store point (all zones written, without one).
+    let recent = granules(
+        requests
+            .iter()
+            .filter(|r| r.index >= covered_below)
+            .map(|r| {
+                let start = r.offset / ZONE * ZONE;
+                let end = ((r.offset + r.len).div_ceil(ZONE) * ZONE).min(SIZE);
+                (start, end - start)
+            }),
+    );
+    let sent = granules(requests.iter().map(|r| (r.offset, r.len)));
+    for (i, ((&w, &g), &z)) in sent.iter().zip(&got).zip(&recent).enumerate() {
+        assert!(
+            !g || w || z,
+            "iteration {n} (seed {seed}, {store:?}): granule at {} dirty outside the zones written since the store point (covered below {covered_below}); requests in its zone: {:?}",
+            i as u64 * GRAN,
+            requests.iter().filter(|r| r.offset / ZONE == i as u64 * GRAN / ZONE || (r.offset + r.len - 1) / ZONE == i as u64 * GRAN / ZONE).map(|r| (r.index, r.offset, r.len, r.acked)).collect::<Vec<_>>()
+        );
+    }
+    // The disabled bitmap is exactly as stored.
+    assert_eq!(dirty(&mut q, &after, "off"), vec![(1 << 30, GRAN)]);
+    exec(&mut q, "quit", json!({}));
+    let mut after = after;
+    assert!(after.wait_exit(DEADLINE));
+    let img = after.path("disk.qcow2");
+    let check = qemu_img(&["check", img.to_str().unwrap_or("")], after.dir.path());
+    assert!(
+        matches!(check.status.code(), Some(0) | Some(3)),
+        "iteration {n}: qemu-img check after recovery: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn kill_9_under_load_leaves_every_recording_bitmap_a_superset() {
+    let iterations: u64 = std::env::var("TIDEMARK_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let base = seed();
+    eprintln!("seed {base} (TIDEMARK_SEED), {iterations} iterations");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let mut writer = PyScript::spawn(
+        "crash_writer.py",
+        Vec::<String>::new(),
+        logs.path().join("writer.err"),
+    );
+    expect_line(&writer, "ready");
+    for n in 0..iterations {
+        iteration(
+            &mut writer,
+            base.wrapping_add(n.wrapping_mul(0x9e37_79b9)),
+            n,
+        );
+    }
+    send(&mut writer, "quit");
+}
