@@ -409,3 +409,246 @@ fn kill_9_under_load_leaves_every_recording_bitmap_a_superset() {
     }
     send(&mut writer, "quit");
 }
+
+/// Writes through `inst`'s export with qemu-io, then kills it (a crash).
+fn write_then_crash(inst: &mut Instance, cmds: &[&str]) {
+    qmp_common::qemu_io(&inst.nbd_uri("vm"), cmds);
+    inst.kill();
+}
+
+fn info_json(img: &Path) -> Value {
+    let out = Command::new(qmp_common::TIDEMARK)
+        .args(["info", "--output=json"])
+        .arg(img)
+        .output()
+        .expect("tidemark info");
+    serde_json::from_str(&ok_tool(out, "tidemark info")).expect("info json")
+}
+
+fn stored_flags(img: &Path, name: &str) -> Vec<String> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(img)
+        .output()
+        .expect("qemu-img info");
+    let v: Value = serde_json::from_str(&ok_tool(out, "qemu-img info")).expect("json");
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["name"] == name)
+        .map(|b| {
+            b["flags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn qemu_writing_after_a_crash_gets_qemus_semantics() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    make_image(tmp.path());
+    let mut inst = start_on(&tmp.path().join("disk.qcow2"), &[]);
+    write_then_crash(&mut inst, &["write 3G 64k"]);
+    let img = inst.path("disk.qcow2");
+    // Crashed: in use on disk, and the log covers it.
+    assert_eq!(stored_flags(&img, "rec"), vec!["in-use", "auto"]);
+    let info = info_json(&img);
+    let rec = &info["format-specific"]["data"]["bitmaps"][1];
+    assert_eq!(rec["name"], "rec", "{info}");
+    assert_eq!(rec["x-tidemark-recoverable-bytes"], ZONE, "{info}");
+    // qemu writes the image: it clears the log's autoclear bit, so the
+    // log is stale from then on.
+    let out = Command::new("qemu-io")
+        .args(["-c", "write 2G 4k"])
+        .arg(&img)
+        .output()
+        .expect("qemu-io");
+    ok_tool(out, "qemu-io");
+    assert!(info_json(&img)["format-specific"]["data"]["bitmaps"][1]
+        .get("x-tidemark-recoverable-bytes")
+        .is_none());
+    let after = start_on(&img, &[]);
+    let mut q = after.client();
+    let list = bitmaps(&mut q);
+    let rec = list.iter().find(|b| b["name"] == "rec").expect("rec");
+    assert_eq!(rec["inconsistent"], true, "{rec}");
+    assert!(rec.get("x-tidemark-recovered-bytes").is_none(), "{rec}");
+    // As in qemu, an inconsistent bitmap can only be removed.
+    exec(
+        &mut q,
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk", "name": "rec"}),
+    );
+    exec(&mut q, "quit", json!({}));
+}
+
+#[test]
+fn without_a_crash_qemu_reads_the_image_as_before() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    make_image(tmp.path());
+    let inst = start_on(&tmp.path().join("disk.qcow2"), &[]);
+    let mut q = inst.client();
+    qmp_common::qemu_io(&inst.nbd_uri("vm"), &["write 5M 64k", "write 3G 4k"]);
+    let ours = qmp_common::nbd_map(
+        &{
+            exec(
+                &mut q,
+                "block-export-add",
+                json!({"type": "nbd", "id": "m", "node-name": "disk", "name": "m",
+                   "writable": true, "bitmaps": ["rec"]}),
+            );
+            inst.nbd_uri("m")
+        },
+        "qemu:dirty-bitmap:rec",
+    );
+    exec(&mut q, "quit", json!({}));
+    let mut inst = inst;
+    assert!(inst.wait_exit(DEADLINE));
+    let img = inst.path("disk.qcow2");
+    let dir = inst.dir.path();
+    // Closed cleanly: no log left, flags as qemu leaves them.
+    assert_eq!(stored_flags(&img, "rec"), vec!["auto"]);
+    let header = std::fs::read(&img).expect("read image");
+    let autoclear = u64::from_be_bytes(header[88..96].try_into().expect("8 bytes"));
+    assert_eq!(autoclear, 1, "only the bitmaps bit");
+    let check = qemu_img(&["check", "disk.qcow2"], dir);
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    // qemu-nbd -B exports the same bits tidemark stored.
+    let sock = dir.join("qemu-nbd.sock");
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", "rec", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .expect("qemu-nbd");
+    let deadline = Instant::now() + DEADLINE;
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+        std::thread::yield_now();
+    }
+    let theirs = qmp_common::nbd_map(
+        &format!("nbd+unix:///?socket={}", sock.display()),
+        "qemu:dirty-bitmap:rec",
+    );
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert_eq!(ours, theirs);
+    ok_tool(
+        qemu_img(&["bitmap", "--remove", "disk.qcow2", "rec"], dir),
+        "remove",
+    );
+    assert_eq!(
+        qemu_img(&["check", "disk.qcow2"], dir).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn with_the_log_off_a_crash_is_what_it_is_in_qemu() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    make_image(tmp.path());
+    let mut inst = start_on(
+        &tmp.path().join("disk.qcow2"),
+        &["--bitmap-intent-log", "off"],
+    );
+    write_then_crash(&mut inst, &["write 3G 64k"]);
+    let img = inst.path("disk.qcow2");
+    let header = std::fs::read(&img).expect("read image");
+    let autoclear = u64::from_be_bytes(header[88..96].try_into().expect("8 bytes"));
+    assert_eq!(autoclear, 1, "no log: only the bitmaps bit");
+    // Restarted with the log on: nothing to recover from, qemu's rule.
+    let after = start_on(&img, &[]);
+    let mut q = after.client();
+    for b in bitmaps(&mut q) {
+        assert_eq!(b["inconsistent"], true, "{b}");
+    }
+    exec(&mut q, "quit", json!({}));
+}
+
+#[test]
+fn periodic_store_points_under_load_lose_no_bits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    make_image(tmp.path());
+    let mut inst = start_on(
+        &tmp.path().join("disk.qcow2"),
+        &["--bitmap-store-interval", "1"],
+    );
+    let logs = tempfile::tempdir().expect("tempdir");
+    let mut writer = PyScript::spawn(
+        "crash_writer.py",
+        Vec::<String>::new(),
+        logs.path().join("writer.err"),
+    );
+    expect_line(&writer, "ready");
+    let log = inst.path("writer.log");
+    // Long enough for store points to happen while it writes: the
+    // image's header shows each one (the directory moves).
+    send(
+        &mut writer,
+        &format!(
+            "run {} {} 7 {SIZE} 100 100000",
+            inst.nbd_uri("vm"),
+            log.display()
+        ),
+    );
+    expect_line(&writer, "at 100");
+    let img = inst.path("disk.qcow2");
+    let dir_offset = || {
+        let h = std::fs::read(&img)
+            .map(|b| b[..4096].to_vec())
+            .unwrap_or_default();
+        h.windows(4)
+            .position(|w| w == [0x23, 0x85, 0x28, 0x75])
+            .and_then(|at| h.get(at + 24..at + 32))
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let first = dir_offset();
+    let mut moves = 0;
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = first;
+    while moves < 2 {
+        assert!(Instant::now() < deadline, "no periodic store point");
+        let now = dir_offset();
+        if now != last {
+            moves += 1;
+            last = now;
+        }
+        std::thread::yield_now();
+    }
+    inst.kill();
+    expect_line(&writer, "done");
+    let after = start_on(&img, &[]);
+    let mut q = after.client();
+    send(
+        &mut writer,
+        &format!("seen {} {}", after.nbd_uri("vm"), log.display()),
+    );
+    let seen: std::collections::HashSet<u64> = expect_line(&writer, "seen")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    expect_line(&writer, "end");
+    let requests = read_log(&log);
+    let want = granules(
+        requests
+            .iter()
+            .filter(|r| r.acked || seen.contains(&r.index))
+            .map(|r| (r.offset, r.len)),
+    );
+    let got = granules(dirty(&mut q, &after, "rec"));
+    for (i, (&w, &g)) in want.iter().zip(&got).enumerate() {
+        assert!(
+            !w || g,
+            "granule at {} written but not dirty",
+            i as u64 * GRAN
+        );
+    }
+    exec(&mut q, "quit", json!({}));
+    send(&mut writer, "quit");
+}

@@ -55,13 +55,16 @@ pub trait SnapshotView: Send + Sync {
     fn snapshot_discard(&self, offset: u64, len: u64) -> BlockResult<()>;
 }
 
+/// Told why, once, when a guarded view breaks.
+pub type OnBreak = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A backup session's guard on its scratch (tidemark's): the snapshot
 /// breaks, rather than a guest write failing, when a copy fails or would
 /// take the target past `quota` bytes; `on_break` hears of it once.
 #[derive(Clone, Default)]
 pub struct Guard {
     pub quota: Option<u64>,
-    pub on_break: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_break: Option<OnBreak>,
 }
 
 impl std::fmt::Debug for Guard {

@@ -353,52 +353,6 @@ impl IntentLog {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zones_grow_so_the_map_fits() {
-        assert_eq!(zone_shift(1 << 40, 65536), 26);
-        assert_eq!(zone_shift(64 << 40, 65536), 31);
-        // 512-byte clusters: a 128-byte map at most.
-        assert_eq!(zone_shift(1 << 40, 512), 30);
-        let p = Payload {
-            shift: 26,
-            map: vec![0b101, 0],
-            untrusted: vec!["old".into()],
-        };
-        assert_eq!(
-            Payload::decode(&p.encode(), 16 * (64 << 20)),
-            Some(p.clone())
-        );
-        assert_eq!(Payload::decode(&p.encode(), 1 << 40), None);
-        assert_eq!(
-            zone_ranges(26, &[0b111], 3 * (64 << 20) - 5),
-            vec![(0, 3 * (64 << 20) - 5)]
-        );
-    }
-
-    #[test]
-    fn first_touches_share_a_flush_and_later_ones_cost_nothing() {
-        let log = IntentLog::new(1 << 30, 65536);
-        let calls = std::sync::atomic::AtomicU32::new(0);
-        let persist = |_: &[u8]| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        };
-        log.ensure(&[(0, 4096)], persist).expect("mark");
-        log.ensure(&[(100, 4096)], persist).expect("again");
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(log.is_durable(0, 1 << 26));
-        assert!(!log.is_durable(1 << 26, 1));
-        let mut disk = log.lock_disk();
-        log.new_epoch(&mut disk);
-        drop(disk);
-        assert!(!log.is_durable(0, 1));
-    }
-}
-
 /// The log's I/O on a qcow2 image.
 impl super::Qcow2Node {
     /// Before the persistent recording bitmaps gain `ranges` (a write, a
@@ -458,5 +412,51 @@ impl super::Qcow2Node {
         let _meta = self.lock_meta();
         let mut disk = self.intent.lock_disk();
         self.intent.new_epoch(&mut disk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zones_grow_so_the_map_fits() {
+        assert_eq!(zone_shift(1 << 40, 65536), 26);
+        assert_eq!(zone_shift(64 << 40, 65536), 31);
+        // 512-byte clusters: a 128-byte map at most.
+        assert_eq!(zone_shift(1 << 40, 512), 30);
+        let p = Payload {
+            shift: 26,
+            map: vec![0b101, 0],
+            untrusted: vec!["old".into()],
+        };
+        assert_eq!(
+            Payload::decode(&p.encode(), 16 * (64 << 20)),
+            Some(p.clone())
+        );
+        assert_eq!(Payload::decode(&p.encode(), 1 << 40), None);
+        assert_eq!(
+            zone_ranges(26, &[0b111], 3 * (64 << 20) - 5),
+            vec![(0, 3 * (64 << 20) - 5)]
+        );
+    }
+
+    #[test]
+    fn first_touches_share_a_flush_and_later_ones_cost_nothing() {
+        let log = IntentLog::new(1 << 30, 65536);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let persist = |_: &[u8]| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        log.ensure(&[(0, 4096)], persist).expect("mark");
+        log.ensure(&[(100, 4096)], persist).expect("again");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(log.is_durable(0, 1 << 26));
+        assert!(!log.is_durable(1 << 26, 1));
+        let mut disk = log.lock_disk();
+        log.new_epoch(&mut disk);
+        drop(disk);
+        assert!(!log.is_durable(0, 1));
     }
 }

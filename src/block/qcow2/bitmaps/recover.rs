@@ -26,15 +26,15 @@ pub fn current_log(header: &Header) -> Option<Payload> {
     Payload::decode(header.extension(EXT_TIDEMARK_INTENT)?, header.size)
 }
 
+/// Every bitmap as recovery makes it, and per recovered bitmap its name
+/// and the bytes recovery added.
+pub type Plan = (Vec<DirtyBitmap>, Vec<(String, u64)>);
+
 /// What recovery would do to the bitmaps of an image whose `header` and
 /// `stored` directory are as given: every bitmap (recovered ones with the
 /// zones added) and, per recovered bitmap, the bytes added. `None` when
 /// the log is not current or covers no bitmap left in use.
-pub fn plan(
-    f: &HostFile,
-    header: &Header,
-    stored: &Stored,
-) -> BlockResult<Option<(Vec<DirtyBitmap>, Vec<(String, u64)>)>> {
+pub fn plan(f: &HostFile, header: &Header, stored: &Stored) -> BlockResult<Option<Plan>> {
     let Some(log) = current_log(header) else {
         return Ok(None);
     };
