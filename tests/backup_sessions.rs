@@ -540,11 +540,11 @@ fn a_full_scratch_breaks_the_snapshot_not_the_guest() {
         &mut q,
         "x-tidemark-backup-begin",
         json!({"id": "q", "incremental": "c1", "checkpoint": "c2",
-        "disks": [{"node": "vda", "scratch": scratch, "quota": 128 * 1024}]}),
+        "disks": [{"node": "vda", "scratch": scratch, "quota": 32 * 1024}]}),
     );
     let uri = r["disks"][0]["uri"].as_str().expect("uri").to_owned();
     assert!(try_read(&uri, 0, 65536).is_ok());
-    // Two clusters fit the quota; the third write breaks the snapshot,
+    // Two 16 KiB copies fit the quota; the third write breaks the snapshot,
     // and every guest write succeeds.
     qemu_io(
         &guest,
@@ -561,7 +561,7 @@ fn a_full_scratch_breaks_the_snapshot_not_the_guest() {
     let s = ok(&mut q, "x-tidemark-query-backups", json!({}));
     let disk = &s[0]["disks"][0];
     assert_eq!(disk["state"], "broken", "{s}");
-    assert_eq!(disk["scratch-quota"], 128 * 1024, "{s}");
+    assert_eq!(disk["scratch-quota"], 32 * 1024, "{s}");
     assert_eq!(disk["read-bytes"], 65536, "{s}");
     assert_eq!(disk["allocated-bytes"], SIZE, "{s}");
     let e = try_read(&uri, 0, 65536).expect_err("a broken snapshot must not be read");

@@ -65,11 +65,18 @@ pub type OnBreak = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct Guard {
     pub quota: Option<u64>,
     pub on_break: Option<OnBreak>,
+    /// The copy unit (0: the backup's default). Smaller than qemu's 64 KiB
+    /// for a session's own scratch: a small guest write then costs the
+    /// scratch only a small copy.
+    pub cluster: u64,
 }
 
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guard").field("quota", &self.quota).finish()
+        f.debug_struct("Guard")
+            .field("quota", &self.quota)
+            .field("cluster", &self.cluster)
+            .finish()
     }
 }
 
@@ -421,12 +428,17 @@ impl SnapshotView for CopyBeforeWrite {
         let (first, last) = (offset / self.cluster, (offset + len - 1) / self.cluster);
         let held = self.hold_for_view(first, last)?;
         let r = (|| {
+            // One read per run of clusters on the same side.
             let mut at = offset;
             while at < offset + len {
                 let c = at / self.cluster;
-                let end = ((c + 1) * self.cluster).min(offset + len);
+                let in_source = held.contains(&c);
+                let mut end = ((c + 1) * self.cluster).min(offset + len);
+                while end < offset + len && held.contains(&(end / self.cluster)) == in_source {
+                    end = (end + self.cluster).min(offset + len);
+                }
                 let part = &mut buf[(at - offset) as usize..(end - offset) as usize];
-                if held.contains(&c) {
+                if in_source {
                     self.src().read_at(part, at)?;
                 } else {
                     self.target.get().read_at(part, at)?;

@@ -250,7 +250,11 @@ pub fn prepare(
         d.check_new_node_name(n)
             .map_err(|e| QmpError::generic(format!("Could not create node: {}", e.desc)))?;
     }
-    let cluster = DEFAULT_CLUSTER.max(target.cluster_size());
+    let cluster = match a.guard.as_ref().map_or(0, |g| g.cluster) {
+        0 => DEFAULT_CLUSTER,
+        unit => unit,
+    }
+    .max(target.cluster_size());
     let todo = initial_todo(a.sync, &source, bitmap.as_ref().map(|(b, _)| b), cluster)?;
     let bitmap = match bitmap {
         Some((b, mode)) => {

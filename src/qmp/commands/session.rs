@@ -172,6 +172,11 @@ fn check_not_busy(disk: &str, layers: &[Arc<crate::block::node::Node>], c: &str)
     Ok(())
 }
 
+/// The cluster size of a scratch the session makes, and its copy unit: a
+/// 4 KiB guest write then costs the scratch 16 KiB where qemu's 64 KiB
+/// unit costs 64 KiB.
+const SCRATCH_CLUSTER: u64 = 16 << 10;
+
 /// The scratch of one disk: a node the caller gave (of the disk's size),
 /// or a qcow2 file made for the session.
 fn scratch_for(
@@ -205,7 +210,12 @@ fn scratch_for(
             file.display()
         )));
     }
-    super::block::create_image(d, &file, "qcow2", size, None)?;
+    let opts = crate::block::qcow2::create::CreateOptions {
+        size: Some(size),
+        cluster_size: SCRATCH_CLUSTER,
+        ..Default::default()
+    };
+    crate::block::qcow2::create::create_qcow2(&file, &opts)?;
     match super::block::open_image_node(d, &file, Some("qcow2"), Map::new()) {
         Ok(s) => Ok((s, Some(file))),
         Err(e) => {
@@ -333,6 +343,7 @@ fn guard(
     crate::block::cbw::Guard {
         quota: k.quota,
         on_break: Some(Arc::new(on_break)),
+        cluster: SCRATCH_CLUSTER,
     }
 }
 
