@@ -341,15 +341,34 @@ fn checkpoints_live_in_the_image_across_restarts_and_qemu() {
     let img = inst.path("vda.qcow2");
     let mut inst = inst;
     assert!(inst.wait_exit(std::time::Duration::from_secs(20)));
-    // qemu rewrites the header and writes through the image: the record
-    // stays, and the bitmaps record qemu's writes.
+    // qemu rewrites the header and qemu-nbd writes through the image: the
+    // record stays, and the bitmaps record qemu's writes.
+    qemu_img(&["check", "vda.qcow2"], &dir);
     qemu_img(&["bitmap", "--add", "vda.qcow2", "other"], &dir);
-    let out = Command::new("qemu-io")
-        .args(["-c", "write -P 0x55 2M 64k"])
+    let sock = dir.join("qemu-nbd.sock");
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k"])
+        .arg(&sock)
         .arg(&img)
-        .output()
-        .expect("qemu-io");
-    assert!(out.status.success());
+        .spawn()
+        .expect("qemu-nbd");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not listen"
+        );
+        std::thread::yield_now();
+    }
+    // qemu-nbd ends with its only client (no --persistent).
+    qemu_io(
+        &format!("nbd+unix:///?socket={}", sock.display()),
+        &["write -P 0x55 2M 64k"],
+    );
+    assert!(qmp_common::wait_child(
+        &mut nbd,
+        std::time::Duration::from_secs(20)
+    ));
     qemu_img(&["check", "vda.qcow2"], &dir);
     let inst2 = Instance::start(Impl::Tidemark, &[], |d| {
         std::fs::rename(&img, d.join("vda.qcow2")).expect("move image");
@@ -483,18 +502,29 @@ fn the_four_chain_rules_and_removal_from_two_layers() {
 #[test]
 fn a_session_nobody_uses_expires_as_a_failure() {
     let (inst, mut q) = start(&["vda"]);
+    let guest = inst.nbd_uri("vda");
+    checkpoint(&mut q, "c0");
+    qemu_io(&guest, &["write -P 0x22 1M 64k"]);
     let scratch = inst.path("l.qcow2");
     ok(
         &mut q,
         "x-tidemark-backup-begin",
-        json!({"id": "l", "checkpoint": "c1", "lease": 1,
+        json!({"id": "l", "incremental": "c0", "checkpoint": "c1", "lease": 1,
         "disks": [{"node": "vda", "scratch": scratch}]}),
     );
-    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c1", "c0"]);
+    qemu_io(&guest, &["write -P 0x33 5M 64k"]);
     let ev = q.event("X_TIDEMARK_BACKUP_EXPIRED");
     assert_eq!(ev["data"]["id"], "l", "{ev}");
     assert_torn_down(&mut q, &scratch);
-    assert!(checkpoints(&mut q, "vda").is_empty());
+    assert_eq!(checkpoints(&mut q, "vda"), vec!["c0"]);
+    // The next incremental from c0 covers both writes.
+    let r = ok(
+        &mut q,
+        "x-tidemark-backup-begin",
+        json!({"id": "n", "incremental": "c0", "disks": [{"node": "vda"}]}),
+    );
+    assert_eq!(r["disks"][0]["dirty-bytes"], 2 * 65536, "{r}");
 }
 
 /// Makes checkpoint `c` on `vda` with a session that succeeds.
