@@ -201,6 +201,7 @@ impl Daemon {
             bitmap_policy: Mutex::new(BitmapPolicy::default()),
         });
         crate::store_point::start_timer(Arc::downgrade(&d));
+        crate::qmp::commands::session::sweep_stale_scratch();
         d
     }
 

@@ -718,11 +718,21 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
     ok(
         &mut q,
         "x-tidemark-backup-begin",
-        json!({"id": "k", "incremental": "c1", "checkpoint": "c2",
+        json!({"id": "crashk", "incremental": "c1", "checkpoint": "c2",
         "disks": [{"node": "vda"}]}),
     );
     let listed = checkpoint_list(&mut q, "vda");
-    assert_eq!(listed["checkpoints"][1]["pending"], "k", "{listed}");
+    assert_eq!(listed["checkpoints"][1]["pending"], "crashk", "{listed}");
+    let scratch: Vec<std::path::PathBuf> = std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with("-crashk-vda.scratch.qcow2"))
+        })
+        .collect();
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
     qemu_io(&guest, &["write -P 0x33 5M 64k", "flush"]);
     drop(q);
     inst.kill();
@@ -741,6 +751,8 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
         json!({"driver": "qcow2", "node-name": "vda",
         "file": {"driver": "file", "filename": inst2.path("vda.qcow2")}}),
     );
+    // The dead daemon's scratch file went when the new one started.
+    assert!(!scratch[0].exists(), "{} left behind", scratch[0].display());
     let listed = checkpoint_list(&mut q, "vda");
     let names: Vec<&str> = listed["checkpoints"]
         .as_array()

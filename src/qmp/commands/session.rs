@@ -172,6 +172,40 @@ fn check_not_busy(disk: &str, layers: &[Arc<crate::block::node::Node>], c: &str)
     Ok(())
 }
 
+/// Default scratch files: `tidemark-PID-ID-DISK.scratch.qcow2` in the
+/// temp directory, so a later daemon can tell a dead one's leftovers.
+const SCRATCH_PREFIX: &str = "tidemark-";
+const SCRATCH_SUFFIX: &str = ".scratch.qcow2";
+
+/// Deletes the default scratch files of daemons that died mid-session (a
+/// crash cannot delete them; their checkpoints are taken back when the
+/// disks are opened again). Run at start.
+pub fn sweep_stale_scratch() {
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(SCRATCH_PREFIX)
+            .filter(|_| name.ends_with(SCRATCH_SUFFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(pid, 0) sends nothing; it only asks whether the
+        // process exists (EPERM: it does, as another user's).
+        let alive = pid > 0
+            && (unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if !alive {
+            tracing::info!(file = %e.path().display(), "removing the scratch file of a daemon that died");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// The cluster size of a scratch the session makes, and its copy unit: a
 /// 4 KiB guest write then costs the scratch 16 KiB where qemu's 64 KiB
 /// unit costs 64 KiB.
@@ -198,7 +232,7 @@ fn scratch_for(
     }
     let file = k.scratch.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!(
-            "tidemark-{}-{}-{}.scratch.qcow2",
+            "{SCRATCH_PREFIX}{}-{}-{}{SCRATCH_SUFFIX}",
             std::process::id(),
             a.id,
             k.node
