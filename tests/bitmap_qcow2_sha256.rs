@@ -24,13 +24,10 @@ fn s(p: &Path) -> &str {
 fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
     let dir = temp_dir();
     let qmp = dir.path().join("qmp.sock");
-    let pidfile = dir.path().join("qsd.pid");
-    // Not under `timeout`: the daemon must outlive the parent that
-    // daemonizes, and nothing may signal its process group.
     // Its output goes to a file: a daemon writing into a closed pipe
     // would die of SIGPIPE.
     let log = std::fs::File::create(dir.path().join("qsd.log")).expect("log");
-    let status = Command::new("qemu-storage-daemon")
+    let mut child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!("driver=file,node-name=f,filename={}", s(img)))
         .arg("--blockdev")
@@ -39,22 +36,28 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
         .arg(format!("socket,id=m,path={},server=on,wait=off", s(&qmp)))
         .arg("--monitor")
         .arg("chardev=m")
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .arg("--daemonize")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log)
-        .status()
+        .spawn()
         .expect("start qemu-storage-daemon");
     let qsd_log = || std::fs::read_to_string(dir.path().join("qsd.log")).unwrap_or_default();
-    assert!(
-        status.success(),
-        "qemu-storage-daemon failed: {}",
-        qsd_log()
-    );
-    // --daemonize returns once the monitor socket listens.
-    let stream = UnixStream::connect(&qmp).expect("connect to qsd monitor");
+    // Ready once its monitor accepts (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let stream = loop {
+        match UnixStream::connect(&qmp) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => {
+                assert!(
+                    child.try_wait().ok().flatten().is_none(),
+                    "qemu-storage-daemon exited: {}",
+                    qsd_log()
+                );
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("qsd monitor: {e}: {}", qsd_log()),
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
@@ -65,8 +68,7 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
     reader.read_line(&mut greeting).expect("qmp greeting");
     assert!(greeting.contains("QMP"), "qsd greeting: {greeting:?}");
     let mut call = |cmd: Value| -> Value {
-        writeln!(writer, "{cmd}")
-            .unwrap_or_else(|e| panic!("send {cmd}: {e}: {} img={}", qsd_log(), img.display()));
+        writeln!(writer, "{cmd}").unwrap_or_else(|e| panic!("send {cmd}: {e}: {}", qsd_log()));
         loop {
             let mut line = String::new();
             reader.read_line(&mut line).expect("qmp reply");
@@ -89,21 +91,11 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
                 .to_string()
         })
         .collect();
-    eprintln!("hashes {out:?}");
     call(json!({"execute": "quit"}));
-    // The daemon exits after quit; wait for its pid to go (bounded).
-    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
-        let pid: i32 = pid.trim().parse().expect("pid");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        // SAFETY: kill(pid, 0) only probes whether the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 {
-            if std::time::Instant::now() > deadline {
-                // SAFETY: the daemon we started did not quit; end it.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    // The daemon exits after quit (bounded: killed otherwise).
+    if wait_with_deadline(&mut child, Duration::from_secs(20)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
     out
 }
