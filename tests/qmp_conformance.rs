@@ -51,6 +51,7 @@ fn transcript(kind: Impl, sc: &Value) -> Vec<(usize, Value)> {
         serde_json::from_value(sc["qcow2_images"].clone()).unwrap_or_default();
     let stale: BTreeMap<String, (u64, String)> =
         serde_json::from_value(sc["stale_bitmap_images"].clone()).unwrap_or_default();
+    let args = qmp_common::as_qemu(kind, &args);
     let inst = Instance::start_with_monitors(kind, &args, monitors, |dir| {
         for (name, size) in &images {
             raw_image(&dir.join(name), *size);

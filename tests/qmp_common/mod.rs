@@ -41,6 +41,17 @@ impl Impl {
     }
 }
 
+/// `args` for a run whose transcript is compared with qsd's: tidemark's
+/// intent log off, so bitmaps reach the image only when qemu's would (a
+/// store point after a bitmap command changes file sizes qsd reports).
+pub fn as_qemu(kind: Impl, args: &[String]) -> Vec<String> {
+    let mut v = args.to_vec();
+    if kind == Impl::Tidemark {
+        v.extend(["--bitmap-intent-log".to_owned(), "off".to_owned()]);
+    }
+    v
+}
+
 /// A running daemon in its own temp dir; killed and cleaned up on drop.
 pub struct Instance {
     pub kind: Impl,

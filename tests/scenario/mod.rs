@@ -637,6 +637,7 @@ fn transcript(
     out: &mut Vec<Value>,
 ) {
     let args: Vec<String> = serde_json::from_value(sc["args"].clone()).unwrap_or_default();
+    let args = crate::qmp_common::as_qemu(kind, &args);
     let inst = Instance::start(kind, &args, |dir| setup(sc, dir));
     let dir = inst.dir.path().to_owned();
     let dir_text = dir.display().to_string();
