@@ -238,6 +238,21 @@ enum Store {
     During,
 }
 
+/// The zones marked in an image's intent log (read from its header), for
+/// failure messages.
+fn log_zones(img: &Path) -> Vec<u64> {
+    let Ok(h) = std::fs::read(img).map(|b| b[..b.len().min(65536)].to_vec()) else {
+        return Vec::new();
+    };
+    let Some(at) = h.windows(4).position(|w| w == [0x74, 0x64, 0x6d, 0x69]) else {
+        return Vec::new();
+    };
+    let map = &h[(at + 16).min(h.len())..(at + 16 + (SIZE / ZONE / 8) as usize).min(h.len())];
+    (0..map.len() as u64 * 8)
+        .filter(|z| map[(z / 8) as usize] & (1 << (z % 8)) != 0)
+        .collect()
+}
+
 /// One iteration: a fresh image, a writer, a kill, a restart, the checks.
 fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
     let mut rng = Rng(seed | 1);
@@ -304,6 +319,7 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
         String::from_utf8_lossy(&check.stdout)
     );
 
+    let logged_zones = log_zones(&img);
     if let Ok(keep) = std::env::var("TIDEMARK_CRASH_KEEP") {
         let _ = std::fs::copy(&img, format!("{keep}/crash-{n}.qcow2"));
         let _ = std::fs::copy(&log, format!("{keep}/crash-{n}.log"));
@@ -366,7 +382,7 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
     for (i, ((&w, &g), &z)) in sent.iter().zip(&got).zip(&recent).enumerate() {
         assert!(
             !g || w || z,
-            "iteration {n} (seed {seed}, {store:?}): granule at {} dirty outside the zones written since the store point (covered below {covered_below}); requests in its zone: {:?}",
+            "iteration {n} (seed {seed}, {store:?}): granule at {} dirty outside the zones written since the store point (covered below {covered_below}); zones in the log at the crash: {logged_zones:?}; requests in its zone: {:?}",
             i as u64 * GRAN,
             requests.iter().filter(|r| r.offset / ZONE == i as u64 * GRAN / ZONE || (r.offset + r.len - 1) / ZONE == i as u64 * GRAN / ZONE).map(|r| (r.index, r.offset, r.len, r.acked)).collect::<Vec<_>>()
         );

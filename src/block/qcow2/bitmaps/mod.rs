@@ -127,15 +127,35 @@ impl Qcow2Node {
 
     /// Writes `bitmaps` as the stored bitmaps. `in_use`: a store point of
     /// an image that stays writable (flags stay set; the intent log keeps
-    /// the current epoch's zones); otherwise a clean store (a close): the
-    /// log leaves the header with the directory switch.
+    /// the zones written since the bitmaps were copied); otherwise a clean
+    /// store (a close): the log leaves the header with the directory
+    /// switch. The bitmaps' bytes are written without the metadata lock:
+    /// guest I/O waits only for the allocation and for the switch.
+    /// (The node runs one store at a time.)
     pub(super) fn store_bitmaps_at(
         &self,
         bitmaps: &[&DirtyBitmap],
         in_use: bool,
     ) -> BlockResult<()> {
         use crate::block::qcow2::intent::{Payload, AUTOCLEAR_INTENT, EXT_TIDEMARK_INTENT};
+        let ctx = |e: BlockError| BlockError {
+            context: format!(
+                "'{}': could not store bitmaps: {}",
+                self.f.path.display(),
+                e.context
+            ),
+            ..e
+        };
         self.check_writable()?;
+        let prepared = {
+            let mut meta = self.lock_meta()?;
+            let stored = self.lock_stored()?;
+            store::prepare(&self.f, &mut meta, &stored, bitmaps, in_use).map_err(ctx)?
+        };
+        if let Err(e) = store::write(&self.f, &prepared) {
+            store::abandon(&self.f, &mut *self.lock_meta()?, prepared);
+            return Err(ctx(e));
+        }
         let mut meta = self.lock_meta()?;
         let mut stored = self.lock_stored()?;
         let mut disk = self.intent.lock_disk();
@@ -144,6 +164,7 @@ impl Qcow2Node {
             .filter(|b| b.state.inconsistent)
             .map(|b| b.name().to_owned())
             .collect();
+        // The map as of the switch: the zones written since the copy.
         let payload = Payload {
             shift: self.intent.shift,
             map: disk.new.clone(),
@@ -159,18 +180,7 @@ impl Qcow2Node {
                 h.autoclear &= !AUTOCLEAR_INTENT;
             }
         };
-        let mode = store::StoreMode {
-            in_use,
-            header: &mut header,
-        };
-        store::store(&self.f, &mut meta, &mut stored, bitmaps, mode).map_err(|e| BlockError {
-            context: format!(
-                "'{}': could not store bitmaps: {}",
-                self.f.path.display(),
-                e.context
-            ),
-            ..e
-        })?;
+        store::switch(&self.f, &mut meta, &mut stored, prepared, &mut header).map_err(ctx)?;
         if in_use {
             disk.old.iter_mut().for_each(|b| *b = 0);
             disk.untrusted = untrusted;

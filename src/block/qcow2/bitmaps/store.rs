@@ -119,9 +119,25 @@ pub struct StoreMode<'a> {
     pub header: &'a mut dyn FnMut(&mut Header),
 }
 
-/// Writes `bitmaps` as the image's whole bitmap directory. An
-/// inconsistent bitmap keeps its old entry and clusters exactly as found
-/// (still in use), as qemu does.
+/// A store whose clusters are allocated and whose bytes are ready, not
+/// yet written ([`prepare`], [`write`], [`switch`]): the bytes go out
+/// without the metadata lock, so guest I/O does not wait for them.
+pub struct Prepared {
+    new: Vec<StoredBitmap>,
+    /// Old entries kept as they are (inconsistent bitmaps).
+    kept: Vec<usize>,
+    /// Clusters taken for the new tables, data and directory.
+    fresh: Vec<(u64, u64)>,
+    /// What to write where.
+    writes: Vec<(u64, Vec<u8>, &'static str)>,
+    ext: Option<BitmapsExt>,
+    /// Nothing to store and nothing stored: no header change.
+    noop: bool,
+}
+
+/// Writes `bitmaps` as the image's whole bitmap directory, all under the
+/// caller's metadata lock (at open). An inconsistent bitmap keeps its old
+/// entry and clusters exactly as found (still in use), as qemu does.
 pub fn store(
     f: &HostFile,
     meta: &mut Meta,
@@ -129,8 +145,33 @@ pub fn store(
     bitmaps: &[&DirtyBitmap],
     mode: StoreMode<'_>,
 ) -> BlockResult<()> {
-    if bitmaps.is_empty() && stored.ext.is_none() {
-        return Ok(());
+    let p = prepare(f, meta, stored, bitmaps, mode.in_use)?;
+    if let Err(e) = write(f, &p) {
+        abandon(f, meta, p);
+        return Err(e);
+    }
+    switch(f, meta, stored, p, mode.header)
+}
+
+/// Checks, lays out and allocates a store of `bitmaps` (under the
+/// metadata lock; no data written yet).
+pub fn prepare(
+    f: &HostFile,
+    meta: &mut Meta,
+    stored: &Stored,
+    bitmaps: &[&DirtyBitmap],
+    in_use: bool,
+) -> BlockResult<Prepared> {
+    let mut p = Prepared {
+        new: Vec::with_capacity(bitmaps.len()),
+        kept: Vec::new(),
+        fresh: Vec::new(),
+        writes: Vec::new(),
+        ext: None,
+        noop: bitmaps.is_empty() && stored.ext.is_none(),
+    };
+    if p.noop {
+        return Ok(p);
     }
     if meta.header.version < 3 {
         return Err(BlockError::invalid(
@@ -143,95 +184,132 @@ pub fn store(
         )));
     }
     let cs = meta.geo.cluster_size();
-    let mut new: Vec<StoredBitmap> = Vec::with_capacity(bitmaps.len());
-    let mut kept = Vec::new();
-    let mut fresh: Vec<(u64, u64)> = Vec::new();
     let res = (|| {
         for b in bitmaps {
             let old = stored.bitmaps.iter().position(|s| s.entry.name == b.name());
             if b.state.inconsistent {
                 if let Some(i) = old {
-                    kept.push(i);
-                    new.push(stored.bitmaps[i].clone());
+                    p.kept.push(i);
+                    p.new.push(stored.bitmaps[i].clone());
                 }
                 continue;
             }
-            let mut sb = write_bitmap(
-                f,
-                meta,
-                b,
-                old.map(|i| &stored.bitmaps[i].entry),
-                &mut fresh,
-            )?;
-            if mode.in_use {
+            let old = old.map(|i| &stored.bitmaps[i].entry);
+            let mut sb = lay_out_bitmap(f, meta, b, old, &mut p.fresh, &mut p.writes)?;
+            if in_use {
                 sb.entry.flags |= FLAG_IN_USE;
             }
-            new.push(sb);
+            p.new.push(sb);
         }
-        let raw = serialize_directory(new.iter().map(|b| &b.entry));
+        let raw = serialize_directory(p.new.iter().map(|b| &b.entry));
         if raw.len() as u64 > MAX_DIRECTORY_SIZE {
             return Err(BlockError::invalid(
                 "Not enough space in the bitmap directory",
             ));
         }
-        let ext = if new.is_empty() {
-            None
-        } else {
+        if !p.new.is_empty() {
             let clusters = (raw.len() as u64).div_ceil(cs);
             let off = meta.alloc(f, clusters)?;
-            fresh.push((off, clusters * cs));
-            f.write(&raw, off, "bitmap directory")?;
-            Some(BitmapsExt {
-                nb_bitmaps: new.len() as u32,
+            p.fresh.push((off, clusters * cs));
+            p.ext = Some(BitmapsExt {
+                nb_bitmaps: p.new.len() as u32,
                 directory_size: raw.len() as u64,
                 directory_offset: off,
-            })
-        };
+            });
+            p.writes.push((off, raw, "bitmap directory"));
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            abandon(f, meta, p);
+            Err(e)
+        }
+    }
+}
+
+/// Writes a prepared store's bytes (no lock needed: nothing refers to
+/// these clusters yet).
+pub fn write(f: &HostFile, p: &Prepared) -> BlockResult<()> {
+    for (off, data, what) in &p.writes {
+        f.write(data, *off, what)?;
+    }
+    Ok(())
+}
+
+/// Gives back a prepared store's clusters (it will not happen).
+pub fn abandon(f: &HostFile, meta: &mut Meta, p: Prepared) {
+    for (off, len) in p.fresh {
+        let _ = meta.refs.free_range(f, off, len);
+    }
+}
+
+/// Switches the image to a written store (under the metadata lock): the
+/// refcounts and the new clusters made stable, then one header write
+/// (with `header`'s last changes), then the old clusters freed.
+pub fn switch(
+    f: &HostFile,
+    meta: &mut Meta,
+    stored: &mut Stored,
+    p: Prepared,
+    header: &mut dyn FnMut(&mut Header),
+) -> BlockResult<()> {
+    if p.noop {
+        return Ok(());
+    }
+    let res = (|| {
         // Everything the new header points to, and its refcounts, is stable
         // before the header switches over.
         meta.write_back(f)?;
         f.sync()?;
-        let mut header = meta.header.clone();
-        header.refcount_table_offset = meta.refs.table_offset;
-        header.refcount_table_clusters = meta.refs.table_clusters;
-        set_extension(&mut header, ext);
-        (mode.header)(&mut header);
-        let bytes = header.serialize()?;
-        Ok((ext, header, bytes))
+        let mut h = meta.header.clone();
+        h.refcount_table_offset = meta.refs.table_offset;
+        h.refcount_table_clusters = meta.refs.table_clusters;
+        set_extension(&mut h, p.ext);
+        header(&mut h);
+        let bytes = h.serialize()?;
+        Ok((h, bytes))
     })();
-    let ext = match res {
-        Ok((ext, header, bytes)) => {
+    let h = match res {
+        Ok((h, bytes)) => {
             // The point of no return: once the header write was attempted,
             // the new clusters may be referenced, so a failure leaks them
             // rather than freeing them.
             f.write(&bytes, 0, "header")?;
             f.sync()?;
-            meta.header = header;
-            ext
+            h
         }
         Err(e) => {
             // Give back what we took; the old directory is still current.
-            for (off, len) in fresh {
-                let _ = meta.refs.free_range(f, off, len);
-            }
+            abandon(f, meta, p);
             return Err(e);
         }
     };
-    let old = std::mem::replace(stored, Stored { ext, bitmaps: new });
-    free_old(f, meta, &old, &kept)?;
+    meta.header = h;
+    let old = std::mem::replace(
+        stored,
+        Stored {
+            ext: p.ext,
+            bitmaps: p.new,
+        },
+    );
+    free_old(f, meta, &old, &p.kept)?;
     // No sync of its own: losing these refcount drops in a crash only
     // leaks the old clusters, and the caller's flush makes them stable.
     meta.write_back(f)
 }
 
-/// Writes one bitmap's data clusters (all-zero clusters become 0 entries,
-/// as qemu stores them) and its table; returns its new directory entry.
-fn write_bitmap(
+/// Lays out one bitmap: its data clusters (all-zero clusters become 0
+/// entries, as qemu stores them) and its table, allocated and queued in
+/// `writes`; returns its new directory entry.
+fn lay_out_bitmap(
     f: &HostFile,
     meta: &mut Meta,
     b: &DirtyBitmap,
     old: Option<&DirEntry>,
     fresh: &mut Vec<(u64, u64)>,
+    writes: &mut Vec<(u64, Vec<u8>, &'static str)>,
 ) -> BlockResult<StoredBitmap> {
     if b.name().len() > MAX_NAME_SIZE {
         return Err(BlockError::invalid(format!(
@@ -261,7 +339,7 @@ fn write_bitmap(
         data.resize(cs as usize, 0);
         let off = meta.alloc(f, 1)?;
         fresh.push((off, cs));
-        f.write(&data, off, "bitmap data")?;
+        writes.push((off, data, "bitmap data"));
         table.push(encode(Cluster::Data(off)));
     }
     let mut raw = Vec::with_capacity(table.len() * 8);
@@ -272,7 +350,7 @@ fn write_bitmap(
     raw.resize((tclusters * cs) as usize, 0);
     let table_offset = meta.alloc(f, tclusters)?;
     fresh.push((table_offset, tclusters * cs));
-    f.write(&raw, table_offset, "bitmap table")?;
+    writes.push((table_offset, raw, "bitmap table"));
     let mut flags = if b.state.recording { FLAG_AUTO } else { 0 };
     // Extra data the entry had (known compatible, or it would be
     // inconsistent) is kept as it was.
