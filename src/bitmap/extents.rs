@@ -1,10 +1,10 @@
-//! Finding dirty and clean areas, a word at a time: the queries behind
+//! Finding dirty and clean areas, a word at a time (bitvec's `first_one` /
+//! `first_zero` on `Lsb0` words skip whole words): the queries behind
 //! NBD block status for `qemu:dirty-bitmap:NAME` and behind backup jobs.
 //! All of them clip their end to the disk size and never report bytes
 //! outside `[offset, end)`.
 
 use super::dirty::DirtyBitmap;
-use super::words;
 
 /// A run of bytes that are all dirty or all clean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +26,18 @@ impl DirtyBitmap {
         Some((offset >> shift, ((end - 1) >> shift) + 1))
     }
 
+    /// The first dirty granule in `[first, stop)`.
+    pub(crate) fn next_set(&self, first: u64, stop: u64) -> Option<u64> {
+        let bits = self.bits().get(first as usize..stop as usize)?;
+        bits.first_one().map(|i| first + i as u64)
+    }
+
+    /// The first clean granule in `[first, stop)`.
+    fn next_unset(&self, first: u64, stop: u64) -> Option<u64> {
+        let bits = self.bits().get(first as usize..stop as usize)?;
+        bits.first_zero().map(|i| first + i as u64)
+    }
+
     /// The first dirty area in `[offset, end)`: its start and length in
     /// bytes, clipped to `[offset, min(end, size))`. QEMU's
     /// bdrv_dirty_bitmap_next_dirty_area without a length cap.
@@ -33,9 +45,9 @@ impl DirtyBitmap {
         let end = end.min(self.size());
         let (first, stop) = self.granule_span(offset, end)?;
         let shift = self.granularity_shift();
-        let dirty = words::next_set(self.words(), first, stop)?;
+        let dirty = self.next_set(first, stop)?;
         let start = (dirty << shift).max(offset);
-        let area_end = match words::next_clear(self.words(), dirty, stop) {
+        let area_end = match self.next_unset(dirty, stop) {
             Some(clean) => (clean << shift).min(end),
             None => end,
         };
@@ -46,7 +58,7 @@ impl DirtyBitmap {
     /// bdrv_dirty_bitmap_next_zero.
     pub fn next_clean(&self, offset: u64, end: u64) -> Option<u64> {
         let (first, stop) = self.granule_span(offset, end)?;
-        let clean = words::next_clear(self.words(), first, stop)?;
+        let clean = self.next_unset(first, stop)?;
         Some((clean << self.granularity_shift()).max(offset))
     }
 

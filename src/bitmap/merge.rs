@@ -11,7 +11,6 @@
 use super::dirty::DirtyBitmap;
 use super::error::{BitmapError, BitmapErrorKind, BitmapResult};
 use super::state::Checks;
-use super::words;
 
 impl DirtyBitmap {
     /// `self |= src` after QEMU's checks. On error nothing changes.
@@ -40,7 +39,7 @@ impl DirtyBitmap {
             ));
         }
         if src.granularity_shift() == self.granularity_shift() {
-            words::or_assign(self.words_mut(), src.words());
+            *self.bits_mut() |= src.bits();
             return Ok(());
         }
         // Different granularities: walk the source's dirty areas (a word at

@@ -7,10 +7,14 @@
 //! (a multiple of 8), and a length in bytes; a qcow2 cluster of `c` bytes
 //! holds granules `[k * 8c, (k + 1) * 8c)`. Ranges past the stream are
 //! refused, except `is_range_zero`, which treats missing bits as zero.
+//!
+//! The stream is exactly the little-endian bytes of the bitmap's raw words
+//! (`Lsb0` over `u64`), so it is copied a word at a time from the raw
+//! slice: bitvec's `load_le::<u8>` per 8-bit chunk measured 16-80x slower
+//! (benches/bitmap_ops.rs; figures in benches/README.md).
 
 use super::dirty::DirtyBitmap;
 use super::error::{BitmapError, BitmapResult};
-use super::words;
 
 impl DirtyBitmap {
     /// Length of the whole stream in bytes.
@@ -86,10 +90,8 @@ impl DirtyBitmap {
     ) -> BitmapResult<()> {
         self.stream_range(granule_start, n_bytes)?;
         let stop = (granule_start + n_bytes * 8).min(self.granules());
-        if dirty {
-            words::set(self.words_mut(), granule_start, stop);
-        } else {
-            words::clear(self.words_mut(), granule_start, stop);
+        if granule_start < stop {
+            self.bits_mut()[granule_start as usize..stop as usize].fill(dirty);
         }
         Ok(())
     }
@@ -101,7 +103,7 @@ impl DirtyBitmap {
         let stop = granule_start
             .saturating_add(n_granules)
             .min(self.granules());
-        words::next_set(self.words(), granule_start, stop).is_none()
+        self.next_set(granule_start, stop).is_none()
     }
 
     /// The whole stream.
