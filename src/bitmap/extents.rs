@@ -1,5 +1,4 @@
-//! Finding dirty and clean areas, a word at a time (bitvec's `first_one` /
-//! `first_zero` on `Lsb0` words skip whole words): the queries behind
+//! Finding dirty and clean areas, a word at a time: the queries behind
 //! NBD block status for `qemu:dirty-bitmap:NAME` and behind backup jobs.
 //! All of them clip their end to the disk size and never report bytes
 //! outside `[offset, end)`.
@@ -28,14 +27,12 @@ impl DirtyBitmap {
 
     /// The first dirty granule in `[first, stop)`.
     pub(crate) fn next_set(&self, first: u64, stop: u64) -> Option<u64> {
-        let bits = self.bits().get(first as usize..stop as usize)?;
-        bits.first_one().map(|i| first + i as u64)
+        next_equal(self.words(), first, stop, true)
     }
 
     /// The first clean granule in `[first, stop)`.
-    fn next_unset(&self, first: u64, stop: u64) -> Option<u64> {
-        let bits = self.bits().get(first as usize..stop as usize)?;
-        bits.first_zero().map(|i| first + i as u64)
+    pub(crate) fn next_unset(&self, first: u64, stop: u64) -> Option<u64> {
+        next_equal(self.words(), first, stop, false)
     }
 
     /// The first dirty area in `[offset, end)`: its start and length in
@@ -80,6 +77,31 @@ impl DirtyBitmap {
             end: end.min(self.size()),
         }
     }
+}
+
+/// The first bit in `[first, stop)` equal to `value`, scanning the raw words
+/// (granule `i` at bit `i % 64` of word `i / 64`). bitvec's `first_one` /
+/// `first_zero` on the sub-slice also skip whole words, but slicing and
+/// splitting the domain on every call made next_dirty_area about twice as
+/// slow and a full extent scan 1.6x slower (benches/README.md), and block
+/// status makes such a call per extent.
+fn next_equal(words: &[u64], first: u64, stop: u64, value: bool) -> Option<u64> {
+    if first >= stop {
+        return None;
+    }
+    let flip = if value { 0 } else { !0 };
+    let mut w = (first / 64) as usize;
+    // Bits below `first` in its word do not count.
+    let mut bits = (words.get(w)? ^ flip) & (!0u64 << (first % 64));
+    if bits == 0 {
+        // Past the first word, a plain search over the rest.
+        let rest = words.get(w + 1..=((stop - 1) / 64) as usize)?;
+        let (i, &word) = rest.iter().enumerate().find(|&(_, &x)| x != flip)?;
+        w += 1 + i;
+        bits = word ^ flip;
+    }
+    let found = w as u64 * 64 + u64::from(bits.trailing_zeros());
+    (found < stop).then_some(found)
 }
 
 /// Iterator of `(start, len)` dirty areas; see `DirtyBitmap::dirty_extents`.
