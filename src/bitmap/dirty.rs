@@ -209,7 +209,7 @@ impl DirtyBitmap {
     /// Whether the granule holding byte `offset` is dirty; bytes past the
     /// end are clean.
     pub fn is_dirty(&self, offset: u64) -> bool {
-        offset < self.size && self.bits[(offset >> self.shift) as usize]
+        self.view().is_dirty(offset)
     }
 
     /// Number of dirty granules.
