@@ -254,6 +254,18 @@ fn huge_disk_costs_one_bit_per_granule() {
 }
 
 #[test]
+fn bits_that_cannot_be_allocated_are_an_error() {
+    // 2^54 granules want 2 PiB of words, more than any address space here:
+    // the allocation fails and is reported, nothing aborts.
+    let err = DirtyBitmap::new("b0", MAX_DISK_SIZE, 512).unwrap_err();
+    assert_eq!(err.kind, BitmapErrorKind::NoMemory);
+    assert_eq!(
+        err.message,
+        "Cannot allocate memory for a bitmap of 18014398509481984 bits"
+    );
+}
+
+#[test]
 fn stream_matches_bitmap_data_written_by_qemu() {
     // A 10 MiB qcow2 with a 64 KiB bitmap after qemu-io 10.0.2 wrote 64 KiB
     // at 64 KiB, 512 B at 640 KiB and 4 KiB at 9 MiB: the first 20 bytes
