@@ -1,7 +1,8 @@
 //! Micro benchmark of every `DirtyBitmap` operation the daemon leans on, on
 //! a 1 TiB disk at 64 KiB granularity (16M bits, 2 MiB of bits) in four
 //! dirty patterns: merge, set range, reset/clear, extent scan and next
-//! dirty area, count, and the qcow2 stream (serialise, load, hash).
+//! dirty area, count, clone and compare, and the qcow2 stream (serialise,
+//! load, hash).
 //!
 //! Run with `cargo bench --bench bitmap_ops`; `BENCH_REPS` (default 30) sets
 //! how many timed runs each row keeps the best of. Whole-bitmap rows print
@@ -218,6 +219,15 @@ fn count_rows(r: &mut Report, pats: &[(&str, DirtyBitmap)]) {
     let b = &pats[0].1;
     r.pass("is_empty empty", || {
         black_box(black_box(b).is_empty());
+    });
+    // A successor or a job's copy is a clone; tests compare whole bitmaps.
+    let b = &pats[1].1;
+    r.pass("clone sparse", || {
+        black_box(black_box(b).clone());
+    });
+    let c = b.clone();
+    r.pass("eq sparse", || {
+        black_box(black_box(b) == black_box(&c));
     });
 }
 
