@@ -29,7 +29,6 @@ use super::state::BitmapState;
 /// word `i / 64` (`Lsb0`), the layout of QEMU's hbitmap and of the qcow2
 /// stream. Bits past the last granule (bitvec's dead bits) are always zero:
 /// the hash and the qcow2 format both rely on it.
-#[derive(Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
     name: String,
     size: u64,
@@ -236,6 +235,42 @@ impl DirtyBitmap {
         self.bits.set_uninitialized(false);
     }
 }
+
+/// A copy of the words: bitvec's own clone copies through its domain
+/// iterator and measured 9x slower (a backup successor is such a clone).
+impl Clone for DirtyBitmap {
+    fn clone(&self) -> Self {
+        let mut bits = match BitVec::try_from_vec(self.words().to_vec()) {
+            Ok(bits) => bits,
+            // Cannot happen: `self.bits` already holds as many words.
+            Err(_) => self.bits.clone(),
+        };
+        bits.truncate(self.bits.len());
+        DirtyBitmap {
+            name: self.name.clone(),
+            size: self.size,
+            shift: self.shift,
+            granules: self.granules,
+            bits,
+            state: self.state,
+        }
+    }
+}
+
+/// Every field; the bits as raw words (dead bits are zero on both sides):
+/// bitvec's `==` loads each 64 bits through a bit-slice, 50x slower.
+impl PartialEq for DirtyBitmap {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.size == other.size
+            && self.shift == other.shift
+            && self.granules == other.granules
+            && self.state == other.state
+            && self.words() == other.words()
+    }
+}
+
+impl Eq for DirtyBitmap {}
 
 /// A summary: the bits of a large disk would flood a log or a test failure.
 impl fmt::Debug for DirtyBitmap {

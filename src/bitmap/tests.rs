@@ -357,3 +357,20 @@ fn stream_ranges_at_every_byte() {
     assert_eq!(c.words()[3], 0x7f);
     assert_eq!(c.dirty_granules(), 7);
 }
+
+#[test]
+fn clones_are_equal_and_independent() {
+    // 100 granules: the second word is partial.
+    let mut a = bm(100 * 512, 512);
+    a.set_range(60 * 512, 40 * 512).unwrap();
+    let mut b = a.clone();
+    assert_eq!(b, a);
+    assert_eq!(b.words(), a.words());
+    assert_eq!(b.granules(), 100);
+    b.reset_range(99 * 512, 512).unwrap();
+    assert_ne!(b, a);
+    assert_eq!((a.dirty_granules(), b.dirty_granules()), (40, 39));
+    let mut renamed = a.clone();
+    renamed.set_name("b1").unwrap();
+    assert_ne!(renamed, a);
+}
