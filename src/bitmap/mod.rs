@@ -3,8 +3,8 @@
 //!
 //! Each file does one job:
 //! - `limits.rs`: granularity, name and size rules; the default granularity.
-//! - `words.rs`: bit ranges on `u64` words, a word at a time.
-//! - `dirty.rs`: `DirtyBitmap`, its bytes-to-granules mapping, set/reset.
+//! - `dirty.rs`: `DirtyBitmap` (bits in a `BitVec<u64, Lsb0>`), its
+//!   bytes-to-granules mapping, set/reset.
 //! - `extents.rs`: next dirty area, next clean byte, extent iterators.
 //! - `merge.rs`: OR across granularities, with QEMU's rules.
 //! - `state.rs`: recording/busy/inconsistent/persistent/read-only flags and
@@ -22,7 +22,6 @@ mod serial;
 pub mod set;
 mod sha;
 mod state;
-mod words;
 
 pub use dirty::DirtyBitmap;
 pub use error::{BitmapError, BitmapErrorKind, BitmapResult};

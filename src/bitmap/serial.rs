@@ -7,10 +7,14 @@
 //! (a multiple of 8), and a length in bytes; a qcow2 cluster of `c` bytes
 //! holds granules `[k * 8c, (k + 1) * 8c)`. Ranges past the stream are
 //! refused, except `is_range_zero`, which treats missing bits as zero.
+//!
+//! The stream is exactly the little-endian bytes of the bitmap's raw words
+//! (`Lsb0` over `u64`), so it is copied a word at a time from the raw
+//! slice: bitvec's `load_le::<u8>` per 8-bit chunk measured 16-80x slower
+//! (benches/bitmap_ops.rs; figures in benches/README.md).
 
 use super::dirty::DirtyBitmap;
 use super::error::{BitmapError, BitmapResult};
-use super::words;
 
 impl DirtyBitmap {
     /// Length of the whole stream in bytes.
@@ -39,17 +43,17 @@ impl DirtyBitmap {
 
     /// `n_bytes` bytes of the stream, starting at granule `granule_start`.
     pub fn serialize_range(&self, granule_start: u64, n_bytes: u64) -> BitmapResult<Vec<u8>> {
-        let first = self.stream_range(granule_start, n_bytes)?;
-        let mut out = Vec::with_capacity(n_bytes as usize);
-        let words = self.words();
-        let (mut b, end) = (first, first + n_bytes);
-        while b < end {
-            let within = (b % 8) as usize;
-            let take = (8 - within).min((end - b) as usize);
-            let bytes = words[(b / 8) as usize].to_le_bytes();
-            out.extend_from_slice(&bytes[within..within + take]);
-            b += take as u64;
+        let first = self.stream_range(granule_start, n_bytes)? as usize;
+        let end = first + n_bytes as usize;
+        // Whole words, then cut to the asked bytes (a qcow2 cluster starts
+        // on a word, so the cut at the front is empty there).
+        let words = &self.words()[first / 8..end.div_ceil(8)];
+        let mut out = Vec::with_capacity(words.len() * 8);
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
         }
+        out.truncate(end - first / 8 * 8);
+        out.drain(..first % 8);
         Ok(out)
     }
 
@@ -57,20 +61,20 @@ impl DirtyBitmap {
     /// `data`. Bits past the last granule are ignored (the format says they
     /// are zero; a stray one must not become a phantom dirty granule).
     pub fn deserialize_range(&mut self, granule_start: u64, data: &[u8]) -> BitmapResult<()> {
-        let first = self.stream_range(granule_start, data.len() as u64)?;
+        let first = self.stream_range(granule_start, data.len() as u64)? as usize;
         let words = self.words_mut();
-        let mut b = first;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let within = (b % 8) as usize;
-            let take = (8 - within).min(rest.len());
-            let word = &mut words[(b / 8) as usize];
-            let mut bytes = word.to_le_bytes();
-            bytes[within..within + take].copy_from_slice(&rest[..take]);
-            *word = u64::from_le_bytes(bytes);
-            rest = &rest[take..];
-            b += take as u64;
+        // A part word up to a word boundary, whole words, a part word.
+        let head = ((8 - first % 8) % 8).min(data.len());
+        patch_word(words, first, &data[..head]);
+        let mut whole = data[head..].chunks_exact(8);
+        let w0 = (first + head) / 8;
+        for (w, chunk) in words[w0..].iter_mut().zip(&mut whole) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(bytes);
         }
+        let tail = whole.remainder();
+        patch_word(words, first + data.len() - tail.len(), tail);
         self.clear_tail();
         Ok(())
     }
@@ -86,10 +90,8 @@ impl DirtyBitmap {
     ) -> BitmapResult<()> {
         self.stream_range(granule_start, n_bytes)?;
         let stop = (granule_start + n_bytes * 8).min(self.granules());
-        if dirty {
-            words::set(self.words_mut(), granule_start, stop);
-        } else {
-            words::clear(self.words_mut(), granule_start, stop);
+        if granule_start < stop {
+            self.fill(granule_start as usize, stop as usize, dirty);
         }
         Ok(())
     }
@@ -101,7 +103,7 @@ impl DirtyBitmap {
         let stop = granule_start
             .saturating_add(n_granules)
             .min(self.granules());
-        words::next_set(self.words(), granule_start, stop).is_none()
+        self.next_set(granule_start, stop).is_none()
     }
 
     /// The whole stream.
@@ -128,5 +130,18 @@ impl DirtyBitmap {
         }
         bitmap.deserialize_range(0, &data[..len as usize])?;
         Ok(bitmap)
+    }
+}
+
+/// Overwrites stream bytes `[byte, byte + bytes.len())`, all within one word.
+fn patch_word(words: &mut [u64], byte: usize, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    let within = byte % 8;
+    if let Some(word) = words.get_mut(byte / 8) {
+        let mut le = word.to_le_bytes();
+        le[within..within + bytes.len()].copy_from_slice(bytes);
+        *word = u64::from_le_bytes(le);
     }
 }

@@ -254,6 +254,18 @@ fn huge_disk_costs_one_bit_per_granule() {
 }
 
 #[test]
+fn bits_that_cannot_be_allocated_are_an_error() {
+    // 2^54 granules want 2 PiB of words, more than any address space here:
+    // the allocation fails and is reported, nothing aborts.
+    let err = DirtyBitmap::new("b0", MAX_DISK_SIZE, 512).unwrap_err();
+    assert_eq!(err.kind, BitmapErrorKind::NoMemory);
+    assert_eq!(
+        err.message,
+        "Cannot allocate memory for a bitmap of 18014398509481984 bits"
+    );
+}
+
+#[test]
 fn stream_matches_bitmap_data_written_by_qemu() {
     // A 10 MiB qcow2 with a 64 KiB bitmap after qemu-io 10.0.2 wrote 64 KiB
     // at 64 KiB, 512 B at 640 KiB and 4 KiB at 9 MiB: the first 20 bytes
@@ -268,4 +280,97 @@ fn stream_matches_bitmap_data_written_by_qemu() {
     assert_eq!(b.to_bytes(), from_qemu);
     let back = DirtyBitmap::from_bytes("b0", 10 * K * K, 64 * K, &from_qemu).unwrap();
     assert_eq!(back, b);
+}
+
+#[test]
+fn ranges_across_word_boundaries() {
+    // Three words of granules; 60..130 crosses both word edges.
+    let mut b = bm(192 * 512, 512);
+    b.set_range(60 * 512, 70 * 512).unwrap();
+    assert_eq!(b.words(), &[0xf << 60, !0, 0b11]);
+    assert_eq!(b.dirty_granules(), 70);
+    b.reset_range(62 * 512, 67 * 512).unwrap();
+    assert_eq!(b.words(), &[0b11 << 60, 0, 0b10]);
+    assert_eq!(b.next_dirty_area(0, u64::MAX), Some((60 * 512, 1024)));
+    assert_eq!(
+        b.next_dirty_area(62 * 512, u64::MAX),
+        Some((129 * 512, 512))
+    );
+    assert_eq!(b.next_clean(60 * 512, u64::MAX), Some(62 * 512));
+    // One whole word; scans that start and stop on word edges.
+    b.clear();
+    b.set_range(64 * 512, 64 * 512).unwrap();
+    assert_eq!(b.words(), &[0, !0, 0]);
+    assert_eq!(b.next_dirty_area(0, 64 * 512), None);
+    assert_eq!(b.next_dirty_area(0, u64::MAX), Some((64 * 512, 64 * 512)));
+    assert_eq!(b.next_clean(64 * 512, 128 * 512), None);
+    assert_eq!(b.next_clean(64 * 512, u64::MAX), Some(128 * 512));
+}
+
+#[test]
+fn merge_across_granularities_keeps_the_partial_last_granule() {
+    // 1 MiB + 1 KiB: the last 64 KiB granule of the source is partial.
+    let size = 1024 * K + K;
+    let mut src = bm(size, 64 * K);
+    src.set_range(64 * K, 1).unwrap(); // source granule 1
+    src.set_range(1024 * K, 1).unwrap(); // the partial last granule
+    let mut coarse = bm(size, 256 * K);
+    coarse.merge(&src).unwrap();
+    assert_eq!(coarse.words(), &[0b1_0001]);
+    let mut fine = bm(size, 4 * K);
+    fine.merge(&src).unwrap();
+    let dirty: Vec<_> = fine.dirty_extents(0, u64::MAX).collect();
+    assert_eq!(dirty, [(64 * K, 64 * K), (1024 * K, K)]);
+    assert_eq!(fine.dirty_granules(), 17);
+}
+
+#[test]
+fn stream_ranges_at_every_byte() {
+    // 199 granules: 25 stream bytes over 4 words, the last byte 7 bits.
+    let size = 199 * 512;
+    let mut b = bm(size, 512);
+    for g in (0..199).step_by(3) {
+        b.set_range(g * 512, 512).unwrap();
+    }
+    let all = b.to_bytes();
+    assert_eq!(all.len(), 25);
+    let mut full = bm(size, 512);
+    full.set_range(0, size).unwrap();
+    let ones = full.to_bytes();
+    for start in 0..25 {
+        for end in start..=25 {
+            let part = b
+                .serialize_range(start as u64 * 8, (end - start) as u64)
+                .unwrap();
+            assert_eq!(part, &all[start..end]);
+            // Only the given bytes change.
+            let mut c = full.clone();
+            c.deserialize_range(start as u64 * 8, &part).unwrap();
+            let mut expect = ones.clone();
+            expect[start..end].copy_from_slice(&part);
+            assert_eq!(c.to_bytes(), expect, "bytes {start}..{end}");
+        }
+    }
+    // A stray bit past the last granule does not reach the words.
+    let mut c = bm(size, 512);
+    c.deserialize_range(192, &[0xff]).unwrap();
+    assert_eq!(c.words()[3], 0x7f);
+    assert_eq!(c.dirty_granules(), 7);
+}
+
+#[test]
+fn clones_are_equal_and_independent() {
+    // 100 granules: the second word is partial.
+    let mut a = bm(100 * 512, 512);
+    a.set_range(60 * 512, 40 * 512).unwrap();
+    let mut b = a.clone();
+    assert_eq!(b, a);
+    assert_eq!(b.words(), a.words());
+    assert_eq!(b.granules(), 100);
+    b.reset_range(99 * 512, 512).unwrap();
+    assert_ne!(b, a);
+    assert_eq!((a.dirty_granules(), b.dirty_granules()), (40, 39));
+    let mut renamed = a.clone();
+    renamed.set_name("b1").unwrap();
+    assert_ne!(renamed, a);
 }
