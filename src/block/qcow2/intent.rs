@@ -25,8 +25,10 @@
 //! writes only the new epoch's. So a write is always covered by the copy
 //! being stored, or by a zone that survives the switch.
 //!
-//! Lock order: the node's `meta` mutex, then [`IntentLog::disk`]; the
-//! `state` mutex is never held while either is taken.
+//! Lock order: the node's `meta` mutex, then its `stored` directory, then
+//! [`IntentLog::disk`]; the `state` mutex is never held while any of them
+//! is taken. A store point holds none of them while it writes the
+//! bitmaps' bytes (bitmaps/store.rs: prepare, write, switch).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -201,7 +203,7 @@ pub struct IntentLog {
     zones: u64,
     state: Mutex<State>,
     done: Condvar,
-    /// Locked after the node's meta mutex.
+    /// Locked after the node's meta mutex (and its stored directory).
     pub disk: Mutex<DiskMaps>,
 }
 
