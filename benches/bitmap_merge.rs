@@ -5,9 +5,12 @@
 //!
 //! Run with `cargo bench --bench bitmap_merge`.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use common::lcg;
 use tidemark::bitmap::DirtyBitmap;
 
 const TIB: u64 = 1 << 40;
@@ -24,17 +27,6 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
         out = Some(r);
     }
     (best, out.expect("at least one run"))
-}
-
-/// A deterministic pseudo-random sequence.
-fn lcg(seed: u64) -> impl FnMut() -> u64 {
-    let mut state = seed;
-    move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        state >> 11
-    }
 }
 
 /// A 1 TiB bitmap at `granularity` with `n` scattered dirty extents of 1 to

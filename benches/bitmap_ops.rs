@@ -9,9 +9,12 @@
 //! GiB/s of bitmap bits (2 MiB per pass); small operations print ns/op.
 //! Compare two builds by running them alternately on an idle machine.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use common::lcg;
 use tidemark::bitmap::DirtyBitmap;
 
 const TIB: u64 = 1 << 40;
@@ -30,17 +33,6 @@ fn best(reps: usize, mut f: impl FnMut()) -> Duration {
         best = best.min(start.elapsed());
     }
     best
-}
-
-/// A deterministic pseudo-random sequence.
-fn lcg(seed: u64) -> impl FnMut() -> u64 {
-    let mut state = seed;
-    move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        state >> 11
-    }
 }
 
 fn empty() -> DirtyBitmap {

@@ -293,6 +293,26 @@ fn bad_input_is_refused_and_leaves_nothing() {
     assert_torn_down(&mut q, &scratch);
 }
 
+/// A new daemon with an NBD server, the image `img` moved into its
+/// directory and opened as node `vda`.
+fn restart(img: &Path) -> (Instance, Qmp) {
+    let nbd = [
+        "--nbd-server".to_owned(),
+        "addr.type=unix,addr.path=$DIR/nbd.sock".to_owned(),
+    ];
+    let inst = Instance::start(Impl::Tidemark, &nbd, |d| {
+        std::fs::rename(img, d.join("vda.qcow2")).expect("move image");
+    });
+    let mut q = inst.client();
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "vda",
+        "file": {"driver": "file", "filename": inst.path("vda.qcow2")}}),
+    );
+    (inst, q)
+}
+
 fn qemu_img(args: &[&str], dir: &Path) {
     let out = Command::new("qemu-img")
         .args(args)
@@ -370,16 +390,7 @@ fn checkpoints_live_in_the_image_across_restarts_and_qemu() {
         std::time::Duration::from_secs(20)
     ));
     qemu_img(&["check", "vda.qcow2"], &dir);
-    let inst2 = Instance::start(Impl::Tidemark, &[], |d| {
-        std::fs::rename(&img, d.join("vda.qcow2")).expect("move image");
-    });
-    let mut q = inst2.client();
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "vda",
-        "file": {"driver": "file", "filename": inst2.path("vda.qcow2")}}),
-    );
+    let (_inst2, mut q) = restart(&img);
     assert_eq!(checkpoint_list(&mut q, "vda"), before);
     let full = ok(
         &mut q,
@@ -737,20 +748,7 @@ fn a_crash_mid_session_takes_the_new_checkpoint_back() {
     drop(q);
     inst.kill();
     let img = inst.path("vda.qcow2");
-    let nbd = [
-        "--nbd-server".to_owned(),
-        "addr.type=unix,addr.path=$DIR/nbd.sock".to_owned(),
-    ];
-    let inst2 = Instance::start(Impl::Tidemark, &nbd, |d| {
-        std::fs::rename(&img, d.join("vda.qcow2")).expect("move image");
-    });
-    let mut q = inst2.client();
-    ok(
-        &mut q,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "vda",
-        "file": {"driver": "file", "filename": inst2.path("vda.qcow2")}}),
-    );
+    let (_inst2, mut q) = restart(&img);
     // The dead daemon's scratch file went when the new one started.
     assert!(!scratch[0].exists(), "{} left behind", scratch[0].display());
     let listed = checkpoint_list(&mut q, "vda");

@@ -203,6 +203,17 @@ fn expect_line(w: &PyScript, prefix: &str) -> String {
     }
 }
 
+/// The writer agent, ready for commands (its stderr in `dir`).
+fn spawn_writer(dir: &Path) -> PyScript {
+    let w = PyScript::spawn(
+        "crash_writer.py",
+        Vec::<String>::new(),
+        dir.join("writer.err"),
+    );
+    expect_line(&w, "ready");
+    w
+}
+
 fn send(w: &mut PyScript, line: &str) {
     use std::io::Write;
     let stdin = w.stdin.as_mut().expect("writer stdin");
@@ -311,12 +322,9 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
         "iteration {n}: no request was acknowledged"
     );
     let img = inst.path("disk.qcow2");
-    let check = qemu_img(&["check", img.to_str().unwrap_or("")], inst.dir.path());
-    // 0: clean; 3: leaked clusters only (a crash may leak).
-    assert!(
-        matches!(check.status.code(), Some(0) | Some(3)),
-        "iteration {n} (seed {seed}): qemu-img check after the crash: {}",
-        String::from_utf8_lossy(&check.stdout)
+    assert_checks(
+        &img,
+        &format!("iteration {n} (seed {seed}), after the crash"),
     );
 
     let logged_zones = log_zones(&img);
@@ -326,19 +334,7 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
     }
     let after = start_on(&img, &[]);
     let mut q = after.client();
-    // Which unacknowledged writes reached the disk anyway (their stamp is
-    // there): they must be covered too. Requests neither acknowledged nor
-    // seen may never have reached the daemon.
-    send(
-        writer,
-        &format!("seen {} {}", after.nbd_uri("vm"), log.display()),
-    );
-    let seen: std::collections::HashSet<u64> = expect_line(writer, "seen")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    expect_line(writer, "end");
+    let seen = reached(writer, &after.nbd_uri("vm"), &log);
     let must: Vec<&Request> = requests
         .iter()
         .filter(|r| r.acked || seen.contains(&r.index))
@@ -392,13 +388,36 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
     exec(&mut q, "quit", json!({}));
     let mut after = after;
     assert!(after.wait_exit(DEADLINE));
-    let img = after.path("disk.qcow2");
-    let check = qemu_img(&["check", img.to_str().unwrap_or("")], after.dir.path());
+    assert_checks(
+        &after.path("disk.qcow2"),
+        &format!("iteration {n}, after recovery"),
+    );
+}
+
+/// `qemu-img check` finds no corruption (0: clean; 3: leaked clusters
+/// only, which a crash may leave).
+fn assert_checks(img: &Path, when: &str) {
+    let dir = img.parent().unwrap_or(Path::new("."));
+    let check = qemu_img(&["check", img.to_str().unwrap_or("")], dir);
     assert!(
         matches!(check.status.code(), Some(0) | Some(3)),
-        "iteration {n}: qemu-img check after recovery: {}",
+        "{when}: qemu-img check: {}",
         String::from_utf8_lossy(&check.stdout)
     );
+}
+
+/// The unacknowledged writes of `log` whose data reached the disk served
+/// at `uri` (their stamp is there): they must be covered too. Requests
+/// neither acknowledged nor seen may never have reached the daemon.
+fn reached(writer: &mut PyScript, uri: &str, log: &Path) -> std::collections::HashSet<u64> {
+    send(writer, &format!("seen {uri} {}", log.display()));
+    let seen = expect_line(writer, "seen")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    expect_line(writer, "end");
+    seen
 }
 
 #[test]
@@ -410,12 +429,7 @@ fn kill_9_under_load_leaves_every_recording_bitmap_a_superset() {
     let base = seed();
     eprintln!("seed {base} (TIDEMARK_SEED), {iterations} iterations");
     let logs = tempfile::tempdir().expect("tempdir");
-    let mut writer = PyScript::spawn(
-        "crash_writer.py",
-        Vec::<String>::new(),
-        logs.path().join("writer.err"),
-    );
-    expect_line(&writer, "ready");
+    let mut writer = spawn_writer(logs.path());
     for n in 0..iterations {
         iteration(
             &mut writer,
@@ -595,12 +609,7 @@ fn periodic_store_points_under_load_lose_no_bits() {
         &["--bitmap-store-interval", "1"],
     );
     let logs = tempfile::tempdir().expect("tempdir");
-    let mut writer = PyScript::spawn(
-        "crash_writer.py",
-        Vec::<String>::new(),
-        logs.path().join("writer.err"),
-    );
-    expect_line(&writer, "ready");
+    let mut writer = spawn_writer(logs.path());
     let log = inst.path("writer.log");
     // Long enough for store points to happen while it writes: the
     // image's header shows each one (the directory moves).
@@ -640,16 +649,7 @@ fn periodic_store_points_under_load_lose_no_bits() {
     expect_line(&writer, "done");
     let after = start_on(&img, &[]);
     let mut q = after.client();
-    send(
-        &mut writer,
-        &format!("seen {} {}", after.nbd_uri("vm"), log.display()),
-    );
-    let seen: std::collections::HashSet<u64> = expect_line(&writer, "seen")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    expect_line(&writer, "end");
+    let seen = reached(&mut writer, &after.nbd_uri("vm"), &log);
     let requests = read_log(&log);
     let want = granules(
         requests

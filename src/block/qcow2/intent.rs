@@ -377,12 +377,7 @@ impl super::Qcow2Node {
             *n |= *b;
         }
         if !disk.installed {
-            disk.untrusted = stored
-                .bitmaps
-                .iter()
-                .filter(|b| b.inconsistent)
-                .map(|b| b.entry.name.clone())
-                .collect();
+            disk.untrusted = stored.inconsistent_names();
         }
         drop(stored);
         let payload = disk.combined(self.intent.shift);

@@ -175,12 +175,7 @@ impl Qcow2Node {
             if install {
                 let mut disk = self.intent.lock_disk();
                 self.intent.reset(&mut disk);
-                disk.untrusted = stored
-                    .bitmaps
-                    .iter()
-                    .filter(|b| b.inconsistent)
-                    .map(|b| b.entry.name.clone())
-                    .collect();
+                disk.untrusted = stored.inconsistent_names();
                 let payload = disk.combined(self.intent.shift);
                 meta.header
                     .set_extension(intent::EXT_TIDEMARK_INTENT, Some(payload.encode()));

@@ -82,6 +82,18 @@ pub struct Stored {
     pub bitmaps: Vec<StoredBitmap>,
 }
 
+impl Stored {
+    /// Names of the bitmaps found inconsistent (the intent log does not
+    /// vouch for them).
+    pub fn inconsistent_names(&self) -> Vec<String> {
+        self.bitmaps
+            .iter()
+            .filter(|b| b.inconsistent)
+            .map(|b| b.entry.name.clone())
+            .collect()
+    }
+}
+
 use super::Qcow2Node;
 use crate::bitmap::DirtyBitmap;
 use crate::block::{BlockError, BlockResult, ErrorKind};
