@@ -1058,5 +1058,10 @@ fn close_nodes(nodes: Vec<GraphNode>) {
         if let Err(e) = n.node.store_bitmaps() {
             warn!(node = %n.name(), error = %e, "could not store bitmaps on close");
         }
+        // Closed means other processes may open the image now, even while
+        // a job that used it still holds its handle for a moment.
+        if let Err(e) = n.node.set_image_locks(None) {
+            warn!(node = %n.name(), error = %e, "could not release the image locks on close");
+        }
     }
 }
