@@ -177,6 +177,10 @@ pub struct Daemon {
     bitmap_policy: Mutex<BitmapPolicy>,
 }
 
+/// How long a safe block-export-del waits for connections that are
+/// winding down.
+const EXPORT_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 fn not_found(name: &str) -> QmpError {
     QmpError::generic(format!(
         "Cannot find device='{name}' nor node-name='{name}'"
@@ -803,9 +807,7 @@ impl Daemon {
         st.exports
             .iter()
             .find(|e| e.id == id)
-            // The table and the record hold one reference each; every
-            // connection holds another.
-            .map_or(0, |e| Arc::strong_count(&e.export).saturating_sub(2))
+            .map_or(0, |e| e.export.connections())
     }
 
     /// Bytes clients asked to read from export `id`.
@@ -859,22 +861,26 @@ impl Daemon {
     /// block-export-del / nbd-server-remove. `by_name` looks the export up
     /// by its NBD name (the legacy command) rather than its id.
     pub fn delete_export(&self, key: &str, by_name: bool, hard: bool) -> QmpResult<()> {
-        let mut st = self.state();
-        let Some(i) = st
-            .exports
-            .iter()
-            .position(|e| if by_name { e.name == key } else { e.id == key })
-        else {
-            return Err(QmpError::generic(format!("Export '{key}' is not found")));
+        let matches = |e: &ExportRecord| if by_name { e.name == key } else { e.id == key };
+        let not_found = || QmpError::generic(format!("Export '{key}' is not found"));
+        let (export, id) = {
+            let st = self.state();
+            let e = st
+                .exports
+                .iter()
+                .find(|e| matches(e))
+                .ok_or_else(not_found)?;
+            (e.export.clone(), e.id.clone())
         };
-        // The table and our record hold one reference each; every open
-        // connection holds another.
-        if !hard && Arc::strong_count(&st.exports[i].export) > 2 {
-            return Err(QmpError::generic(format!(
-                "export '{}' still in use",
-                st.exports[i].id
-            )));
+        // A client that has just hung up is still counted until its
+        // connection has wound down: it gets a moment (qemu's one thread
+        // would have seen the hang-up before this command).
+        if !hard && !export.wait_idle(EXPORT_IDLE_GRACE) {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
         }
+        drop(export);
+        let mut st = self.state();
+        let i = st.exports.iter().position(matches).ok_or_else(not_found)?;
         let rec = st.exports.remove(i);
         drop(st);
         if hard {

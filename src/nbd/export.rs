@@ -26,6 +26,21 @@ pub struct Export {
     closed: tokio::sync::watch::Sender<bool>,
     /// Bytes clients asked to read (a backup session's progress).
     read_bytes: std::sync::atomic::AtomicU64,
+    /// Connections attached now (see [`Export::attach`]), and the signal
+    /// that one left.
+    conns: std::sync::Mutex<usize>,
+    left: std::sync::Condvar,
+}
+
+/// A connection's hold on its export: counted while it lives.
+pub struct Attachment(Arc<Export>);
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut n = self.0.conns.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        self.0.left.notify_all();
+    }
 }
 
 /// What an export is built from; the rest is derived.
@@ -56,6 +71,8 @@ impl Export {
             contexts,
             closed: tokio::sync::watch::channel(false).0,
             read_bytes: Default::default(),
+            conns: std::sync::Mutex::new(0),
+            left: std::sync::Condvar::new(),
         }
     }
 
@@ -72,6 +89,28 @@ impl Export {
 
     pub fn size(&self) -> u64 {
         self.root.get().size()
+    }
+
+    /// A connection attaches for as long as it serves requests.
+    pub fn attach(self: &Arc<Self>) -> Attachment {
+        *self.conns.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        Attachment(self.clone())
+    }
+
+    /// Connections attached now.
+    pub fn connections(&self) -> usize {
+        *self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `limit` for every connection to go; whether they did.
+    /// (A client that just hung up may take a moment to be noticed.)
+    pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let n = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, _) = self
+            .left
+            .wait_timeout_while(n, limit, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *n == 0
     }
 
     /// Counts a read request of `len` bytes.

@@ -46,6 +46,8 @@ pub async fn run<R>(
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    // Dropped last: the connection counts until every request is answered.
+    let _attached = neg.export.attach();
     let mut closed = neg.export.closed();
     let mut conn = Conn {
         r: BufReader::with_capacity(BUF_SIZE, r),
