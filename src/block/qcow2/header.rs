@@ -105,6 +105,21 @@ impl Header {
             .map(|e| e.data.as_slice())
     }
 
+    /// Replaces (or with `None` removes) one of tidemark's own extensions;
+    /// a new one goes last, after qemu's, so adding it moves none of them
+    /// (a header write torn between sectors then still finds qemu's
+    /// extensions where they were).
+    pub fn set_own_extension(&mut self, kind: u32, data: Option<Vec<u8>>) {
+        match (self.extensions.iter().position(|e| e.kind == kind), data) {
+            (Some(i), Some(d)) => self.extensions[i].data = d,
+            (Some(i), None) => {
+                self.extensions.remove(i);
+            }
+            (None, Some(d)) => self.extensions.push(Extension { kind, data: d }),
+            (None, None) => {}
+        }
+    }
+
     /// Where extension `kind`'s payload starts in the serialised header.
     pub fn extension_offset(&self, kind: u32) -> Option<u64> {
         let mut at = if self.version >= 3 {

@@ -380,20 +380,13 @@ impl super::Qcow2Node {
             disk.untrusted = stored.inconsistent_names();
         }
         drop(stored);
-        let payload = disk.combined(self.intent.shift);
         if disk.installed {
-            meta.header
-                .set_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
-            let at = meta
-                .header
-                .extension_offset(EXT_TIDEMARK_INTENT)
-                .ok_or_else(|| crate::block::BlockError::corrupt("intent log not in the header"))?;
-            self.f
-                .write(&payload.map, at + MAP_START as u64, "intent log")?;
+            self.write_map(&mut meta, &disk)?;
             return self.f.sync();
         }
+        let payload = disk.combined(self.intent.shift);
         let mut h = meta.header.clone();
-        h.set_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
+        h.set_own_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
         h.autoclear |= AUTOCLEAR_INTENT;
         let bytes = h.serialize()?;
         meta.write_back(&self.f)?;
@@ -402,6 +395,25 @@ impl super::Qcow2Node {
         meta.header = h;
         disk.installed = true;
         Ok(())
+    }
+
+    /// Writes the map as `disk` has it now in place (only its bytes; the
+    /// header around it is not rewritten), keeping the header in memory in
+    /// step. No flush: the caller decides.
+    pub(super) fn write_map(
+        &self,
+        meta: &mut super::meta::Meta,
+        disk: &DiskMaps,
+    ) -> BlockResult<()> {
+        let payload = disk.combined(self.intent.shift);
+        meta.header
+            .set_own_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
+        let at = meta
+            .header
+            .extension_offset(EXT_TIDEMARK_INTENT)
+            .ok_or_else(|| crate::block::BlockError::corrupt("intent log not in the header"))?;
+        self.f
+            .write(&payload.map, at + MAP_START as u64, "intent log")
     }
 
     /// A store point's copy was taken: the maps move to a new epoch.

@@ -166,7 +166,8 @@ impl Qcow2Node {
             && !self.lock_stored()?.bitmaps.is_empty();
         if meta.header.autoclear & !known != 0 || stale || old_log || install {
             meta.header.autoclear &= known & !intent::AUTOCLEAR_INTENT;
-            meta.header.set_extension(intent::EXT_TIDEMARK_INTENT, None);
+            meta.header
+                .set_own_extension(intent::EXT_TIDEMARK_INTENT, None);
             let mut stored = self.lock_stored()?;
             if stale {
                 bitmaps::store::set_extension(&mut meta.header, None);
@@ -178,7 +179,7 @@ impl Qcow2Node {
                 disk.untrusted = stored.inconsistent_names();
                 let payload = disk.combined(self.intent.shift);
                 meta.header
-                    .set_extension(intent::EXT_TIDEMARK_INTENT, Some(payload.encode()));
+                    .set_own_extension(intent::EXT_TIDEMARK_INTENT, Some(payload.encode()));
                 meta.header.autoclear |= intent::AUTOCLEAR_INTENT;
                 disk.installed = true;
             }
@@ -507,7 +508,7 @@ impl BlockNode for Qcow2Node {
     }
 
     fn set_checkpoint_record(&self, record: Option<Vec<u8>>) -> BlockResult<()> {
-        self.rewrite_header(|h| h.set_extension(EXT_TIDEMARK_CHECKPOINTS, record))
+        self.rewrite_header(|h| h.set_own_extension(EXT_TIDEMARK_CHECKPOINTS, record))
     }
 
     fn children(&self) -> Vec<Arc<Child>> {

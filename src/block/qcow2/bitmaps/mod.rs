@@ -176,19 +176,20 @@ impl Qcow2Node {
             .filter(|b| b.state.inconsistent)
             .map(|b| b.name().to_owned())
             .collect();
-        // The map as of the switch: the zones written since the copy.
+        // The switch keeps the map as it is (both epochs): a header write
+        // torn between sectors must not clear zones while leaving the old
+        // directory. The old epoch's zones are cleared after, in place.
         let payload = Payload {
-            shift: self.intent.shift,
-            map: disk.new.clone(),
             untrusted: untrusted.clone(),
+            ..disk.combined(self.intent.shift)
         };
         let mut header = |h: &mut crate::block::qcow2::header::Header| {
             if in_use {
                 // Bitmaps stored in use need a log that vouches for them.
-                h.set_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
+                h.set_own_extension(EXT_TIDEMARK_INTENT, Some(payload.encode()));
                 h.autoclear |= AUTOCLEAR_INTENT;
             } else {
-                h.set_extension(EXT_TIDEMARK_INTENT, None);
+                h.set_own_extension(EXT_TIDEMARK_INTENT, None);
                 h.autoclear &= !AUTOCLEAR_INTENT;
             }
         };
@@ -197,6 +198,8 @@ impl Qcow2Node {
             disk.old.iter_mut().for_each(|b| *b = 0);
             disk.untrusted = untrusted;
             disk.installed = true;
+            // Not flushed: until it is on disk, a crash only recovers more.
+            self.write_map(&mut meta, &disk).map_err(ctx)?;
         } else {
             self.intent.reset(&mut disk);
         }

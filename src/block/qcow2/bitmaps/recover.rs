@@ -86,7 +86,7 @@ impl Qcow2Node {
         };
         let refs: Vec<&DirtyBitmap> = list.iter().collect();
         let mut drop_log = |h: &mut Header| {
-            h.set_extension(EXT_TIDEMARK_INTENT, None);
+            h.set_own_extension(EXT_TIDEMARK_INTENT, None);
             h.autoclear &= !AUTOCLEAR_INTENT;
         };
         let mode = StoreMode {
