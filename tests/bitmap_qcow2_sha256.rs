@@ -10,7 +10,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
@@ -21,7 +21,24 @@ fn s(p: &Path) -> &str {
 }
 
 /// Loads `img` in qemu-storage-daemon and returns the sha256 of each bitmap.
+/// A daemon that stops answering or exits before `quit` (seen now and
+/// then on this machine, whatever tidemark does: the image is read-only
+/// here) is replaced by a fresh one, twice at most.
 fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
+    let mut failures = Vec::new();
+    while failures.len() < 3 {
+        match try_qsd_sha256(img, names) {
+            Ok(hashes) => return hashes,
+            Err(e) => {
+                eprintln!("qemu-storage-daemon failed, trying again: {e}");
+                failures.push(e);
+            }
+        }
+    }
+    panic!("qemu-storage-daemon failed three times: {failures:#?}");
+}
+
+fn try_qsd_sha256(img: &Path, names: &[&str]) -> Result<Vec<String>, String> {
     let dir = temp_dir();
     let qmp = dir.path().join("qmp.sock");
     // Its output goes to a file: a daemon writing into a closed pipe
@@ -41,63 +58,73 @@ fn qsd_sha256(img: &Path, names: &[&str]) -> Vec<String> {
         .stderr(log)
         .spawn()
         .expect("start qemu-storage-daemon");
-    let qsd_log = || std::fs::read_to_string(dir.path().join("qsd.log")).unwrap_or_default();
-    // Ready once its monitor accepts (bounded).
+    let result = qmp_session(&mut child, &qmp, names);
+    // Gone after quit (bounded: killed otherwise, and always reaped).
+    let limit = Duration::from_secs(if result.is_ok() { 20 } else { 0 });
+    if wait_with_deadline(&mut child, limit).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let qsd_log = std::fs::read_to_string(dir.path().join("qsd.log")).unwrap_or_default();
+    result.map_err(|e| format!("{e}; its log: {qsd_log}"))
+}
+
+/// The hashes over `qmp`, once the daemon's monitor accepts; then `quit`.
+fn qmp_session(child: &mut Child, qmp: &Path, names: &[&str]) -> Result<Vec<String>, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let stream = loop {
-        match UnixStream::connect(&qmp) {
+        match UnixStream::connect(qmp) {
             Ok(s) => break s,
-            Err(_) if std::time::Instant::now() < deadline => {
-                assert!(
-                    child.try_wait().ok().flatten().is_none(),
-                    "qemu-storage-daemon exited: {}",
-                    qsd_log()
-                );
+            Err(e) if std::time::Instant::now() >= deadline => return Err(format!("monitor: {e}")),
+            Err(_) => {
+                if let Ok(Some(st)) = child.try_wait() {
+                    return Err(format!("exited at start: {st}"));
+                }
                 std::thread::yield_now();
             }
-            Err(e) => panic!("qsd monitor: {e}: {}", qsd_log()),
         }
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut writer = stream.try_clone().expect("clone");
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     // The greeting first: the monitor is up and talking to us.
     let mut greeting = String::new();
-    reader.read_line(&mut greeting).expect("qmp greeting");
-    assert!(greeting.contains("QMP"), "qsd greeting: {greeting:?}");
-    let mut call = |cmd: Value| -> Value {
-        writeln!(writer, "{cmd}").unwrap_or_else(|e| panic!("send {cmd}: {e}: {}", qsd_log()));
+    reader
+        .read_line(&mut greeting)
+        .map_err(|e| format!("greeting: {e}"))?;
+    if !greeting.contains("QMP") {
+        return Err(format!("greeting: {greeting:?}"));
+    }
+    let mut call = |cmd: Value| -> Result<Value, String> {
+        writeln!(writer, "{cmd}").map_err(|e| format!("send {cmd}: {e}"))?;
         loop {
             let mut line = String::new();
-            reader.read_line(&mut line).expect("qmp reply");
-            assert!(!line.is_empty(), "qsd closed the monitor: {}", qsd_log());
-            let v: Value = serde_json::from_str(&line).expect("qmp json");
+            reader
+                .read_line(&mut line)
+                .map_err(|e| format!("reply to {cmd}: {e}"))?;
+            if line.is_empty() {
+                return Err(format!("closed before replying to {cmd}"));
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| format!("{line}: {e}"))?;
             if v.get("return").is_some() || v.get("error").is_some() {
-                return v;
+                return Ok(v);
             }
         }
     };
-    call(json!({"execute": "qmp_capabilities"}));
-    let out = names
-        .iter()
-        .map(|name| {
-            let r = call(json!({"execute": "x-debug-block-dirty-bitmap-sha256",
-                                 "arguments": {"node": "n", "name": name}}));
-            r["return"]["sha256"]
-                .as_str()
-                .unwrap_or_else(|| panic!("qsd: {r}"))
-                .to_string()
-        })
-        .collect();
-    call(json!({"execute": "quit"}));
-    // The daemon exits after quit (bounded: killed otherwise).
-    if wait_with_deadline(&mut child, Duration::from_secs(20)).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
+    call(json!({"execute": "qmp_capabilities"}))?;
+    let mut out = Vec::new();
+    for name in names {
+        let r = call(json!({"execute": "x-debug-block-dirty-bitmap-sha256",
+                             "arguments": {"node": "n", "name": name}}))?;
+        let hash = r["return"]["sha256"]
+            .as_str()
+            .unwrap_or_else(|| panic!("qsd: {r}"));
+        out.push(hash.to_string());
     }
-    out
+    call(json!({"execute": "quit"}))?;
+    Ok(out)
 }
 
 fn ours(img: &Path, name: &str) -> String {
