@@ -141,8 +141,9 @@ impl Qcow2Node {
     /// an image that stays writable (flags stay set; the intent log keeps
     /// the zones written since the bitmaps were copied); otherwise a clean
     /// store (a close): the log leaves the header with the directory
-    /// switch. The bitmaps' bytes are written without the metadata lock:
-    /// guest I/O waits only for the allocation and for the switch.
+    /// switch. The bitmaps' bytes are written and flushed, and the new
+    /// header flushed, without the metadata lock: guest I/O waits only for
+    /// the allocation and the header write.
     /// (The node runs one store at a time.)
     pub(super) fn store_bitmaps_at(
         &self,
@@ -193,17 +194,27 @@ impl Qcow2Node {
                 h.autoclear &= !AUTOCLEAR_INTENT;
             }
         };
-        store::switch(&self.f, &mut meta, &mut stored, prepared, &mut header).map_err(ctx)?;
+        let replaced =
+            store::switch(&self.f, &mut meta, &mut stored, prepared, &mut header).map_err(ctx)?;
         if in_use {
-            disk.old.iter_mut().for_each(|b| *b = 0);
             disk.untrusted = untrusted;
             disk.installed = true;
-            // Not flushed: until it is on disk, a crash only recovers more.
-            self.write_map(&mut meta, &disk).map_err(ctx)?;
         } else {
             self.intent.reset(&mut disk);
         }
-        Ok(())
+        drop((disk, stored, meta));
+        // The header reaches the disk without the lock held. Only then are
+        // the old epoch's zones cleared (in place; not flushed: until that
+        // is on disk, a crash only recovers more) and the old clusters
+        // freed: before, a crash could find the old directory.
+        self.f.sync().map_err(ctx)?;
+        let mut meta = self.lock_meta()?;
+        if in_use {
+            let mut disk = self.intent.lock_disk();
+            disk.old.iter_mut().for_each(|b| *b = 0);
+            self.write_map(&mut meta, &disk).map_err(ctx)?;
+        }
+        store::finish(&self.f, &mut meta, replaced).map_err(ctx)
     }
 }
 

@@ -150,7 +150,9 @@ pub fn store(
         abandon(f, meta, p);
         return Err(e);
     }
-    switch(f, meta, stored, p, mode.header)
+    let old = switch(f, meta, stored, p, mode.header)?;
+    f.sync()?;
+    finish(f, meta, old)
 }
 
 /// Checks, lays out and allocates a store of `bitmaps` (under the
@@ -220,7 +222,9 @@ pub fn prepare(
         }
         Ok(())
     })();
-    match res {
+    // The new clusters' refcounts go out now; [`write`]'s flush makes
+    // them stable with the data.
+    match res.and_then(|()| meta.write_back(f)) {
         Ok(()) => Ok(p),
         Err(e) => {
             abandon(f, meta, p);
@@ -229,13 +233,16 @@ pub fn prepare(
     }
 }
 
-/// Writes a prepared store's bytes (no lock needed: nothing refers to
-/// these clusters yet).
+/// Writes a prepared store's bytes and flushes them with their refcounts
+/// (no lock needed: nothing refers to these clusters yet).
 pub fn write(f: &HostFile, p: &Prepared) -> BlockResult<()> {
     for (off, data, what) in &p.writes {
         f.write(data, *off, what)?;
     }
-    Ok(())
+    if p.noop {
+        return Ok(());
+    }
+    f.sync()
 }
 
 /// Gives back a prepared store's clusters (it will not happen).
@@ -245,24 +252,38 @@ pub fn abandon(f: &HostFile, meta: &mut Meta, p: Prepared) {
     }
 }
 
-/// Switches the image to a written store (under the metadata lock): the
-/// refcounts and the new clusters made stable, then one header write
-/// (with `header`'s last changes), then the old clusters freed.
+/// What a switch replaced: freed by [`finish`] once the new header is
+/// on disk (freed earlier, the clusters could be reused while a crash
+/// would still find the old directory pointing at them).
+pub struct Replaced {
+    old: Stored,
+    kept: Vec<usize>,
+}
+
+/// Switches the image to a written, flushed store (under the metadata
+/// lock): one header write, with `header`'s last changes, not flushed
+/// (the caller flushes without the lock, then calls [`finish`]).
 pub fn switch(
     f: &HostFile,
     meta: &mut Meta,
     stored: &mut Stored,
     p: Prepared,
     header: &mut dyn FnMut(&mut Header),
-) -> BlockResult<()> {
+) -> BlockResult<Replaced> {
     if p.noop {
-        return Ok(());
+        return Ok(Replaced {
+            old: Stored::default(),
+            kept: Vec::new(),
+        });
     }
     let res = (|| {
-        // Everything the new header points to, and its refcounts, is stable
-        // before the header switches over.
+        // A refcount table that moved since must be stable before the
+        // header names it (rare: the write made at prepare covers the rest).
+        let moved = meta.refs.table_offset != meta.header.refcount_table_offset;
         meta.write_back(f)?;
-        f.sync()?;
+        if moved {
+            f.sync()?;
+        }
         let mut h = meta.header.clone();
         h.refcount_table_offset = meta.refs.table_offset;
         h.refcount_table_clusters = meta.refs.table_clusters;
@@ -277,7 +298,6 @@ pub fn switch(
             // the new clusters may be referenced, so a failure leaks them
             // rather than freeing them.
             f.write(&bytes, 0, "header")?;
-            f.sync()?;
             h
         }
         Err(e) => {
@@ -294,7 +314,12 @@ pub fn switch(
             bitmaps: p.new,
         },
     );
-    free_old(f, meta, &old, &p.kept)?;
+    Ok(Replaced { old, kept: p.kept })
+}
+
+/// After the new header is flushed: frees the old directory's clusters.
+pub fn finish(f: &HostFile, meta: &mut Meta, r: Replaced) -> BlockResult<()> {
+    free_old(f, meta, &r.old, &r.kept)?;
     // No sync of its own: losing these refcount drops in a crash only
     // leaks the old clusters, and the caller's flush makes them stable.
     meta.write_back(f)
