@@ -215,6 +215,7 @@ fn carry_checkpoints(d: &Daemon, old: &Arc<Node>, overlay: &Arc<Node>) {
         let added = super::bitmap::action("block-dirty-bitmap-add", add).and_then(|mut a| {
             a.prepare(d)?;
             a.commit(d);
+            a.after_commit(d);
             a.clean(d);
             Ok(())
         });
