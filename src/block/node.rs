@@ -148,14 +148,13 @@ impl Node {
         }
         let all = self.bitmaps.all();
         let guards = lock_all(&all);
+        // Even with no persistent bitmap left: the image may still list
+        // one just removed.
         let copies: Vec<DirtyBitmap> = guards
             .iter()
             .filter(|b| b.state.persistent)
             .map(|b| (**b).clone())
             .collect();
-        if copies.is_empty() {
-            return Ok(());
-        }
         self.driver.intent_new_epoch();
         drop(guards);
         let refs: Vec<&DirtyBitmap> = copies.iter().collect();

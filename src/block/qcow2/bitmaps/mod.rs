@@ -196,10 +196,11 @@ impl Qcow2Node {
         };
         let replaced =
             store::switch(&self.f, &mut meta, &mut stored, prepared, &mut header).map_err(ctx)?;
-        if in_use {
+        let logged = in_use && replaced.switched;
+        if logged {
             disk.untrusted = untrusted;
             disk.installed = true;
-        } else {
+        } else if !in_use {
             self.intent.reset(&mut disk);
         }
         drop((disk, stored, meta));
@@ -209,7 +210,7 @@ impl Qcow2Node {
         // freed: before, a crash could find the old directory.
         self.f.sync().map_err(ctx)?;
         let mut meta = self.lock_meta()?;
-        if in_use {
+        if logged {
             let mut disk = self.intent.lock_disk();
             disk.old.iter_mut().for_each(|b| *b = 0);
             self.write_map(&mut meta, &disk).map_err(ctx)?;

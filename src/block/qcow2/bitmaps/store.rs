@@ -258,6 +258,8 @@ pub fn abandon(f: &HostFile, meta: &mut Meta, p: Prepared) {
 pub struct Replaced {
     old: Stored,
     kept: Vec<usize>,
+    /// Whether a header was written (nothing to store: none).
+    pub switched: bool,
 }
 
 /// Switches the image to a written, flushed store (under the metadata
@@ -274,6 +276,7 @@ pub fn switch(
         return Ok(Replaced {
             old: Stored::default(),
             kept: Vec::new(),
+            switched: false,
         });
     }
     let res = (|| {
@@ -314,7 +317,11 @@ pub fn switch(
             bitmaps: p.new,
         },
     );
-    Ok(Replaced { old, kept: p.kept })
+    Ok(Replaced {
+        old,
+        kept: p.kept,
+        switched: true,
+    })
 }
 
 /// After the new header is flushed: frees the old directory's clusters.
