@@ -173,8 +173,8 @@ pub struct Daemon {
     sessions: crate::qmp::commands::session::Sessions,
     /// Itself, for what must outlive a command (a job's thread).
     me: Weak<Daemon>,
-    /// How persistent bitmaps are kept (crate::store_point).
-    bitmap_policy: Mutex<BitmapPolicy>,
+    /// Seconds between periodic store points (crate::store_point).
+    store_interval: std::sync::atomic::AtomicU64,
 }
 
 /// How long a safe block-export-del waits for connections that are
@@ -202,9 +202,9 @@ impl Daemon {
             jobs: Mutex::new(Vec::new()),
             events,
             quit,
-            bitmap_policy: Mutex::new(BitmapPolicy::default()),
+            store_interval: crate::store_point::DEFAULT_STORE_INTERVAL.into(),
         });
-        crate::store_point::start_timer(Arc::downgrade(&d));
+        crate::store_point::start_timer(&d);
         crate::qmp::commands::session::sweep_stale_scratch();
         d
     }
@@ -212,11 +212,41 @@ impl Daemon {
     /// Sets how persistent bitmaps are kept; before images are opened.
     pub fn set_bitmap_policy(&self, p: BitmapPolicy) {
         crate::block::qcow2::intent::set_enabled(p.intent_log);
-        *self.bitmap_policy.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        self.store_interval
+            .store(p.store_interval, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn bitmap_policy(&self) -> BitmapPolicy {
-        *self.bitmap_policy.lock().unwrap_or_else(|e| e.into_inner())
+    /// Seconds between periodic store points; 0 for none.
+    pub fn store_interval(&self) -> u64 {
+        self.store_interval
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `f` every `period` on a thread of its own, under the command
+    /// lock as a command would, until it returns false or the daemon
+    /// closes (a lease, the store points).
+    pub fn every(
+        self: &Arc<Self>,
+        name: String,
+        period: Duration,
+        mut f: impl FnMut(&Daemon) -> bool + Send + 'static,
+    ) {
+        let d = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let Some(d) = d.upgrade() else {
+                    return;
+                };
+                let _serial = d.command_lock.blocking_lock();
+                if d.check_open().is_err() || !f(&d) {
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(timer = %name, error = %e, "could not start a timer");
+        }
     }
 
     /// The daemon as a shared handle.

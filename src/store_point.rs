@@ -4,7 +4,7 @@
 //! marks, once per interval. Bitmap commands make their own store points
 //! (qmp/commands/transaction.rs); a clean close stores as qemu does.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::daemon::Daemon;
@@ -55,37 +55,22 @@ impl BitmapPolicy {
 /// How often the timer looks at the clock.
 const TICK: Duration = Duration::from_millis(500);
 
-/// Starts the store-point timer of `d` (it ends with the daemon).
-pub fn start_timer(d: Weak<Daemon>) {
-    let spawned = std::thread::Builder::new()
-        .name("store points".into())
-        .spawn(move || {
-            let mut last = Instant::now();
-            loop {
-                std::thread::sleep(TICK);
-                let Some(d) = d.upgrade() else {
-                    return;
-                };
-                let p = d.bitmap_policy();
-                let due = Duration::from_secs(p.store_interval);
-                if !p.intent_log || p.store_interval == 0 || last.elapsed() < due {
-                    continue;
-                }
-                last = Instant::now();
-                let _serial = d.command_lock.blocking_lock();
-                if d.check_open().is_err() {
-                    return;
-                }
-                store_marked(&d);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "could not start the store-point timer");
-    }
+/// Starts the store-point timer of `d` (it ends with the daemon). Nodes
+/// without an intent log, or with the log off, have no marks to clear.
+pub fn start_timer(d: &Arc<Daemon>) {
+    let mut last = Instant::now();
+    d.every("store points".into(), TICK, move |d| {
+        let interval = d.store_interval();
+        if interval > 0 && last.elapsed() >= Duration::from_secs(interval) {
+            last = Instant::now();
+            store_marked(d);
+        }
+        true
+    });
 }
 
 /// A store point on every node whose intent log has marks.
-fn store_marked(d: &Arc<Daemon>) {
+fn store_marked(d: &Daemon) {
     let nodes = d.with_nodes(|it| it.map(|g| g.node.clone()).collect::<Vec<_>>());
     for n in nodes {
         if n.driver().intent_marked() {

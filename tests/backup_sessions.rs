@@ -142,11 +142,7 @@ fn full_then_incremental_pull_and_a_failed_session_keeps_the_checkpoint() {
         q1[0]["disks"][0]["scratch-bytes"].as_u64().unwrap_or(0) > 0,
         "{q1}"
     );
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "s1", "success": true}),
-    );
+    end(&mut q, "s1", true);
     assert_torn_down(&mut q, &scratch);
     assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
 
@@ -168,11 +164,7 @@ fn full_then_incremental_pull_and_a_failed_session_keeps_the_checkpoint() {
     assert!(dirty[0].trim_start().starts_with("1048576"), "{map}");
     assert!(dirty[1].trim_start().starts_with("3145728"), "{map}");
     // A failure keeps the checkpoints as before the begin.
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "s2", "success": false}),
-    );
+    end(&mut q, "s2", false);
     assert_torn_down(&mut q, &scratch2);
     assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
 
@@ -188,11 +180,7 @@ fn full_then_incremental_pull_and_a_failed_session_keeps_the_checkpoint() {
         r["disks"][0]["dirty-bytes"],
         64 * 1024 + 128 * 1024 + 64 * 1024
     );
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "s3", "success": true}),
-    );
+    end(&mut q, "s3", true);
     let check = Command::new("qemu-img")
         .args(["check", "-U"])
         .arg(inst.path("vda.qcow2"))
@@ -237,11 +225,7 @@ fn a_two_disk_begin_is_all_or_nothing() {
         .filter_map(|k| k["export"].as_str())
         .collect();
     assert_eq!(exports, vec!["m-vda", "m-vdb"]);
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "m", "success": true}),
-    );
+    end(&mut q, "m", true);
     assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
     assert_eq!(checkpoints(&mut q, "vdb"), vec!["c1"]);
     assert_eq!(ok(&mut q, "query-jobs", json!({})), json!([]));
@@ -285,11 +269,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
         "disks": [{"node": "vda", "scratch": inst.path("y.qcow2")}]}),
     );
     assert_eq!(e, "Backup session 'x' already exists");
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "x", "success": true}),
-    );
+    end(&mut q, "x", true);
     assert_torn_down(&mut q, &scratch);
 }
 
@@ -340,11 +320,7 @@ fn checkpoints_live_in_the_image_across_restarts_and_qemu() {
             args["incremental"] = json!(i);
         }
         ok(&mut q, "x-tidemark-backup-begin", args);
-        ok(
-            &mut q,
-            "x-tidemark-backup-end",
-            json!({"id": id, "success": true}),
-        );
+        end(&mut q, id, true);
     }
     let before = checkpoint_list(&mut q, "vda");
     let names: Vec<&str> = before["checkpoints"]
@@ -538,6 +514,15 @@ fn a_session_nobody_uses_expires_as_a_failure() {
     assert_eq!(r["disks"][0]["dirty-bytes"], 2 * 65536, "{r}");
 }
 
+/// Ends session `id` (it must succeed as a command).
+fn end(q: &mut Qmp, id: impl serde::Serialize, success: bool) {
+    ok(
+        q,
+        "x-tidemark-backup-end",
+        json!({"id": id, "success": success}),
+    );
+}
+
 /// Makes checkpoint `c` on `vda` with a session that succeeds.
 fn checkpoint(q: &mut Qmp, c: &str) {
     ok(
@@ -545,11 +530,7 @@ fn checkpoint(q: &mut Qmp, c: &str) {
         "x-tidemark-backup-begin",
         json!({"id": format!("make-{c}"), "checkpoint": c, "disks": [{"node": "vda"}]}),
     );
-    ok(
-        q,
-        "x-tidemark-backup-end",
-        json!({"id": format!("make-{c}"), "success": true}),
-    );
+    end(q, format!("make-{c}"), true);
 }
 
 /// Reads `len` bytes at `at` of `uri` with qemu-io; its stderr and stdout
@@ -613,11 +594,7 @@ fn a_full_scratch_breaks_the_snapshot_not_the_guest() {
         json!({"id": "q", "success": true}),
     );
     assert!(e.contains("broke"), "{e}");
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "q", "success": false}),
-    );
+    end(&mut q, "q", false);
     assert_torn_down(&mut q, &scratch);
     assert_eq!(checkpoints(&mut q, "vda"), vec!["c1"]);
     // The guest's writes are all there, and c1 still covers them.
@@ -633,11 +610,7 @@ fn a_full_scratch_breaks_the_snapshot_not_the_guest() {
         json!({"id": "n", "incremental": "c1", "disks": [{"node": "vda"}]}),
     );
     assert_eq!(r["disks"][0]["dirty-bytes"], 5 * 65536, "{r}");
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "n", "success": true}),
-    );
+    end(&mut q, "n", true);
 }
 
 #[test]
@@ -710,11 +683,7 @@ fn a_given_scratch_node_and_refusals_that_leave_nothing() {
     pull(&uri, &pulled);
     assert_eq!(bytes_at(&pulled, 0, 4), vec![0x22; 4]);
     assert_eq!(bytes_at(&pulled, 2 << 20, 4), vec![0x11; 4]);
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "g", "success": true}),
-    );
+    end(&mut q, "g", true);
     assert_torn_down(&mut q, &inst.path("none"));
     assert!(checkpoints(&mut q, "fit").is_empty());
     assert!(taken.exists());
@@ -817,11 +786,7 @@ fn checkpoints_carry_across_an_external_snapshot() {
         json!({"id": "s", "incremental": "c1", "checkpoint": "c2", "disks": [{"node": "top"}]}),
     );
     assert_eq!(r["disks"][0]["dirty-bytes"], 2 * 65536, "{r}");
-    ok(
-        &mut q,
-        "x-tidemark-backup-end",
-        json!({"id": "s", "success": true}),
-    );
+    end(&mut q, "s", true);
     ok(&mut q, "quit", json!({}));
     let mut inst = inst;
     assert!(inst.wait_exit(std::time::Duration::from_secs(20)));

@@ -288,6 +288,12 @@ pub trait BlockNode: Send + Sync + 'static {
     /// epoch of the intent log starts.
     fn intent_new_epoch(&self) {}
 
+    /// Whether the image keeps an intent log (qcow2, writable, the log on):
+    /// only then do store points happen while it is open.
+    fn logs_intents(&self) -> bool {
+        false
+    }
+
     /// Whether the intent log has marks a store point would clear.
     fn intent_marked(&self) -> bool {
         false

@@ -141,9 +141,11 @@ impl Node {
     /// log starts a new epoch at that instant, and the copies are stored
     /// (still in use) while writes go on; the log then forgets the zones
     /// the copies cover.
+    /// Nothing without an intent log (qemu's semantics: bitmaps reach
+    /// the image when it closes).
     pub fn store_point(&self) -> BlockResult<()> {
         let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
-        if self.driver.read_only() {
+        if !self.driver.logs_intents() {
             return Ok(());
         }
         let all = self.bitmaps.all();

@@ -110,14 +110,8 @@ impl Header {
     /// (a header write torn between sectors then still finds qemu's
     /// extensions where they were).
     pub fn set_own_extension(&mut self, kind: u32, data: Option<Vec<u8>>) {
-        match (self.extensions.iter().position(|e| e.kind == kind), data) {
-            (Some(i), Some(d)) => self.extensions[i].data = d,
-            (Some(i), None) => {
-                self.extensions.remove(i);
-            }
-            (None, Some(d)) => self.extensions.push(Extension { kind, data: d }),
-            (None, None) => {}
-        }
+        let last = self.extensions.len();
+        self.put_extension(kind, data, last);
     }
 
     /// Where extension `kind`'s payload starts in the serialised header.
@@ -139,12 +133,17 @@ impl Header {
     /// Replaces (or with `None` removes) an extension, keeping the order of
     /// the others.
     pub fn set_extension(&mut self, kind: u32, data: Option<Vec<u8>>) {
+        self.put_extension(kind, data, 0);
+    }
+
+    /// Replaces or removes extension `kind`; a new one goes at index `at`.
+    fn put_extension(&mut self, kind: u32, data: Option<Vec<u8>>, at: usize) {
         match (self.extensions.iter().position(|e| e.kind == kind), data) {
             (Some(i), Some(d)) => self.extensions[i].data = d,
             (Some(i), None) => {
                 self.extensions.remove(i);
             }
-            (None, Some(d)) => self.extensions.insert(0, Extension { kind, data: d }),
+            (None, Some(d)) => self.extensions.insert(at, Extension { kind, data: d }),
             (None, None) => {}
         }
     }

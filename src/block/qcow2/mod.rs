@@ -616,6 +616,10 @@ impl BlockNode for Qcow2Node {
         self.log_new_epoch();
     }
 
+    fn logs_intents(&self) -> bool {
+        intent::enabled() && !self.is_read_only()
+    }
+
     fn intent_marked(&self) -> bool {
         self.intent.any_marked()
     }

@@ -179,12 +179,10 @@ impl Action for Add {
     }
 }
 
-/// With the intent log on, `make` makes a bitmap change of `node` durable
-/// (the log covers writes; adds, removals, enables and merges need this).
+/// `make` makes a bitmap change of `node` durable where an intent log is
+/// kept (the log covers writes; adds, removals, enables and merges need
+/// this; without a log both calls do nothing).
 fn durable(node: &Node, make: impl FnOnce(&Node) -> crate::block::BlockResult<()>) {
-    if !crate::block::qcow2::intent::enabled() {
-        return;
-    }
     if let Err(e) = make(node) {
         tracing::error!(node = node.name(), error = %e, "a bitmap change could not be made durable");
     }

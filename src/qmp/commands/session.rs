@@ -459,44 +459,31 @@ const LEASE_TICK: Duration = Duration::from_millis(200);
 /// its checkpoint, nor the scratch space). A timer on its own thread; the
 /// check and the end run under the command lock, as a command would.
 fn watch_lease(d: &Arc<Daemon>, id: String, lease: Duration) {
-    let d = Arc::downgrade(d);
-    let spawned = std::thread::Builder::new()
-        .name(format!("lease {id}"))
-        .spawn(move || {
-            let mut idle_since = Instant::now();
-            loop {
-                std::thread::sleep(LEASE_TICK);
-                let Some(d) = d.upgrade() else {
-                    return;
-                };
-                let _serial = d.command_lock.blocking_lock();
-                if d.check_open().is_err() {
-                    return;
-                }
-                let exports: Option<Vec<String>> = {
-                    let all = d.sessions().lock();
-                    all.iter()
-                        .find(|s| s.id == id)
-                        .map(|s| s.disks.iter().map(|k| k.export.clone()).collect())
-                };
-                let Some(exports) = exports else {
-                    return;
-                };
-                if exports.iter().any(|e| d.export_clients(e) > 0) {
-                    idle_since = Instant::now();
-                } else if idle_since.elapsed() >= lease {
-                    let args = json!({"id": id, "success": false});
-                    if end(&d, args.as_object().cloned().unwrap_or_default()).is_ok() {
-                        d.prune();
-                        d.emit(crate::event::EventKind::XTidemarkBackupExpired { id });
-                    }
-                    return;
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "could not watch a session's lease");
-    }
+    let mut idle_since = Instant::now();
+    d.every(format!("lease {id}"), LEASE_TICK, move |d| {
+        let exports: Option<Vec<String>> = {
+            let all = d.sessions().lock();
+            all.iter()
+                .find(|s| s.id == id)
+                .map(|s| s.disks.iter().map(|k| k.export.clone()).collect())
+        };
+        let Some(exports) = exports else {
+            return false;
+        };
+        if exports.iter().any(|e| d.export_clients(e) > 0) {
+            idle_since = Instant::now();
+            return true;
+        }
+        if idle_since.elapsed() < lease {
+            return true;
+        }
+        let args = json!({"id": id, "success": false});
+        if end(d, args.as_object().cloned().unwrap_or_default()).is_ok() {
+            d.prune();
+            d.emit(crate::event::EventKind::XTidemarkBackupExpired { id: id.clone() });
+        }
+        false
+    });
 }
 
 #[derive(Deserialize)]
