@@ -249,12 +249,26 @@ enum Store {
     During,
 }
 
+/// The first `n` bytes of an image (its header), not the whole file.
+fn head(img: &Path, n: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut h = Vec::new();
+    if let Ok(f) = std::fs::File::open(img) {
+        let _ = f.take(n).read_to_end(&mut h);
+    }
+    h
+}
+
+/// The autoclear bits in an image's header.
+fn autoclear(img: &Path) -> u64 {
+    let h = head(img, 96);
+    u64::from_be_bytes(h[88..96].try_into().expect("a qcow2 header"))
+}
+
 /// The zones marked in an image's intent log (read from its header), for
 /// failure messages.
 fn log_zones(img: &Path) -> Vec<u64> {
-    let Ok(h) = std::fs::read(img).map(|b| b[..b.len().min(65536)].to_vec()) else {
-        return Vec::new();
-    };
+    let h = head(img, 65536);
     let Some(at) = h.windows(4).position(|w| w == [0x74, 0x64, 0x6d, 0x69]) else {
         return Vec::new();
     };
@@ -543,9 +557,7 @@ fn without_a_crash_qemu_reads_the_image_as_before() {
     let dir = inst.dir.path();
     // Closed cleanly: no log left, flags as qemu leaves them.
     assert_eq!(stored_flags(&img, "rec"), vec!["auto"]);
-    let header = std::fs::read(&img).expect("read image");
-    let autoclear = u64::from_be_bytes(header[88..96].try_into().expect("8 bytes"));
-    assert_eq!(autoclear, 1, "only the bitmaps bit");
+    assert_eq!(autoclear(&img), 1, "only the bitmaps bit");
     let check = qemu_img(&["check", "disk.qcow2"], dir);
     assert_eq!(check.status.code(), Some(0), "{check:?}");
     // qemu-nbd -B exports the same bits tidemark stored.
@@ -588,9 +600,7 @@ fn with_the_log_off_a_crash_is_what_it_is_in_qemu() {
     );
     write_then_crash(&mut inst, &["write 3G 64k"]);
     let img = inst.path("disk.qcow2");
-    let header = std::fs::read(&img).expect("read image");
-    let autoclear = u64::from_be_bytes(header[88..96].try_into().expect("8 bytes"));
-    assert_eq!(autoclear, 1, "no log: only the bitmaps bit");
+    assert_eq!(autoclear(&img), 1, "no log: only the bitmaps bit");
     // Restarted with the log on: nothing to recover from, qemu's rule.
     let after = start_on(&img, &[]);
     let mut q = after.client();
@@ -624,9 +634,7 @@ fn periodic_store_points_under_load_lose_no_bits() {
     expect_line(&writer, "at 100");
     let img = inst.path("disk.qcow2");
     let dir_offset = || {
-        let h = std::fs::read(&img)
-            .map(|b| b[..4096].to_vec())
-            .unwrap_or_default();
+        let h = head(&img, 4096);
         h.windows(4)
             .position(|w| w == [0x23, 0x85, 0x28, 0x75])
             .and_then(|at| h.get(at + 24..at + 32))
