@@ -28,6 +28,7 @@ use crate::block::open::Driver;
 use crate::block::BlockNode;
 use crate::event::{Event, EventKind};
 use crate::job::Job;
+use crate::nbd::budget::Pool;
 use crate::nbd::export::{Export, ExportTable};
 use crate::nbd::server::{Address, NbdServer};
 use crate::qmp::error::{QmpError, QmpResult};
@@ -175,6 +176,8 @@ pub struct Daemon {
     me: Weak<Daemon>,
     /// Seconds between periodic store points (crate::store_point).
     store_interval: std::sync::atomic::AtomicU64,
+    /// `--nbd-memory`: the NBD server's pool for in-flight requests.
+    nbd_memory: std::sync::atomic::AtomicUsize,
 }
 
 /// How long a safe block-export-del waits for connections that are
@@ -203,6 +206,7 @@ impl Daemon {
             events,
             quit,
             store_interval: crate::store_point::DEFAULT_STORE_INTERVAL.into(),
+            nbd_memory: crate::nbd::budget::DEFAULT_POOL.into(),
         });
         crate::store_point::start_timer(&d);
         crate::qmp::commands::session::sweep_stale_scratch();
@@ -214,6 +218,12 @@ impl Daemon {
         crate::block::qcow2::intent::set_enabled(p.intent_log);
         self.store_interval
             .store(p.store_interval, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The size of the NBD server's memory pool; before it starts.
+    pub fn set_nbd_memory(&self, bytes: usize) {
+        self.nbd_memory
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Seconds between periodic store points; 0 for none.
@@ -944,7 +954,8 @@ impl Daemon {
         if nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        let server = NbdServer::bind(addrs, self.exports.clone(), max_connections)
+        let pool = Pool::new(self.nbd_memory.load(std::sync::atomic::Ordering::Relaxed));
+        let server = NbdServer::bind(addrs, self.exports.clone(), max_connections, pool)
             .await
             .map_err(|e| QmpError::generic(crate::qmp::error::strip_os_error(&e.to_string())))?;
         for a in server.tcp_addrs() {

@@ -2,6 +2,7 @@
 //! their changes for incremental backup. See DESIGN.md in the project's
 //! shared folder for the map; README.md for use.
 
+pub mod accept;
 pub mod bitmap;
 pub mod block;
 pub mod checkpoint;

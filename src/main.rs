@@ -126,9 +126,10 @@ struct ServeArgs {
     /// Image format (default: probe).
     #[arg(long, short = 'f', value_enum)]
     format: Option<Format>,
-    /// Maximum number of simultaneous clients.
-    #[arg(long, short = 'e')]
-    max_connections: Option<usize>,
+    /// Maximum number of simultaneous clients (0: no limit); the default
+    /// is qemu-nbd's.
+    #[arg(long, short = 'e', default_value_t = 1)]
+    max_connections: usize,
     /// Also expose the qemu:allocation-depth metadata context.
     #[arg(long, short = 'A')]
     allocation_depth: bool,
@@ -146,6 +147,10 @@ struct ServeArgs {
     /// Seconds between store points of the persistent bitmaps (0: none).
     #[arg(long, value_name = "SECS", default_value_t = tidemark::store_point::DEFAULT_STORE_INTERVAL)]
     bitmap_store_interval: u64,
+    /// Memory for in-flight NBD request and reply data, shared by all
+    /// clients (default 192M: RSS stays under 256M).
+    #[arg(long, value_name = "SIZE", value_parser = tidemark::qmp::cmdline::parse_nbd_memory)]
+    nbd_memory: Option<usize>,
 }
 
 const DEMO_IMAGE: &str = "tidemark-demo.qcow2";
@@ -203,28 +208,8 @@ fn info(args: InfoArgs) -> Result<()> {
 
 /// A size as qemu-img reads it: bytes, or a number with a binary suffix.
 fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_lowercase() {
-                'b' => 0,
-                'k' => 10,
-                'm' => 20,
-                'g' => 30,
-                't' => 40,
-                'p' => 50,
-                'e' => 60,
-                _ => anyhow::bail!("Invalid image size specified: '{text}'"),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| anyhow::anyhow!("Invalid image size specified: '{text}'"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| anyhow::anyhow!("Image size is too large: '{text}'"))
+    tidemark::cli::size::parse_size(text)
+        .ok_or_else(|| anyhow::anyhow!("Invalid image size specified: '{text}'"))
 }
 
 fn create(args: CreateArgs) -> Result<()> {
@@ -357,6 +342,9 @@ fn serve(mut args: ServeArgs) -> Result<()> {
             intent_log: args.bitmap_intent_log,
             store_interval: args.bitmap_store_interval,
         });
+        if let Some(n) = args.nbd_memory {
+            d.set_nbd_memory(n);
+        }
         let add = serve_options(&image, format.name(), args.read_only);
         commands::execute(&d, "blockdev-add", add)
             .await
@@ -368,7 +356,14 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         // Monitors before the NBD socket: once that is announced, QMP
         // clients can connect too.
         let started = match bind_monitors(&args.qmp) {
-            Ok(monitors) => match start_serving(&d, &addrs, args.max_connections, &export).await {
+            Ok(monitors) => match start_serving(
+                &d,
+                &addrs,
+                (args.max_connections > 0).then_some(args.max_connections),
+                &export,
+            )
+            .await
+            {
                 Ok(()) => Ok(monitors),
                 Err(e) => {
                     for m in &monitors {

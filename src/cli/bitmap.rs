@@ -74,27 +74,9 @@ fn parse_format(s: &str) -> Result<Format, String> {
     }
 }
 
-/// A size with qemu-img's suffixes (k, M, G, T; bytes by default).
+/// A granularity with qemu-img's suffixes.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("Invalid granularity specified: '{s}'");
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => return Err(bad()),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1u64),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(bad)
+    super::size::parse_size(s).ok_or_else(|| format!("Invalid granularity specified: '{s}'"))
 }
 
 /// Parses the arguments after `bitmap`, keeping the operations' order

@@ -2,3 +2,4 @@
 //! the subcommands of src/main.rs, so tests and other fronts can call it.
 
 pub mod bitmap;
+pub mod size;

@@ -1,6 +1,7 @@
 //! Carrying out a validated request against the export's node. Runs on the
 //! blocking pool: everything here may wait on the disk.
 
+use super::budget::CONN_SHARE;
 use super::context::Descriptor;
 use super::export::Export;
 use super::proto::*;
@@ -102,22 +103,67 @@ pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Vec<u8> {
 /// do it without waiting: beyond this the copy itself is worth a pool thread.
 pub const INLINE_MAX: u64 = 256 << 10;
 
-/// A reply carrying `len` bytes of read data as one piece (a simple reply,
-/// or one final OFFSET_DATA chunk), zero-filled, with where the data starts.
-fn data_reply(to: &ReplyTo, len: u64) -> (Vec<u8>, usize) {
+/// A reply carrying `len` bytes of read data at `pos` as one piece (a
+/// simple reply, or one OFFSET_DATA chunk), zero-filled, with where the
+/// data starts.
+fn data_reply(to: &ReplyTo, pos: u64, len: u64, last: bool) -> (Vec<u8>, usize) {
     let len = len as usize;
     let mut out;
     if to.mode == Mode::Simple {
         out = Vec::with_capacity(SIMPLE_REPLY_LEN + len);
         simple_reply(&mut out, 0, to.cookie);
     } else {
+        let flags = if last { REPLY_FLAG_DONE } else { 0 };
         out = Vec::with_capacity(chunk_header_len(to.mode) + 8 + len);
-        to.chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + len);
-        put64(&mut out, to.offset);
+        to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_DATA, 8 + len);
+        put64(&mut out, pos);
     }
     let at = out.len();
     out.resize(at + len, 0);
     (out, at)
+}
+
+/// The most a read reply of `len` bytes adds to its data.
+pub const READ_OVERHEAD: usize = 64;
+
+/// Reads longer than this, in structured mode and without DF, are answered
+/// in pieces of [`READ_PIECE`] bytes, each charged and sent on its own.
+pub const STREAM_MIN: u64 = 2 * READ_PIECE;
+pub const READ_PIECE: u64 = 1 << 20;
+
+/// Whether a read is answered in pieces (see [`read_piece`]).
+pub fn streamed(mode: Mode, len: u64, df: bool) -> bool {
+    mode != Mode::Simple && !df && len > STREAM_MIN
+}
+
+/// The reply to `len` bytes of a streamed read at `pos`: its chunks, the
+/// last piece's carrying DONE, or an error chunk that ends the reply.
+pub fn read_piece(
+    export: &Export,
+    to: &ReplyTo,
+    pos: u64,
+    len: u64,
+    last: bool,
+) -> Result<Vec<u8>, Vec<u8>> {
+    let node = export.root.get();
+    read_part(&node, to, pos, len, false, last)
+}
+
+/// The extents one block-status context may report and the largest reply
+/// that makes: `ids` chunks, together within a connection's share.
+pub fn block_status_bound(mode: Mode, ids: usize, req_one: bool) -> (usize, usize) {
+    let ids = ids.max(1);
+    let (head, entry) = match mode {
+        Mode::Extended => (chunk_header_len(mode) + 8, 16),
+        _ => (chunk_header_len(mode) + 4, 8),
+    };
+    let fit = (CONN_SHARE / ids).saturating_sub(head) / entry;
+    let max = if req_one {
+        1
+    } else {
+        MAX_EXTENTS.min(fit).max(1)
+    };
+    (max, ids * (head + max * entry))
 }
 
 /// Carries out `cmd` at once if the node can do it without waiting (data
@@ -129,7 +175,7 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
                 return None;
             }
             let node = export.root.try_get()?;
-            let (mut out, at) = data_reply(to, *len);
+            let (mut out, at) = data_reply(to, to.offset, *len, true);
             node.try_read_nowait(&mut out[at..], to.offset)
                 .then_some(out)
         }
@@ -138,18 +184,6 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
             .try_get()?
             .try_write_nowait(data, to.offset)
             .then(|| to.ok()),
-        // Contexts answered from memory (dirty bitmaps) never wait: a
-        // trip through the pool would cost more than the scan.
-        Command::BlockStatus { len, req_one, ids }
-            if ids.iter().all(|&id| {
-                export
-                    .contexts
-                    .get(id as usize)
-                    .is_some_and(|c| c.in_memory())
-            }) =>
-        {
-            Some(block_status(export, *to, *len, *req_one, ids))
-        }
         _ => None,
     }
 }
@@ -158,40 +192,53 @@ fn read(node: &Node, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
     if len == 0 && to.mode != Mode::Simple {
         return to.ok();
     }
+    read_part(node, &to, to.offset, len, df, true).unwrap_or_else(|e| e)
+}
+
+/// The chunks for `len` bytes at `pos` (a whole read, or a piece of one),
+/// DONE on the last only when `last`; an error reply on failure.
+fn read_part(
+    node: &Node,
+    to: &ReplyTo,
+    pos: u64,
+    len: u64,
+    df: bool,
+    last: bool,
+) -> Result<Vec<u8>, Vec<u8>> {
     let sparse = to.mode != Mode::Simple && !df && len >= SPARSE_READ_MIN;
     let runs = if sparse {
-        zero_runs(node, to.offset, len)
+        zero_runs(node, pos, len)
     } else {
         None
     };
     let Some(runs) = runs else {
-        let (mut out, at) = data_reply(&to, len);
-        return match node.read_at(&mut out[at..], to.offset) {
-            Ok(()) => out,
-            Err(e) => fail(&to, e),
+        let (mut out, at) = data_reply(to, pos, len, last);
+        return match node.read_at(&mut out[at..], pos) {
+            Ok(()) => Ok(out),
+            Err(e) => Err(fail(to, e)),
         };
     };
     let data_bytes: u64 = runs.iter().filter(|r| !r.2).map(|r| r.1).sum();
     let hdr = chunk_header_len(to.mode);
     let mut out = Vec::with_capacity(runs.len() * (hdr + 12) + data_bytes as usize);
-    let last = runs.len() - 1;
-    for (i, &(pos, n, zero)) in runs.iter().enumerate() {
-        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+    let end = runs.len() - 1;
+    for (i, &(at, n, zero)) in runs.iter().enumerate() {
+        let flags = if last && i == end { REPLY_FLAG_DONE } else { 0 };
         if zero {
             to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-            put64(&mut out, pos);
+            put64(&mut out, at);
             put32(&mut out, n as u32);
         } else {
             to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_DATA, 8 + n as usize);
-            put64(&mut out, pos);
-            let at = out.len();
-            out.resize(at + n as usize, 0);
-            if let Err(e) = node.read_at(&mut out[at..], pos) {
-                return fail(&to, e);
+            put64(&mut out, at);
+            let from = out.len();
+            out.resize(from + n as usize, 0);
+            if let Err(e) = node.read_at(&mut out[from..], at) {
+                return Err(fail(to, e));
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The range as (offset, length, reads-as-zero) runs, or `None` when it is
@@ -216,7 +263,7 @@ fn zero_runs(node: &Node, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>
 }
 
 fn block_status(export: &Export, to: ReplyTo, len: u64, req_one: bool, ids: &[u32]) -> Vec<u8> {
-    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let (max, _) = block_status_bound(to.mode, ids.len(), req_one);
     // A bitmap of another (larger) node is cut to the export, as qemu.
     let len = len.min(export.size().saturating_sub(to.offset));
     let mut out = Vec::new();

@@ -3,6 +3,7 @@
 //! and [`context::MetaContext`].
 
 pub mod bitmaps;
+pub mod budget;
 pub mod client;
 pub mod context;
 pub mod exec;

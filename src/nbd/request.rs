@@ -102,13 +102,14 @@ pub fn validate(
 }
 
 /// Parses a block-status payload (extended headers): the effect length and
-/// the context IDs to report, which must be among the selected ones.
+/// the context IDs to report. It must list at least one ID, each among the
+/// selected ones; anything else gets qemu's refusal.
 pub fn block_status_payload(payload: &[u8], selected: &[u32]) -> Result<(u64, Vec<u32>), Refusal> {
     let bad = || Refusal {
         errno: EINVAL,
-        msg: "malformed block status payload".into(),
+        msg: "CMD_BLOCK_STATUS payload not valid".into(),
     };
-    if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4) {
+    if payload.len() < 12 || !(payload.len() - 8).is_multiple_of(4) {
         return Err(bad());
     }
     let mut c = Cursor::new(payload);

@@ -13,10 +13,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use super::budget::Pool;
 use super::export::ExportTable;
 use super::handshake::{negotiate, HandshakeEnd, Negotiated};
 use super::session;
 use super::sink::ReplySink;
+use crate::accept::AcceptBackoff;
 
 /// A client that has not finished the handshake by then is dropped (qemu's
 /// default handshake limit).
@@ -41,6 +43,7 @@ pub struct NbdServer {
     listeners: Vec<Listener>,
     exports: ExportTable,
     max_connections: Option<usize>,
+    pool: Pool,
 }
 
 impl NbdServer {
@@ -48,6 +51,7 @@ impl NbdServer {
         addrs: &[Address],
         exports: ExportTable,
         max_connections: Option<usize>,
+        pool: Pool,
     ) -> io::Result<NbdServer> {
         let mut listeners = Vec::new();
         for a in addrs {
@@ -65,6 +69,7 @@ impl NbdServer {
             listeners,
             exports,
             max_connections,
+            pool,
         })
     }
 
@@ -94,6 +99,7 @@ impl NbdServer {
             acceptors.spawn(accept_loop(
                 l,
                 self.exports.clone(),
+                self.pool.clone(),
                 limit.clone(),
                 shutdown.clone(),
             ));
@@ -124,11 +130,13 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
 async fn accept_loop(
     listener: Listener,
     exports: ExportTable,
+    pool: Pool,
     limit: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
     let mut stop = shutdown.clone();
+    let mut backoff = AcceptBackoff::new("nbd");
     loop {
         // At the limit we stop accepting: new clients wait in the backlog
         // until a slot frees, as with qemu's max-connections.
@@ -140,28 +148,48 @@ async fn accept_loop(
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            accepted = accept(&listener) => match accepted {
-                Ok(s) => s,
-                Err(_) => continue,
-            },
+            accepted = accept(&listener) => accepted,
+        };
+        let stream = match accepted {
+            Ok(s) => {
+                backoff.accepted();
+                s
+            }
+            Err(e) => {
+                drop(permit);
+                if let Some(wait) = backoff.failed(&e) {
+                    // A connection that ends frees a descriptor: retry then.
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        _ = tokio::time::sleep(wait) => {}
+                        Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                    }
+                }
+                continue;
+            }
         };
         let exports = exports.clone();
+        let pool = pool.clone();
         let stop = shutdown.clone();
         conns.spawn(async move {
+            // The reply path (a second descriptor) exists only once the
+            // handshake chose an export: an idle client costs one.
             match stream {
                 Stream::Unix(mut s) => {
-                    let sink = ReplySink::new(&s);
                     let (mut r, mut w) = s.split();
-                    let neg = handshake(&mut r, &mut w, &exports).await;
-                    serve_conn(neg, s, sink, stop).await
+                    if let Some(neg) = handshake(&mut r, &mut w, &exports).await {
+                        let sink = ReplySink::new(&s);
+                        serve_conn(neg, s, sink, &pool, stop).await
+                    }
                 }
                 Stream::Tcp(mut s) => {
-                    let sink = ReplySink::new(&s);
                     let (mut r, mut w) = s.split();
-                    let neg = handshake(&mut r, &mut w, &exports).await;
-                    serve_conn(neg, s, sink, stop).await
+                    if let Some(neg) = handshake(&mut r, &mut w, &exports).await {
+                        let sink = ReplySink::new(&s);
+                        serve_conn(neg, s, sink, &pool, stop).await
+                    }
                 }
             }
             drop(permit);
@@ -185,7 +213,6 @@ async fn accept(l: &Listener) -> io::Result<Stream> {
             Ok(Stream::Tcp(s))
         }
     }
-    .inspect_err(|e| warn!(error = %e, "accept failed"))
 }
 
 /// The handshake, bounded in time; `None` when it did not end in an export.
@@ -210,14 +237,14 @@ where
 
 /// The transmission phase of one connection, until it closes.
 async fn serve_conn<R>(
-    neg: Option<Negotiated>,
+    neg: Negotiated,
     r: R,
     sink: io::Result<Arc<ReplySink>>,
+    pool: &Pool,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
 {
-    let Some(neg) = neg else { return };
     let sink = match sink {
         Ok(s) => s,
         Err(e) => {
@@ -226,7 +253,7 @@ async fn serve_conn<R>(
         }
     };
     info!(export = %neg.export.name, mode = ?neg.mode, "client connected");
-    if let Err(e) = session::run(r, sink, neg, shutdown).await {
+    if let Err(e) = session::run(r, sink, neg, pool, shutdown).await {
         debug!(error = %e, "connection ended");
     }
 }

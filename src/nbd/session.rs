@@ -4,16 +4,22 @@
 //! validates them, and hands each to the blocking pool. The pool thread
 //! that finishes a request writes its reply straight to the socket (see
 //! [`super::sink`]). Requests therefore run concurrently and may complete
-//! out of order; a semaphore bounds how much work and memory one client holds.
+//! out of order. Each holds a slot and memory from the budget (see
+//! [`super::budget`]) until its reply is written; long reads are answered
+//! in pieces by a task of their own, so they hold little at a time.
 
 use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::debug;
 
-use super::exec::{execute, try_inline, Command};
+use super::budget::{Charge, ConnBudget, Pool};
+use super::exec::{
+    block_status_bound, execute, read_piece, streamed, try_inline, Command, READ_OVERHEAD,
+    READ_PIECE,
+};
 use super::export::Export;
 use super::handshake::Negotiated;
 use super::proto::*;
@@ -22,18 +28,9 @@ use super::request::{block_status_payload, payload_len, validate, Refusal};
 use super::sink::ReplySink;
 use crate::block::ZeroFlags;
 
-/// Budget of one connection, in units of one request plus one per 256 KiB
-/// of payload: at most 32 small requests, or ~8 MiB of payload, in flight
-/// (qemu allows 16 requests per connection).
-const INFLIGHT_UNITS: u32 = 32;
-const UNIT_BYTES_SHIFT: u32 = 18;
 /// A payload this large is not drained for a refusal: the client is broken.
 const MAX_DRAIN: u64 = 64 << 20;
 const BUF_SIZE: usize = 128 << 10;
-
-fn units(len: u64) -> u32 {
-    (1 + (len >> UNIT_BYTES_SHIFT)).min(INFLIGHT_UNITS as u64) as u32
-}
 
 /// Serves requests until the client disconnects, breaks the protocol, or
 /// `shutdown` fires; in-flight requests always finish and are answered.
@@ -41,6 +38,7 @@ pub async fn run<R>(
     r: R,
     sink: Arc<ReplySink>,
     neg: Negotiated,
+    pool: &Pool,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
@@ -54,7 +52,7 @@ where
         export: neg.export,
         mode: neg.mode,
         contexts: neg.contexts,
-        budget: Arc::new(Semaphore::new(INFLIGHT_UNITS as usize)),
+        budget: Arc::new(pool.connection()),
         sink,
     };
     let result = tokio::select! {
@@ -62,8 +60,8 @@ where
         _ = shutdown.wait_for(|stop| *stop) => Ok(()),
         _ = closed.wait_for(|c| *c) => Ok(()),
     };
-    // Wait for every in-flight request: each holds budget until answered.
-    let _ = conn.budget.acquire_many(INFLIGHT_UNITS).await;
+    // Wait for every in-flight request: each holds a slot until answered.
+    conn.budget.idle().await;
     result
 }
 
@@ -72,13 +70,74 @@ struct Conn<R> {
     export: Arc<Export>,
     mode: Mode,
     contexts: Vec<u32>,
-    budget: Arc<Semaphore>,
+    budget: Arc<ConnBudget>,
     sink: Arc<ReplySink>,
 }
 
 enum Next {
     Continue,
     Disconnect,
+}
+
+/// The memory a request needs from its header alone: a write its payload,
+/// a read its reply (a streamed read charges its pieces itself), a block
+/// status its largest reply.
+fn cost(req: &Request, plen: u64, mode: Mode, contexts: usize) -> usize {
+    let kept = if plen <= MAX_BLOCK as u64 { plen } else { 0 };
+    let reply = match req.kind {
+        CMD_READ if req.length > MAX_BLOCK as u64 => 0,
+        CMD_READ if streamed(mode, req.length, req.flags & CMD_FLAG_DF != 0) => 0,
+        CMD_READ => req.length + READ_OVERHEAD as u64,
+        CMD_BLOCK_STATUS => {
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            block_status_bound(mode, contexts, one).1 as u64
+        }
+        _ => 0,
+    };
+    (kept + reply) as usize
+}
+
+/// Answers a long read piece by piece: each piece is charged, read on the
+/// blocking pool and queued on its own, so a client that stops reading
+/// stalls this task on its own share, not the pool.
+async fn stream_read(
+    export: Arc<Export>,
+    budget: Arc<ConnBudget>,
+    sink: Arc<ReplySink>,
+    to: ReplyTo,
+    len: u64,
+    slot: OwnedSemaphorePermit,
+) {
+    let end = to.offset + len;
+    let mut pos = to.offset;
+    let mut slot = Some(slot);
+    while pos < end {
+        let n = (end - pos).min(READ_PIECE);
+        let last = pos + n == end;
+        let Some(mut charge) = budget.charge(n as usize + READ_OVERHEAD).await else {
+            return;
+        };
+        if sink.is_dead() {
+            return;
+        }
+        let ex = export.clone();
+        let piece = tokio::task::spawn_blocking(move || read_piece(&ex, &to, pos, n, last)).await;
+        let (buf, done) = match piece {
+            Ok(Ok(buf)) => (buf, last),
+            Ok(Err(err)) => (err, true),
+            Err(_) => (to.error(EIO, "read failed"), true),
+        };
+        if done {
+            if let Some(s) = slot.take() {
+                charge = charge.with_slot(s);
+            }
+        }
+        sink.send(buf, charge);
+        if done {
+            return;
+        }
+        pos += n;
+    }
 }
 
 impl<R: AsyncRead + Unpin> Conn<R> {
@@ -112,17 +171,17 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
-    /// Runs `work` on the blocking pool and sends the reply it makes; the
-    /// permit returns to the budget once the reply is on the wire.
-    fn spawn(&self, permit: OwnedSemaphorePermit, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
+    /// Runs `work` on the blocking pool and sends the reply it makes;
+    /// the charge returns to the budget once the reply is on the wire.
+    fn spawn(&self, charge: Charge, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
         let sink = self.sink.clone();
-        tokio::task::spawn_blocking(move || sink.send(work(), permit));
+        tokio::task::spawn_blocking(move || sink.send(work(), charge));
     }
 
-    fn refuse(&self, req: &Request, permit: OwnedSemaphorePermit, r: Refusal) {
+    fn refuse(&self, req: &Request, charge: Charge, r: Refusal) {
         debug!(cmd = cmd_name(req.kind), errno = r.errno, msg = %r.msg, "request refused");
         let reply = self.reply_to(req).error(r.errno, &r.msg);
-        self.spawn(permit, move || reply);
+        self.sink.send(reply, charge);
     }
 
     async fn drain(&mut self, mut n: u64) -> io::Result<()> {
@@ -149,18 +208,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let mut ids = self.contexts.clone();
         let mut payload = Vec::new();
         let small_enough = plen <= MAX_BLOCK as u64;
-        // Reads cost their reply buffer, writes their payload.
-        let held = if req.kind == CMD_READ {
-            req.length
-        } else {
-            plen
+        let Some(slot) = self.budget.slot().await else {
+            return Ok(Next::Disconnect);
         };
-        let permit = self
-            .budget
-            .clone()
-            .acquire_many_owned(units(held.min(MAX_BLOCK as u64)))
-            .await;
-        let Ok(permit) = permit else {
+        let bytes = cost(&req, plen, self.mode, self.contexts.len());
+        let Some(charge) = self.budget.charge(bytes).await else {
             return Ok(Next::Disconnect);
         };
         if plen > 0 {
@@ -184,7 +236,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                     ids = chosen;
                 }
                 Err(r) => {
-                    self.refuse(&req, permit, r);
+                    self.refuse(&req, charge.with_slot(slot), r);
                     return Ok(Next::Continue);
                 }
             }
@@ -194,11 +246,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 errno: EINVAL,
                 msg: "unexpected payload".into(),
             };
-            self.refuse(&req, permit, r);
+            self.refuse(&req, charge.with_slot(slot), r);
             return Ok(Next::Continue);
         }
         if let Err(r) = validate(&req, effect, &self.export, self.mode, self.contexts.len()) {
-            self.refuse(&req, permit, r);
+            self.refuse(&req, charge.with_slot(slot), r);
             return Ok(Next::Continue);
         }
         let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -228,15 +280,24 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             _ => return Ok(Next::Continue),
         };
         let to = self.reply_to(&req);
-        if let Command::Read { len, .. } = cmd {
+        if let Command::Read { len, df } = cmd {
             self.export.note_read(len);
+            if streamed(self.mode, len, df) {
+                // Its pieces are charged as they are read.
+                drop(charge);
+                let (export, budget) = (self.export.clone(), self.budget.clone());
+                let sink = self.sink.clone();
+                tokio::spawn(stream_read(export, budget, sink, to, len, slot));
+                return Ok(Next::Continue);
+            }
         }
+        let charge = charge.with_slot(slot);
         if let Some(reply) = try_inline(&self.export, &to, &cmd) {
-            self.sink.send(reply, permit);
+            self.sink.send(reply, charge);
             return Ok(Next::Continue);
         }
         let export = self.export.clone();
-        self.spawn(permit, move || execute(&export, to, cmd));
+        self.spawn(charge, move || execute(&export, to, cmd));
         Ok(Next::Continue)
     }
 }

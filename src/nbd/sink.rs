@@ -20,7 +20,8 @@ use rustix::io::Errno;
 use rustix::net::Shutdown;
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Handle;
-use tokio::sync::OwnedSemaphorePermit;
+
+use super::budget::Charge;
 
 /// How long the queue may wait for the client to make room, without any
 /// progress, before the connection is declared dead.
@@ -30,7 +31,7 @@ const STALL_LIMIT: Duration = Duration::from_secs(60);
 struct Pending {
     buf: Vec<u8>,
     written: usize,
-    _permit: OwnedSemaphorePermit,
+    _charge: Charge,
 }
 
 #[derive(Default)]
@@ -74,7 +75,10 @@ impl ReplySink {
 
     /// Queues one reply and, unless someone else is writing, writes the
     /// queue until it is empty or the socket is full. Never blocks.
-    pub fn send(self: &Arc<Self>, buf: Vec<u8>, permit: OwnedSemaphorePermit) {
+    pub fn send(self: &Arc<Self>, buf: Vec<u8>, mut charge: Charge) {
+        // Every request gets a reply: an empty one would be none at all.
+        debug_assert!(!buf.is_empty(), "an empty reply");
+        charge.settle(buf.len());
         let mut q = self.lock();
         if q.dead {
             return;
@@ -82,7 +86,7 @@ impl ReplySink {
         q.pending.push_back(Pending {
             buf,
             written: 0,
-            _permit: permit,
+            _charge: charge,
         });
         if q.writing {
             return;
@@ -139,6 +143,11 @@ impl ReplySink {
                 Progress::Full => guard.clear_ready(),
             }
         }
+    }
+
+    /// The client is gone: nothing more will be written.
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
     }
 
     /// Drops everything queued (returning its budget) and shuts the socket

@@ -32,6 +32,9 @@ pub enum Opt {
     /// tidemark's: `--bitmap-intent-log on|off`, `--bitmap-store-interval
     /// SECS` (see qcow2/intent.rs).
     Bitmaps(crate::store_point::BitmapPolicy),
+    /// tidemark's: `--nbd-memory SIZE`, the NBD server's memory pool for
+    /// in-flight requests (see nbd/budget.rs).
+    NbdMemory(usize),
 }
 
 /// Parses the arguments after `tidemark daemon`.
@@ -99,6 +102,7 @@ pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
                 let secs = crate::store_point::BitmapPolicy::parse_interval(&value()?)?;
                 policy.get_or_insert_with(Default::default).store_interval = secs;
             }
+            "nbd-memory" => opts.push(Opt::NbdMemory(parse_nbd_memory(&value()?)?)),
             "daemonize" => opts.push(Opt::Daemonize),
             _ => return Err(format!("unrecognized option '{arg}'")),
         }
@@ -108,6 +112,18 @@ pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
         opts.insert(0, Opt::Bitmaps(p));
     }
     Ok(opts)
+}
+
+/// `--nbd-memory`: a size with qemu's suffixes, at least the smallest pool.
+pub fn parse_nbd_memory(text: &str) -> Result<usize, String> {
+    use crate::nbd::budget::MIN_POOL;
+    match crate::cli::size::parse_size(text) {
+        Some(n) if n >= MIN_POOL as u64 => Ok(n.min(usize::MAX as u64) as usize),
+        _ => Err(format!(
+            "--nbd-memory: expected a size of at least {}M, not '{text}'",
+            MIN_POOL >> 20
+        )),
+    }
 }
 
 /// An option's value as the JSON its QMP command takes.
@@ -220,11 +236,7 @@ pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
                 // The flat address of the command line, as nbd-server-start
                 // takes it after unwrapping its legacy `data` level.
                 let addr = export::address(v.get("addr").unwrap_or(&Value::Null))?;
-                let max = v
-                    .get("max-connections")
-                    .and_then(Value::as_u64)
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize);
+                let max = export::max_connections(&as_map(v));
                 if v.get("tls-creds").is_some() {
                     return Err(QmpError::generic("TLS is not supported by tidemark yet"));
                 }
@@ -235,6 +247,7 @@ pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
                 commands::execute(d, "block-export-add", as_map(v)).await?;
             }
             Opt::Bitmaps(p) => d.set_bitmap_policy(*p),
+            Opt::NbdMemory(n) => d.set_nbd_memory(*n),
             Opt::Monitor(_) | Opt::Pidfile(_) | Opt::Daemonize => {}
         }
     }

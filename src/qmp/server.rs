@@ -18,6 +18,7 @@ use super::commands::{self, misc};
 use super::error::QmpError;
 use super::json::{parse, to_line, Frame, Framer};
 use super::schema::schema;
+use crate::accept::AcceptBackoff;
 use crate::daemon::Daemon;
 use crate::event::Event;
 
@@ -56,20 +57,30 @@ impl QmpListener {
 
     /// Accepts clients until `stop` turns true, then removes the socket.
     pub async fn run(self, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = AcceptBackoff::new("qmp");
         loop {
-            tokio::select! {
+            let accepted = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let d = daemon.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = Connection::new(stream, d).run().await {
-                                debug!(error = %e, "QMP connection ended");
-                            }
-                        });
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    backoff.accepted();
+                    let d = daemon.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = Connection::new(stream, d).run().await {
+                            debug!(error = %e, "QMP connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    if let Some(wait) = backoff.failed(&e) {
+                        tokio::select! {
+                            _ = stop.wait_for(|s| *s) => break,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
                     }
-                    Err(e) => warn!(error = %e, "QMP accept failed"),
-                },
+                }
             }
         }
         let _ = std::fs::remove_file(&self.path);

@@ -65,7 +65,7 @@ pub struct ServeOpts {
     /// `--read-only` / qemu-nbd `-r`.
     pub read_only: bool,
     /// `--max-connections` / qemu-nbd `--shared`. None leaves each server's
-    /// default (qemu-nbd: 1).
+    /// default (1 for both).
     pub max_connections: Option<u32>,
     /// Image format (`--format` / qemu-nbd `-f`); None means "raw".
     pub format: Option<&'static str>,
@@ -98,13 +98,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serve `image` (a raw file) with the server under test. When that is the
-    /// qemu-nbd stand-in, it gets what tidemark does by default and the tests
-    /// rely on: many connections, and discard that really punches holes.
+    /// Serve `image` (a raw file) with the server under test, allowing the
+    /// many connections the tests rely on (both servers default to one).
+    /// The qemu-nbd stand-in also gets discard that really punches holes.
     pub fn start_under_test(image: &Path, opts: &ServeOpts) -> Server {
         let kind = Kind::under_test();
         let mut opts = opts.clone();
-        if kind == Kind::QemuNbd && opts.max_connections.is_none() {
+        if opts.max_connections.is_none() {
             opts.max_connections = Some(16);
         }
         Server::start(kind, image, &opts)

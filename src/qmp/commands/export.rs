@@ -54,17 +54,25 @@ pub fn address(addr: &Value) -> QmpResult<Address> {
     }
 }
 
+/// qemu's default for nbd-server-start and `--nbd-server` (since 9.1):
+/// it bounds what idle clients can hold.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+
+/// `max-connections` of a server's arguments: `None` is no limit (0).
+pub fn max_connections(args: &Map<String, Value>) -> Option<usize> {
+    match args.get("max-connections").and_then(Value::as_u64) {
+        None => Some(DEFAULT_MAX_CONNECTIONS),
+        Some(0) => None,
+        Some(n) => Some(n as usize),
+    }
+}
+
 pub async fn nbd_server_start(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
     if args.get("tls-creds").is_some() {
         return Err(QmpError::generic("TLS is not supported by tidemark yet"));
     }
     let addr = address(args.get("addr").unwrap_or(&Value::Null))?;
-    let max = args
-        .get("max-connections")
-        .and_then(Value::as_u64)
-        .filter(|&n| n > 0)
-        .map(|n| n as usize);
-    d.start_nbd(&[addr], max, true).await?;
+    d.start_nbd(&[addr], max_connections(&args), true).await?;
     Ok(json!({}))
 }
 
