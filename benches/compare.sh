@@ -100,7 +100,7 @@ prepare_cache() {
 
 server_cmd() { # server_cmd NAME SOCKET: sets the cmd array
     case $1 in
-    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" serve --socket "$2" --export-name '' --format raw "$img") ;;
+    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" serve --max-connections 16 --socket "$2" --export-name '' --format raw "$img") ;;
     # qemu-nbd's defaults, spelled out: write-back host cache, thread-pool AIO,
     # no zero detection, discard ignored.  --shared=16 so nbdcopy's and the
     # probes' connections are all accepted; --persistent keeps it up between loads.
@@ -181,7 +181,7 @@ cat <<EOF
 - image: $(numfmt --to=iec "$size") raw, fully allocated random data, on $(df --output=fstype "$tmp" | tail -n 1); write source $(numfmt --to=iec "$wsize")
 - page cache: $([[ $cache_mode == warm ]] && echo "pre-warmed (sync, then image and write source read once) before each server" || echo "sync + drop_caches before each server")
 - servers run one at a time, in this order: $servers; each on a fresh unix socket
-- tidemark ($commit): \`target/release/tidemark serve --socket S --export-name '' --format raw IMG\`
+- tidemark ($commit): \`target/release/tidemark serve --max-connections 16 --socket S --export-name '' --format raw IMG\`
 - $(ver qemu-nbd --version): \`qemu-nbd -f raw --cache=writeback --aio=threads --shared=16 --persistent -k S IMG\`
 - $(ver nbdkit --version): \`nbdkit --foreground --unix S file IMG\`
 - sequential: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` and \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} SRC URI\` (several connections only if the server advertises multi-conn)

@@ -179,7 +179,7 @@ serve_img=
 server_cmd() { # server_cmd NAME SOCKET: sets the cmd array; serves $serve_img
     case $1 in
     # format probed; tidemark opens the backing chain itself
-    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" serve --socket "$2" --export-name '' "$serve_img") ;;
+    tidemark | tidemark-base) cmd=("$(tidemark_of "$1")" serve --max-connections 16 --socket "$2" --export-name '' "$serve_img") ;;
     # as in compare.sh: qemu-nbd's defaults spelled out, --shared=16 so that
     # nbdcopy's and the probes' connections are all accepted
     qemu-nbd) cmd=(qemu-nbd -f qcow2 --cache=writeback --aio=threads --shared=16 --persistent -k "$2" "$serve_img") ;;
@@ -313,7 +313,7 @@ cat <<EOF
   map rows: $(numfmt --to=iec "$map_size") qcow2 with $n_sparse clusters written (one at a seeded random place in every $map_every), and an empty one${empty_opts:+ (\`$empty_opts\`)}
 - page cache: before each server, sync, then the chain and write source read once and the map images' metadata read (qemu-img check)
 - servers run one at a time, in this order: $servers; each image on a fresh unix socket; the write rows on the server's own overlay
-- tidemark ($commit): \`target/release/tidemark serve --socket S --export-name '' IMG\` (format probed)
+- tidemark ($commit): \`target/release/tidemark serve --max-connections 16 --socket S --export-name '' IMG\` (format probed)
 - $(ver qemu-nbd --version): \`qemu-nbd -f qcow2 --cache=writeback --aio=threads --shared=16 --persistent -k S IMG\`
 - sequential: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` and \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} SRC URI\` (several connections only if the server advertises multi-conn); the random write follows the sequential write on the same overlay
 - random: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s per row, whole export

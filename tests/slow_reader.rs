@@ -49,7 +49,11 @@ fn clients_that_stop_reading_replies_do_not_stall_others() {
     let img = dir.path().join("disk.raw");
     let image = pattern(SIZE as usize, 42);
     std::fs::write(&img, &image).expect("write image");
-    let srv = Server::start(Kind::Tidemark, &img, &ServeOpts::read_write());
+    let opts = ServeOpts {
+        max_connections: Some(16),
+        ..ServeOpts::read_write()
+    };
+    let srv = Server::start(Kind::Tidemark, &img, &opts);
 
     // Flood: far more reply bytes than any socket buffer holds.
     let mut stuck = Vec::new();

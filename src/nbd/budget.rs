@@ -23,8 +23,9 @@ pub const DEFAULT_POOL: usize = 192 << 20;
 /// The smallest pool: one request of the largest size must fit.
 pub const MIN_POOL: usize = 64 << 20;
 /// What one connection may hold: the replies of a client that does not
-/// read them, and how much a fast client can pipeline.
-pub const CONN_SHARE: usize = 4 << 20;
+/// read them, and how much a fast client can pipeline. A full block-status
+/// reply of one context (qemu's 131072 descriptors) fits.
+pub const CONN_SHARE: usize = (2 << 20) + 4096;
 /// Requests one connection may have in flight, whatever their size.
 pub const CONN_REQUESTS: usize = 32;
 
