@@ -162,3 +162,212 @@ fn odd_qcow2_size_matches_qemu_nbd() {
     let info: Value = serde_json::from_str(&info).expect("qemu-img info json");
     assert_eq!(info["virtual-size"], json!(MIB));
 }
+
+/// The bitmap names of a qcow2's directory, as the bytes on disk.
+fn stored_names(path: &Path) -> Vec<Vec<u8>> {
+    let img = std::fs::read(path).expect("read image");
+    let be32 = |at: usize| u32::from_be_bytes(img[at..at + 4].try_into().expect("4 bytes"));
+    let be64 = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().expect("8 bytes"));
+    let mut at = be32(100) as usize;
+    let cluster = 1usize << be32(20);
+    while at + 8 <= cluster {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        if kind == 0 {
+            break;
+        }
+        if kind == 0x2385_2875 {
+            let (nb, size, off) = (be32(at + 8), be64(at + 16), be64(at + 24) as usize);
+            let dir = &img[off..off + size as usize];
+            let mut names = Vec::new();
+            let mut e = 0;
+            for _ in 0..nb {
+                let name_len = u16::from_be_bytes([dir[e + 18], dir[e + 19]]) as usize;
+                let extra = be32(off + e + 20) as usize;
+                names.push(dir[e + 24 + extra..e + 24 + extra + name_len].to_vec());
+                e += (24 + extra + name_len).div_ceil(8) * 8;
+            }
+            names.sort();
+            return names;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    Vec::new()
+}
+
+/// The node's bitmaps as query-named-block-nodes shows them.
+fn shown_bitmaps(q: &mut qmp_common::Qmp, node: &str) -> Value {
+    let r = q.exec("query-named-block-nodes", json!({"flat": true}));
+    let nodes = r["return"].as_array().cloned().unwrap_or_default();
+    let mut b = nodes
+        .into_iter()
+        .find(|n| n["node-name"] == json!(node))
+        .unwrap_or_else(|| panic!("no node {node}: {r}"))["dirty-bitmaps"]
+        .clone();
+    if let Some(a) = b.as_array_mut() {
+        a.sort_by_key(|x| x["name"].to_string());
+    }
+    b
+}
+
+/// Runs `steps` (QMP commands) on `kind` over `image` (made by `setup` as
+/// `n.qcow2`), then `quit`; returns the replies (the node's bitmaps shown
+/// last) and the image as the daemon left it.
+fn run_on_image(kind: Impl, setup: &dyn Fn(&Path), steps: &[Value]) -> (Vec<Value>, Vec<u8>) {
+    let args: Vec<String> = [
+        "--blockdev",
+        "driver=file,node-name=f,filename=$DIR/n.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=q,file=f",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut inst = Instance::start(kind, &as_qemu(kind, &args), |dir| {
+        setup(&dir.join("n.qcow2"))
+    });
+    let mut q = inst.client();
+    let mut out: Vec<Value> = steps
+        .iter()
+        .map(|s| normalise(&q.cmd(s.clone()), inst.dir.path()))
+        .collect();
+    out.push(shown_bitmaps(&mut q, "q"));
+    q.exec("quit", json!({}));
+    assert!(
+        inst.wait_exit(std::time::Duration::from_secs(20)),
+        "{kind:?} did not quit"
+    );
+    let image = std::fs::read(inst.path("n.qcow2")).expect("read image");
+    (out, image)
+}
+
+fn add(name: &str, persistent: bool) -> Value {
+    json!({"execute": "block-dirty-bitmap-add",
+           "arguments": {"node": "q", "name": name, "persistent": persistent}})
+}
+
+/// `qemu-img info` and `check` of an image both succeed; returns the
+/// bitmap names info lists, sorted.
+fn qemu_img_accepts(path: &Path) -> Vec<Value> {
+    let p = path.to_str().expect("utf-8 path");
+    tool("qemu-img", &["check", p]);
+    let info: Value =
+        serde_json::from_str(&tool("qemu-img", &["info", "--output=json", p])).expect("json");
+    let mut names: Vec<Value> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| b["name"].clone())
+        .collect();
+    names.sort_by_key(|n| n.to_string());
+    names
+}
+
+/// Finding 5: U+0000 in a name, 1023- and 1024-byte names. Replies match
+/// qsd's; the image each writes holds the same name bytes (U+0000 as C0
+/// 80) and opens in `qemu-img info` and `check`; each opens the other's.
+#[test]
+fn bitmap_names_are_qemu_bytes() {
+    let x = |n: usize| "x".repeat(n);
+    let steps = vec![
+        add("a\0b", true),
+        add("a", true),
+        add("a\0b", true),
+        add("a\0b", false),
+        add(&x(1023), true),
+        add(&format!("{}y", x(1023)), true),
+        add(&format!("{}y", x(1023)), false),
+        add(&format!("{}\0", x(1022)), true),
+        add(&format!("{}\0", x(1022)), false),
+        add(&format!("{}\0", x(1021)), true),
+        add(&format!("{}\u{e9}", x(1022)), true),
+        json!({"execute": "block-dirty-bitmap-remove",
+               "arguments": {"node": "q", "name": "a\0"}}),
+        json!({"execute": "block-dirty-bitmap-clear",
+               "arguments": {"node": "q", "name": "a\0b"}}),
+    ];
+    let empty = |p: &Path| qcow2_image(p, MIB);
+    let (qemu, qemu_img) = run_on_image(Impl::Qsd, &empty, &steps);
+    let (ours, our_img) = run_on_image(Impl::Tidemark, &empty, &steps);
+    for (i, (o, q)) in ours.iter().zip(&qemu).enumerate() {
+        assert!(o == q, "step {i}: ours {o:.300}\nqemu's {q:.300}");
+    }
+    assert_eq!(ours.len(), qemu.len());
+    let dir = common::temp_dir();
+    let (qp, tp) = (dir.path().join("qemu.qcow2"), dir.path().join("ours.qcow2"));
+    std::fs::write(&qp, &qemu_img).expect("write");
+    std::fs::write(&tp, &our_img).expect("write");
+    let names = stored_names(&qp);
+    assert!(names.contains(&b"a\xc0\x80b".to_vec()), "qemu's bytes");
+    assert_eq!(stored_names(&tp), names);
+    assert_eq!(qemu_img_accepts(&tp), qemu_img_accepts(&qp));
+    // Each reopens the image the other wrote, and shows the same names.
+    let shown = |kind: Impl, img: &[u8]| {
+        let img = img.to_vec();
+        run_on_image(
+            kind,
+            &move |p: &Path| std::fs::write(p, &img).expect("write"),
+            &[],
+        )
+        .0
+    };
+    let expect = shown(Impl::Qsd, &qemu_img);
+    assert_eq!(shown(Impl::Tidemark, &qemu_img), expect);
+    assert_eq!(shown(Impl::Tidemark, &our_img), expect);
+}
+
+/// Makes `path` a 1 MiB qcow2 holding one bitmap per name in `names`, each
+/// stored under exactly those bytes (qemu-img adds placeholders of the same
+/// length, which are then overwritten in the directory).
+fn image_with_raw_names(path: &Path, names: &[&[u8]]) {
+    qcow2_image(path, MIB);
+    let p = path.to_str().expect("utf-8 path");
+    let placeholders: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{i}{}", "_".repeat(n.len() - 1)))
+        .collect();
+    for name in &placeholders {
+        tool("qemu-img", &["bitmap", "--add", p, name]);
+    }
+    let mut img = std::fs::read(path).expect("read");
+    // Every copy: qemu-img leaves earlier directories behind in the file.
+    for (ph, raw) in placeholders.iter().zip(names) {
+        let mut found = false;
+        while let Some(at) = img.windows(ph.len()).position(|w| w == ph.as_bytes()) {
+            img[at..at + raw.len()].copy_from_slice(raw);
+            found = true;
+        }
+        assert!(found, "placeholder {ph} in the directory");
+    }
+    std::fs::write(path, img).expect("write");
+}
+
+/// Names qemu-img did not write but qemu reads: bytes that are not UTF-8
+/// (shown with U+FFFD, kept byte for byte when the directory is written
+/// again) and C0 80. Both daemons show the same, and leave the same bytes.
+#[test]
+fn names_that_are_not_utf8_on_disk_round_trip() {
+    let raw: &[&[u8]] = &[b"a\xff\xfeb", b"c\xc0\x80d", b"e\xe2\x82", b"\xed\xa0\x80"];
+    let setup = |p: &Path| image_with_raw_names(p, raw);
+    let steps = vec![
+        add("new", true),
+        json!({"execute": "block-dirty-bitmap-remove",
+               "arguments": {"node": "q", "name": "c\0d"}}),
+        json!({"execute": "block-dirty-bitmap-add",
+               "arguments": {"node": "q", "name": "c\0d", "persistent": true,
+                             "disabled": true}}),
+    ];
+    let (qemu, qemu_img) = run_on_image(Impl::Qsd, &setup, &steps);
+    let (ours, our_img) = run_on_image(Impl::Tidemark, &setup, &steps);
+    assert_eq!(ours, qemu);
+    let dir = common::temp_dir();
+    let (qp, tp) = (dir.path().join("qemu.qcow2"), dir.path().join("ours.qcow2"));
+    std::fs::write(&qp, &qemu_img).expect("write");
+    std::fs::write(&tp, &our_img).expect("write");
+    let names = stored_names(&qp);
+    assert!(names.contains(&b"a\xff\xfeb".to_vec()), "{names:?}");
+    assert_eq!(stored_names(&tp), names);
+    assert_eq!(qemu_img_accepts(&tp), qemu_img_accepts(&qp));
+}

@@ -108,7 +108,7 @@ pub fn load_bitmap(
     read_only: bool,
 ) -> BlockResult<DirtyBitmap> {
     let e = &stored.entry;
-    let mut b = DirtyBitmap::new(&e.name, header.size, e.granularity())
+    let mut b = DirtyBitmap::stored(&e.name, header.size, e.granularity())
         .map_err(|err| BlockError::corrupt(format!("bitmap '{}': {}", e.name, err.message)))?;
     b.state.persistent = true;
     b.state.recording = e.auto();
