@@ -111,8 +111,8 @@ fn check_tables_apart(entries: &[DirEntry], cs: u64, file_len: u64) -> BlockResu
         let len = (u64::from(e.table_size) * 8).div_ceil(cs) * cs;
         if e.table_offset.saturating_add(len) > end_of_file {
             return Err(BlockError::corrupt(format!(
-                "Could not read bitmap_table table from image for bitmap '{}': its table \
-                 at offset {:#x} (+{len} bytes) lies past the end of the file",
+                "bitmap '{}': bitmap table at offset {} (+{len} bytes) lies past the end \
+                 of the file",
                 e.name, e.table_offset
             )));
         }
