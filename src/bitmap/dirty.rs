@@ -50,6 +50,15 @@ impl DirtyBitmap {
         Ok(bitmap)
     }
 
+    /// A bitmap loaded from an image under `name`, the name qemu shows for
+    /// stored bytes that were checked against qemu's limit when read (the
+    /// shown form of bytes that are not UTF-8 is longer than they are).
+    pub fn stored(name: &str, size: u64, granularity: u64) -> BitmapResult<Self> {
+        let mut bitmap = Self::anonymous(size, granularity)?;
+        bitmap.name = name.to_owned();
+        Ok(bitmap)
+    }
+
     /// A bitmap without a name, for internal use (a job's copy bitmap, a
     /// successor); otherwise as `new`.
     pub fn anonymous(size: u64, granularity: u64) -> BitmapResult<Self> {

@@ -2,6 +2,7 @@
 //! QEMU applies in `block-dirty-bitmap-add` and in its qcow2 driver.
 
 use super::error::{BitmapError, BitmapResult};
+use super::name::c_len;
 
 /// Smallest granularity: one sector.
 pub const MIN_GRANULARITY: u64 = 512;
@@ -42,12 +43,20 @@ pub fn default_granularity(cluster_size: u64) -> u64 {
     cluster_size.clamp(4096, 65536)
 }
 
-/// Checks a bitmap name as `block-dirty-bitmap-add` does.
-pub fn check_name(name: &str) -> BitmapResult<()> {
+/// The first check `block-dirty-bitmap-add` makes, before it looks up the
+/// node.
+pub fn check_name_not_empty(name: &str) -> BitmapResult<()> {
     if name.is_empty() {
         return Err(BitmapError::invalid("Bitmap name cannot be empty"));
     }
-    if name.len() > MAX_NAME_LEN {
+    Ok(())
+}
+
+/// Checks a bitmap name as `block-dirty-bitmap-add` does; the length is
+/// of qemu's bytes for it (U+0000 counts two).
+pub fn check_name(name: &str) -> BitmapResult<()> {
+    check_name_not_empty(name)?;
+    if c_len(name) > MAX_NAME_LEN {
         return Err(BitmapError::invalid(format!(
             "Bitmap name too long: {name}"
         )));
@@ -95,6 +104,9 @@ mod tests {
             check_name("").unwrap_err().message,
             "Bitmap name cannot be empty"
         );
+        assert!(check_name(&format!("{}\0", "x".repeat(1021))).is_ok());
+        let nul = format!("{}\0", "x".repeat(1022));
+        assert!(check_name(&nul).is_err());
         let long = "x".repeat(1024);
         assert_eq!(
             check_name(&long).unwrap_err().message,

@@ -3,6 +3,7 @@
 //!
 //! Each file does one job:
 //! - `limits.rs`: granularity, name and size rules; the default granularity.
+//! - `name.rs`: a name as qemu's bytes (modified UTF-8) and back.
 //! - `dirty.rs`: `DirtyBitmap` (bits in a `BitVec<u64, Lsb0>`), its
 //!   bytes-to-granules mapping, set/reset.
 //! - `extents.rs`: next dirty area, next clean byte, extent iterators.
@@ -18,6 +19,7 @@ mod error;
 mod extents;
 mod limits;
 mod merge;
+pub mod name;
 mod serial;
 pub mod set;
 mod sha;
@@ -27,8 +29,8 @@ pub use dirty::DirtyBitmap;
 pub use error::{BitmapError, BitmapErrorKind, BitmapResult};
 pub use extents::{DirtyExtents, Extent, Extents};
 pub use limits::{
-    check_name, default_granularity, granularity_shift, MAX_DISK_SIZE, MAX_GRANULARITY,
-    MAX_NAME_LEN, MIN_GRANULARITY,
+    check_name, check_name_not_empty, default_granularity, granularity_shift, MAX_DISK_SIZE,
+    MAX_GRANULARITY, MAX_NAME_LEN, MIN_GRANULARITY,
 };
 pub use state::{BitmapState, Checks};
 

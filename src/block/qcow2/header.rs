@@ -72,6 +72,9 @@ pub struct Header {
     pub backing_file: Option<String>,
 }
 
+/// The unit qemu measures a disk's size in.
+const SECTOR: u64 = 512;
+
 fn be32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -195,7 +198,10 @@ impl Header {
             backing_file_offset: be64(buf, 8),
             backing_file_size: be32(buf, 16),
             cluster_bits,
-            size: be64(buf, 24),
+            // qemu counts a disk in 512-byte sectors and drops a partial
+            // last one (the bytes past it are never read or written, and a
+            // header qemu rewrites holds the rounded size).
+            size: be64(buf, 24) / SECTOR * SECTOR,
             crypt_method: be32(buf, 32),
             l1_size: be32(buf, 36),
             l1_table_offset: be64(buf, 40),

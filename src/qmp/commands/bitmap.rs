@@ -11,7 +11,9 @@ use serde_json::{json, Map, Value};
 
 use super::transaction::{self, Action};
 use crate::bitmap::set::{lock, BusyClaim, SharedBitmap};
-use crate::bitmap::{check_name, default_granularity, granularity_shift, Checks, DirtyBitmap};
+use crate::bitmap::{
+    check_name, check_name_not_empty, default_granularity, granularity_shift, Checks, DirtyBitmap,
+};
 use crate::block::node::Node;
 use crate::block::BlockNode;
 use crate::daemon::Daemon;
@@ -144,8 +146,10 @@ impl Action for Add {
 
     fn prepare(&mut self, d: &Daemon) -> QmpResult<()> {
         let a = &self.args;
+        // qemu's order: an empty name before the node, the name's length
+        // after the driver's own checks of a persistent bitmap.
+        check_name_not_empty(&a.name)?;
         let node = d.node(&a.node)?;
-        check_name(&a.name)?;
         // The image's cluster size clamped to [4 KiB, 64 KiB]; 64 KiB for
         // formats without clusters (raw, file), as qemu.
         let granularity = a
@@ -157,6 +161,7 @@ impl Action for Add {
             // The driver decides, and the node words it as qemu does.
             node.can_store_bitmap(&a.name, granularity)?;
         }
+        check_name(&a.name)?;
         let mut bitmap = DirtyBitmap::new(&a.name, node.size(), granularity)?;
         bitmap.state.persistent = persistent;
         bitmap.state.recording = !a.disabled.unwrap_or(false);

@@ -6,6 +6,7 @@ use super::{
     FLAG_AUTO, FLAG_EXTRA_DATA_COMPATIBLE, FLAG_IN_USE, KNOWN_FLAGS, MAX_GRANULARITY_BITS,
     MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE, MIN_GRANULARITY_BITS, TYPE_DIRTY_TRACKING,
 };
+use crate::bitmap::name::from_c_bytes;
 use crate::block::{BlockError, BlockResult};
 
 const FIXED_LEN: usize = 24;
@@ -17,7 +18,12 @@ pub struct DirEntry {
     pub flags: u32,
     pub kind: u8,
     pub granularity_bits: u8,
+    /// The name as qemu reads and shows it (`bitmap::name`): what QMP and
+    /// the node's bitmaps know it by.
     pub name: String,
+    /// The name's bytes on disk, written back as they were read (they
+    /// need not be UTF-8); for a new entry, qemu's bytes for `name`.
+    pub name_bytes: Vec<u8>,
     /// Kept verbatim: qemu knows no extra data, and must leave it as is.
     pub extra_data: Vec<u8>,
 }
@@ -47,7 +53,7 @@ impl DirEntry {
 
     /// Bytes this entry takes in the directory.
     pub fn disk_len(&self) -> usize {
-        (FIXED_LEN + self.extra_data.len() + self.name.len()).div_ceil(8) * 8
+        (FIXED_LEN + self.extra_data.len() + self.name_bytes.len()).div_ceil(8) * 8
     }
 
     /// Checks the entry's fields as qemu does on open ("doesn't satisfy the
@@ -87,10 +93,10 @@ impl DirEntry {
         out.extend_from_slice(&self.flags.to_be_bytes());
         out.push(self.kind);
         out.push(self.granularity_bits);
-        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(self.name_bytes.len() as u16).to_be_bytes());
         out.extend_from_slice(&(self.extra_data.len() as u32).to_be_bytes());
         out.extend_from_slice(&self.extra_data);
-        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&self.name_bytes);
         out.resize(start + self.disk_len(), 0);
     }
 }
@@ -119,16 +125,16 @@ pub fn parse_directory(buf: &[u8], nb: u32) -> BlockResult<Vec<DirEntry>> {
         }
         let extra = &rest[FIXED_LEN..FIXED_LEN + extra_size];
         let name = &rest[FIXED_LEN + extra_size..FIXED_LEN + extra_size + name_size];
-        let name = String::from_utf8(name.to_vec()).map_err(|_| {
-            BlockError::corrupt("Broken bitmap directory: a bitmap name is not UTF-8")
-        })?;
+        // qemu reads the name as a C string: up to a NUL, if any.
+        let name_bytes = name.split(|&b| b == 0).next().unwrap_or_default().to_vec();
         out.push(DirEntry {
             table_offset: (u64::from(be32(0)) << 32) | u64::from(be32(4)),
             table_size: be32(8),
             flags: be32(12),
             kind: rest[16],
             granularity_bits: rest[17],
-            name,
+            name: from_c_bytes(&name_bytes),
+            name_bytes,
             extra_data: extra.to_vec(),
         });
         at += len;
@@ -159,6 +165,7 @@ mod tests {
             kind: TYPE_DIRTY_TRACKING,
             granularity_bits: 16,
             name: name.into(),
+            name_bytes: crate::bitmap::name::c_bytes(name),
             extra_data: Vec::new(),
         }
     }

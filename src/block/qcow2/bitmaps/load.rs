@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::dir::parse_directory;
+use super::dir::{parse_directory, DirEntry};
 use super::ext::{BitmapsExt, AUTOCLEAR_BITMAPS};
 use super::table::{decode, Cluster};
 use super::{Stored, StoredBitmap};
@@ -54,6 +54,7 @@ pub fn check_directory(f: &HostFile, header: &Header) -> BlockResult<Stored> {
     }
     f.read_partial(&mut raw, ext.directory_offset)?;
     let entries = parse_directory(&raw, ext.nb_bitmaps)?;
+    check_tables_apart(&entries, cs, file_len)?;
     let mut names = HashSet::new();
     let mut bitmaps = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -98,6 +99,38 @@ pub fn check_directory(f: &HostFile, header: &Header) -> BlockResult<Stored> {
     })
 }
 
+/// Every table must lie in the file and in clusters of its own, checked
+/// before any is read: the tables are kept in memory, so this bounds them
+/// by the file's length. (qemu reads a table per bitmap as it loads it, so
+/// a directory of 65535 entries naming one large table has it read 65535
+/// times; qemu's own `check` counts such shared clusters as corrupt.)
+fn check_tables_apart(entries: &[DirEntry], cs: u64, file_len: u64) -> BlockResult<()> {
+    let end_of_file = file_len.div_ceil(cs) * cs;
+    let mut spans = Vec::with_capacity(entries.len());
+    for e in entries {
+        let len = (u64::from(e.table_size) * 8).div_ceil(cs) * cs;
+        if e.table_offset.saturating_add(len) > end_of_file {
+            return Err(BlockError::corrupt(format!(
+                "bitmap '{}': bitmap table at offset {} (+{len} bytes) lies past the end \
+                 of the file",
+                e.name, e.table_offset
+            )));
+        }
+        spans.push((e.table_offset, len, &e.name));
+    }
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        let ((a_off, a_len, a), (b_off, _, b)) = (w[0], w[1]);
+        if a_off + a_len > b_off {
+            return Err(BlockError::corrupt(format!(
+                "Broken bitmap directory: the tables of bitmaps '{a}' and '{b}' share \
+                 clusters (at offset {b_off:#x})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The in-memory bitmap for a stored one. In use on disk (not stored
 /// cleanly), or with extra data qemu may not ignore, it comes back
 /// inconsistent with no bits read: it can only be removed.
@@ -108,7 +141,7 @@ pub fn load_bitmap(
     read_only: bool,
 ) -> BlockResult<DirtyBitmap> {
     let e = &stored.entry;
-    let mut b = DirtyBitmap::new(&e.name, header.size, e.granularity())
+    let mut b = DirtyBitmap::stored(&e.name, header.size, e.granularity())
         .map_err(|err| BlockError::corrupt(format!("bitmap '{}': {}", e.name, err.message)))?;
     b.state.persistent = true;
     b.state.recording = e.auto();

@@ -15,13 +15,17 @@
 //!   read-write open drops it from the header;
 //! - a bitmap found with `in_use` set was not stored cleanly: it is loaded
 //!   inconsistent, and kept on disk exactly as it is until removed;
+//! - a name is a C string (`bitmap::name`): read up to a NUL, shown over
+//!   QMP as modified UTF-8, and written back as the bytes it was read
+//!   from; a new name is stored as qemu's bytes (U+0000 as C0 80);
 //! - opening read-write sets `in_use` on every stored bitmap, so a crash
 //!   leaves them marked; a clean close writes them again with it cleared.
 //!
 //! Where tidemark differs on purpose: a bitmap table or data cluster that
 //! lies past the end of the file is an error (qemu reads it as zeroes, which
 //! would hand a backup tool a bitmap that silently lost its bits); a name
-//! stored twice, or one that is not UTF-8, is a broken directory; the whole
+//! stored twice (as qemu shows it: bytes that are not UTF-8 show as
+//! U+FFFD) is a broken directory; the whole
 //! directory is rewritten at every store (qemu updates some entries in
 //! place), so the cluster layout differs while `qemu-img info` and `check`
 //! agree.

@@ -15,6 +15,7 @@ use super::{
     Stored, StoredBitmap, FLAG_AUTO, FLAG_EXTRA_DATA_COMPATIBLE, FLAG_IN_USE, MAX_BITMAPS,
     MAX_DIRECTORY_SIZE, MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE, TYPE_DIRTY_TRACKING,
 };
+use crate::bitmap::name::{c_bytes, c_len};
 use crate::bitmap::DirtyBitmap;
 use crate::block::qcow2::header::{Header, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE};
 use crate::block::qcow2::io::HostFile;
@@ -90,7 +91,7 @@ pub fn check_can_store(
             "Cannot store dirty bitmaps in qcow2 v2 files",
         ));
     }
-    if name.len() > MAX_NAME_SIZE {
+    if c_len(name) > MAX_NAME_SIZE {
         return Err(BlockError::invalid(format!(
             "Name length exceeds maximum ({MAX_NAME_SIZE} characters)"
         )));
@@ -101,7 +102,7 @@ pub fn check_can_store(
             "Maximum number of persistent bitmaps is already reached",
         ));
     }
-    if dir_size + (24 + name.len() as u64).div_ceil(8) * 8 > MAX_DIRECTORY_SIZE {
+    if dir_size + (24 + c_len(name) as u64).div_ceil(8) * 8 > MAX_DIRECTORY_SIZE {
         return Err(BlockError::invalid(
             "Not enough space in the bitmap directory",
         ));
@@ -343,7 +344,7 @@ fn lay_out_bitmap(
     fresh: &mut Vec<(u64, u64)>,
     writes: &mut Vec<(u64, Vec<u8>, &'static str)>,
 ) -> BlockResult<StoredBitmap> {
-    if b.name().len() > MAX_NAME_SIZE {
+    if c_len(b.name()) > MAX_NAME_SIZE {
         return Err(BlockError::invalid(format!(
             "Can't store bitmap '{}': Name length exceeds maximum ({MAX_NAME_SIZE} characters)",
             b.name()
@@ -398,6 +399,9 @@ fn lay_out_bitmap(
             kind: TYPE_DIRTY_TRACKING,
             granularity_bits: gbits,
             name: b.name().to_owned(),
+            // A name read from disk goes back as the bytes it was read
+            // from, which need not be qemu's bytes for the shown name.
+            name_bytes: old.map_or_else(|| c_bytes(b.name()), |o| o.name_bytes.clone()),
             extra_data,
         },
         table,
