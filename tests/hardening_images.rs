@@ -455,3 +455,68 @@ fn shared_bitmap_tables_are_refused_quickly() {
     assert!(rss < 256 << 10, "RSS {rss} KiB");
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+/// The `qemu:dirty-bitmap:` contexts `kind` lists for an export of a
+/// bitmap named "a\0b": the raw names from NBD_OPT_LIST_META_CONTEXT.
+fn listed_contexts(kind: Impl) -> Vec<Vec<u8>> {
+    use common::wire::{Conn, OPT_LIST_META_CONTEXT, REP_ACK, REP_META_CONTEXT};
+    let args: Vec<String> = [
+        "--blockdev",
+        "driver=file,node-name=f,filename=$DIR/n.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=q,file=f",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut inst = Instance::start(kind, &as_qemu(kind, &args), |dir| {
+        qcow2_image(&dir.join("n.qcow2"), MIB)
+    });
+    let mut q = inst.client();
+    q.exec(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "a\0b"}),
+    );
+    let r = q.exec(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "q", "name": "e",
+               "writable": true, "bitmaps": ["a\0b"]}),
+    );
+    assert!(r.get("return").is_some(), "{kind:?}: {r}");
+    let s = std::os::unix::net::UnixStream::connect(inst.path("nbd.sock")).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut c = Conn::new(s);
+    c.start();
+    let query = b"qemu:dirty-bitmap:";
+    let mut data = Vec::new();
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(b"e");
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+    data.extend_from_slice(query);
+    c.option(OPT_LIST_META_CONTEXT, &data);
+    let mut names = Vec::new();
+    loop {
+        let r = c.opt_reply();
+        match r.rep_type {
+            REP_META_CONTEXT => names.push(r.data[4..].to_vec()),
+            REP_ACK => break,
+            other => panic!("{kind:?}: reply {other:#x}"),
+        }
+    }
+    drop(c);
+    q.exec("quit", json!({}));
+    assert!(inst.wait_exit(std::time::Duration::from_secs(20)));
+    names
+}
+
+/// A bitmap named with U+0000 is offered over NBD under qemu's bytes
+/// (C0 80 for the NUL), as qemu-storage-daemon offers it.
+#[test]
+fn a_nul_in_a_bitmap_name_reaches_nbd_as_qemus_bytes() {
+    let qemu = listed_contexts(Impl::Qsd);
+    assert_eq!(qemu, [b"qemu:dirty-bitmap:a\xc0\x80b".to_vec()]);
+    assert_eq!(listed_contexts(Impl::Tidemark), qemu);
+}

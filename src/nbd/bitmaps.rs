@@ -86,8 +86,11 @@ mod tests {
         // Nothing was taken by the refused export.
         assert!(!lock(&off).state.busy);
         let ctxs = bitmap_contexts(&[(off.clone(), false), (on.clone(), false)]).expect("export");
-        let order: Vec<&str> = ctxs.iter().map(|c| c.name()).collect();
-        assert_eq!(order, ["qemu:dirty-bitmap:off", "qemu:dirty-bitmap:on"]);
+        let order: Vec<&[u8]> = ctxs.iter().map(|c| c.name()).collect();
+        assert_eq!(
+            order,
+            [&b"qemu:dirty-bitmap:off"[..], &b"qemu:dirty-bitmap:on"[..]]
+        );
         assert!(lock(&on).state.busy);
         assert_eq!(
             err(bitmap_contexts(&[(on.clone(), false)])),

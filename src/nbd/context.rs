@@ -22,14 +22,9 @@ pub struct Descriptor {
 
 /// A source of block status for one named context.
 pub trait MetaContext: Send + Sync {
-    /// The full name, `namespace:leaf`.
-    fn name(&self) -> &str;
-
-    /// True when `extents` only reads memory (no I/O), so a request may be
-    /// answered without the blocking pool.
-    fn in_memory(&self) -> bool {
-        false
-    }
+    /// The full name, `namespace:leaf`, as bytes on the wire: a bitmap's
+    /// leaf is qemu's C string (see bitmap/name.rs), not always UTF-8.
+    fn name(&self) -> &[u8];
 
     /// Appends descriptors for `[offset, offset + len)`, consecutive from
     /// `offset`, each nonzero, never past the range, with equal neighbours
@@ -96,8 +91,8 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 impl MetaContext for BaseAllocation {
-    fn name(&self) -> &str {
-        BASE_ALLOCATION
+    fn name(&self) -> &[u8] {
+        BASE_ALLOCATION.as_bytes()
     }
 
     fn extents(
@@ -122,8 +117,8 @@ impl MetaContext for BaseAllocation {
 pub struct AllocationDepth(pub Arc<Root>);
 
 impl MetaContext for AllocationDepth {
-    fn name(&self) -> &str {
-        ALLOCATION_DEPTH
+    fn name(&self) -> &[u8] {
+        ALLOCATION_DEPTH.as_bytes()
     }
 
     fn extents(
@@ -147,7 +142,7 @@ impl MetaContext for AllocationDepth {
 /// `qemu:dirty-bitmap:NAME`: bit 0 set where the bitmap is dirty. The
 /// context holds the bitmap busy for as long as the export lives.
 pub struct DirtyBitmapContext {
-    name: String,
+    name: Vec<u8>,
     /// Shared when one export lists a bitmap twice (qemu offers it twice).
     claim: Arc<BusyClaim>,
 }
@@ -157,10 +152,9 @@ pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 impl DirtyBitmapContext {
     /// `export_as` is the leaf the client sees (qemu: the bitmap's name).
     pub fn new(export_as: &str, claim: Arc<BusyClaim>) -> Self {
-        DirtyBitmapContext {
-            name: format!("{DIRTY_BITMAP_PREFIX}{export_as}"),
-            claim,
-        }
+        let mut name = DIRTY_BITMAP_PREFIX.as_bytes().to_vec();
+        name.extend_from_slice(&crate::bitmap::name::c_bytes(export_as));
+        DirtyBitmapContext { name, claim }
     }
 
     fn bitmap(&self) -> &SharedBitmap {
@@ -169,12 +163,8 @@ impl DirtyBitmapContext {
 }
 
 impl MetaContext for DirtyBitmapContext {
-    fn name(&self) -> &str {
+    fn name(&self) -> &[u8] {
         &self.name
-    }
-
-    fn in_memory(&self) -> bool {
-        true
     }
 
     fn extents(
@@ -203,8 +193,8 @@ impl MetaContext for DirtyBitmapContext {
 /// ends in a colon (`base:`, `qemu:`, `qemu:dirty-bitmap:`) lists everything
 /// under it, as qemu does; anything else must match exactly. Unknown
 /// namespaces simply match nothing.
-pub fn list_matches(query: &str, name: &str) -> bool {
-    if query.ends_with(':') {
+pub fn list_matches(query: &[u8], name: &[u8]) -> bool {
+    if query.ends_with(b":") {
         name.starts_with(query)
     } else {
         query == name
@@ -213,13 +203,13 @@ pub fn list_matches(query: &str, name: &str) -> bool {
 
 /// Whether `query` selects `name` for NBD_OPT_SET_META_CONTEXT: only exact
 /// names select; wildcards are ignored there, as the spec and qemu say.
-pub fn set_matches(query: &str, name: &str) -> bool {
+pub fn set_matches(query: &[u8], name: &[u8]) -> bool {
     query == name
 }
 
 /// The contexts (IDs, in ID order) that `queries` pick from `contexts`.
 /// An empty query list means every context for LIST and none for SET.
-pub fn select(contexts: &[Arc<dyn MetaContext>], queries: &[&str], list: bool) -> Vec<u32> {
+pub fn select(contexts: &[Arc<dyn MetaContext>], queries: &[&[u8]], list: bool) -> Vec<u32> {
     let mut ids: Vec<u32> = Vec::new();
     for (id, ctx) in contexts.iter().enumerate() {
         let name = ctx.name();
@@ -246,12 +236,12 @@ mod tests {
 
     #[test]
     fn wildcards_list_but_do_not_set() {
-        assert!(list_matches("qemu:", "qemu:dirty-bitmap:b0"));
-        assert!(list_matches("qemu:dirty-bitmap:", "qemu:dirty-bitmap:b0"));
-        assert!(list_matches("base:", "base:allocation"));
-        assert!(!list_matches("qemu:dirty-", "qemu:dirty-bitmap:b0"));
-        assert!(!set_matches("qemu:", "qemu:allocation-depth"));
-        assert!(set_matches("base:allocation", "base:allocation"));
+        assert!(list_matches(b"qemu:", b"qemu:dirty-bitmap:b0"));
+        assert!(list_matches(b"qemu:dirty-bitmap:", b"qemu:dirty-bitmap:b0"));
+        assert!(list_matches(b"base:", b"base:allocation"));
+        assert!(!list_matches(b"qemu:dirty-", b"qemu:dirty-bitmap:b0"));
+        assert!(!set_matches(b"qemu:", b"qemu:allocation-depth"));
+        assert!(set_matches(b"base:allocation", b"base:allocation"));
     }
 
     #[test]

@@ -343,7 +343,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
             let n = c.u32()?;
             let mut queries = Vec::new();
             for _ in 0..n {
-                queries.push(c.string()?);
+                queries.push(c.blob()?);
             }
             Some((name, queries))
         })();
@@ -366,7 +366,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
             let mut d = Vec::new();
             // LIST replies carry no usable ID; qemu sends 0.
             put32(&mut d, if set { id } else { 0 });
-            d.extend_from_slice(ctx.name().as_bytes());
+            d.extend_from_slice(ctx.name());
             self.reply(opt, REP_META_CONTEXT, &d).await?;
         }
         if set {

@@ -347,8 +347,13 @@ impl<'a> Cursor<'a> {
 
     /// A 32-bit length followed by that many bytes of UTF-8.
     pub fn string(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.blob()?).ok()
+    }
+
+    /// A length-prefixed string whose bytes need not be UTF-8.
+    pub fn blob(&mut self) -> Option<&'a [u8]> {
         let n = self.u32()? as usize;
-        std::str::from_utf8(self.bytes(n)?).ok()
+        self.bytes(n)
     }
 }
 
