@@ -54,8 +54,9 @@ pub const TYPE_DIRTY_TRACKING: u8 = 1;
 /// Granularity bounds of a stored bitmap, as log2.
 pub const MIN_GRANULARITY_BITS: u8 = 9;
 pub const MAX_GRANULARITY_BITS: u8 = 31;
-/// Longest bitmap name in bytes.
-pub const MAX_NAME_SIZE: usize = 1023;
+/// Longest bitmap name in bytes: the format's limit is qemu's for any
+/// bitmap (the driver checks it first, with its own text).
+pub const MAX_NAME_SIZE: usize = crate::bitmap::MAX_NAME_LEN;
 /// Most bitmaps one image may hold.
 pub const MAX_BITMAPS: u32 = 65535;
 /// Largest directory qemu reads: 1 KiB per bitmap at most.
