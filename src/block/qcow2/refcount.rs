@@ -272,6 +272,7 @@ impl Refcounts {
         }
         loop {
             let b = self.find_free(f, 1)?;
+            self.check_block_site(b)?;
             let mut data = vec![0u8; cs as usize];
             if b / epb == idx {
                 // The block describes itself.
@@ -295,6 +296,24 @@ impl Refcounts {
             f.write(&entry, self.table_offset + idx * 8, "refcount table entry")?;
             return Ok(());
         }
+    }
+
+    /// Refuses to put a new refcount block on cluster `b` when a corrupt
+    /// image calls metadata free (qemu: "Preventing invalid allocation of
+    /// refcount block at offset 0"): at offset 0 it would overwrite the
+    /// header and stay "missing", so allocation would retry it forever.
+    fn check_block_site(&self, b: u64) -> BlockResult<()> {
+        let cs = self.cs();
+        let first = self.table_offset / cs;
+        let in_table = (first..first + u64::from(self.table_clusters)).contains(&b);
+        if b == 0 || in_table || self.blocks.contains(&(b * cs)) {
+            return Err(BlockError::corrupt(format!(
+                "Preventing invalid allocation of refcount block at offset {:#x}: \
+                 it holds image metadata (the image is corrupt; run 'qemu-img check -r all')",
+                b * cs
+            )));
+        }
+        Ok(())
     }
 
     /// Moves the refcount table to a larger one at the end of the file,
