@@ -100,3 +100,46 @@ fn refcount_block_never_lands_on_the_header() {
         assert_eq!(&after[..4], b"QFI\xfb", "the header was overwritten");
     }
 }
+
+/// qcow2_image: block status on an image whose file is huge and sparse
+/// (an L2 entry pointed a write far past the end of a small file) decides
+/// whether the image looks metadata-preallocated by counting clusters in
+/// use up to the end of the file: one refcount lookup per cluster, 2^33
+/// of them here. Ranges with no refcount block are now skipped whole.
+#[test]
+fn preallocation_guess_does_not_walk_a_sparse_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sparse.qcow2");
+    const COPIED: u64 = 1 << 63;
+    let img = Image {
+        cluster_bits: 9,
+        size: 1 << 20,
+        l1_offset: 0x400,
+        l1_size: 32,
+        refcount_table_offset: 0x200,
+        refcount_table_clusters: 1,
+        refcount_order: 4,
+        clusters: 5,
+    };
+    let mut b = img.bytes();
+    let host = 1u64 << 38;
+    b[0x200..0x208].copy_from_slice(&0x800u64.to_be_bytes()); // refcount block
+    b[0x400..0x408].copy_from_slice(&(0x600 | COPIED).to_be_bytes()); // L2 table
+    b[0x600..0x608].copy_from_slice(&(host | COPIED).to_be_bytes()); // data
+    for c in 0..5 {
+        b[0x800 + 2 * c + 1] = 1; // the five clusters of metadata are in use
+    }
+    std::fs::write(&path, &b).expect("write image");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.set_len(1 << 42).expect("a sparse 4 TiB file");
+    drop(f);
+    let status = within(20, move || {
+        let node = Qcow2Node::open(&path, true).expect("the image opens");
+        node.block_status(0, 1 << 20)
+    });
+    let e = status.expect("block status answers");
+    assert_eq!(e.len, 512, "one data cluster, then unallocated ones");
+}

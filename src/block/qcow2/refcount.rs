@@ -123,6 +123,44 @@ impl Refcounts {
         1 << self.cluster_bits
     }
 
+    /// Clusters below `end` whose refcount is not zero, counted up to
+    /// `limit`. Ranges with no refcount block, or an all-zero one, are
+    /// skipped whole: a huge sparse file must not cost a lookup per cluster.
+    pub fn count_used(&mut self, f: &HostFile, end: u64, limit: u64) -> BlockResult<u64> {
+        let epb = self.epb();
+        let mut used = 0;
+        let mut zero_blocks = HashSet::new();
+        for idx in 0..self.table.len() as u64 {
+            let first = idx * epb;
+            if first >= end || used >= limit {
+                break;
+            }
+            let off = self.block_offset(idx);
+            if off == 0 || zero_blocks.contains(&off) {
+                continue;
+            }
+            self.load_block(f, off)?;
+            let order = self.order;
+            let slot = self
+                .cache
+                .get(off)
+                .ok_or_else(|| BlockError::corrupt("refcount block vanished from the cache"))?;
+            if slot.data.iter().all(|&b| b == 0) {
+                zero_blocks.insert(off);
+                continue;
+            }
+            for i in 0..epb.min(end - first) {
+                if get_entry(&slot.data, order, i) > 0 {
+                    used += 1;
+                    if used >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+
     /// Refcount entries per refcount block.
     fn epb(&self) -> u64 {
         (self.cs() * 8) >> self.order
