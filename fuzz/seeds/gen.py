@@ -286,6 +286,14 @@ def capture_nbd(tmp):
         if os.path.exists(sock):
             break
         time.sleep(0.05)
+    try:
+        record_clients(tmp, sock)
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def record_clients(tmp, sock):
     front = os.path.join(tmp, "front.sock")
     rec = Recorder(front, sock)
     uri = "nbd+unix:///?socket=" + front
@@ -343,8 +351,6 @@ def capture_nbd(tmp):
     h.shutdown()
     for i, s in enumerate(rec.take()):
         nbd_seeds("libnbd-%d" % i, s)
-    srv.terminate()
-    srv.wait()
 
 
 def nbd_seeds(name, stream):
