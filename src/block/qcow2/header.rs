@@ -305,7 +305,11 @@ impl Header {
             )));
         }
         let name = &buf[off as usize..off as usize + len as usize];
-        self.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+        // A lossy conversion would name another file, and a header written
+        // back would rename the backing file (or make it too long to read).
+        let name = String::from_utf8(name.to_vec())
+            .map_err(|_| BlockError::not_supported("backing file name is not valid UTF-8"))?;
+        self.backing_file = Some(name);
         Ok(())
     }
 
@@ -446,5 +450,19 @@ mod tests {
         let at = 112 + 4;
         bytes[at..at + 4].copy_from_slice(&0xffff_0000u32.to_be_bytes());
         assert!(Header::parse(&bytes).is_err());
+    }
+
+    /// Found by fuzz/qcow2_header: a name with invalid UTF-8 was read
+    /// lossily, so a header written back named another file, here one
+    /// too long to parse again.
+    #[test]
+    fn backing_name_that_is_not_utf8_is_refused() {
+        let mut h = sample();
+        h.backing_file = Some("b".repeat(400));
+        let mut bytes = h.serialize().expect("serialize");
+        let at = bytes.len() - 400;
+        bytes[at..].fill(0xff);
+        let e = Header::parse(&bytes).expect_err("must fail");
+        assert_eq!(e.kind, crate::block::ErrorKind::NotSupported);
     }
 }

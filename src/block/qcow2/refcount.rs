@@ -123,6 +123,44 @@ impl Refcounts {
         1 << self.cluster_bits
     }
 
+    /// Clusters below `end` whose refcount is not zero, counted up to
+    /// `limit`. Ranges with no refcount block, or an all-zero one, are
+    /// skipped whole: a huge sparse file must not cost a lookup per cluster.
+    pub fn count_used(&mut self, f: &HostFile, end: u64, limit: u64) -> BlockResult<u64> {
+        let epb = self.epb();
+        let mut used = 0;
+        let mut zero_blocks = HashSet::new();
+        for idx in 0..self.table.len() as u64 {
+            let first = idx * epb;
+            if first >= end || used >= limit {
+                break;
+            }
+            let off = self.block_offset(idx);
+            if off == 0 || zero_blocks.contains(&off) {
+                continue;
+            }
+            self.load_block(f, off)?;
+            let order = self.order;
+            let slot = self
+                .cache
+                .get(off)
+                .ok_or_else(|| BlockError::corrupt("refcount block vanished from the cache"))?;
+            if slot.data.iter().all(|&b| b == 0) {
+                zero_blocks.insert(off);
+                continue;
+            }
+            for i in 0..epb.min(end - first) {
+                if get_entry(&slot.data, order, i) > 0 {
+                    used += 1;
+                    if used >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+
     /// Refcount entries per refcount block.
     fn epb(&self) -> u64 {
         (self.cs() * 8) >> self.order
@@ -272,6 +310,7 @@ impl Refcounts {
         }
         loop {
             let b = self.find_free(f, 1)?;
+            self.check_block_site(b)?;
             let mut data = vec![0u8; cs as usize];
             if b / epb == idx {
                 // The block describes itself.
@@ -295,6 +334,24 @@ impl Refcounts {
             f.write(&entry, self.table_offset + idx * 8, "refcount table entry")?;
             return Ok(());
         }
+    }
+
+    /// Refuses to put a new refcount block on cluster `b` when a corrupt
+    /// image calls metadata free (qemu: "Preventing invalid allocation of
+    /// refcount block at offset 0"): at offset 0 it would overwrite the
+    /// header and stay "missing", so allocation would retry it forever.
+    fn check_block_site(&self, b: u64) -> BlockResult<()> {
+        let cs = self.cs();
+        let first = self.table_offset / cs;
+        let in_table = (first..first + u64::from(self.table_clusters)).contains(&b);
+        if b == 0 || in_table || self.blocks.contains(&(b * cs)) {
+            return Err(BlockError::corrupt(format!(
+                "Preventing invalid allocation of refcount block at offset {:#x}: \
+                 it holds image metadata (the image is corrupt; run 'qemu-img check -r all')",
+                b * cs
+            )));
+        }
+        Ok(())
     }
 
     /// Moves the refcount table to a larger one at the end of the file,

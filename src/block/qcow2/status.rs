@@ -53,14 +53,7 @@ impl Qcow2Node {
         let threshold = (real * 10 / 9).max(real + 2);
         let end = self.f.len()?.div_ceil(cs);
         let mut meta = self.lock_meta()?;
-        let mut used = 0;
-        let mut c = 0;
-        while c < end && used < threshold {
-            if meta.refs.get(&self.f, c)? > 0 {
-                used += 1;
-            }
-            c += 1;
-        }
+        let used = meta.refs.count_used(&self.f, end, threshold)?;
         drop(meta);
         Ok(*self.prealloc.get_or_init(|| used >= threshold))
     }
