@@ -36,7 +36,7 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long the load may take to get going, or to end once the daemon has.
 const LOAD_DEADLINE: Duration = Duration::from_secs(30);
 /// NBD connections trimming the whole disk at once.
-const TRIMMERS: usize = 2;
+const TRIMMERS: usize = 3;
 /// Trials run side by side.
 const PARALLEL: usize = 2;
 /// The stop comes this long (at most) after the load runs.

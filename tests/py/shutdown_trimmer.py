@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 
-DEPTH = 1
+DEPTH = 2
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
