@@ -2,9 +2,24 @@
 //! bitmap before a write is acknowledged; exports, jobs and the control
 //! plane look bitmaps up here by name.
 //!
-//! Lock order, the one rule for every holder of these locks: a set's lock
-//! before any bitmap's; one bitmap at a time, or several only through
-//! [`lock_all`]; never a set's lock while a bitmap's is held.
+//! Lock order, the one rule for every holder of these locks:
+//! 1. a set's lock before any bitmap's, never a set's lock while a
+//!    bitmap's is held;
+//! 2. one bitmap at a time, or several only through [`lock_all`] (ascending
+//!    address: a merge's source and target, a store's copies);
+//! 3. a bitmap lock is held only for work in memory: never across blocking
+//!    I/O or an `.await`, and never while waiting for a node's own locks
+//!    (`storing`, `remark` in block/node.rs come before it). What must
+//!    reach the disk is copied under the lock and written after
+//!    (`Node::store_bitmaps`, `Node::store_point`, a merge's intent zones).
+//!    The one exception: a store point's epoch switch takes qcow2 `meta`
+//!    then the intent log's `disk` under the bitmap locks (qcow2/intent.rs:
+//!    the switch must fall between two marks), so it may wait out one
+//!    intent-log write; no holder of those locks waits for a bitmap.
+//!
+//! NBD readers mark bitmaps on tokio workers (the inline write path) and
+//! read them there (dirty-bitmap block status); rule 3 is what keeps those
+//! waits short.
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 

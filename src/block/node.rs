@@ -120,19 +120,30 @@ impl Node {
 
     /// Stores the persistent bitmaps in the image (a clean close, or an
     /// explicit store point), then flushes.
+    ///
+    /// The bitmaps are copied under their locks and stored from the
+    /// copies, so no bitmap lock is held across the store's I/O (hundreds
+    /// of MiB for a large disk at a fine granularity) and writes, which
+    /// mark the bitmaps on the NBD reader's thread, never wait for it. A
+    /// write that marks them after the copy finds `stored_clean` set (it
+    /// is set before the copy, and writers look after they mark), waits
+    /// on `remark` until the store is on disk, and marks the stored
+    /// bitmaps in use again before it changes the image.
     pub fn store_bitmaps(&self) -> BlockResult<()> {
         let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
-        let all = self.bitmaps.all();
-        let guards = lock_all(&all);
-        let persistent: Vec<&DirtyBitmap> = guards
-            .iter()
-            .filter(|b| b.state.persistent)
-            .map(|b| &**b)
-            .collect();
-        if !self.driver.read_only() {
-            self.driver.store_bitmaps(&persistent)?;
-            self.stored_clean.store(true, Ordering::SeqCst);
+        if self.driver.read_only() {
+            return self.driver.flush();
         }
+        let remark = self.remark.lock().unwrap_or_else(|p| p.into_inner());
+        self.stored_clean.store(true, Ordering::SeqCst);
+        let copies = self.persistent_copies(|| {});
+        let refs: Vec<&DirtyBitmap> = copies.iter().collect();
+        if let Err(e) = self.driver.store_bitmaps(&refs) {
+            // The image keeps its old directory, in use: nothing to re-mark.
+            self.stored_clean.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
+        drop(remark);
         self.driver.flush()
     }
 
@@ -148,26 +159,45 @@ impl Node {
         if !self.driver.logs_intents() {
             return Ok(());
         }
-        let all = self.bitmaps.all();
-        let guards = lock_all(&all);
         // Even with no persistent bitmap left: the image may still list
         // one just removed.
-        let copies: Vec<DirtyBitmap> = guards
-            .iter()
-            .filter(|b| b.state.persistent)
-            .map(|b| (**b).clone())
-            .collect();
-        self.driver.intent_new_epoch();
-        drop(guards);
+        let copies = self.persistent_copies(|| self.driver.intent_new_epoch());
         let refs: Vec<&DirtyBitmap> = copies.iter().collect();
         self.driver.store_point(&refs)
     }
 
-    /// Marks `[offset, offset + len)` in the recording bitmaps, then, if a
-    /// persistent one records it, makes its zones durable in the intent
-    /// log (in that order: see qcow2/intent.rs on epochs).
-    fn mark(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if self.bitmaps.mark(offset, len) {
+    /// Copies of the persistent bitmaps, all taken at one instant (under
+    /// their locks, through `lock_all`), at which `at_copy` also runs. The
+    /// locks are released before this returns: the copies are what the
+    /// caller writes out.
+    fn persistent_copies(&self, at_copy: impl FnOnce()) -> Vec<DirtyBitmap> {
+        let all = self.bitmaps.all();
+        let guards = lock_all(&all);
+        let copies = guards
+            .iter()
+            .filter(|b| b.state.persistent)
+            .map(|b| (**b).clone())
+            .collect();
+        at_copy();
+        copies
+    }
+
+    /// Before a write changes the image: marks `[offset, offset + len)` in
+    /// the recording bitmaps; then, after a clean store, marks the stored
+    /// bitmaps in use again (once, as a read-write open does; looked at
+    /// after the marking, see [`Node::store_bitmaps`]); then, if a
+    /// persistent bitmap records the range, makes its zones durable in
+    /// the intent log (after the marking: see qcow2/intent.rs on epochs).
+    fn before_write(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let persistent = self.bitmaps.mark(offset, len);
+        if self.stored_clean.load(Ordering::SeqCst) {
+            let _g = self.remark.lock().unwrap_or_else(|p| p.into_inner());
+            if self.stored_clean.load(Ordering::SeqCst) {
+                self.driver.mark_bitmaps_in_use()?;
+                self.stored_clean.store(false, Ordering::SeqCst);
+            }
+        }
+        if persistent {
             self.driver.intent_mark(&[(offset, len)])?;
         }
         Ok(())
@@ -177,20 +207,6 @@ impl Node {
     /// there would (bits a merge gave a recording persistent bitmap).
     pub fn cover(&self, ranges: &[(u64, u64)]) -> BlockResult<()> {
         self.driver.intent_mark(ranges)
-    }
-
-    /// Before a write: after a clean store, marks the stored bitmaps in use
-    /// again (once), as a read-write open does.
-    fn before_write(&self) -> BlockResult<()> {
-        if !self.stored_clean.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let _g = self.remark.lock().unwrap_or_else(|p| p.into_inner());
-        if self.stored_clean.load(Ordering::SeqCst) {
-            self.driver.mark_bitmaps_in_use()?;
-            self.stored_clean.store(false, Ordering::SeqCst);
-        }
-        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -231,8 +247,7 @@ impl BlockNode for Node {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
-        self.before_write()?;
-        self.mark(offset, buf.len() as u64)?;
+        self.before_write(offset, buf.len() as u64)?;
         self.driver.write_at(buf, offset, fua)
     }
 
@@ -246,24 +261,24 @@ impl BlockNode for Node {
         // fast path declines, the slow path marks the same range again,
         // which changes nothing.
         let len = buf.len() as u64;
+        let persistent = self.bitmaps.mark(offset, len);
+        // Looked at after the marking, as in before_write.
         if self.stored_clean.load(Ordering::SeqCst) {
             return false;
         }
-        if self.bitmaps.mark(offset, len) && !self.driver.intent_ready(offset, len) {
+        if persistent && !self.driver.intent_ready(offset, len) {
             return false;
         }
         self.driver.try_write_nowait(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
-        self.before_write()?;
-        self.mark(offset, len)?;
+        self.before_write(offset, len)?;
         self.driver.write_zeroes(offset, len, flags)
     }
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
-        self.before_write()?;
-        self.mark(offset, buf.len() as u64)?;
+        self.before_write(offset, buf.len() as u64)?;
         self.driver.write_compressed(buf, offset)
     }
 
@@ -272,8 +287,7 @@ impl BlockNode for Node {
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.before_write()?;
-        self.mark(offset, len)?;
+        self.before_write(offset, len)?;
         self.driver.discard(offset, len)
     }
 

@@ -147,7 +147,7 @@ impl Meta {
         Ok(())
     }
 
-    fn l2_offset(&self, l1_index: u64) -> BlockResult<u64> {
+    pub fn l2_offset(&self, l1_index: u64) -> BlockResult<u64> {
         let e = self.l1.get(l1_index as usize).copied().unwrap_or(0);
         l1_l2_offset(e, self.cs(), l1_index as usize)
     }

@@ -634,11 +634,28 @@ impl BlockNode for Qcow2Node {
 }
 
 impl Drop for Qcow2Node {
+    /// The last reference may drop anywhere, a tokio worker included (an
+    /// NBD session ending, a task dropping a root): the flush then runs
+    /// through `block_in_place`, which hands the worker's other tasks to
+    /// another thread first, so no worker blocks on it. On other threads
+    /// (the blocking pool, the CLI) it just runs. The daemon's close path
+    /// stores and flushes on a blocking thread before this.
     fn drop(&mut self) {
-        if !self.is_read_only() {
+        if self.is_read_only() {
+            return;
+        }
+        let flush = || {
             if let Err(e) = self.flush() {
                 tracing::error!("'{}': flush on close failed: {}", self.f.path.display(), e);
             }
+        };
+        match tokio::runtime::Handle::try_current() {
+            // A current-thread runtime has no other thread to hand its
+            // tasks to (block_in_place would panic there): tests only.
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(flush)
+            }
+            _ => flush(),
         }
     }
 }

@@ -340,7 +340,27 @@ impl Qcow2Node {
         }
         let mut freed = Vec::new();
         let mut result = Ok(());
-        for gc in a0 / cs..a1 / cs {
+        let per = self.geo.l2_entries();
+        let skip_missing_l2 = self.backing().is_none();
+        let (mut gc, end) = (a0 / cs, a1 / cs);
+        while gc < end {
+            // Without a backing file a missing L2 table has nothing to
+            // discard: skip it whole. A whole-disk trim of a sparse 1 TiB
+            // image otherwise visits 16 M entries under the metadata lock,
+            // for seconds, and a shutdown waits for it.
+            if skip_missing_l2 {
+                match meta.l2_offset(gc / per) {
+                    Ok(0) => {
+                        gc = (gc / per + 1) * per;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
             let r = (|| -> BlockResult<()> {
                 let (entry, _) = meta.entry(&self.f, gc)?;
                 let held = self.held_by(entry)?;
@@ -359,6 +379,7 @@ impl Qcow2Node {
                 result = r;
                 break;
             }
+            gc += 1;
         }
         let r = result.and_then(|_| meta.free_after_unmap(&self.f, &freed));
         if let Err(e) = &r {
