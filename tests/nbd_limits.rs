@@ -229,6 +229,11 @@ fn clients_that_never_read_pin_bounded_memory() {
         );
     }
     let peak = rss(srv.pid());
+    eprintln!(
+        "RSS {} MiB with 50 clients not reading (at start {} MiB)",
+        peak >> 20,
+        base >> 20
+    );
     assert!(
         peak < 256 << 20,
         "RSS {} MiB with 50 clients not reading (at start {} MiB)",
