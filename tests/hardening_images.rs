@@ -210,10 +210,9 @@ fn shown_bitmaps(q: &mut qmp_common::Qmp, node: &str) -> Value {
     b
 }
 
-/// Runs `steps` (QMP commands) on `kind` over `image` (made by `setup` as
-/// `n.qcow2`), then `quit`; returns the replies (the node's bitmaps shown
-/// last) and the image as the daemon left it.
-fn run_on_image(kind: Impl, setup: &dyn Fn(&Path), steps: &[Value]) -> (Vec<Value>, Vec<u8>) {
+/// `kind` serving node `q`, a qcow2 over `$DIR/n.qcow2` (made by
+/// `setup`), with an NBD server on `$DIR/nbd.sock`.
+fn start_on_image(kind: Impl, setup: &dyn Fn(&Path)) -> Instance {
     let args: Vec<String> = [
         "--blockdev",
         "driver=file,node-name=f,filename=$DIR/n.qcow2",
@@ -224,9 +223,16 @@ fn run_on_image(kind: Impl, setup: &dyn Fn(&Path), steps: &[Value]) -> (Vec<Valu
     ]
     .map(str::to_owned)
     .to_vec();
-    let mut inst = Instance::start(kind, &as_qemu(kind, &args), |dir| {
+    Instance::start(kind, &as_qemu(kind, &args), |dir| {
         setup(&dir.join("n.qcow2"))
-    });
+    })
+}
+
+/// Runs `steps` (QMP commands) on `kind` over `image` (made by `setup` as
+/// `n.qcow2`), then `quit`; returns the replies (the node's bitmaps shown
+/// last) and the image as the daemon left it.
+fn run_on_image(kind: Impl, setup: &dyn Fn(&Path), steps: &[Value]) -> (Vec<Value>, Vec<u8>) {
+    let mut inst = start_on_image(kind, setup);
     let mut q = inst.client();
     let mut out: Vec<Value> = steps
         .iter()
@@ -460,19 +466,7 @@ fn shared_bitmap_tables_are_refused_quickly() {
 /// bitmap named "a\0b": the raw names from NBD_OPT_LIST_META_CONTEXT.
 fn listed_contexts(kind: Impl) -> Vec<Vec<u8>> {
     use common::wire::{Conn, OPT_LIST_META_CONTEXT, REP_ACK, REP_META_CONTEXT};
-    let args: Vec<String> = [
-        "--blockdev",
-        "driver=file,node-name=f,filename=$DIR/n.qcow2",
-        "--blockdev",
-        "driver=qcow2,node-name=q,file=f",
-        "--nbd-server",
-        "addr.type=unix,addr.path=$DIR/nbd.sock",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let mut inst = Instance::start(kind, &as_qemu(kind, &args), |dir| {
-        qcow2_image(&dir.join("n.qcow2"), MIB)
-    });
+    let mut inst = start_on_image(kind, &|p: &Path| qcow2_image(p, MIB));
     let mut q = inst.client();
     q.exec(
         "block-dirty-bitmap-add",

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use super::cache::TableCache;
+use super::cache::{Slot, TableCache};
 use super::io::HostFile;
 use super::tables::{get_be64, put_be64, OFFSET_MASK};
 use crate::block::{BlockError, BlockResult};
@@ -139,12 +139,8 @@ impl Refcounts {
             if off == 0 || zero_blocks.contains(&off) {
                 continue;
             }
-            self.load_block(f, off)?;
             let order = self.order;
-            let slot = self
-                .cache
-                .get(off)
-                .ok_or_else(|| BlockError::corrupt("refcount block vanished from the cache"))?;
+            let slot = self.loaded(f, off)?;
             if slot.data.iter().all(|&b| b == 0) {
                 zero_blocks.insert(off);
                 continue;
@@ -193,18 +189,22 @@ impl Refcounts {
         Ok(())
     }
 
+    /// The refcount block at `off`, read into the cache if need be.
+    fn loaded(&mut self, f: &HostFile, off: u64) -> BlockResult<&mut Slot> {
+        self.load_block(f, off)?;
+        self.cache
+            .get(off)
+            .ok_or_else(|| BlockError::corrupt("refcount block vanished from the cache"))
+    }
+
     pub fn get(&mut self, f: &HostFile, cluster: u64) -> BlockResult<u64> {
         let epb = self.epb();
         let off = self.block_offset(cluster / epb);
         if off == 0 {
             return Ok(0);
         }
-        self.load_block(f, off)?;
         let order = self.order;
-        let slot = self
-            .cache
-            .get(off)
-            .ok_or_else(|| BlockError::corrupt("refcount block vanished from the cache"))?;
+        let slot = self.loaded(f, off)?;
         Ok(get_entry(&slot.data, order, cluster % epb))
     }
 
@@ -220,12 +220,8 @@ impl Refcounts {
                 cluster
             )));
         }
-        self.load_block(f, off)?;
         let order = self.order;
-        let slot = self
-            .cache
-            .get(off)
-            .ok_or_else(|| BlockError::corrupt("refcount block vanished from the cache"))?;
+        let slot = self.loaded(f, off)?;
         let old = get_entry(&slot.data, order, cluster % epb);
         let new = if delta < 0 {
             old.checked_sub(delta.unsigned_abs())
