@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use tidemark::nbd::budget::Pool;
 use tidemark::nbd::handshake::Negotiated;
 use tidemark::nbd::proto::Mode;
 use tidemark::nbd::session;
@@ -55,7 +56,8 @@ fuzz_target!(|data: &[u8]| {
             contexts,
         };
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let _ = session::run(server, sink.clone(), neg, shutdown).await;
+        let pool = Pool::default();
+        let _ = session::run(server, sink.clone(), neg, &pool, shutdown).await;
         // Every reply is on the wire once run returns; closing our end of
         // the socket lets a writer blocked on a full socket finish.
         drop(sink);

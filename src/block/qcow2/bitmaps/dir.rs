@@ -127,6 +127,10 @@ pub fn parse_directory(buf: &[u8], nb: u32) -> BlockResult<Vec<DirEntry>> {
         let name = &rest[FIXED_LEN + extra_size..FIXED_LEN + extra_size + name_size];
         // qemu reads the name as a C string: up to a NUL, if any.
         let name_bytes = name.split(|&b| b == 0).next().unwrap_or_default().to_vec();
+        // A name that is empty as a C string could not be written back.
+        if name_bytes.is_empty() {
+            return Err(broken());
+        }
         out.push(DirEntry {
             table_offset: (u64::from(be32(0)) << 32) | u64::from(be32(4)),
             table_size: be32(8),
@@ -185,6 +189,14 @@ mod tests {
         );
         assert_eq!(
             parse_directory(&bytes, 1).expect_err("long").context,
+            "Broken bitmap directory"
+        );
+        // A name that starts with a NUL is empty to qemu: not writable back
+        // (found by fuzz/qcow2_bitmap_dir).
+        let mut nul = serialize_directory(&entries[..1]);
+        nul[FIXED_LEN] = 0;
+        assert_eq!(
+            parse_directory(&nul, 1).expect_err("empty").context,
             "Broken bitmap directory"
         );
     }
