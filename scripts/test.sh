@@ -26,5 +26,5 @@ done
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --release --no-fail-fast 2>&1
-# Fuzz smoke pass (10 s per target; ~4.5 min from a cold build, see README "Fuzzing").
-if cargo +nightly --version >/dev/null 2>&1; then scripts/fuzz.sh 10; else echo "no nightly toolchain: fuzz smoke pass skipped" >&2; fi
+# Fuzz smoke pass (5 s per target; ~4 min from a cold build, see README "Fuzzing").
+if cargo +nightly --version >/dev/null 2>&1; then scripts/fuzz.sh 5; else echo "no nightly toolchain: fuzz smoke pass skipped" >&2; fi
