@@ -118,6 +118,7 @@ fn a_full_descriptor_table_is_waited_out_not_spun_on() {
     std::thread::sleep(window);
     let cpu = cpu_time(pid) - cpu_before;
     let grown = std::fs::metadata(&log).expect("log").len() - log_before;
+    eprintln!("at EMFILE: {cpu:?} of CPU in {window:?}, log grew {grown} bytes");
     assert!(
         cpu < window / 5,
         "the server used {cpu:?} of CPU in {window:?} at EMFILE"
