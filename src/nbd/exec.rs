@@ -189,8 +189,12 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
 }
 
 fn read(node: &Node, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
+    // An empty read still answers with a chunk once chunks are negotiated
+    // (qemu's NONE chunk), not with a simple reply.
     if len == 0 && to.mode != Mode::Simple {
-        return to.ok();
+        let mut out = Vec::with_capacity(EXT_REPLY_LEN);
+        to.chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+        return out;
     }
     read_part(node, &to, to.offset, len, df, true).unwrap_or_else(|e| e)
 }

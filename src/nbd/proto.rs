@@ -261,6 +261,21 @@ pub fn cmd_name(kind: u16) -> &'static str {
     }
 }
 
+/// The name qemu's server gives a command in its error messages.
+pub fn qemu_cmd_name(kind: u16) -> &'static str {
+    match kind {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_DISC => "disconnect",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_CACHE => "cache",
+        CMD_WRITE_ZEROES => "write zeroes",
+        CMD_BLOCK_STATUS => "block status",
+        _ => "<unknown>",
+    }
+}
+
 pub fn opt_name(opt: u32) -> &'static str {
     match opt {
         OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",

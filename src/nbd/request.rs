@@ -40,7 +40,7 @@ pub fn validate(
     mode: Mode,
     contexts: usize,
 ) -> Result<(), Refusal> {
-    let name = cmd_name(req.kind);
+    let name = qemu_cmd_name(req.kind);
     let mut valid = CMD_FLAG_FUA;
     match req.kind {
         CMD_READ if mode >= Mode::Structured => valid |= CMD_FLAG_DF,
@@ -48,7 +48,7 @@ pub fn validate(
         CMD_WRITE => {}
         CMD_WRITE_ZEROES => valid |= CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_BLOCK_STATUS => valid |= CMD_FLAG_REQ_ONE,
-        other => return refuse(EINVAL, format!("unsupported command {other}")),
+        other => return refuse(EINVAL, format!("invalid request type ({other}) received")),
     }
     if mode == Mode::Extended && matches!(req.kind, CMD_WRITE | CMD_BLOCK_STATUS) {
         valid |= CMD_FLAG_PAYLOAD_LEN;
@@ -71,31 +71,27 @@ pub fn validate(
     if !matches!(req.kind, CMD_FLUSH | CMD_DISC) {
         let size = export.size();
         if req.offset > size || effect_len > size - req.offset {
-            // The spec's errors: a write past the end is a full disk.
-            // (qemu 10 answers EINVAL to all; see proto/nbd.md.)
-            let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
-                ENOSPC
-            } else {
-                EINVAL
-            };
+            // qemu's error and text for every command (the spec would have
+            // ENOSPC for writes; qemu's clients see EINVAL).
             return refuse(
-                errno,
+                EINVAL,
                 format!(
-                    "operation from {}, len {} exceeds size {}",
+                    "operation past EOF; From: {}, Len: {}, Size: {}",
                     req.offset, effect_len, size
                 ),
             );
         }
     }
     if export.read_only && matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
-        return refuse(EPERM, "export is read-only");
+        // qemu's error and text (the spec would have EPERM).
+        return refuse(EINVAL, "Export is read-only");
     }
     if req.kind == CMD_BLOCK_STATUS {
         if mode == Mode::Simple || contexts == 0 {
             return refuse(EINVAL, "CMD_BLOCK_STATUS not negotiated");
         }
         if effect_len == 0 {
-            return refuse(EINVAL, "block status of zero length");
+            return refuse(EINVAL, "need non-zero length");
         }
     }
     Ok(())
