@@ -11,29 +11,10 @@ import socket
 import struct
 import sys
 
-IHAVEOPT = 0x49484156454F5054
+from nbd_raw import open_export, recvn
+
 EXT_REQUEST_MAGIC = 0x21E41C71
 EXT_REPLY_MAGIC = 0x6E8A278C
-
-
-def recvn(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError(f"server closed after {len(b)} of {n} bytes")
-        b += c
-    return b
-
-
-def option(s, opt, data=b""):
-    s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
-    replies = []
-    while True:
-        _, _, typ, ln = struct.unpack(">QIII", recvn(s, 20))
-        replies.append((typ, recvn(s, ln)))
-        if typ == 1 or typ & 0x80000000:
-            return replies
 
 
 CASES = [
@@ -46,17 +27,7 @@ CASES = [
 
 
 def main():
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(sys.argv[1])
-    recvn(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    assert option(s, 11)[-1][0] == 1, "extended headers refused"
-    ctx = b"base:allocation"
-    meta = struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", len(ctx)) + ctx
-    replies = option(s, 10, meta)
-    assert replies[0][0] == 4, f"no context: {replies}"
-    option(s, 7, struct.pack(">IH", 0, 0))
+    s = open_export(sys.argv[1], True)
     for i, (_, payload) in enumerate(CASES):
         s.sendall(struct.pack(">IHHQQQ", EXT_REQUEST_MAGIC, 0x20, 7, i + 1, 0, len(payload)) + payload)
     s.sendall(struct.pack(">IHHQQQ", EXT_REQUEST_MAGIC, 0, 3, 100, 0, 0))

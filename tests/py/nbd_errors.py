@@ -4,45 +4,16 @@ JSON line per reply chunk, for a byte-level comparison with qemu-nbd.
 Usage: nbd_errors.py SOCKET SIZE structured|extended
 """
 import json
-import socket
 import struct
 import sys
 
-IHAVEOPT = 0x49484156454F5054
-
-
-def recvn(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError(f"server closed after {len(b)} of {n} bytes")
-        b += c
-    return b
-
-
-def option(s, opt, data=b""):
-    s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
-    out = []
-    while True:
-        _, _, typ, ln = struct.unpack(">QIII", recvn(s, 20))
-        out.append((typ, recvn(s, ln)))
-        if typ == 1 or typ & 0x80000000:
-            return out
+from nbd_raw import open_export, recvn
 
 
 def main():
     path, size, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     ext = mode == "extended"
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(path)
-    recvn(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    assert option(s, 11 if ext else 8)[-1][0] == 1, "mode refused"
-    ctx = b"base:allocation"
-    option(s, 10, struct.pack(">III", 0, 1, len(ctx)) + ctx)
-    option(s, 7, struct.pack(">IH", 0, 0))
+    s = open_export(path, ext)
     cases = [
         ("read past the end", 0, 0, size - 512, 1024),
         ("write past the end", 0, 1, size - 512, 1024),
