@@ -248,6 +248,22 @@ fn run_on_image(kind: Impl, setup: &dyn Fn(&Path), steps: &[Value]) -> (Vec<Valu
     (out, image)
 }
 
+/// The images qsd and tidemark left hold the same stored names (`expect`
+/// among them, in qemu's bytes), and qemu-img judges them alike.
+fn same_directories(qemu_img: &[u8], our_img: &[u8], expect: &[u8]) {
+    let dir = common::temp_dir();
+    let (qp, tp) = (dir.path().join("qemu.qcow2"), dir.path().join("ours.qcow2"));
+    std::fs::write(&qp, qemu_img).expect("write");
+    std::fs::write(&tp, our_img).expect("write");
+    let names = stored_names(&qp);
+    assert!(
+        names.contains(&expect.to_vec()),
+        "{expect:?} not in {names:?}"
+    );
+    assert_eq!(stored_names(&tp), names);
+    assert_eq!(qemu_img_accepts(&tp), qemu_img_accepts(&qp));
+}
+
 fn add(name: &str, persistent: bool) -> Value {
     json!({"execute": "block-dirty-bitmap-add",
            "arguments": {"node": "q", "name": name, "persistent": persistent}})
@@ -301,14 +317,7 @@ fn bitmap_names_are_qemu_bytes() {
         assert!(o == q, "step {i}: ours {o:.300}\nqemu's {q:.300}");
     }
     assert_eq!(ours.len(), qemu.len());
-    let dir = common::temp_dir();
-    let (qp, tp) = (dir.path().join("qemu.qcow2"), dir.path().join("ours.qcow2"));
-    std::fs::write(&qp, &qemu_img).expect("write");
-    std::fs::write(&tp, &our_img).expect("write");
-    let names = stored_names(&qp);
-    assert!(names.contains(&b"a\xc0\x80b".to_vec()), "qemu's bytes");
-    assert_eq!(stored_names(&tp), names);
-    assert_eq!(qemu_img_accepts(&tp), qemu_img_accepts(&qp));
+    same_directories(&qemu_img, &our_img, b"a\xc0\x80b");
     // Each reopens the image the other wrote, and shows the same names.
     let shown = |kind: Impl, img: &[u8]| {
         let img = img.to_vec();
@@ -369,14 +378,7 @@ fn names_that_are_not_utf8_on_disk_round_trip() {
     let (qemu, qemu_img) = run_on_image(Impl::Qsd, &setup, &steps);
     let (ours, our_img) = run_on_image(Impl::Tidemark, &setup, &steps);
     assert_eq!(ours, qemu);
-    let dir = common::temp_dir();
-    let (qp, tp) = (dir.path().join("qemu.qcow2"), dir.path().join("ours.qcow2"));
-    std::fs::write(&qp, &qemu_img).expect("write");
-    std::fs::write(&tp, &our_img).expect("write");
-    let names = stored_names(&qp);
-    assert!(names.contains(&b"a\xff\xfeb".to_vec()), "{names:?}");
-    assert_eq!(stored_names(&tp), names);
-    assert_eq!(qemu_img_accepts(&tp), qemu_img_accepts(&qp));
+    same_directories(&qemu_img, &our_img, b"a\xff\xfeb");
 }
 
 /// Rewrites the bitmaps extension of `path` (which holds one bitmap) to a
