@@ -103,10 +103,14 @@ mibps() { awk -v b="$1" -v t0="$2" -v t1="$3" 'BEGIN { printf "%.0f", b / 104857
 
 # start_server NAME [TAG]: starts it on a fresh socket ($tmp/NAME[-TAG].sock,
 # log $tmp/NAME[-TAG].log), waits until it answers an NBD handshake.  Sets
-# srv_pid and uri.  Returns 1 (with note[NAME]) on failure.
+# srv_pid and uri (nbd+unix:///?socket=SOCKET, or what the caller's
+# server_uri SOCKET prints, if it defines one).  Returns 1 (with note[NAME])
+# on failure.
 start_server() {
     local name=$1 sock=$tmp/$1${2:+-$2}.sock srvlog=$tmp/$1${2:+-$2}.log deadline
     uri="nbd+unix:///?socket=$sock"
+    # a caller that serves otherwise (TLS, TCP) defines server_uri SOCKET
+    if declare -F server_uri >/dev/null; then uri=$(server_uri "$sock"); fi
     server_cmd "$name" "$sock"
     if [[ $name == tidemark* && ! -x $(tidemark_of "$name") ]]; then
         note[$name]="${note[$name]:-no binary at $(tidemark_of "$name")}"
@@ -162,10 +166,14 @@ run() { # run SECONDS CMD...: CMD under timeout(1), output to stderr
 
 # ---- loads: each sets v to one number, or fails ---------------------------
 
+# rand_io read|write.  fio runs with LD_PRELOAD=$fio_preload when the caller
+# sets it (tls.sh: nbd_allow_local.c, so fio's engine takes tls-certificates=).
+fio_preload=
 rand_io() { # rand_io read|write
-    local out=$tmp/rand-$1.json
+    local out=$tmp/rand-$1.json pre=()
+    [[ -n $fio_preload ]] && pre=(env "LD_PRELOAD=$fio_preload")
     if [[ $randio == fio ]]; then
-        run $((rand_secs + 60)) fio --name="rand$1" --ioengine=nbd --uri="$uri" \
+        run $((rand_secs + 60)) "${pre[@]}" fio --name="rand$1" --ioengine=nbd --uri="$uri" \
             --rw="rand$1" --bs="$bs" --iodepth="$qd" --numjobs=1 \
             --time_based --runtime="$rand_secs" \
             --output-format=json --output="$out" || return 1
@@ -176,6 +184,11 @@ rand_io() { # rand_io read|write
         v=$(jq -e '.iops | floor' "$out")
     fi
 }
+
+# cpu_ticks: utime + stime of the whole server process (all threads), in ticks
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$srv_pid/stat"; }
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 
 peak_rss_mib() {
     awk '/^VmHWM:/ { printf "%.1f", $2 / 1024; found = 1 } END { exit !found }' "/proc/$srv_pid/status"

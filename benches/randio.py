@@ -32,6 +32,9 @@ def main():
     a = p.parse_args()
 
     h = nbd.NBD()
+    # as nbdcopy and nbdinfo: the URI may name files (tls-certificates=,
+    # tls-psk-file=; benches/tls.sh)
+    h.set_uri_allow_local_file(True)
     h.connect_uri(a.uri)
     size = h.get_size()
     nblocks = size // a.bs
