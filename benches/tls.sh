@@ -199,7 +199,7 @@ add_val() { vals[$1,$2]+="${vals[$1,$2]:+ }$3"; log "$1: $2 = $3"; }
 # pull (seconds, server CPU seconds) and the random reads (IOPS, server CPU
 # µs per read) go to vals under FMT,MODE,{pull_s,pull_cpu,rand_iops,rand_cpu}.
 measure() {
-    local s=$1 k=$cur_fmt,$cur_mode t0 t1 c0 c1 opts saved why
+    local s=$1 k=$cur_fmt,$cur_mode t0 t1 c0 c1 n0 n1 opts saved why
     read -ra opts <<<"$nbdcopy_opts"
     [[ $transport == tcp ]] && port=$(free_port)
     log "$s: $cur_fmt, $cur_mode, round $2: preparing page cache"
@@ -219,11 +219,14 @@ measure() {
         run "$op_timeout" nbdcopy "${opts[@]}" "$uri" null: || { fail "$s" "$k" "warm-up pull failed"; return 1; }
     fi
     log "$s: pull"
+    children_cpu n0
     c0=$(cpu_ticks) t0=$EPOCHREALTIME
     run "$op_timeout" nbdcopy "${opts[@]}" "$uri" null: || { fail "$s" "$k" "pull failed"; return 1; }
     t1=$EPOCHREALTIME c1=$(cpu_ticks)
+    children_cpu n1
     add_val "$s" "$k,pull_s" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')"
     add_val "$s" "$k,pull_cpu" "$(awk -v t=$((c1 - c0)) -v hz="$clk_tck" 'BEGIN { printf "%.2f", t / hz }')"
+    add_val "$s" "$k,pull_ccpu" "$(awk -v a="$n0" -v b="$n1" 'BEGIN { printf "%.2f", b - a }')"
     log "$s: random reads"
     c0=$(cpu_ticks) v=
     if rand_io read && [[ -n $v ]] && ((v > 0)); then
@@ -237,6 +240,16 @@ measure() {
     fi
     log "$s: stopping"
     stop_server
+}
+
+# children_cpu VAR: VAR = user + system seconds of this shell's waited-for
+# children (bash's `times`, second line; run here, not in a subshell), so
+# the difference across a pull is nbdcopy's (and timeout's) CPU time
+children_cpu() {
+    times >"$tmp/times"
+    printf -v "$1" '%s' "$(awk 'NR == 2 {
+        for (i = 1; i <= 2; i++) { split($i, p, "m"); sub(/s$/, "", p[2]); t += p[1] * 60 + p[2] }
+        printf "%.3f", t }' "$tmp/times")"
 }
 
 fail() { # fail SERVER FMT,MODE WHAT
@@ -320,7 +333,7 @@ cat <<EOF
 - PSK: \`--object tls-creds-psk,id=tls0,endpoint=server,dir=D/psk\`; no TLS: the same command lines without \`--object\` and \`--tls-creds\`
 - pull: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} '$uri_t' null:\` (PSK: \`$uri_p\`), wall time; nbdcopy opens several connections when the server advertises multi-conn
 - random reads: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine$([[ -n $fio_preload ]] && echo " (over TLS with LD_PRELOAD=nbd_allow_local.so, which lets libnbd read the certificate files)")"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s, uniform over the whole export
-- server CPU: utime + stime of the server process (all threads, /proc/PID/stat) across the timed load
+- server CPU: utime + stime of the server process (all threads, /proc/PID/stat) across the timed load; client CPU: nbdcopy's user + system time (bash \`times\`). Client and server share the $(nproc) CPUs: the pull can go no faster than (server + client CPU) / $(nproc)
 - $rounds rounds; servers alternate (odd rounds: $servers; even rounds reversed); each cell is the median over the rounds
 
 | row | qemu-nbd | tidemark | tidemark vs qemu-nbd (>1x: tidemark better) |
@@ -335,6 +348,8 @@ for f in $formats; do
             "$(num qemu-nbd "$k,pull_mibs" %.0f)" "$(num tidemark "$k,pull_mibs" %.0f)" "$(ratio tidemark "$k,pull_mibs")"
         printf '| … server CPU during the pull (s) | %s | %s | %s |\n' \
             "$(num qemu-nbd "$k,pull_cpu" %.2f)" "$(num tidemark "$k,pull_cpu" %.2f)" "$(ratio qemu-nbd "$k,pull_cpu" tidemark)"
+        printf '| … client (nbdcopy) CPU during the pull (s) | %s | %s | %s |\n' \
+            "$(num qemu-nbd "$k,pull_ccpu" %.2f)" "$(num tidemark "$k,pull_ccpu" %.2f)" "$(ratio qemu-nbd "$k,pull_ccpu" tidemark)"
         printf '| %s: %s random read, QD %s (IOPS) | %s | %s | %s |\n' "$what" "$bs_str" "$qd" \
             "$(num qemu-nbd "$k,rand_iops" %.0f)" "$(num tidemark "$k,rand_iops" %.0f)" "$(ratio tidemark "$k,rand_iops")"
         printf '| … server CPU per read (µs) | %s | %s | %s |\n' \
