@@ -316,7 +316,7 @@ fn refused(what: &str, srv: &mut Server, cmd: &mut Command) -> String {
         describe_failure(cmd, &out),
         srv.log()
     );
-    srv.assert_alive();
+    no_panic(srv);
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -324,6 +324,18 @@ fn nbdinfo_size(uri: &str) -> Command {
     let mut c = bounded("nbdinfo");
     c.args(["--size", uri]);
     c
+}
+
+/// The server lives, and no connection task panicked (the runtime would
+/// catch that: the process lives on, but the log says so).
+fn no_panic(srv: &mut Server) {
+    srv.assert_alive();
+    let log = srv.log();
+    assert!(
+        !log.contains("panicked"),
+        "{:?}: the server log reports a panic\n--- log ---\n{log}",
+        srv.kind
+    );
 }
 
 /// The next good x509 client is served (on servers with no spare slot,
@@ -337,7 +349,7 @@ fn next_good_client(srv: &mut Server) {
         "{:?}: nbdinfo --size",
         srv.kind
     );
-    srv.assert_alive();
+    no_panic(srv);
 }
 
 // ---------------------------------------------------------------------------
@@ -450,7 +462,7 @@ fn x509_roundtrip(kind: Kind, tcp: bool) -> String {
         "{kind:?}: after the write, sha256 of the export (left) and of the expected data (right)"
     );
     t += &format!("after the write, nbdcopy sha256: {got}\n");
-    srv.assert_alive();
+    no_panic(&mut srv);
     t
 }
 
@@ -526,7 +538,7 @@ fn psk_right_key_is_served_wrong_key_and_unknown_user_are_refused() {
         );
         assert_eq!(size.trim(), SIZE.to_string(), "{kind:?}: nbdinfo --size");
         t += "alice again: served\n";
-        srv.assert_alive();
+        no_panic(&mut srv);
         t
     });
 }
@@ -694,7 +706,7 @@ fn authz_case(kind: Kind, src: &Path, authz: &str, allowed: bool) -> String {
             &mut srv,
             &mut qemu.qemu_img("info", &[]),
         );
-        srv.assert_alive();
+        no_panic(&mut srv);
         t
     }
 }
@@ -824,14 +836,14 @@ fn bad_input(kind: Kind, mode: &str, check: impl Fn(&str)) -> String {
             cert("client").to_str().expect("utf-8 path"),
         ],
     );
-    srv.assert_alive();
+    no_panic(&mut srv);
     check(&out);
 
     good.check(2 << 20, 0x77);
     next_good_client(&mut srv);
     good.check(2 << 20, 0x78);
     good.finish();
-    srv.assert_alive();
+    no_panic(&mut srv);
     out
 }
 
@@ -891,6 +903,7 @@ fn a_tls12_renegotiation_is_refused_and_harms_nobody() {
                     "{kind:?}: no line '{want}' in:\n{out}"
                 );
             }
+            closed_promptly(kind, out, "after the failed renegotiation");
         })
     });
 }

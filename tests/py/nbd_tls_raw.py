@@ -274,6 +274,12 @@ def renegotiate(address, certdir):
     except (SSL.Error, EOFError, OSError) as e:
         print("renegotiation: failed", flush=True)
         print(f"# renegotiation: {type(e).__name__}: {e}", flush=True)
+        # qemu-nbd closes at once (gnutls: "Rehandshake was requested by
+        # the peer"); OpenSSL answers with a no_renegotiation alert, and
+        # the client's fatal alert that follows ends the connection.
+        t0 = time.monotonic()
+        s.settimeout(WAIT)
+        timed_close(s, "after the failed renegotiation", t0)
     finally:
         s.close()
 
