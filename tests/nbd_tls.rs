@@ -611,6 +611,11 @@ fn plaintext_clients_get_tls_reqd_on_every_option() {
             "LIST over TLS: reply opt=0x3 type=0x2 len=7".into(),
             "LIST over TLS: reply opt=0x3 type=0x1 len=0".into(),
             "ABORT over TLS: reply opt=0x2 type=0x1 len=0".into(),
+            "STARTTLS: reply opt=0x5 type=0x1 len=0 text=''".into(),
+            format!("EXPORT_NAME over TLS: size={SIZE} flags="),
+            "read over TLS: magic=0x67446698 error=0 handle=1 data=5a5a5a5a5a5a5a5a...512 bytes"
+                .into(),
+            "after DISC over TLS: closed".into(),
         ];
         let lines: Vec<&str> = raw
             .lines()
@@ -908,32 +913,160 @@ fn a_tls12_renegotiation_is_refused_and_harms_nobody() {
     });
 }
 
+/// Closed at the handshake limit: 10 s after the connection, whatever the
+/// client did or did not do by then.
+fn closed_at_the_limit(kind: Kind, out: &str, label: &str) {
+    assert!(
+        out.lines().any(|l| l == format!("{label}: closed")),
+        "{kind:?}: {label}: the connection was not closed:\n{out}"
+    );
+    let secs = seconds_after(out, label);
+    assert!(
+        (8.0..=15.0).contains(&secs),
+        "{kind:?}: {label}: closed {secs}s after the connection; the limit is 10s:\n{out}"
+    );
+}
+
 #[test]
-fn a_stalled_handshake_is_closed_at_the_handshake_limit() {
-    // Ten seconds on each server: the two run side by side.
-    let seen: Vec<(Kind, String)> = std::thread::scope(|s| {
-        let runs: Vec<_> = kinds()
-            .into_iter()
-            .map(|kind| {
+fn stalled_handshakes_are_closed_at_the_handshake_limit() {
+    // Ten seconds for each run: all of them side by side. "stall": STARTTLS
+    // and then no ClientHello; "idle": a TLS handshake and then no option.
+    let runs: Vec<(Kind, &str, &str)> = kinds()
+        .into_iter()
+        .flat_map(|k| {
+            [
+                (k, "stall", "stalled handshake"),
+                (k, "idle", "idle after the TLS handshake"),
+            ]
+        })
+        .collect();
+    let seen: Vec<(Kind, &str, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|&(kind, mode, label)| {
                 s.spawn(move || {
-                    let out = bad_input(kind, "stall", |out| {
-                        assert!(
-                            out.lines().any(|l| l == "stalled handshake: closed"),
-                            "{kind:?}: the stalled handshake was not closed:\n{out}"
-                        );
-                        let secs = seconds_after(out, "stalled handshake");
-                        assert!(
-                            (8.0..=15.0).contains(&secs),
-                            "{kind:?}: the stalled handshake was closed {secs}s after the connection; the limit is 10s:\n{out}"
-                        );
-                    });
-                    (kind, out)
+                    let out = bad_input(kind, mode, |out| closed_at_the_limit(kind, out, label));
+                    (kind, mode, out)
                 })
             })
             .collect();
-        runs.into_iter()
+        handles
+            .into_iter()
             .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
             .collect()
     });
-    same_transcripts("a stalled handshake", &seen);
+    for mode in ["stall", "idle"] {
+        let same: Vec<(Kind, String)> = seen
+            .iter()
+            .filter(|(_, m, _)| *m == mode)
+            .map(|(k, _, out)| (*k, out.clone()))
+            .collect();
+        same_transcripts(mode, &same);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configurations qemu-nbd refuses at startup.
+
+#[test]
+fn startup_refuses_the_tls_configurations_qemu_nbd_refuses() {
+    let dir = temp_dir();
+    let (src, _) = make_image(dir.path());
+    let server = cert("server");
+    let client = cert("client");
+    let x509 = |d: &Path, endpoint: &str| {
+        format!(
+            "tls-creds-x509,id=tls0,endpoint={endpoint},dir={}",
+            d.display()
+        )
+    };
+    // (arguments, the message qemu-nbd gives; a server must give it too).
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--tls-creds".into(), "nosuch".into()],
+            "No TLS credentials with id 'nosuch'",
+        ),
+        (
+            vec![
+                "--object".into(),
+                x509(&client, "client"),
+                "--tls-creds".into(),
+                "tls0".into(),
+            ],
+            "Expected TLS credentials for a server endpoint",
+        ),
+        (
+            vec![
+                "--object".into(),
+                "authz-simple,id=tls0,identity=x".into(),
+                "--tls-creds".into(),
+                "tls0".into(),
+            ],
+            "Object with id 'tls0' is not TLS credentials",
+        ),
+        (
+            vec![
+                "--object".into(),
+                x509(Path::new("/nonexistent"), "server"),
+                "--tls-creds".into(),
+                "tls0".into(),
+            ],
+            "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory",
+        ),
+        (
+            vec![
+                "--object".into(),
+                format!(
+                    "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+                    client.display()
+                ),
+                "--tls-creds".into(),
+                "tls0".into(),
+            ],
+            "server-cert.pem: No such file or directory",
+        ),
+        (
+            vec![
+                "--object".into(),
+                x509(&server, "server"),
+                "--object".into(),
+                format!("authz-simple,id=auth0,identity={}", keyval_quote(CLIENT_DN)),
+                "--tls-authz".into(),
+                "auth0".into(),
+            ],
+            "--tls-authz is not permitted without --tls-creds",
+        ),
+    ];
+    for kind in kinds() {
+        let img = image_for(kind, &src, dir.path());
+        for (args, message) in &cases {
+            let sock = dir.path().join(format!("{kind:?}.sock"));
+            // A server that accepts the configuration serves until the
+            // timeout (5 s): exit status 124.
+            let mut cmd = Command::new("timeout");
+            cmd.args(["-k", "2", "5"]);
+            match kind {
+                Kind::QemuNbd => cmd.arg("qemu-nbd"),
+                Kind::Tidemark => cmd.arg(common::TIDEMARK).arg("serve"),
+            };
+            cmd.args(args)
+                .arg("-k")
+                .arg(&sock)
+                .args(["-f", "qcow2", "-x", EXPORT])
+                .arg(&img);
+            let out = output(&mut cmd);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{kind:?} should refuse to start with {args:?} ({message}):\n{}",
+                describe_failure(&cmd, &out)
+            );
+            assert!(
+                stderr.contains(message),
+                "{kind:?}: refusing {args:?}, stderr does not say '{message}':\n{}",
+                describe_failure(&cmd, &out)
+            );
+        }
+    }
 }

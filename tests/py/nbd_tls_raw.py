@@ -9,10 +9,12 @@ Usage: nbd_tls_raw.py MODE ADDRESS [CERTDIR]
 Modes:
   refusals     options before TLS, one line per reply: the transcript that
                must equal qemu-nbd's byte for byte. With CERTDIR, also the
-               same connection after STARTTLS and a TLS handshake.
+               same connection after STARTTLS and a TLS handshake, and
+               EXPORT_NAME and a read over TLS on another.
   garbage      STARTTLS, then bytes that are no TLS record.
   truncated    STARTTLS, then the first half of a real ClientHello and EOF.
   stall        STARTTLS, then nothing: how long until the server closes.
+  idle         STARTTLS, a TLS handshake, then no option: the same.
   renegotiate  STARTTLS, a TLS 1.2 handshake, one option, then a client
                renegotiation (pyOpenSSL; python's ssl cannot renegotiate).
 
@@ -166,6 +168,20 @@ def refusals(address, certdir):
     ask(t, "ABORT over TLS", 2)
     t.close()
 
+    # The old way in, over TLS: EXPORT_NAME, then a read with a simple reply.
+    s, _ = connect(address)
+    ask(s, "STARTTLS", 5)
+    t = tls_wrap(s, certdir, address)
+    send_option(t, 1, b"vda")
+    size, flags = struct.unpack(">QH", recvn(t, 10))
+    print(f"EXPORT_NAME over TLS: size={size} flags={flags:#x}")
+    t.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 1 << 20, 512))
+    magic, err, handle = struct.unpack(">IIQ", recvn(t, 16))
+    data = recvn(t, 512) if err == 0 else b""
+    print(f"read over TLS: magic={magic:#x} error={err} handle={handle} data={data[:8].hex()}...{len(data)} bytes")
+    t.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 2, 0, 0))
+    until_closed(t, "after DISC over TLS")
+
 
 def tls_wrap(s, certdir, address):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -226,6 +242,14 @@ def stall(address):
     # Nothing more: the server's handshake limit (counted from the
     # connection) must end it.
     timed_close(s, "stalled handshake", t0)
+
+
+def idle(address, certdir):
+    t0 = time.monotonic()
+    s = starttls(address)
+    t = tls_wrap(s, certdir, address)
+    print("TLS handshake: done", flush=True)
+    timed_close(t, "idle after the TLS handshake", t0)
 
 
 def renegotiate(address, certdir):
@@ -295,6 +319,8 @@ def main():
         truncated(address)
     elif mode == "stall":
         stall(address)
+    elif mode == "idle":
+        idle(address, certdir)
     elif mode == "renegotiate":
         renegotiate(address, certdir)
     else:
