@@ -462,6 +462,33 @@ fn x509_roundtrip(kind: Kind, tcp: bool) -> String {
         "{kind:?}: after the write, sha256 of the export (left) and of the expected data (right)"
     );
     t += &format!("after the write, nbdcopy sha256: {got}\n");
+
+    // Bulk writes and reads on two connections at once, many requests in
+    // flight on each.
+    let random = dir.path().join("random.raw");
+    common::random_file(&random, SIZE);
+    served(
+        "nbdcopy of random data to the export over TLS, 2 connections",
+        &mut srv,
+        bounded("nbdcopy")
+            .args(["--connections=2", "--requests=64"])
+            .arg(&random)
+            .arg(&uri),
+    );
+    let back = dir.path().join("back.raw");
+    served(
+        "nbdcopy of the export over TLS, 2 connections",
+        &mut srv,
+        bounded("nbdcopy")
+            .args(["--connections=2", "--requests=64"])
+            .arg(&uri)
+            .arg(&back),
+    );
+    assert!(
+        sha256(&back) == sha256(&random),
+        "{kind:?}: what nbdcopy wrote over TLS on 2 connections did not read back the same"
+    );
+    t += "bulk write and read back on 2 connections: same\n";
     no_panic(&mut srv);
     t
 }
@@ -666,6 +693,51 @@ fn certificates_from_another_ca_and_no_certificate_are_refused() {
         t += &format!("qemu-img, another CA: refused\n# {err}\n");
         next_good_client(&mut srv);
         t += "the next good client: served\n";
+        t
+    });
+}
+
+#[test]
+fn verify_peer_off_serves_a_client_without_certificate_and_priority_limits_versions() {
+    let dir = temp_dir();
+    let (src, _) = make_image(dir.path());
+    on_each_server("tls-creds-x509 options", |kind| {
+        let img = image_for(kind, &src, dir.path());
+        let mut t = String::new();
+        let tls = TlsOpts::creds(format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+            cert("server").display()
+        ));
+        let mut srv = serve(kind, &img, Some(tls), 1, false);
+        let uri = x509_uri(&srv, &cert("noclient"));
+        let size = served(
+            "verify-peer=off, a client without certificate",
+            &mut srv,
+            &mut nbdinfo_size(&uri),
+        );
+        assert_eq!(size.trim(), SIZE.to_string(), "{kind:?}: nbdinfo --size");
+        t += "verify-peer=off, no client certificate: served\n";
+        drop(srv);
+
+        let tls = TlsOpts::creds(format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={},priority=NORMAL:-VERS-TLS1.3",
+            cert("server").display()
+        ));
+        let mut srv = serve(kind, &img, Some(tls), 1, false);
+        let out = run_py(
+            "nbd_tls_raw.py",
+            &[
+                "version",
+                &srv.address(),
+                cert("client").to_str().expect("utf-8 path"),
+            ],
+        );
+        assert!(
+            out.lines().any(|l| l == "TLS version: TLSv1.2"),
+            "{kind:?}: priority=NORMAL:-VERS-TLS1.3 should leave TLS 1.2 only:\n{out}"
+        );
+        t += &out;
+        next_good_client(&mut srv);
         t
     });
 }

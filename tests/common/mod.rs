@@ -110,7 +110,8 @@ impl TlsOpts {
         ))
     }
 
-    fn creds(object: String) -> TlsOpts {
+    /// One credentials object (its definition must say `id=tls0`).
+    pub fn creds(object: String) -> TlsOpts {
         TlsOpts {
             objects: vec![object],
             creds: "tls0".into(),

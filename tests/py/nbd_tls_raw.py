@@ -15,6 +15,7 @@ Modes:
   truncated    STARTTLS, then the first half of a real ClientHello and EOF.
   stall        STARTTLS, then nothing: how long until the server closes.
   idle         STARTTLS, a TLS handshake, then no option: the same.
+  version      STARTTLS and a TLS handshake: the protocol version chosen.
   renegotiate  STARTTLS, a TLS 1.2 handshake, one option, then a client
                renegotiation (pyOpenSSL; python's ssl cannot renegotiate).
 
@@ -252,6 +253,14 @@ def idle(address, certdir):
     timed_close(t, "idle after the TLS handshake", t0)
 
 
+def version(address, certdir):
+    s = starttls(address)
+    t = tls_wrap(s, certdir, address)
+    print(f"TLS version: {t.version()}", flush=True)
+    ask(t, "ABORT over TLS", 2)
+    t.close()
+
+
 def renegotiate(address, certdir):
     from OpenSSL import SSL
 
@@ -321,6 +330,8 @@ def main():
         stall(address)
     elif mode == "idle":
         idle(address, certdir)
+    elif mode == "version":
+        version(address, certdir)
     elif mode == "renegotiate":
         renegotiate(address, certdir)
     else:
