@@ -384,15 +384,51 @@ fn coalesce(extents: Vec<Value>) -> Vec<Value> {
     out
 }
 
+/// The TLS material tests/tls/gen-certs.sh makes, made once and kept in
+/// the target directory (RSA key generation takes seconds on a busy
+/// machine; each instance gets a copy). Named after the script's text, so
+/// a changed script makes new material; made in a private directory and
+/// renamed into place, so concurrent test processes do not see half of it.
+fn tls_material() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/gen-certs.sh");
+        let text = std::fs::read(&script).unwrap_or_else(|e| panic!("{script:?}: {e}"));
+        // FNV-1a: stable from run to run, unlike std's hasher.
+        let hash = text.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let done = base.join(format!("tls-material-{hash:016x}"));
+        if !done.exists() {
+            let work = tempfile::Builder::new()
+                .prefix("tls-material-")
+                .tempdir_in(base)
+                .expect("temp dir");
+            let argv = [
+                "sh".to_owned(),
+                script.display().to_string(),
+                "tls".to_owned(),
+            ];
+            let r = run_tool(&argv, work.path(), false, &Filter::default());
+            assert_eq!(r["status"], 0, "{argv:?}: {r}");
+            // Another process may have got there first: then its copy stays.
+            let _ = std::fs::rename(work.path().join("tls"), &done);
+        }
+        done
+    })
+    .clone()
+}
+
 /// Runs the setup of a scenario in `dir`: with `"tls": true`, the TLS
-/// material (tests/tls/gen-certs.sh, into `dir`/tls), then the setup
+/// material (tests/tls/gen-certs.sh's, copied to `dir`/tls), then the setup
 /// commands. They must succeed.
 fn setup(sc: &Value, dir: &Path) {
     if sc["tls"].as_bool().unwrap_or(false) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/gen-certs.sh");
         let argv = [
-            "sh".to_owned(),
-            script.display().to_string(),
+            "cp".to_owned(),
+            "-a".to_owned(),
+            tls_material().display().to_string(),
             "tls".to_owned(),
         ];
         let r = run_tool(&argv, dir, false, &Filter::default());
