@@ -178,6 +178,8 @@ pub struct Daemon {
     store_interval: std::sync::atomic::AtomicU64,
     /// `--nbd-memory`: the NBD server's pool for in-flight requests.
     nbd_memory: std::sync::atomic::AtomicUsize,
+    /// object-add's objects: secrets, TLS credentials, authorization.
+    pub objects: Arc<crate::object::Objects>,
 }
 
 /// How long a safe block-export-del waits for connections that are
@@ -207,6 +209,7 @@ impl Daemon {
             quit,
             store_interval: crate::store_point::DEFAULT_STORE_INTERVAL.into(),
             nbd_memory: crate::nbd::budget::DEFAULT_POOL.into(),
+            objects: Default::default(),
         });
         crate::store_point::start_timer(&d);
         crate::qmp::commands::session::sweep_stale_scratch();
@@ -944,18 +947,28 @@ impl Daemon {
     /// the sockets are bound but connections wait in the backlog until
     /// [`Daemon::accept_nbd`] (so `serve` adds its export first, and no
     /// client finds the server without it).
+    /// The check a TLS client's identity must pass: authorization object
+    /// `id`, looked up at each connection, as qemu does.
+    pub fn authorizer(&self, id: &str) -> crate::nbd::tls::Authorizer {
+        let objects = self.objects.clone();
+        let id = id.to_owned();
+        Arc::new(move |who| objects.authorize(&id, who))
+    }
+
     pub async fn start_nbd(
         &self,
         addrs: &[Address],
         max_connections: Option<usize>,
         accept: bool,
+        tls: Option<crate::nbd::tls::TlsServer>,
     ) -> QmpResult<()> {
         let mut nbd = self.nbd.lock().await;
         if nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
         let pool = Pool::new(self.nbd_memory.load(std::sync::atomic::Ordering::Relaxed));
-        let server = NbdServer::bind(addrs, self.exports.clone(), max_connections, pool)
+        let tls_on = tls.is_some();
+        let server = NbdServer::bind(addrs, self.exports.clone(), max_connections, pool, tls)
             .await
             .map_err(|e| QmpError::generic(crate::qmp::error::strip_os_error(&e.to_string())))?;
         for a in server.tcp_addrs() {
@@ -967,12 +980,14 @@ impl Daemon {
                 info!("listening on unix {}", p.display());
             }
         }
+        // The URI scheme says whether TLS is required (nbds).
+        let s = if tls_on { "s" } else { "" };
         let uri = match (addrs.first(), server.tcp_addrs().first()) {
             (Some(Address::Unix(p)), _) => Some((
-                "nbd+unix:///".to_owned(),
+                format!("nbd{s}+unix:///"),
                 format!("?socket={}", p.display()),
             )),
-            (Some(Address::Tcp(_)), Some(a)) => Some((format!("nbd://{a}/"), String::new())),
+            (Some(Address::Tcp(_)), Some(a)) => Some((format!("nbd{s}://{a}/"), String::new())),
             _ => None,
         };
         let (stop, stop_rx) = watch::channel(false);

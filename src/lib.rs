@@ -13,5 +13,7 @@ pub mod event;
 pub mod info;
 pub mod job;
 pub mod nbd;
+pub mod object;
 pub mod qmp;
 pub mod store_point;
+pub mod tls;

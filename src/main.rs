@@ -147,6 +147,17 @@ struct ServeArgs {
     /// Seconds between store points of the persistent bitmaps (0: none).
     #[arg(long, value_name = "SECS", default_value_t = tidemark::store_point::DEFAULT_STORE_INTERVAL)]
     bitmap_store_interval: u64,
+    /// Define an object, as qemu-nbd's --object: TLS credentials, secrets,
+    /// authorization (repeatable; keyval or JSON).
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    objects: Vec<String>,
+    /// Require TLS with the credentials object ID (an --object with
+    /// endpoint=server).
+    #[arg(long, value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Admit only the TLS clients the authorization object ID allows.
+    #[arg(long, value_name = "ID")]
+    tls_authz: Option<String>,
     /// Memory for in-flight NBD request and reply data, shared by all
     /// clients (default 192M: RSS stays under 256M).
     #[arg(long, value_name = "SIZE", value_parser = tidemark::qmp::cmdline::parse_nbd_memory)]
@@ -314,6 +325,11 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         Some(f) => f,
         None => probe(&image).with_context(|| format!("Could not open '{}'", image.display()))?,
     };
+    let objects = args
+        .objects
+        .iter()
+        .map(|o| cmdline::object(o).map_err(|e| anyhow::anyhow!("--object: {e}")))
+        .collect::<Result<Vec<Value>>>()?;
     let mut addrs = Vec::new();
     if let Some(l) = args.listen {
         addrs.push(Address::Tcp(l));
@@ -323,6 +339,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
             args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         ));
     }
+    let tls = json!({"tls-creds": args.tls_creds, "tls-authz": args.tls_authz});
     // qemu-nbd offers its -B bitmaps in the reverse order of the options.
     let bitmaps: Vec<Value> = args.bitmaps.iter().rev().map(|b| json!(b)).collect();
     let mut export = json!({
@@ -345,6 +362,12 @@ fn serve(mut args: ServeArgs) -> Result<()> {
         if let Some(n) = args.nbd_memory {
             d.set_nbd_memory(n);
         }
+        for o in objects {
+            let o = o.as_object().cloned().unwrap_or_default();
+            commands::execute(&d, "object-add", o)
+                .await
+                .map_err(|e| anyhow::anyhow!("--object: {}", e.desc))?;
+        }
         let add = serve_options(&image, format.name(), args.read_only);
         commands::execute(&d, "blockdev-add", add)
             .await
@@ -360,6 +383,7 @@ fn serve(mut args: ServeArgs) -> Result<()> {
                 &d,
                 &addrs,
                 (args.max_connections > 0).then_some(args.max_connections),
+                &tls,
                 &export,
             )
             .await
@@ -396,11 +420,13 @@ async fn start_serving(
     d: &std::sync::Arc<Daemon>,
     addrs: &[Address],
     max_connections: Option<usize>,
+    tls: &Value,
     export: &Value,
 ) -> Result<(), tidemark::qmp::error::QmpError> {
     {
         let _serial = d.command_lock.lock().await;
-        d.start_nbd(addrs, max_connections, false).await?;
+        let tls = commands::export::tls_server(d, tls.as_object().unwrap_or(&Default::default()))?;
+        d.start_nbd(addrs, max_connections, false, tls).await?;
     }
     let map = export.as_object().cloned().unwrap_or_default();
     commands::execute(d, "block-export-add", map)

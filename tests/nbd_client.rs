@@ -36,6 +36,7 @@ async fn session(socket: &Path, extended: bool) -> Seen {
         export: String::new(),
         extended_headers: extended,
         meta_contexts: vec!["base:allocation".into()],
+        tls: None,
     };
     let mut c = NbdClient::connect_unix(socket, &opts)
         .await

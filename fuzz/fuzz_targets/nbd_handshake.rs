@@ -1,6 +1,7 @@
 //! The NBD handshake and option parser: the input is everything a client
 //! sends from the first byte (client flags, then options), fed to the
-//! server's real `negotiate` through an in-memory stream.
+//! server's real `negotiate` through an in-memory stream. An odd first
+//! byte runs it as a server that requires TLS (the rest is the input).
 
 #![no_main]
 
@@ -8,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tidemark::nbd::export::ExportTable;
-use tidemark::nbd::handshake::negotiate;
+use tidemark::nbd::handshake::{negotiate, Tls};
 
 #[path = "../common/nbd.rs"]
 mod common;
@@ -26,10 +27,13 @@ fn exports() -> &'static ExportTable {
 fuzz_target!(|data: &[u8]| {
     let exports = exports();
     common::runtime().block_on(async {
-        let mut r = data;
+        let (tls, mut r) = match data.split_first() {
+            Some((b, rest)) if b & 1 == 1 => (Tls::Required, rest),
+            _ => (Tls::Off, data),
+        };
         let mut w = Vec::new();
         // Any outcome is fine; a panic, a hang or a huge allocation is not.
-        let _ = negotiate(&mut r, &mut w, exports).await;
+        let _ = negotiate(&mut r, &mut w, exports, tls).await;
         // The server never writes more than it was asked for plus replies
         // of bounded size: a sanity bound on amplification.
         assert!(w.len() <= 64 * 1024 + data.len() * 256);

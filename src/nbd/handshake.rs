@@ -20,6 +20,30 @@ use super::proto::*;
 const MAX_OPTION: u32 = 64 << 10;
 const MAX_DRAINED_OPTION: u32 = 16 << 20;
 
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The server has no credentials: STARTTLS is refused.
+    Off,
+    /// Every option but STARTTLS is refused until the client starts TLS.
+    Required,
+    /// The options now travel inside TLS.
+    Established,
+}
+
+/// How the plaintext part of a handshake ended.
+pub enum Outcome {
+    Export(Negotiated),
+    /// The client asked for TLS and was told yes: the caller runs the TLS
+    /// handshake, then [`negotiate_tls`] goes on inside it.
+    StartTls(Resume),
+}
+
+/// What the client said before TLS that still holds after it.
+pub struct Resume {
+    no_zeroes: bool,
+}
+
 /// The outcome of a successful handshake.
 pub struct Negotiated {
     pub export: Arc<Export>,
@@ -49,14 +73,21 @@ struct Haggle<'a, R, W> {
     r: &'a mut R,
     w: &'a mut W,
     exports: &'a ExportTable,
+    tls: Tls,
     mode: Mode,
     no_zeroes: bool,
     /// The last SET_META_CONTEXT: which export it named and what it chose.
     selection: Option<(String, Vec<u32>)>,
 }
 
-/// Runs the server side of the handshake on a fresh connection.
-pub async fn negotiate<R, W>(r: &mut R, w: &mut W, exports: &ExportTable) -> Result<Negotiated>
+/// Runs the server side of the handshake on a fresh connection; `tls` is
+/// [`Tls::Off`] or [`Tls::Required`].
+pub async fn negotiate<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &ExportTable,
+    tls: Tls,
+) -> Result<Outcome>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -76,8 +107,43 @@ where
         r,
         w,
         exports,
+        tls,
         mode: Mode::Simple,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        selection: None,
+    };
+    loop {
+        if tls == Tls::Required {
+            if h.before_tls().await? {
+                return Ok(Outcome::StartTls(Resume {
+                    no_zeroes: h.no_zeroes,
+                }));
+            }
+        } else if let Some(done) = h.option().await? {
+            return Ok(Outcome::Export(done));
+        }
+    }
+}
+
+/// The rest of a handshake after STARTTLS, inside TLS: the options start
+/// afresh (nothing the client said in plaintext counts but its flags).
+pub async fn negotiate_tls<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &ExportTable,
+    resume: Resume,
+) -> Result<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut h = Haggle {
+        r,
+        w,
+        exports,
+        tls: Tls::Established,
+        mode: Mode::Simple,
+        no_zeroes: resume.no_zeroes,
         selection: None,
     };
     loop {
@@ -88,6 +154,42 @@ where
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
+    /// One option while TLS is required, answered as qemu does; true when
+    /// the client may start TLS now.
+    async fn before_tls(&mut self) -> Result<bool> {
+        let mut head = [0u8; 16];
+        self.r.read_exact(&mut head).await?;
+        if be64(&head, 0) != IHAVEOPT {
+            return violation("bad option magic");
+        }
+        let opt = be32(&head, 8);
+        let len = be32(&head, 12);
+        debug!(option = opt_name(opt), len, "option before TLS");
+        // No reply can follow EXPORT_NAME: the connection ends.
+        if opt == OPT_EXPORT_NAME {
+            return violation(format!("Option {opt:#x} not permitted before TLS"));
+        }
+        if len > MAX_DRAINED_OPTION {
+            return violation(format!("option of {len} bytes"));
+        }
+        self.drain(len).await?;
+        if opt == OPT_STARTTLS {
+            if len != 0 {
+                let msg = "option 'starttls' has unexpected length";
+                self.reply_err(opt, REP_ERR_INVALID, msg).await?;
+                return violation(msg);
+            }
+            self.reply(opt, REP_ACK, &[]).await?;
+            return Ok(true);
+        }
+        let msg = format!("Option {opt:#x} not permitted before TLS");
+        self.reply_err(opt, REP_ERR_TLS_REQD, &msg).await?;
+        if opt == OPT_ABORT {
+            return Err(HandshakeEnd::Aborted);
+        }
+        Ok(false)
+    }
+
     /// Reads and answers one option; `Some` when it ends the handshake.
     async fn option(&mut self) -> Result<Option<Negotiated>> {
         let mut head = [0u8; 16];
@@ -123,8 +225,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
                 if !data.is_empty() {
                     return self.invalid_len(opt).await;
                 }
-                self.reply_err(opt, REP_ERR_POLICY, "TLS not configured")
-                    .await?;
+                if self.tls == Tls::Established {
+                    self.reply_err(opt, REP_ERR_INVALID, "TLS already enabled")
+                        .await?;
+                } else {
+                    self.reply_err(opt, REP_ERR_POLICY, "TLS not configured")
+                        .await?;
+                }
                 Ok(None)
             }
             OPT_INFO | OPT_GO => self.info(opt, &data).await,

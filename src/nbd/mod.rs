@@ -15,3 +15,4 @@ pub mod request;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod tls;

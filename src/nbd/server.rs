@@ -3,6 +3,7 @@
 //! accepting, let sessions finish their in-flight requests, and clean up.
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,17 +12,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::budget::Pool;
 use super::export::ExportTable;
-use super::handshake::{negotiate, HandshakeEnd, Negotiated};
+use super::handshake::{negotiate, negotiate_tls, HandshakeEnd, Negotiated, Outcome, Tls};
 use super::session;
 use super::sink::ReplySink;
+use super::tls::TlsServer;
 use crate::accept::AcceptBackoff;
 
-/// A client that has not finished the handshake by then is dropped (qemu's
-/// default handshake limit).
+/// A client that has not finished the handshake (TLS included) by then is
+/// dropped (qemu's default handshake limit).
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Where a server listens.
@@ -44,14 +47,25 @@ pub struct NbdServer {
     exports: ExportTable,
     max_connections: Option<usize>,
     pool: Pool,
+    tls: Option<TlsServer>,
+}
+
+/// What every connection of a server shares.
+#[derive(Clone)]
+struct Shared {
+    exports: ExportTable,
+    pool: Pool,
+    tls: Option<Arc<TlsServer>>,
 }
 
 impl NbdServer {
+    /// With `tls`, every client must start TLS before anything else.
     pub async fn bind(
         addrs: &[Address],
         exports: ExportTable,
         max_connections: Option<usize>,
         pool: Pool,
+        tls: Option<TlsServer>,
     ) -> io::Result<NbdServer> {
         let mut listeners = Vec::new();
         for a in addrs {
@@ -70,6 +84,7 @@ impl NbdServer {
             exports,
             max_connections,
             pool,
+            tls,
         })
     }
 
@@ -90,6 +105,11 @@ impl NbdServer {
         let limit = Arc::new(Semaphore::new(
             self.max_connections.unwrap_or(Semaphore::MAX_PERMITS),
         ));
+        let shared = Shared {
+            exports: self.exports,
+            pool: self.pool,
+            tls: self.tls.map(Arc::new),
+        };
         let mut acceptors = JoinSet::new();
         let mut paths = Vec::new();
         for l in self.listeners {
@@ -98,8 +118,7 @@ impl NbdServer {
             }
             acceptors.spawn(accept_loop(
                 l,
-                self.exports.clone(),
-                self.pool.clone(),
+                shared.clone(),
                 limit.clone(),
                 shutdown.clone(),
             ));
@@ -129,8 +148,7 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
 
 async fn accept_loop(
     listener: Listener,
-    exports: ExportTable,
-    pool: Pool,
+    shared: Shared,
     limit: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -170,27 +188,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        let exports = exports.clone();
-        let pool = pool.clone();
+        let shared = shared.clone();
         let stop = shutdown.clone();
         conns.spawn(async move {
-            // The reply path (a second descriptor) exists only once the
-            // handshake chose an export: an idle client costs one.
             match stream {
-                Stream::Unix(mut s) => {
-                    let (mut r, mut w) = s.split();
-                    if let Some(neg) = handshake(&mut r, &mut w, &exports).await {
-                        let sink = ReplySink::new(&s);
-                        serve_conn(neg, s, sink, &pool, stop).await
-                    }
-                }
-                Stream::Tcp(mut s) => {
-                    let (mut r, mut w) = s.split();
-                    if let Some(neg) = handshake(&mut r, &mut w, &exports).await {
-                        let sink = ReplySink::new(&s);
-                        serve_conn(neg, s, sink, &pool, stop).await
-                    }
-                }
+                Stream::Unix(s) => connection(s, &shared, stop).await,
+                Stream::Tcp(s) => connection(s, &shared, stop).await,
             }
             drop(permit);
         });
@@ -215,13 +218,56 @@ async fn accept(l: &Listener) -> io::Result<Stream> {
     }
 }
 
-/// The handshake, bounded in time; `None` when it did not end in an export.
-pub async fn handshake<R, W>(r: &mut R, w: &mut W, exports: &ExportTable) -> Option<Negotiated>
+/// One connection from accept to close: the handshake, bounded in time
+/// (TLS included), then transmission.
+async fn connection<S>(mut s: S, shared: &Shared, stop: watch::Receiver<bool>)
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
 {
-    match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(r, w, exports)).await {
+    let deadline = Instant::now() + HANDSHAKE_LIMIT;
+    let tls = if shared.tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    let outcome = {
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        bounded(deadline, negotiate(&mut r, &mut w, &shared.exports, tls)).await
+    };
+    match (outcome, &shared.tls) {
+        // The reply path (a second descriptor) exists only once the
+        // handshake chose an export: an idle client costs one.
+        (Some(Outcome::Export(neg)), _) => {
+            let sink = ReplySink::new(&s);
+            serve_conn(neg, s, sink, &shared.pool, stop).await
+        }
+        (Some(Outcome::StartTls(resume)), Some(server)) => {
+            let socket = s.as_fd().as_raw_fd();
+            let tls = match tokio::time::timeout_at(deadline, server.accept(s)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return info!(error = %e, "TLS client refused"),
+                Err(_) => return debug!("TLS handshake timed out"),
+            };
+            let (mut r, mut w) = tokio::io::split(tls);
+            let exports = &shared.exports;
+            let Some(neg) = bounded(deadline, negotiate_tls(&mut r, &mut w, exports, resume)).await
+            else {
+                return;
+            };
+            let sink = ReplySink::with_writer(w, socket);
+            serve_conn(neg, r, Ok(sink), &shared.pool, stop).await
+        }
+        _ => {}
+    }
+}
+
+/// A handshake step that must end by `deadline`; `None` when it did not
+/// end in what the caller wanted.
+async fn bounded<T>(
+    deadline: Instant,
+    step: impl std::future::Future<Output = Result<T, HandshakeEnd>>,
+) -> Option<T> {
+    match tokio::time::timeout_at(deadline, step).await {
         Ok(Ok(n)) => Some(n),
         Ok(Err(HandshakeEnd::Aborted)) => None,
         Ok(Err(e)) => {

@@ -62,6 +62,7 @@ where
     };
     // Wait for every in-flight request: each holds a slot until answered.
     conn.budget.idle().await;
+    conn.sink.close();
     result
 }
 

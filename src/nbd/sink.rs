@@ -3,23 +3,30 @@
 //!
 //! Handing each reply to an async writer task costs a thread wake-up per
 //! request; at tens of thousands of requests a second that is most of the
-//! cost. So the blocking-pool thread that produced a reply writes it
-//! itself, with a non-blocking write. Replies queue behind the one being
-//! written, so they never interleave and no thread waits for another.
-//! When the socket is full, the rest of the queue goes to an async task
-//! that waits for room: a client that stops reading holds its own budget
-//! (each queued reply keeps its in-flight permit), never a pool thread.
-
+//! cost. So on a plain socket the blocking-pool thread that produced a
+//! reply writes it itself, with a non-blocking write. Replies queue behind
+//! the one being written, so they never interleave and no thread waits for
+//! another. When the socket is full, the rest of the queue goes to an async
+//! task that waits for room: a client that stops reading holds its own
+//! budget (each queued reply keeps its in-flight permit), never a pool
+//! thread.
+//!
+//! A TLS connection cannot be written that way: its records are made by
+//! one openssl session, which the reading side shares. There a writer task
+//! owns the write half and takes whatever has queued each time it wakes,
+//! so a burst of replies costs one wake-up.
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustix::io::Errno;
 use rustix::net::Shutdown;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 
 use super::budget::Charge;
 
@@ -37,15 +44,25 @@ struct Pending {
 #[derive(Default)]
 struct Queue {
     pending: VecDeque<Pending>,
-    /// Someone (a pool thread or the drain task) is writing the queue.
+    /// Someone (a pool thread, the drain task, the writer task) is writing
+    /// the queue, or has been told to.
     writing: bool,
     dead: bool,
+    /// The connection is over: the writer task ends once the queue is out.
+    closed: bool,
 }
 
 pub struct ReplySink {
-    fd: AsyncFd<OwnedFd>,
+    out: Out,
     queue: Mutex<Queue>,
     rt: Handle,
+}
+
+enum Out {
+    /// A plain socket, written by whoever has a reply (see above).
+    Socket(AsyncFd<OwnedFd>),
+    /// A stream only its writer task writes; this wakes it.
+    Task(Notify),
 }
 
 enum Progress {
@@ -63,10 +80,27 @@ impl ReplySink {
         // replaced while the AsyncFd holds it.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)? };
         Ok(Arc::new(ReplySink {
-            fd,
+            out: Out::Socket(fd),
             queue: Mutex::new(Queue::default()),
             rt: Handle::current(),
         }))
+    }
+
+    /// A sink whose replies a task writes to `w` (the write half of a TLS
+    /// stream). `socket` is the connection's descriptor, shut down when
+    /// the client stops reading; `w` keeps it open. Must be called inside
+    /// the runtime; [`ReplySink::close`] ends the task.
+    pub fn with_writer<W>(w: W, socket: RawFd) -> Arc<ReplySink>
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let sink = Arc::new(ReplySink {
+            out: Out::Task(Notify::new()),
+            queue: Mutex::new(Queue::default()),
+            rt: Handle::current(),
+        });
+        sink.rt.spawn(sink.clone().write_task(w, socket));
+        sink
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -93,22 +127,73 @@ impl ReplySink {
         }
         q.writing = true;
         drop(q);
-        if let Progress::Full = self.write_queue() {
+        let fd = match &self.out {
+            Out::Socket(fd) => fd,
+            Out::Task(wake) => return wake.notify_one(),
+        };
+        if let Progress::Full = self.write_queue(fd) {
             let me = self.clone();
             self.rt.spawn(async move { me.drain().await });
         }
     }
 
+    /// The connection is done: once what is queued is written, the writer
+    /// task (if any) says goodbye to the client and ends.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        if let Out::Task(wake) = &self.out {
+            wake.notify_one();
+        }
+    }
+
+    /// The writer of a stream sink: writes every reply queued since it
+    /// last looked, in order, until closed or the client is gone.
+    async fn write_task<W: AsyncWrite + Unpin>(self: Arc<Self>, mut w: W, socket: RawFd) {
+        let Out::Task(wake) = &self.out else {
+            return;
+        };
+        loop {
+            let batch = {
+                let mut q = self.lock();
+                if q.pending.is_empty() {
+                    q.writing = false;
+                    if q.closed || q.dead {
+                        break;
+                    }
+                    None
+                } else {
+                    Some(std::mem::take(&mut q.pending))
+                }
+            };
+            let Some(batch) = batch else {
+                wake.notified().await;
+                continue;
+            };
+            for p in batch {
+                let wrote = tokio::time::timeout(STALL_LIMIT, w.write_all(&p.buf)).await;
+                if !matches!(wrote, Ok(Ok(()))) {
+                    tracing::debug!("reply not sent");
+                    // SAFETY: `w` owns the socket and is alive here.
+                    let fd = unsafe { BorrowedFd::borrow_raw(socket) };
+                    self.kill(&mut self.lock(), fd);
+                    return;
+                }
+            }
+            let _ = w.flush().await;
+        }
+        let _ = tokio::time::timeout(STALL_LIMIT, w.shutdown()).await;
+    }
+
     /// Writes queued replies until the queue is empty (and gives up the
     /// writer role), the socket is full (keeps it), or the socket died.
-    fn write_queue(&self) -> Progress {
+    fn write_queue(&self, fd: &AsyncFd<OwnedFd>) -> Progress {
         let mut q = self.lock();
         loop {
             let Some(head) = q.pending.front_mut() else {
                 q.writing = false;
                 return Progress::Done;
             };
-            match rustix::io::write(self.fd.get_ref(), &head.buf[head.written..]) {
+            match rustix::io::write(fd.get_ref(), &head.buf[head.written..]) {
                 Ok(n) => {
                     head.written += n;
                     if head.written == head.buf.len() {
@@ -119,7 +204,7 @@ impl ReplySink {
                 Err(Errno::AGAIN) => return Progress::Full,
                 Err(e) => {
                     tracing::debug!(error = %e, "reply not sent");
-                    self.kill(&mut q);
+                    self.kill(&mut q, fd.get_ref().as_fd());
                     return Progress::Dead;
                 }
             }
@@ -128,17 +213,20 @@ impl ReplySink {
 
     /// Holds the writer role until the queue is empty, waiting for room.
     async fn drain(self: Arc<Self>) {
+        let Out::Socket(fd) = &self.out else {
+            return;
+        };
         loop {
-            let ready = tokio::time::timeout(STALL_LIMIT, self.fd.writable()).await;
+            let ready = tokio::time::timeout(STALL_LIMIT, fd.writable()).await;
             let mut guard = match ready {
                 Ok(Ok(g)) => g,
                 Ok(Err(_)) | Err(_) => {
                     tracing::debug!("client stopped reading replies");
-                    self.kill(&mut self.lock());
+                    self.kill(&mut self.lock(), fd.get_ref().as_fd());
                     return;
                 }
             };
-            match self.write_queue() {
+            match self.write_queue(fd) {
                 Progress::Done | Progress::Dead => return,
                 Progress::Full => guard.clear_ready(),
             }
@@ -152,10 +240,10 @@ impl ReplySink {
 
     /// Drops everything queued (returning its budget) and shuts the socket
     /// down both ways, so the reading side of the connection ends too.
-    fn kill(&self, q: &mut Queue) {
+    fn kill(&self, q: &mut Queue, socket: BorrowedFd<'_>) {
         q.dead = true;
         q.writing = false;
         q.pending.clear();
-        let _ = rustix::net::shutdown(self.fd.get_ref(), Shutdown::Both);
+        let _ = rustix::net::shutdown(socket, Shutdown::Both);
     }
 }

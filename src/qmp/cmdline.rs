@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::commands::{self, export};
-use super::error::{QmpError, QmpResult};
+use super::error::QmpResult;
 use super::schema::schema;
 use crate::daemon::Daemon;
 
@@ -24,6 +24,8 @@ pub enum Opt {
     NbdServer(Value),
     /// block-export-add arguments.
     Export(Value),
+    /// object-add arguments (`--object`).
+    Object(Value),
     /// A monitor on a unix socket (`--chardev` plus `--monitor`).
     Monitor(PathBuf),
     Pidfile(PathBuf),
@@ -62,6 +64,7 @@ pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
             "blockdev" => opts.push(Opt::Blockdev(typed(&value()?, None, "BlockdevOptions")?)),
             "nbd-server" => opts.push(Opt::NbdServer(typed(&value()?, None, "NbdServerOptions")?)),
             "export" => opts.push(Opt::Export(typed(&value()?, None, "BlockExportOptions")?)),
+            "object" => opts.push(Opt::Object(object(&value()?)?)),
             "chardev" => {
                 let v = keyval(&value()?, Some("backend"))?;
                 let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -124,6 +127,12 @@ pub fn parse_nbd_memory(text: &str) -> Result<usize, String> {
             MIN_POOL >> 20
         )),
     }
+}
+
+/// `--object`'s value (keyval with the type first, or JSON) as object-add
+/// takes it: for `daemon` and `serve` alike.
+pub fn object(text: &str) -> Result<Value, String> {
+    typed(text, Some("qom-type"), "ObjectOptions")
 }
 
 /// An option's value as the JSON its QMP command takes.
@@ -233,15 +242,11 @@ pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
                 commands::execute(d, "blockdev-add", as_map(v)).await?;
             }
             Opt::NbdServer(v) => {
-                // The flat address of the command line, as nbd-server-start
-                // takes it after unwrapping its legacy `data` level.
-                let addr = export::address(v.get("addr").unwrap_or(&Value::Null))?;
-                let max = export::max_connections(&as_map(v));
-                if v.get("tls-creds").is_some() {
-                    return Err(QmpError::generic("TLS is not supported by tidemark yet"));
-                }
                 let _serial = d.command_lock.lock().await;
-                d.start_nbd(&[addr], max, true).await?;
+                export::start_server(d, &as_map(v), true).await?;
+            }
+            Opt::Object(v) => {
+                commands::execute(d, "object-add", as_map(v)).await?;
             }
             Opt::Export(v) => {
                 commands::execute(d, "block-export-add", as_map(v)).await?;

@@ -15,6 +15,7 @@ use crate::daemon::Daemon;
 use crate::nbd::bitmaps::bitmap_contexts;
 use crate::nbd::export::{Export, ExportConfig};
 use crate::nbd::server::Address;
+use crate::nbd::tls::TlsServer;
 use crate::qmp::error::{QmpError, QmpResult};
 
 /// qemu's limit on NBD export names (NBD_MAX_STRING_SIZE).
@@ -67,12 +68,33 @@ pub fn max_connections(args: &Map<String, Value>) -> Option<usize> {
     }
 }
 
-pub async fn nbd_server_start(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
-    if args.get("tls-creds").is_some() {
-        return Err(QmpError::generic("TLS is not supported by tidemark yet"));
-    }
+/// Starts the NBD server from nbd-server-start's arguments, or the
+/// command line's NbdServerOptions (`serve` builds the same): the address,
+/// `max-connections`, and TLS by object id. With `accept` false the server
+/// is bound but waits for [`Daemon::accept_nbd`].
+pub async fn start_server(d: &Daemon, args: &Map<String, Value>, accept: bool) -> QmpResult<()> {
     let addr = address(args.get("addr").unwrap_or(&Value::Null))?;
-    d.start_nbd(&[addr], max_connections(&args), true).await?;
+    let tls = tls_server(d, args)?;
+    d.start_nbd(&[addr], max_connections(args), accept, tls)
+        .await
+}
+
+/// A server's TLS from its `tls-creds` and `tls-authz` object ids. As in
+/// qemu, tls-authz means nothing without tls-creds, and the authorization
+/// object is looked up only when a client has come through TLS.
+pub fn tls_server(d: &Daemon, args: &Map<String, Value>) -> QmpResult<Option<TlsServer>> {
+    let id = |k: &str| args.get(k).and_then(Value::as_str);
+    let Some(creds) = id("tls-creds") else {
+        return Ok(None);
+    };
+    Ok(Some(TlsServer {
+        creds: d.objects.server_creds(creds)?,
+        authz: id("tls-authz").map(|a| d.authorizer(a)),
+    }))
+}
+
+pub async fn nbd_server_start(d: &Daemon, args: Map<String, Value>) -> QmpResult<Value> {
+    start_server(d, &args, true).await?;
     Ok(json!({}))
 }
 

@@ -6,6 +6,7 @@ pub mod block;
 pub mod export;
 pub mod job;
 pub mod misc;
+pub mod object;
 pub mod session;
 pub mod snapshot;
 pub mod transaction;
@@ -27,6 +28,8 @@ fn sync_command(name: &str) -> Option<SyncCommand> {
         "query-commands" => misc::query_commands,
         "query-qmp-schema" => misc::query_qmp_schema,
         "quit" => misc::quit,
+        "object-add" => object::object_add,
+        "object-del" => object::object_del,
         "blockdev-add" => block::blockdev_add,
         "blockdev-del" => block::blockdev_del,
         "blockdev-reopen" => block::blockdev_reopen,
