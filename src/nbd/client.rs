@@ -197,7 +197,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
             return protocol("TLS started twice");
         };
         let tls_error = |e: String| ClientError::Protocol(format!("TLS handshake failed: {e}"));
-        let ssl = tls.creds.session(tls.hostname.as_deref()).map_err(tls_error)?;
+        let ssl = tls
+            .creds
+            .session(tls.hostname.as_deref())
+            .map_err(tls_error)?;
         let mut stream = SslStream::new(ssl, socket).map_err(|e| tls_error(e.to_string()))?;
         Pin::new(&mut stream)
             .connect()
