@@ -481,7 +481,7 @@ fn qmp(args: QmpArgs) -> Result<()> {
 /// `tidemark daemon`: qemu-storage-daemon's command line.
 fn daemon(args: DaemonArgs) -> Result<()> {
     let opts = cmdline::parse_args(&args.args).map_err(anyhow::Error::msg)?;
-    let ready = if opts.contains(&Opt::Daemonize) {
+    let ready = if opts.iter().any(|a| a.opt == Opt::Daemonize) {
         tidemark::daemonize::daemonize().context("Could not daemonize")?
     } else {
         tidemark::daemonize::Ready::none()
@@ -493,22 +493,22 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
         let mut monitors = Vec::new();
-        for o in &opts {
-            if let Opt::Monitor(p) = o {
+        for a in &opts {
+            if let Opt::Monitor(p) = &a.opt {
                 monitors.push(QmpListener::bind(p)?);
             }
         }
         // Written last, as qsd does: scripts take the pidfile to mean ready.
-        for o in &opts {
-            if let Opt::Pidfile(p) = o {
+        for a in &opts {
+            if let Opt::Pidfile(p) = &a.opt {
                 std::fs::write(p, format!("{}\n", std::process::id()))
                     .with_context(|| format!("Could not write pidfile '{}'", p.display()))?;
             }
         }
         ready.done();
         serve_until_quit(d, monitors, wait_for_signal()).await;
-        for o in &opts {
-            if let Opt::Pidfile(p) = o {
+        for a in &opts {
+            if let Opt::Pidfile(p) = &a.opt {
                 let _ = std::fs::remove_file(p);
             }
         }
