@@ -71,6 +71,8 @@ pub struct ServeOpts {
     pub format: Option<&'static str>,
     /// Dirty bitmaps to export, in order (`--bitmap` / qemu-nbd `-B`).
     pub bitmaps: Vec<String>,
+    /// Also offer `qemu:allocation-depth` (`-A` for both).
+    pub allocation_depth: bool,
 }
 
 impl ServeOpts {
@@ -134,6 +136,9 @@ impl Server {
                 for b in &opts.bitmaps {
                     c.arg("--bitmap").arg(b);
                 }
+                if opts.allocation_depth {
+                    c.arg("-A");
+                }
                 if opts.read_only {
                     c.arg("--read-only");
                 }
@@ -157,6 +162,9 @@ impl Server {
                 }
                 for b in &opts.bitmaps {
                     c.arg("-B").arg(b);
+                }
+                if opts.allocation_depth {
+                    c.arg("-A");
                 }
                 if opts.read_only {
                     c.arg("-r");
