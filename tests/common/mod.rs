@@ -72,6 +72,8 @@ pub struct ServeOpts {
     pub format: Option<&'static str>,
     /// Dirty bitmaps to export, in order (`--bitmap` / qemu-nbd `-B`).
     pub bitmaps: Vec<String>,
+    /// Also offer `qemu:allocation-depth` (`-A` for both).
+    pub allocation_depth: bool,
     /// Require TLS (`--object ... --tls-creds ID [--tls-authz ID]`, the
     /// same on both command lines).
     pub tls: Option<TlsOpts>,
@@ -221,6 +223,9 @@ impl Server {
                 for b in &opts.bitmaps {
                     c.arg("--bitmap").arg(b);
                 }
+                if opts.allocation_depth {
+                    c.arg("-A");
+                }
                 if opts.read_only {
                     c.arg("--read-only");
                 }
@@ -250,6 +255,9 @@ impl Server {
                 }
                 for b in &opts.bitmaps {
                     c.arg("-B").arg(b);
+                }
+                if opts.allocation_depth {
+                    c.arg("-A");
                 }
                 if opts.read_only {
                     c.arg("-r");
