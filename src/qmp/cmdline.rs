@@ -201,15 +201,15 @@ pub fn object(text: &str) -> Result<Value, String> {
 
 /// An option's value as the JSON its QMP command takes.
 fn typed(text: &str, implied: Option<&str>, type_name: &str) -> Result<Value, String> {
-    let v = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| format!("JSON parse error: {e}"))?
-    } else {
-        let mut v = keyval(text, implied)?;
-        schema().coerce_keyval(&mut v, type_name);
-        v
-    };
     // qsd's JSON form may omit nothing the QMP form needs; check both.
-    schema().check_type(&v, type_name).map_err(|e| e.desc)?;
+    if text.trim_start().starts_with('{') {
+        let v = serde_json::from_str(text).map_err(|e| format!("JSON parse error: {e}"))?;
+        schema().check_type(&v, type_name).map_err(|e| e.desc)?;
+        return Ok(v);
+    }
+    let mut v = keyval(text, implied)?;
+    schema().coerce_keyval(&mut v, type_name);
+    schema().check_keyval(&v, type_name).map_err(|e| e.desc)?;
     Ok(v)
 }
 
