@@ -952,7 +952,7 @@ impl Daemon {
     pub fn authorizer(&self, id: &str) -> crate::nbd::tls::Authorizer {
         let objects = self.objects.clone();
         let id = id.to_owned();
-        Arc::new(move |who| objects.authorize(&id, who))
+        Arc::new(move |dn| objects.authorize(&id, dn))
     }
 
     pub async fn start_nbd(

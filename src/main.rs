@@ -13,6 +13,7 @@ use tidemark::daemon::Daemon;
 use tidemark::nbd::server::Address;
 use tidemark::qmp::cmdline::{self, Opt};
 use tidemark::qmp::commands::{self, block::serve_options};
+use tidemark::qmp::error::QmpError;
 use tidemark::qmp::server::{serve_until_quit, QmpListener};
 use tidemark::store_point::BitmapPolicy;
 
@@ -339,6 +340,11 @@ fn serve(mut args: ServeArgs) -> Result<()> {
             args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         ));
     }
+    // qemu-nbd's rule; nbd-server-start instead ignores tls-authz alone.
+    anyhow::ensure!(
+        args.tls_authz.is_none() || args.tls_creds.is_some(),
+        "--tls-authz is not permitted without --tls-creds"
+    );
     let tls = json!({"tls-creds": args.tls_creds, "tls-authz": args.tls_authz});
     // qemu-nbd offers its -B bitmaps in the reverse order of the options.
     let bitmaps: Vec<Value> = args.bitmaps.iter().rev().map(|b| json!(b)).collect();
@@ -422,10 +428,11 @@ async fn start_serving(
     max_connections: Option<usize>,
     tls: &Value,
     export: &Value,
-) -> Result<(), tidemark::qmp::error::QmpError> {
+) -> Result<(), QmpError> {
     {
         let _serial = d.command_lock.lock().await;
-        let tls = commands::export::tls_server(d, tls.as_object().unwrap_or(&Default::default()))?;
+        let tls = commands::export::tls_server(d, tls.as_object().unwrap_or(&Default::default()))
+            .map_err(|e| QmpError::generic(format!("Failed to get TLS creds: {}", e.desc)))?;
         d.start_nbd(addrs, max_connections, false, tls).await?;
     }
     let map = export.as_object().cloned().unwrap_or_default();
@@ -474,7 +481,7 @@ fn qmp(args: QmpArgs) -> Result<()> {
 /// `tidemark daemon`: qemu-storage-daemon's command line.
 fn daemon(args: DaemonArgs) -> Result<()> {
     let opts = cmdline::parse_args(&args.args).map_err(anyhow::Error::msg)?;
-    let ready = if opts.contains(&Opt::Daemonize) {
+    let ready = if opts.iter().any(|a| a.opt == Opt::Daemonize) {
         tidemark::daemonize::daemonize().context("Could not daemonize")?
     } else {
         tidemark::daemonize::Ready::none()
@@ -486,22 +493,22 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
         let mut monitors = Vec::new();
-        for o in &opts {
-            if let Opt::Monitor(p) = o {
+        for a in &opts {
+            if let Opt::Monitor(p) = &a.opt {
                 monitors.push(QmpListener::bind(p)?);
             }
         }
         // Written last, as qsd does: scripts take the pidfile to mean ready.
-        for o in &opts {
-            if let Opt::Pidfile(p) = o {
+        for a in &opts {
+            if let Opt::Pidfile(p) = &a.opt {
                 std::fs::write(p, format!("{}\n", std::process::id()))
                     .with_context(|| format!("Could not write pidfile '{}'", p.display()))?;
             }
         }
         ready.done();
         serve_until_quit(d, monitors, wait_for_signal()).await;
-        for o in &opts {
-            if let Opt::Pidfile(p) = o {
+        for a in &opts {
+            if let Opt::Pidfile(p) = &a.opt {
                 let _ = std::fs::remove_file(p);
             }
         }

@@ -36,6 +36,7 @@ async fn session(socket: &Path, extended: bool) -> Seen {
         export: String::new(),
         extended_headers: extended,
         meta_contexts: vec!["base:allocation".into()],
+        tls: None,
     };
     let mut c = NbdClient::connect_unix(socket, &opts)
         .await
@@ -147,4 +148,130 @@ async fn own_client_lists_exports_with_descriptions() {
             "{kind:?}"
         );
     }
+}
+
+/// What a TLS session saw: data back, and the map's extent count.
+async fn tls_session<S>(c: &mut NbdClient<S>) -> (Vec<u8>, usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let payload: Vec<u8> = (0..70_000u32).map(|i| (i * 13 + 1) as u8).collect();
+    c.write(8192, &payload, CMD_FLAG_FUA).await.expect("write");
+    let data = c.read(8192, payload.len() as u32, 0).await.expect("read");
+    assert_eq!(data, payload, "read back over TLS");
+    let map = c.block_status(0, SIZE, 0).await.expect("block status");
+    (data, map[0].1.len())
+}
+
+/// tidemark's client over TLS: x509 on a unix socket, x509 over TCP with
+/// the server's name checked, and PSK, against qemu-nbd and tidemark. A
+/// client without TLS gets TLS_REQD, and a server whose certificate is not
+/// for the host named is refused, by both servers alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_client_speaks_tls_to_qemu_nbd_and_tidemark() {
+    use common::{free_tcp_port, run, TlsOpts};
+    use std::sync::Arc;
+    use tidemark::nbd::client::ClientTls;
+    use tidemark::nbd::proto::REP_ERR_TLS_REQD;
+    use tidemark::tls::{Endpoint, PskOptions, TlsCreds, X509Options};
+
+    let dir = temp_dir();
+    let certs = dir.path().join("certs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/gen-certs.sh");
+    run(std::process::Command::new("sh").arg(script).arg(&certs));
+    let x509 = Arc::new(
+        TlsCreds::x509(&X509Options {
+            dir: certs.join("client"),
+            endpoint: Endpoint::Client,
+            verify_peer: true,
+            priority: None,
+            sanity_check: true,
+            key_password: None,
+        })
+        .expect("client x509 creds"),
+    );
+    let psk = Arc::new(
+        TlsCreds::psk(&PskOptions {
+            dir: certs.join("psk"),
+            endpoint: Endpoint::Client,
+            username: Some("alice".into()),
+            priority: None,
+        })
+        .expect("client psk creds"),
+    );
+    let with = |creds: &Arc<TlsCreds>, hostname: Option<&str>| ConnectOptions {
+        meta_contexts: vec!["base:allocation".into()],
+        tls: Some(ClientTls {
+            creds: creds.clone(),
+            hostname: hostname.map(str::to_owned),
+        }),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    for kind in [Kind::QemuNbd, Kind::Tidemark] {
+        let mut row = Vec::new();
+        // x509 on a unix socket; a client without TLS is refused first.
+        let img = dir.path().join(format!("{kind:?}-x.raw"));
+        sparse_file(&img, SIZE);
+        let opts = ServeOpts {
+            max_connections: Some(4),
+            tls: Some(TlsOpts::x509(&certs.join("server"))),
+            ..ServeOpts::read_write()
+        };
+        let srv = Server::start(kind, &img, &opts);
+        match NbdClient::connect_unix(srv.socket(), &ConnectOptions::default()).await {
+            Err(ClientError::Server { errno, .. }) => row.push(format!("plain: {errno:#x}")),
+            other => panic!("{kind:?}: plaintext client: {:?}", other.map(|_| ())),
+        }
+        let mut c = NbdClient::connect_unix(srv.socket(), &with(&x509, None))
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: x509 over unix: {e}"));
+        row.push(format!("x509 unix: {:?}", tls_session(&mut c).await.1));
+        drop(c);
+        drop(srv);
+
+        // x509 over TCP: the certificate is for 127.0.0.1, not wrong.example.
+        let img = dir.path().join(format!("{kind:?}-t.raw"));
+        sparse_file(&img, SIZE);
+        let opts = ServeOpts {
+            tcp_port: Some(free_tcp_port()),
+            ..opts.clone()
+        };
+        let srv = Server::start(kind, &img, &opts);
+        let addr = srv.tcp_addr().expect("tcp address").to_string();
+        let mut c = NbdClient::connect_tcp(&addr, &with(&x509, None))
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: x509 over tcp: {e}"));
+        row.push(format!("x509 tcp: {:?}", tls_session(&mut c).await.1));
+        drop(c);
+        let wrong = NbdClient::connect_tcp(&addr, &with(&x509, Some("wrong.example"))).await;
+        row.push(format!("wrong host refused: {}", wrong.is_err()));
+        drop(srv);
+
+        // PSK.
+        let img = dir.path().join(format!("{kind:?}-p.raw"));
+        sparse_file(&img, SIZE);
+        let opts = ServeOpts {
+            max_connections: Some(4),
+            tls: Some(TlsOpts::psk(&certs.join("psk"))),
+            ..ServeOpts::read_write()
+        };
+        let srv = Server::start(kind, &img, &opts);
+        let mut c = NbdClient::connect_unix(srv.socket(), &with(&psk, None))
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: psk: {e}"));
+        row.push(format!("psk: {:?}", tls_session(&mut c).await.1));
+        seen.push(row);
+    }
+    assert_eq!(
+        seen[0][0],
+        format!("plain: {REP_ERR_TLS_REQD:#x}"),
+        "qemu-nbd: {:?}",
+        seen[0]
+    );
+    assert_eq!(seen[0][3], "wrong host refused: true");
+    assert_eq!(
+        seen[1], seen[0],
+        "tidemark's client sees both servers alike"
+    );
 }

@@ -217,3 +217,20 @@ fn every_command_and_argument_is_qemus() {
         errs.join("\n")
     );
 }
+
+/// The object model's commands (issue 12): tidemark offers `object-add`
+/// and `object-del`, and `nbd-server-start` takes `tls-creds` and
+/// `tls-authz`; the test above compares their arguments with qsd's.
+#[test]
+fn object_commands_and_nbd_tls_are_offered() {
+    let ours = schema(Impl::Tidemark);
+    for c in ["object-add", "object-del"] {
+        assert!(ours.commands.contains(c), "{c} not offered");
+    }
+    let start = &ours.by_name["nbd-server-start"];
+    let args = &ours.by_name[start["arg-type"].as_str().unwrap_or("")];
+    let names = members(args);
+    for m in ["tls-creds", "tls-authz"] {
+        assert!(names.contains_key(m), "nbd-server-start: no {m}");
+    }
+}

@@ -50,7 +50,7 @@ pub fn export(name: &str, read_only: bool) -> Export {
             read_only,
             multi_conn: true,
             allocation_depth: true,
-            extra_contexts: contexts,
+            bitmap_contexts: contexts,
         },
     )
 }

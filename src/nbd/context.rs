@@ -1,11 +1,11 @@
 //! Metadata contexts: what NBD_CMD_BLOCK_STATUS can report, and how option
 //! queries select them.
 //!
-//! Each export owns an ordered list of contexts; a context's index in that
-//! list is its ID on every connection, which gives qemu's numbering
-//! (`base:allocation` 0, `qemu:allocation-depth` 1, then the dirty bitmaps)
-//! and qemu's reply order. New kinds of context plug in by implementing
-//! [`MetaContext`]; the handshake code only sees names.
+//! Each export owns its contexts as [`Contexts`], which gives each its ID
+//! the way qemu numbers them (see there), the same on every connection
+//! whatever the client selects; replies come in ID order, as qemu's. New
+//! kinds of context plug in by implementing [`MetaContext`]; the handshake
+//! code only sees names and IDs.
 
 use std::sync::Arc;
 
@@ -207,11 +207,52 @@ pub fn set_matches(query: &[u8], name: &[u8]) -> bool {
     query == name
 }
 
-/// The contexts (IDs, in ID order) that `queries` pick from `contexts`.
-/// An empty query list means every context for LIST and none for SET.
-pub fn select(contexts: &[Arc<dyn MetaContext>], queries: &[&[u8]], list: bool) -> Vec<u32> {
+/// qemu's context IDs (nbd/server.c `NBD_META_ID_*`): fixed by kind and
+/// by a bitmap's place in the export's list, not by what else the export
+/// offers or the client selects (measured with qemu-nbd and
+/// qemu-storage-daemon 10.0.2).
+pub const BASE_ALLOCATION_ID: u32 = 0;
+pub const ALLOCATION_DEPTH_ID: u32 = 1;
+/// The export's dirty bitmap number `i` (0-based, in its list) is
+/// `FIRST_BITMAP_ID + i`, with or without `qemu:allocation-depth`.
+pub const FIRST_BITMAP_ID: u32 = 2;
+
+/// An export's contexts with their IDs, in ID order: the one place IDs
+/// are given out.
+pub struct Contexts(Vec<(u32, Arc<dyn MetaContext>)>);
+
+impl Contexts {
+    /// `base:allocation`, `qemu:allocation-depth` if offered, and the
+    /// export's dirty bitmaps in its order (one listed twice is offered
+    /// twice, under two IDs, as qemu).
+    pub fn new(
+        base: Arc<dyn MetaContext>,
+        depth: Option<Arc<dyn MetaContext>>,
+        bitmaps: Vec<Arc<dyn MetaContext>>,
+    ) -> Contexts {
+        let mut all = vec![(BASE_ALLOCATION_ID, base)];
+        all.extend(depth.map(|d| (ALLOCATION_DEPTH_ID, d)));
+        all.extend((FIRST_BITMAP_ID..).zip(bitmaps));
+        Contexts(all)
+    }
+
+    /// The context with ID `id`, if the export has one.
+    pub fn get(&self, id: u32) -> Option<&dyn MetaContext> {
+        let i = self.0.binary_search_by_key(&id, |(i, _)| *i).ok()?;
+        Some(&*self.0[i].1)
+    }
+
+    /// Every context with its ID, in ID order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &dyn MetaContext)> {
+        self.0.iter().map(|(id, c)| (*id, &**c))
+    }
+}
+
+/// The IDs (in ID order) that `queries` pick from `contexts`. An empty
+/// query list means every context for LIST and none for SET.
+pub fn select(contexts: &Contexts, queries: &[&[u8]], list: bool) -> Vec<u32> {
     let mut ids: Vec<u32> = Vec::new();
-    for (id, ctx) in contexts.iter().enumerate() {
+    for (id, ctx) in contexts.iter() {
         let name = ctx.name();
         let hit = if list && queries.is_empty() {
             true
@@ -219,12 +260,14 @@ pub fn select(contexts: &[Arc<dyn MetaContext>], queries: &[&[u8]], list: bool) 
             queries.iter().any(|q| list_matches(q, name))
         } else {
             // A name an export offers twice (a bitmap listed twice) is set
-            // once, as qemu.
+            // once, under its first ID, as qemu.
             queries.iter().any(|q| set_matches(q, name))
-                && !ids.iter().any(|&i| contexts[i as usize].name() == name)
+                && !ids
+                    .iter()
+                    .any(|&i| contexts.get(i).map(|c| c.name()) == Some(name))
         };
         if hit {
-            ids.push(id as u32);
+            ids.push(id);
         }
     }
     ids
@@ -242,6 +285,53 @@ mod tests {
         assert!(!list_matches(b"qemu:dirty-", b"qemu:dirty-bitmap:b0"));
         assert!(!set_matches(b"qemu:", b"qemu:allocation-depth"));
         assert!(set_matches(b"base:allocation", b"base:allocation"));
+    }
+
+    struct Named(&'static [u8]);
+
+    impl MetaContext for Named {
+        fn name(&self) -> &[u8] {
+            self.0
+        }
+
+        fn extents(&self, _: u64, _: u64, _: usize, _: &mut Vec<Descriptor>) -> BlockResult<()> {
+            Ok(())
+        }
+    }
+
+    fn contexts(depth: bool, bitmaps: &[&'static [u8]]) -> Contexts {
+        let named = |n: &'static [u8]| -> Arc<dyn MetaContext> { Arc::new(Named(n)) };
+        Contexts::new(
+            named(b"base:allocation"),
+            depth.then(|| named(b"qemu:allocation-depth")),
+            bitmaps.iter().map(|b| named(b)).collect(),
+        )
+    }
+
+    #[test]
+    fn ids_are_qemus_with_or_without_allocation_depth() {
+        let b: &[&[u8]] = &[b"qemu:dirty-bitmap:b1", b"qemu:dirty-bitmap:b0"];
+        let with = contexts(true, b);
+        let without = contexts(false, b);
+        let ids = |c: &Contexts| c.iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(&with), [0, 1, 2, 3]);
+        assert_eq!(ids(&without), [0, 2, 3]);
+        assert!(without.get(1).is_none());
+        assert!(without.get(4).is_none());
+        let name = without.get(3).map(|c| c.name());
+        assert_eq!(name, Some(&b"qemu:dirty-bitmap:b0"[..]));
+        let q: &[&[u8]] = &[b"qemu:dirty-bitmap:b0", b"base:allocation"];
+        assert_eq!(select(&without, q, false), [0, 3]);
+        assert_eq!(select(&with, q, false), [0, 3]);
+        assert_eq!(select(&without, &[b"qemu:"], true), [2, 3]);
+    }
+
+    #[test]
+    fn a_bitmap_listed_twice_is_listed_twice_and_set_once() {
+        let c = contexts(false, &[b"qemu:dirty-bitmap:b0", b"qemu:dirty-bitmap:b0"]);
+        assert_eq!(select(&c, &[], true), [0, 2, 3]);
+        let b0: &[u8] = b"qemu:dirty-bitmap:b0";
+        assert_eq!(select(&c, &[b0, b0], false), [2]);
     }
 
     #[test]

@@ -273,7 +273,7 @@ fn block_status(export: &Export, to: ReplyTo, len: u64, req_one: bool, ids: &[u3
     let mut out = Vec::new();
     let mut descs: Vec<Descriptor> = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
-        let Some(ctx) = export.contexts.get(id as usize) else {
+        let Some(ctx) = export.contexts.get(id) else {
             return to.error(EINVAL, "unknown context");
         };
         descs.clear();

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use super::context::{AllocationDepth, BaseAllocation, MetaContext};
+use super::context::{AllocationDepth, BaseAllocation, Contexts, MetaContext};
 use super::proto::*;
 use crate::block::link::Root;
 use crate::block::BlockNode;
@@ -19,8 +19,8 @@ pub struct Export {
     pub read_only: bool,
     /// Whether several connections may be used as one (CAN_MULTI_CONN).
     pub multi_conn: bool,
-    /// In ID order: `base:allocation` first, as qemu numbers them.
-    pub contexts: Vec<Arc<dyn MetaContext>>,
+    /// What BLOCK_STATUS can report, with qemu's IDs.
+    pub contexts: Contexts,
     /// Turns true when the export is removed by force (QMP
     /// block-export-del mode=hard): its connections end, as in qemu.
     closed: tokio::sync::watch::Sender<bool>,
@@ -50,17 +50,21 @@ pub struct ExportConfig {
     pub read_only: bool,
     pub multi_conn: bool,
     pub allocation_depth: bool,
-    /// Further contexts (dirty bitmaps), after the built-in ones.
-    pub extra_contexts: Vec<Arc<dyn MetaContext>>,
+    /// The dirty-bitmap contexts, in the export's order: the `i`-th has ID
+    /// 2 + `i` (see [`Contexts`]).
+    pub bitmap_contexts: Vec<Arc<dyn MetaContext>>,
 }
 
 impl Export {
     pub fn new(root: Arc<Root>, cfg: ExportConfig) -> Export {
-        let mut contexts: Vec<Arc<dyn MetaContext>> = vec![Arc::new(BaseAllocation(root.clone()))];
-        if cfg.allocation_depth {
-            contexts.push(Arc::new(AllocationDepth(root.clone())));
-        }
-        contexts.extend(cfg.extra_contexts);
+        let depth = cfg
+            .allocation_depth
+            .then(|| -> Arc<dyn MetaContext> { Arc::new(AllocationDepth(root.clone())) });
+        let contexts = Contexts::new(
+            Arc::new(BaseAllocation(root.clone())),
+            depth,
+            cfg.bitmap_contexts,
+        );
         let read_only = cfg.read_only || root.get().read_only();
         Export {
             name: cfg.name,

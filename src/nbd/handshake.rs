@@ -469,7 +469,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
         };
         let ids = select(&export.contexts, &queries, !set);
         for &id in &ids {
-            let ctx: &Arc<dyn MetaContext> = &export.contexts[id as usize];
+            let Some(ctx): Option<&dyn MetaContext> = export.contexts.get(id) else {
+                continue;
+            };
             let mut d = Vec::new();
             // LIST replies carry no usable ID; qemu sends 0.
             put32(&mut d, if set { id } else { 0 });

@@ -88,7 +88,7 @@ pub fn validate(
     }
     if req.kind == CMD_BLOCK_STATUS {
         if mode == Mode::Simple || contexts == 0 {
-            return refuse(EINVAL, "CMD_BLOCK_STATUS not negotiated");
+            return refuse(EINVAL, NOT_NEGOTIATED);
         }
         if effect_len == 0 {
             return refuse(EINVAL, "need non-zero length");
@@ -97,10 +97,19 @@ pub fn validate(
     Ok(())
 }
 
+const NOT_NEGOTIATED: &str = "CMD_BLOCK_STATUS not negotiated";
+
 /// Parses a block-status payload (extended headers): the effect length and
 /// the context IDs to report. It must list at least one ID, each among the
-/// selected ones; anything else gets qemu's refusal.
+/// selected ones and none twice; anything else gets qemu's refusal (that
+/// nothing was negotiated, when no context was selected).
 pub fn block_status_payload(payload: &[u8], selected: &[u32]) -> Result<(u64, Vec<u32>), Refusal> {
+    if selected.is_empty() {
+        return Err(Refusal {
+            errno: EINVAL,
+            msg: NOT_NEGOTIATED.into(),
+        });
+    }
     let bad = || Refusal {
         errno: EINVAL,
         msg: "CMD_BLOCK_STATUS payload not valid".into(),
@@ -113,13 +122,39 @@ pub fn block_status_payload(payload: &[u8], selected: &[u32]) -> Result<(u64, Ve
     let mut ids = Vec::new();
     while c.remaining() > 0 {
         let id = c.u32().ok_or_else(bad)?;
-        if !selected.contains(&id) {
+        if !selected.contains(&id) || ids.contains(&id) {
             return Err(bad());
         }
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
+        ids.push(id);
     }
     ids.sort_unstable();
     Ok((effect, ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(ids: &[u32]) -> Vec<u8> {
+        let mut p = Vec::new();
+        put64(&mut p, 65536);
+        for &id in ids {
+            put32(&mut p, id);
+        }
+        p
+    }
+
+    #[test]
+    fn block_status_payload_ids_are_selected_ones_each_once() {
+        let selected = [0, 3];
+        let ok = block_status_payload(&payload(&[3, 0]), &selected).ok();
+        assert_eq!(ok, Some((65536, vec![0, 3])));
+        // qemu refuses an ID it did not select, or one given twice.
+        for ids in [&[2][..], &[1], &[0, 0], &[3, 0, 3], &[]] {
+            let r = block_status_payload(&payload(ids), &selected);
+            assert!(r.is_err(), "{ids:?}");
+        }
+        let r = block_status_payload(&payload(&[0]), &[]).err();
+        assert_eq!(r.map(|r| r.msg), Some(NOT_NEGOTIATED.to_owned()));
+    }
 }

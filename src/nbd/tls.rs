@@ -1,7 +1,8 @@
 //! The server's side of STARTTLS: the TLS handshake on a connection whose
 //! plaintext options ended in STARTTLS, then the authorization check, as
-//! qemu makes it: a client the authorization object refuses is dropped
-//! right after the handshake, before any option inside TLS.
+//! qemu makes it: a client whose verified certificate the authorization
+//! object refuses is dropped right after the handshake, before any option
+//! inside TLS.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,12 +10,12 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_openssl::SslStream;
 
-use crate::tls::{peer_identity, TlsCreds};
+use crate::tls::{peer_dn, TlsCreds};
 
-/// Decides whether a client identity (x509 distinguished name or PSK
-/// username; `None` when the client proved none) may go on. `Err` says why
-/// not, for the log. The daemon builds it from the server's `tls-authz`.
-pub type Authorizer = Arc<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+/// Decides whether a client whose certificate names this distinguished name
+/// may go on; `Err` says why not, for the log. The daemon builds it from
+/// the server's `tls-authz`.
+pub type Authorizer = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// A server's TLS settings.
 #[derive(Clone)]
@@ -35,8 +36,10 @@ impl TlsServer {
             .accept()
             .await
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        if let Some(authz) = &self.authz {
-            authz(peer_identity(tls.ssl()).as_deref())?;
+        // As qemu 10: only a verified client certificate is checked; PSK
+        // users and x509 without verify-peer are not.
+        if let (Some(authz), Some(dn)) = (&self.authz, peer_dn(tls.ssl())) {
+            authz(&dn)?;
         }
         Ok(tls)
     }

@@ -66,7 +66,7 @@ impl Objects {
         if !id_wellformed(id) {
             return Err(err("Parameter 'id' expects an identifier"));
         }
-        if self.get(id).is_some() {
+        if self.taken(id) {
             return Err(err(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
@@ -79,21 +79,28 @@ impl Objects {
                 identity: s("identity").unwrap_or_default().to_owned(),
             })),
             "authz-list" => Object::Authz(Arc::new(authz_list_from(args))),
+            // In qsd's schema, but not built into it (nor into tidemark).
+            "authz-pam" => return Err(err("invalid object type: authz-pam")),
             other => {
                 return Err(err(format!(
                     "Parameter 'qom-type' does not accept value '{other}'"
                 )))
             }
         };
-        let mut t = self.lock();
         // Loading ran unlocked; an add of the same id meanwhile wins.
-        if t.iter().any(|(i, _)| i == id) {
+        if self.taken(id) {
             return Err(err(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
         }
-        t.push((id.to_owned(), object));
+        self.lock().push((id.to_owned(), object));
         Ok(())
+    }
+
+    /// Whether `id` names an object, or the property every QOM container
+    /// has (`type`), which qemu's object-add cannot replace either.
+    fn taken(&self, id: &str) -> bool {
+        id == "type" || self.get(id).is_some()
     }
 
     /// `object-del`. Users that hold the object keep it (see the module
@@ -134,23 +141,21 @@ impl Objects {
         }
     }
 
-    /// Whether the authorization object `id` lets `identity` in; `Err`
-    /// carries the reason for the log, in qemu's words.
-    pub fn authorize(&self, id: &str, identity: Option<&str>) -> Result<(), String> {
-        let Some(Object::Authz(a)) = self.get(id) else {
-            return Err(format!("Cannot find QAuthZ object ID {id}"));
-        };
-        match identity {
-            Some(who) if a.allows(who) => Ok(()),
-            Some(who) => Err(format!("TLS authz check for {who} is denied")),
-            None => Err("No client identity to check: the client gave no certificate".into()),
+    /// Whether the authorization object `id` lets the client whose
+    /// certificate names `dn` in; `Err` says why not, in qemu's words.
+    pub fn authorize(&self, id: &str, dn: &str) -> Result<(), String> {
+        match self.get(id) {
+            Some(Object::Authz(a)) if a.allows(dn) => Ok(()),
+            Some(Object::Authz(_)) => Err(format!("TLS x509 authz check for {dn} is denied")),
+            _ => Err(format!("Cannot find QAuthZ object ID {id}")),
         }
     }
 
     fn secret(&self, id: &str) -> QmpResult<Arc<Secret>> {
         match self.get(id) {
             Some(Object::Secret(s)) => Ok(s),
-            _ => Err(err(format!("No secret with id '{id}'"))),
+            Some(_) => Err(err(format!("Object with id '{id}' is not a secret"))),
+            None => Err(err(format!("No secret with id '{id}'"))),
         }
     }
 
@@ -189,6 +194,9 @@ impl Objects {
 
 fn psk_from(args: &Map<String, Value>) -> QmpResult<TlsCreds> {
     let s = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
+    if endpoint(args) == Endpoint::Server && s("username").is_some() {
+        return Err(err("username should not be set when endpoint=server"));
+    }
     TlsCreds::psk(&PskOptions {
         dir: creds_dir(args)?,
         endpoint: endpoint(args),

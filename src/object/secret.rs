@@ -2,7 +2,7 @@
 //! optionally encrypted with another secret (`keyid`, `iv`): AES-256-CBC,
 //! as qemu's secrets are.
 
-use openssl::symm::{decrypt, Cipher};
+use openssl::symm::{Cipher, Crypter, Mode};
 
 /// A loaded secret.
 #[derive(Clone)]
@@ -38,32 +38,59 @@ impl Secret {
             })?,
         };
         let data = match o.key {
-            Some((key, iv)) => {
-                // Encrypted data is always base64 on the way in.
-                let iv = iv.ok_or("IV is required to decrypt secret")?;
-                let iv = base64(iv.as_bytes())?;
-                if iv.len() != 16 {
-                    return Err(format!("IV is required to be 16 bytes not {}", iv.len()));
-                }
-                if key.data.len() != 32 {
-                    return Err(format!(
-                        "Secret key must be 32 bytes, not {}",
-                        key.data.len()
-                    ));
-                }
-                let clear = decrypt(Cipher::aes_256_cbc(), &key.data, Some(&iv), &base64(&raw)?)
-                    .map_err(|e| format!("Unable to decrypt secret: {e}"))?;
-                if o.base64 {
-                    base64(&clear)?
-                } else {
-                    clear
-                }
-            }
+            Some((key, iv)) => decrypt(key, iv, &raw, o.base64)?,
             None if o.base64 => base64(&raw)?,
             None => raw,
         };
         Ok(Secret { data })
     }
+}
+
+/// AES-256-CBC with the key secret, in qemu's order of checks and with its
+/// texts. Base64 `data` is the ciphertext encoded; the plaintext is used as
+/// it comes out.
+fn decrypt(
+    key: &Secret,
+    iv: Option<&str>,
+    data: &[u8],
+    base64_data: bool,
+) -> Result<Vec<u8>, String> {
+    if key.data.len() != 32 {
+        return Err("Key should be 32 bytes in length".into());
+    }
+    let iv = base64(iv.ok_or("IV is required to decrypt secret")?.as_bytes())?;
+    if iv.len() != 16 {
+        return Err(format!("IV should be 16 bytes in length not {}", iv.len()));
+    }
+    let ciphertext = if base64_data {
+        base64(data)?
+    } else {
+        data.to_vec()
+    };
+    if ciphertext.len() % 16 != 0 {
+        return Err(format!(
+            "Length {} must be a multiple of block size 16",
+            ciphertext.len()
+        ));
+    }
+    let mut c = Crypter::new(Cipher::aes_256_cbc(), Mode::Decrypt, &key.data, Some(&iv))
+        .map_err(|e| format!("Unable to decrypt secret: {e}"))?;
+    c.pad(false);
+    let mut out = vec![0u8; ciphertext.len() + 16];
+    let n = c
+        .update(&ciphertext, &mut out)
+        .and_then(|n| c.finalize(&mut out[n..]).map(|m| n + m))
+        .map_err(|e| format!("Unable to decrypt secret: {e}"))?;
+    out.truncate(n);
+    // qemu checks the PKCS#7 count only against the length.
+    let pad = out.last().copied().unwrap_or(0) as usize;
+    if pad > out.len() {
+        return Err(format!(
+            "Incorrect number of padding bytes ({pad}) found on decrypted data"
+        ));
+    }
+    out.truncate(out.len() - pad);
+    Ok(out)
 }
 
 /// Decodes base64 as qemu accepts it: only the alphabet, `=` padding and

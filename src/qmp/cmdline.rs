@@ -39,9 +39,28 @@ pub enum Opt {
     NbdMemory(usize),
 }
 
+/// An option and where it came from (`--object secret,id=s0`): qsd starts
+/// each of its errors with that.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arg {
+    pub opt: Opt,
+    pub at: String,
+}
+
+impl Arg {
+    /// An error of this option, as qsd prints it.
+    fn error(&self, e: impl std::fmt::Display) -> String {
+        if self.at.is_empty() {
+            e.to_string()
+        } else {
+            format!("{}: {e}", self.at)
+        }
+    }
+}
+
 /// Parses the arguments after `tidemark daemon`.
-pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
-    let mut opts = Vec::new();
+pub fn parse_args(args: &[String]) -> Result<Vec<Arg>, String> {
+    let mut opts: Vec<Arg> = Vec::new();
     let mut chardevs: HashMap<String, PathBuf> = HashMap::new();
     let mut policy: Option<crate::store_point::BitmapPolicy> = None;
     let mut it = args.iter();
@@ -51,70 +70,115 @@ pub fn parse_args(args: &[String]) -> Result<Vec<Opt>, String> {
             _ => (arg.as_str(), None),
         };
         let name = name.trim_start_matches('-');
-        let mut value = || -> Result<String, String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| format!("option '--{name}' requires an argument")),
-            }
+        if name == "daemonize" {
+            opts.push(Arg {
+                opt: Opt::Daemonize,
+                at: arg.clone(),
+            });
+            continue;
+        }
+        if !VALUED.contains(&name) {
+            return Err(format!("unrecognized option '{arg}'"));
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("option '--{name}' requires an argument"))?,
         };
-        match name {
-            "blockdev" => opts.push(Opt::Blockdev(typed(&value()?, None, "BlockdevOptions")?)),
-            "nbd-server" => opts.push(Opt::NbdServer(typed(&value()?, None, "NbdServerOptions")?)),
-            "export" => opts.push(Opt::Export(typed(&value()?, None, "BlockExportOptions")?)),
-            "object" => opts.push(Opt::Object(object(&value()?)?)),
-            "chardev" => {
-                let v = keyval(&value()?, Some("backend"))?;
-                let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-                if get("backend").as_deref() != Some("socket") {
-                    return Err("--chardev: only 'socket' chardevs are supported".into());
-                }
-                let id = get("id").ok_or("--chardev: Parameter 'id' is missing")?;
-                let path =
-                    get("path").ok_or("--chardev: only unix sockets (path=) are supported")?;
-                if get("server").is_some_and(|s| !matches!(s.as_str(), "on" | "yes" | "true")) {
-                    return Err("--chardev: only server=on is supported".into());
-                }
-                chardevs.insert(id, PathBuf::from(path));
-            }
-            "monitor" => {
-                let v = keyval(&value()?, Some("chardev"))?;
-                let id = v
-                    .get("chardev")
-                    .and_then(Value::as_str)
-                    .ok_or("--monitor: Parameter 'chardev' is missing")?;
-                if v.get("mode")
-                    .and_then(Value::as_str)
-                    .is_some_and(|m| m != "control")
-                {
-                    return Err("--monitor: only mode=control is supported".into());
-                }
-                let path = chardevs
-                    .get(id)
-                    .ok_or_else(|| format!("chardev \"{id}\" not found"))?;
-                opts.push(Opt::Monitor(path.clone()));
-            }
-            "pidfile" => opts.push(Opt::Pidfile(PathBuf::from(value()?))),
-            "bitmap-intent-log" => {
-                let on = crate::store_point::BitmapPolicy::parse_switch(&value()?)?;
-                policy.get_or_insert_with(Default::default).intent_log = on;
-            }
-            "bitmap-store-interval" => {
-                let secs = crate::store_point::BitmapPolicy::parse_interval(&value()?)?;
-                policy.get_or_insert_with(Default::default).store_interval = secs;
-            }
-            "nbd-memory" => opts.push(Opt::NbdMemory(parse_nbd_memory(&value()?)?)),
-            "daemonize" => opts.push(Opt::Daemonize),
-            _ => return Err(format!("unrecognized option '{arg}'")),
+        let at = format!("--{name} {value}");
+        let opt =
+            option(name, &value, &mut chardevs, &mut policy).map_err(|e| format!("{at}: {e}"))?;
+        if let Some(opt) = opt {
+            opts.push(Arg { opt, at });
         }
     }
     // First, whatever the order given: it decides how images open.
     if let Some(p) = policy {
-        opts.insert(0, Opt::Bitmaps(p));
+        opts.insert(
+            0,
+            Arg {
+                opt: Opt::Bitmaps(p),
+                at: String::new(),
+            },
+        );
     }
     Ok(opts)
+}
+
+/// The options that take a value (all but `--daemonize`).
+const VALUED: &[&str] = &[
+    "blockdev",
+    "nbd-server",
+    "export",
+    "object",
+    "chardev",
+    "monitor",
+    "pidfile",
+    "bitmap-intent-log",
+    "bitmap-store-interval",
+    "nbd-memory",
+];
+
+/// One option with its value; `None` for options that only feed others
+/// (a chardev, the bitmap policy).
+fn option(
+    name: &str,
+    value: &str,
+    chardevs: &mut HashMap<String, PathBuf>,
+    policy: &mut Option<crate::store_point::BitmapPolicy>,
+) -> Result<Option<Opt>, String> {
+    Ok(Some(match name {
+        "blockdev" => Opt::Blockdev(typed(value, None, "BlockdevOptions")?),
+        "nbd-server" => Opt::NbdServer(typed(value, None, "NbdServerOptions")?),
+        "export" => Opt::Export(typed(value, None, "BlockExportOptions")?),
+        "object" => Opt::Object(object(value)?),
+        "chardev" => {
+            let v = keyval(value, Some("backend"))?;
+            let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+            if get("backend").as_deref() != Some("socket") {
+                return Err("only 'socket' chardevs are supported".into());
+            }
+            let id = get("id").ok_or("Parameter 'id' is missing")?;
+            let path = get("path").ok_or("only unix sockets (path=) are supported")?;
+            if get("server").is_some_and(|s| !matches!(s.as_str(), "on" | "yes" | "true")) {
+                return Err("only server=on is supported".into());
+            }
+            chardevs.insert(id, PathBuf::from(path));
+            return Ok(None);
+        }
+        "monitor" => {
+            let v = keyval(value, Some("chardev"))?;
+            let id = v
+                .get("chardev")
+                .and_then(Value::as_str)
+                .ok_or("Parameter 'chardev' is missing")?;
+            if v.get("mode")
+                .and_then(Value::as_str)
+                .is_some_and(|m| m != "control")
+            {
+                return Err("only mode=control is supported".into());
+            }
+            let path = chardevs
+                .get(id)
+                .ok_or_else(|| format!("chardev \"{id}\" not found"))?;
+            Opt::Monitor(path.clone())
+        }
+        "pidfile" => Opt::Pidfile(PathBuf::from(value)),
+        "bitmap-intent-log" => {
+            let on = crate::store_point::BitmapPolicy::parse_switch(value)?;
+            policy.get_or_insert_with(Default::default).intent_log = on;
+            return Ok(None);
+        }
+        "bitmap-store-interval" => {
+            let secs = crate::store_point::BitmapPolicy::parse_interval(value)?;
+            policy.get_or_insert_with(Default::default).store_interval = secs;
+            return Ok(None);
+        }
+        "nbd-memory" => Opt::NbdMemory(parse_nbd_memory(value)?),
+        _ => return Ok(None),
+    }))
 }
 
 /// `--nbd-memory`: a size with qemu's suffixes, at least the smallest pool.
@@ -137,15 +201,15 @@ pub fn object(text: &str) -> Result<Value, String> {
 
 /// An option's value as the JSON its QMP command takes.
 fn typed(text: &str, implied: Option<&str>, type_name: &str) -> Result<Value, String> {
-    let v = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| format!("JSON parse error: {e}"))?
-    } else {
-        let mut v = keyval(text, implied)?;
-        schema().coerce_keyval(&mut v, type_name);
-        v
-    };
     // qsd's JSON form may omit nothing the QMP form needs; check both.
-    schema().check_type(&v, type_name).map_err(|e| e.desc)?;
+    if text.trim_start().starts_with('{') {
+        let v = serde_json::from_str(text).map_err(|e| format!("JSON parse error: {e}"))?;
+        schema().check_type(&v, type_name).map_err(|e| e.desc)?;
+        return Ok(v);
+    }
+    let mut v = keyval(text, implied)?;
+    schema().coerce_keyval(&mut v, type_name);
+    schema().check_keyval(&v, type_name).map_err(|e| e.desc)?;
     Ok(v)
 }
 
@@ -235,8 +299,27 @@ fn as_map(v: &Value) -> Map<String, Value> {
 
 /// Applies the block and export options in order, as their QMP commands.
 /// Monitors and the pidfile are the caller's: they are not state.
-pub async fn apply(d: &Arc<Daemon>, opts: &[Opt]) -> QmpResult<()> {
-    for o in opts {
+pub async fn apply(d: &Arc<Daemon>, opts: &[Arg]) -> Result<(), String> {
+    for a in opts {
+        apply_one(d, &a.opt)
+            .await
+            .map_err(|e| a.error(hint(&e.desc)))?;
+    }
+    Ok(())
+}
+
+/// qemu's hint under an error, printed on the command line only.
+fn hint(desc: &str) -> String {
+    if desc == "Parameter 'id' expects an identifier" {
+        return format!(
+            "{desc}\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter."
+        );
+    }
+    desc.to_owned()
+}
+
+async fn apply_one(d: &Arc<Daemon>, o: &Opt) -> QmpResult<()> {
+    {
         match o {
             Opt::Blockdev(v) => {
                 commands::execute(d, "blockdev-add", as_map(v)).await?;
@@ -298,6 +381,7 @@ mod tests {
             "chardev=m",
         ]))
         .unwrap();
+        let opts: Vec<Opt> = opts.into_iter().map(|a| a.opt).collect();
         assert_eq!(opts.len(), 5);
         assert_eq!(
             opts[0],
@@ -317,7 +401,10 @@ mod tests {
     #[test]
     fn bad_options_say_why() {
         let e = parse_args(&args(&["--blockdev", "driver=nope"])).unwrap_err();
-        assert_eq!(e, "Parameter 'driver' does not accept value 'nope'");
+        assert_eq!(
+            e,
+            "--blockdev driver=nope: Parameter 'driver' does not accept value 'nope'"
+        );
         assert!(parse_args(&args(&["--monitor", "chardev=zz"])).is_err());
     }
 }

@@ -45,9 +45,14 @@ const BUILTINS: [(&str, &str); 7] = [
     ("any", "value"),
 ];
 
-/// Where a value sits in the arguments, for qemu's error texts.
+/// Where a value sits in the arguments, for qemu's error texts; `keyval`
+/// when they came from a command line (qemu's keyval visitor names list
+/// elements `a.0.b`, not `a[0].b`, and parses scalars from strings).
 #[derive(Clone, Default)]
-struct Path(Vec<Seg>);
+struct Path {
+    segs: Vec<Seg>,
+    keyval: bool,
+}
 
 #[derive(Clone)]
 enum Seg {
@@ -58,20 +63,20 @@ enum Seg {
 impl Path {
     fn key(&self, k: &str) -> Path {
         let mut p = self.clone();
-        p.0.push(Seg::Key(k.to_owned()));
+        p.segs.push(Seg::Key(k.to_owned()));
         p
     }
 
     fn index(&self, i: usize) -> Path {
         let mut p = self.clone();
-        p.0.push(Seg::Index(i));
+        p.segs.push(Seg::Index(i));
         p
     }
 
     /// `a.b[0].c`, as qemu's full_name().
     fn full(&self) -> String {
         let mut s = String::new();
-        for seg in &self.0 {
+        for seg in &self.segs {
             match seg {
                 Seg::Key(k) => {
                     if !s.is_empty() {
@@ -79,6 +84,7 @@ impl Path {
                     }
                     s.push_str(k);
                 }
+                Seg::Index(i) if self.keyval => s.push_str(&format!(".{i}")),
                 Seg::Index(i) => s.push_str(&format!("[{i}]")),
             }
         }
@@ -88,7 +94,7 @@ impl Path {
     /// The bare member name, or "null" for a list element: qemu's enum and
     /// alternate visitors report that rather than the full path.
     fn bare(&self) -> String {
-        match self.0.last() {
+        match self.segs.last() {
             Some(Seg::Key(k)) => k.clone(),
             _ => "null".to_owned(),
         }
@@ -100,6 +106,18 @@ fn invalid_type(path: &Path, expected: &str) -> QmpError {
         "Invalid parameter type for '{}', expected: {expected}",
         path.full()
     ))
+}
+
+/// A scalar of the wrong type: a keyval string that did not parse says
+/// what it should have been, as qemu's keyval visitor does.
+fn bad_scalar(path: &Path, v: &Value, expected: &str, keyval_expects: &str) -> QmpError {
+    if path.keyval && v.is_string() {
+        return QmpError::generic(format!(
+            "Parameter '{}' expects {keyval_expects}",
+            path.full()
+        ));
+    }
+    invalid_type(path, expected)
 }
 
 impl Schema {
@@ -189,6 +207,16 @@ impl Schema {
         self.check(v, &Value::String(type_name.to_owned()), &Path::default())
     }
 
+    /// [`Schema::check_type`] for a value parsed from keyval (and coerced
+    /// with [`Schema::coerce_keyval`]): qemu's keyval texts.
+    pub fn check_keyval(&self, v: &Value, type_name: &str) -> QmpResult<()> {
+        let path = Path {
+            segs: Vec::new(),
+            keyval: true,
+        };
+        self.check(v, &Value::String(type_name.to_owned()), &path)
+    }
+
     fn check(&self, v: &Value, t: &TypeExpr, path: &Path) -> QmpResult<()> {
         match t {
             Value::Array(elem) => {
@@ -219,10 +247,10 @@ impl Schema {
             "bool" => v
                 .is_boolean()
                 .then_some(())
-                .ok_or_else(|| invalid_type(path, "boolean")),
+                .ok_or_else(|| bad_scalar(path, v, "boolean", "'on' or 'off'")),
             "int" => (v.is_i64() || v.is_u64())
                 .then_some(())
-                .ok_or_else(|| invalid_type(path, "integer")),
+                .ok_or_else(|| bad_scalar(path, v, "integer", "int64")),
             "uint64" | "uint32" => {
                 let n = v.as_u64().or_else(|| v.as_i64().map(|i| i as u64));
                 let Some(n) = n else {

@@ -1,15 +1,19 @@
 //! The identity a client proved, as qemu's authorization objects see it:
-//! a PSK username, or an x509 certificate's distinguished name printed as
-//! gnutls prints it (`gnutls_x509_crt_get_dn`): the subject's entries in
-//! certificate order, `C=GB,O=Example,CN=client`, with RFC 4514 escapes.
+//! its x509 certificate's distinguished name printed as gnutls prints it
+//! (`gnutls_x509_crt_get_dn`): the subject's entries in certificate order,
+//! `C=GB,O=Example,CN=client`, with RFC 4514 escapes.
 
-use openssl::ssl::SslRef;
+use openssl::ssl::{SslRef, SslVerifyMode};
 use openssl::x509::X509NameRef;
 
-/// `None` when the client proved nothing (no certificate was asked for).
-pub fn peer_identity(ssl: &SslRef) -> Option<String> {
-    if let Some(user) = ssl.psk_identity() {
-        return Some(String::from_utf8_lossy(user).into_owned());
+/// The DN of the peer's certificate, if one was asked for and verified.
+pub fn peer_dn(ssl: &SslRef) -> Option<String> {
+    if !ssl
+        .ssl_context()
+        .verify_mode()
+        .contains(SslVerifyMode::PEER)
+    {
+        return None;
     }
     ssl.peer_certificate()
         .map(|c| distinguished_name(c.subject_name()))

@@ -8,14 +8,15 @@
 //! text of a peer's identity ([`peer_identity`]) and the priority string.
 
 mod identity;
+mod priority;
 mod psk;
 mod x509;
 
 use std::path::{Path, PathBuf};
 
-use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslOptions, SslVersion};
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslOptions};
 
-pub use identity::peer_identity;
+pub use identity::peer_dn;
 pub use psk::PskOptions;
 pub use x509::X509Options;
 
@@ -40,6 +41,8 @@ impl Endpoint {
 pub struct TlsCreds {
     endpoint: Endpoint,
     ctx: SslContext,
+    /// A priority string gnutls would refuse: every session fails.
+    bad_priority: Option<String>,
 }
 
 impl std::fmt::Debug for TlsCreds {
@@ -66,6 +69,9 @@ impl TlsCreds {
     /// A session for one new connection. A client names the server it
     /// expects (`hostname`): its certificate must be for that name.
     pub fn session(&self, hostname: Option<&str>) -> Result<Ssl, String> {
+        if let Some(e) = &self.bad_priority {
+            return Err(e.clone());
+        }
         let mut ssl = Ssl::new(&self.ctx).map_err(|e| format!("TLS session: {e}"))?;
         if self.endpoint == Endpoint::Client {
             if let Some(h) = hostname {
@@ -109,6 +115,16 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
+/// Credentials from a built context: a priority string gnutls would
+/// refuse is kept to fail the sessions, as qemu fails them.
+fn creds(endpoint: Endpoint, ctx: SslContext, priority: Option<&str>) -> TlsCreds {
+    TlsCreds {
+        endpoint,
+        ctx,
+        bad_priority: priority.and_then(|p| priority::check(p).err()),
+    }
+}
+
 /// What every context shares, whatever its credentials: TLS 1.2 at least,
 /// no renegotiation (a client cannot make the server redo a handshake),
 /// read-ahead (one read per burst of records, not two per record), and the
@@ -121,48 +137,9 @@ fn base_context(endpoint: Endpoint, priority: Option<&str>) -> Result<SslContext
     let mut b = SslContextBuilder::new(method).map_err(|e| format!("TLS context: {e}"))?;
     b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::CIPHER_SERVER_PREFERENCE);
     b.set_read_ahead(true);
-    let (min, max) = versions(priority.unwrap_or(""));
+    let (min, max) = priority::versions(priority.unwrap_or(""));
     b.set_min_proto_version(min)
         .and_then(|_| b.set_max_proto_version(max))
         .map_err(|e| format!("TLS versions: {e}"))?;
     Ok(b)
-}
-
-/// The protocol versions a gnutls priority string leaves enabled. Only its
-/// `-VERS-TLS1.x` items mean anything to openssl; the rest (NORMAL,
-/// @SYSTEM, cipher choices) keep openssl's defaults.
-fn versions(priority: &str) -> (Option<SslVersion>, Option<SslVersion>) {
-    let off = |v: &str| priority.split(':').any(|t| t == format!("-VERS-TLS{v}"));
-    let min = if off("1.2") && !off("1.3") {
-        SslVersion::TLS1_3
-    } else {
-        SslVersion::TLS1_2
-    };
-    let max = if off("1.3") {
-        SslVersion::TLS1_2
-    } else {
-        SslVersion::TLS1_3
-    };
-    (Some(min), Some(max))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn priority_versions() {
-        assert_eq!(
-            versions("NORMAL"),
-            (Some(SslVersion::TLS1_2), Some(SslVersion::TLS1_3))
-        );
-        assert_eq!(
-            versions("NORMAL:-VERS-TLS1.3"),
-            (Some(SslVersion::TLS1_2), Some(SslVersion::TLS1_2))
-        );
-        assert_eq!(
-            versions("NORMAL:-VERS-TLS1.2"),
-            (Some(SslVersion::TLS1_3), Some(SslVersion::TLS1_3))
-        );
-    }
 }

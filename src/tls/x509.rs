@@ -17,7 +17,7 @@ use openssl::ssl::SslVerifyMode;
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{CrlStatus, X509Crl, X509};
 
-use super::{base_context, cred_file, read, Endpoint, TlsCreds};
+use super::{base_context, cred_file, creds, read, Endpoint, TlsCreds};
 
 /// A `tls-creds-x509` object's properties.
 #[derive(Debug, Clone)]
@@ -50,13 +50,9 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
     };
 
     let cas = X509::stack_from_pem(&read(&ca_path)?)
-        .map_err(|e| format!("Unable to load CA certificate {}: {e}", ca_path.display()))?;
-    if cas.is_empty() {
-        return Err(format!(
-            "Unable to load CA certificate {}: no certificate found",
-            ca_path.display()
-        ));
-    }
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| format!("Unable to import CA certificate list {}", ca_path.display()))?;
     let crl = match &crl_path {
         Some(p) => Some(
             X509Crl::from_pem(&read(p)?)
@@ -68,9 +64,16 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
         (Some(c), Some(k)) => Some((load_chain(c)?, load_key(k, o.key_password.as_deref())?)),
         _ => None,
     };
-    if o.sanity_check {
-        if let Some((chain, _)) = &own {
-            sanity_check(&chain[0], &cas, o.endpoint, cert_path.as_deref())?;
+    if let (Some((chain, key)), Some(c), Some(k)) = (&own, &cert_path, &key_path) {
+        if !chain[0].public_key().is_ok_and(|p| p.public_eq(key)) {
+            return Err(format!(
+                "Cannot load certificate '{}' & key '{}': The certificate and the given key do not match.",
+                c.display(),
+                k.display()
+            ));
+        }
+        if o.sanity_check {
+            sanity_check(&chain[0], &cas, c, &ca_path)?;
         }
     }
 
@@ -90,7 +93,6 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
                     .try_for_each(|c| b.add_extra_chain_cert(c.clone()))
             })
             .and_then(|_| b.set_private_key(key))
-            .and_then(|_| b.check_private_key())
             .map_err(|e| format!("Unable to load certificate and key: {e}"))?;
     }
     if let Some(p) = &dh_path {
@@ -116,10 +118,7 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
         };
         ok && !revoked
     });
-    Ok(TlsCreds {
-        endpoint: o.endpoint,
-        ctx: b.build(),
-    })
+    Ok(creds(o.endpoint, b.build(), o.priority.as_deref()))
 }
 
 fn load_chain(path: &std::path::Path) -> Result<Vec<X509>, String> {
@@ -143,15 +142,15 @@ fn load_key(path: &std::path::Path, password: Option<&[u8]>) -> Result<PKey<Priv
     .map_err(|e| format!("Unable to load private key {}: {e}", path.display()))
 }
 
-/// qemu's load-time checks of its own certificate: in its validity period,
-/// not a CA, and signed by one of the CAs.
+/// qemu's load-time checks of its own certificate: in its validity period
+/// and issued by one of the CAs (its texts).
 fn sanity_check(
     cert: &X509,
     cas: &[X509],
-    endpoint: Endpoint,
-    path: Option<&std::path::Path>,
+    path: &std::path::Path,
+    ca_path: &std::path::Path,
 ) -> Result<(), String> {
-    let name = path.map(|p| p.display().to_string()).unwrap_or_default();
+    let name = path.display();
     let now = openssl::asn1::Asn1Time::days_from_now(0).map_err(|e| e.to_string())?;
     if cert.not_after() < now {
         return Err(format!("The certificate {name} has expired"));
@@ -159,17 +158,15 @@ fn sanity_check(
     if cert.not_before() > now {
         return Err(format!("The certificate {name} is not yet active"));
     }
-    let side = match endpoint {
-        Endpoint::Server => "server",
-        Endpoint::Client => "client",
-    };
     let signed = cas.iter().any(|ca| {
         ca.public_key()
             .is_ok_and(|k| cert.verify(&k).unwrap_or(false))
     });
     if !signed {
         return Err(format!(
-            "Unable to verify {side} certificate {name} against CA certificate"
+            "Our own certificate {name} failed validation against {}: \
+             The certificate hasn't got a known issuer",
+            ca_path.display()
         ));
     }
     Ok(())

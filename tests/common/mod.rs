@@ -12,6 +12,7 @@ pub mod wire;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
@@ -71,6 +72,84 @@ pub struct ServeOpts {
     pub format: Option<&'static str>,
     /// Dirty bitmaps to export, in order (`--bitmap` / qemu-nbd `-B`).
     pub bitmaps: Vec<String>,
+    /// Also offer `qemu:allocation-depth` (`-A` for both).
+    pub allocation_depth: bool,
+    /// Require TLS (`--object ... --tls-creds ID [--tls-authz ID]`, the
+    /// same on both command lines).
+    pub tls: Option<TlsOpts>,
+    /// Listen on 127.0.0.1:PORT (tidemark `--listen`, qemu-nbd `-b -p`)
+    /// instead of a unix socket. See [`free_tcp_port`].
+    pub tcp_port: Option<u16>,
+}
+
+/// A server's TLS configuration, as qemu-nbd spells it: QOM objects, then
+/// the ids of the credentials and of the optional authorization object.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOpts {
+    /// `--object` values, in order, e.g.
+    /// `tls-creds-x509,id=tls0,endpoint=server,dir=D`.
+    pub objects: Vec<String>,
+    /// `--tls-creds`: the id of a `tls-creds-*` object.
+    pub creds: String,
+    /// `--tls-authz`: the id of an `authz-*` object.
+    pub authz: Option<String>,
+}
+
+impl TlsOpts {
+    /// `tls-creds-x509,id=tls0,endpoint=server,dir=DIR`.
+    pub fn x509(dir: &Path) -> TlsOpts {
+        TlsOpts::creds(format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+            dir.display()
+        ))
+    }
+
+    /// `tls-creds-psk,id=tls0,endpoint=server,dir=DIR` (DIR/keys.psk).
+    pub fn psk(dir: &Path) -> TlsOpts {
+        TlsOpts::creds(format!(
+            "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+            dir.display()
+        ))
+    }
+
+    /// One credentials object (its definition must say `id=tls0`).
+    pub fn creds(object: String) -> TlsOpts {
+        TlsOpts {
+            objects: vec![object],
+            creds: "tls0".into(),
+            authz: None,
+        }
+    }
+
+    /// Adds an `authz-*` object (its definition must say `id=auth0`) and
+    /// `--tls-authz auth0`.
+    pub fn with_authz(mut self, object: &str) -> TlsOpts {
+        self.objects.push(object.to_string());
+        self.authz = Some("auth0".into());
+        self
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for o in &self.objects {
+            v.push("--object".to_string());
+            v.push(o.clone());
+        }
+        v.push("--tls-creds".into());
+        v.push(self.creds.clone());
+        if let Some(a) = &self.authz {
+            v.push("--tls-authz".into());
+            v.push(a.clone());
+        }
+        v
+    }
+}
+
+/// A TCP port on 127.0.0.1 that nobody listens on right now (the kernel's
+/// pick for port 0; qemu-nbd cannot report a port 0 it bound itself).
+pub fn free_tcp_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
 }
 
 impl ServeOpts {
@@ -95,6 +174,8 @@ pub struct Server {
     socket: PathBuf,
     log: PathBuf,
     export_name: String,
+    /// Set when the server listens on TCP instead of `socket`.
+    tcp: Option<SocketAddr>,
 }
 
 impl Server {
@@ -118,13 +199,21 @@ impl Server {
             .expect("create server temp dir");
         let socket = dir.path().join("nbd.sock");
         let log = dir.path().join("server.log");
+        let tcp = opts
+            .tcp_port
+            .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)));
         let mut cmd = match kind {
             Kind::Tidemark => {
                 let mut c = Command::new(TIDEMARK);
-                c.arg("serve")
-                    .arg("--socket")
-                    .arg(&socket)
-                    .arg("--export-name")
+                c.arg("serve");
+                match tcp {
+                    Some(addr) => c.arg("--listen").arg(addr.to_string()),
+                    None => c.arg("--socket").arg(&socket),
+                };
+                if let Some(tls) = &opts.tls {
+                    c.args(tls.args());
+                }
+                c.arg("--export-name")
                     .arg(&opts.export_name)
                     .arg("--format")
                     .arg(opts.format.unwrap_or("raw"));
@@ -133,6 +222,9 @@ impl Server {
                 }
                 for b in &opts.bitmaps {
                     c.arg("--bitmap").arg(b);
+                }
+                if opts.allocation_depth {
+                    c.arg("-A");
                 }
                 if opts.read_only {
                     c.arg("--read-only");
@@ -145,18 +237,27 @@ impl Server {
             }
             Kind::QemuNbd => {
                 let mut c = Command::new("qemu-nbd");
-                c.arg("-f")
-                    .arg(opts.format.unwrap_or("raw"))
-                    .arg("-k")
-                    .arg(&socket)
-                    .arg("-x")
-                    .arg(&opts.export_name)
-                    .arg("--persistent");
+                c.arg("-f").arg(opts.format.unwrap_or("raw"));
+                match tcp {
+                    Some(addr) => c
+                        .arg("-b")
+                        .arg(addr.ip().to_string())
+                        .arg("-p")
+                        .arg(addr.port().to_string()),
+                    None => c.arg("-k").arg(&socket),
+                };
+                if let Some(tls) = &opts.tls {
+                    c.args(tls.args());
+                }
+                c.arg("-x").arg(&opts.export_name).arg("--persistent");
                 if let Some(d) = &opts.description {
                     c.arg("-D").arg(d);
                 }
                 for b in &opts.bitmaps {
                     c.arg("-B").arg(b);
+                }
+                if opts.allocation_depth {
+                    c.arg("-A");
                 }
                 if opts.read_only {
                     c.arg("-r");
@@ -184,6 +285,7 @@ impl Server {
             socket,
             log,
             export_name: opts.export_name.clone(),
+            tcp,
         };
         server.wait_ready(&format!("{cmd:?}"));
         server
@@ -199,8 +301,17 @@ impl Server {
                     self.log()
                 );
             }
-            if let Ok(mut s) = UnixStream::connect(&self.socket) {
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let stream: Option<Box<dyn Read>> = match self.tcp {
+                Some(addr) => TcpStream::connect(addr).ok().map(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    Box::new(s) as Box<dyn Read>
+                }),
+                None => UnixStream::connect(&self.socket).ok().map(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    Box::new(s) as Box<dyn Read>
+                }),
+            };
+            if let Some(mut s) = stream {
                 let mut greeting = [0u8; 16];
                 match s.read_exact(&mut greeting) {
                     Ok(()) if &greeting == b"NBDMAGICIHAVEOPT" => return,
@@ -215,7 +326,7 @@ impl Server {
             if Instant::now() > deadline {
                 panic!(
                     "server did not accept an NBD connection on {} within {START_DEADLINE:?}: {what}\n--- log ---\n{}",
-                    self.socket.display(),
+                    self.address(),
                     self.log()
                 );
             }
@@ -229,6 +340,19 @@ impl Server {
 
     pub fn export_name(&self) -> &str {
         &self.export_name
+    }
+
+    /// The TCP address, for a server started with `tcp_port`.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// Where the server listens: `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn address(&self) -> String {
+        match self.tcp {
+            Some(addr) => format!("tcp:{addr}"),
+            None => format!("unix:{}", self.socket.display()),
+        }
     }
 
     /// `nbd+unix:///NAME?socket=PATH` for this server's export.

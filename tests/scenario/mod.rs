@@ -6,6 +6,7 @@
 //! A scenario file (tests/qmp_scenarios/NAME.json):
 //! ```json
 //! {"doc": "what the scenario is about",
+//!  "tls": true,   // tests/tls/gen-certs.sh makes $DIR/tls (server, client, rogue, psk, psk-wrong) first
 //!  "setup": [["qemu-img", "create", "-q", "-f", "qcow2", "d.qcow2", "4M"]], // run in $DIR first
 //!  "args": ["--nbd-server", "addr.type=unix,addr.path=$DIR/nbd.sock"],
 //!  "steps": [
@@ -40,7 +41,14 @@
 //!        // [keys] keeps only those keys of that object, "drop": [keys] removes
 //!        // those keys at any depth (host offsets in `qemu-img map`), and
 //!        // "coalesce": true merges adjacent extents ({"start", "length", ...})
-//!        // that are alike once dropped keys are gone
+//!        // that are alike once dropped keys are gone; "stderr": false leaves
+//!        // stderr out (a TLS client's account of a refused handshake depends
+//!        // on how the server's TLS library ends it)
+//!    {"start": ["--object", "secret,id=s0"]},
+//!        // another daemon of the kind under test with these arguments (and a
+//!        // pidfile, no monitor): records its exit status and stderr (the
+//!        // program name that starts a line normalised to "DAEMON: "), or
+//!        // {"started": true} once the pidfile appears (then it is killed)
 //!  ]}
 //! ```
 //! After the last step the runner records `query-jobs` and the job events
@@ -66,7 +74,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::qmp_common::{normalise, Impl, Instance, Qmp};
+use crate::qmp_common::{normalise, DirWatch, Impl, Instance, Qmp};
 
 /// Upper bound for one qemu-io / qemu-img run, so a hung export fails the
 /// step instead of hanging the test.
@@ -256,6 +264,12 @@ pub fn run_tool(argv: &[String], dir: &Path, json_out: bool, filter: &Filter) ->
             .collect()
     };
     let status = out.status.code().unwrap_or(-1);
+    if !filter.stderr {
+        // Left out of the record; shown with QMP_TRACE.
+        if std::env::var_os("QMP_TRACE").is_some() {
+            eprintln!("{argv:?} stderr: {:?}", lines(&out.stderr));
+        }
+    }
     let stdout = if json_out && out.status.success() {
         match serde_json::from_slice::<Value>(&out.stdout) {
             Ok(v) => filter.apply(v),
@@ -264,18 +278,34 @@ pub fn run_tool(argv: &[String], dir: &Path, json_out: bool, filter: &Filter) ->
     } else {
         json!(lines(&out.stdout))
     };
-    json!({"run": argv[0], "status": status, "stdout": stdout, "stderr": lines(&out.stderr)})
+    let mut record = json!({"run": argv[0], "status": status, "stdout": stdout});
+    if filter.stderr {
+        record["stderr"] = json!(lines(&out.stderr));
+    }
+    record
 }
 
-/// What a `run` step keeps of a tool's JSON output.
-#[derive(Default)]
+/// What a `run` step keeps of a tool's output.
 pub struct Filter {
+    /// Whether stderr is recorded.
+    pub stderr: bool,
     /// Only these keys of the top-level object (all if None).
     pub keep: Option<Vec<String>>,
     /// These keys removed at any depth.
     pub drop: Vec<String>,
     /// Adjacent extents that are alike merged (a top-level array).
     pub coalesce: bool,
+}
+
+impl Default for Filter {
+    fn default() -> Filter {
+        Filter {
+            stderr: true,
+            keep: None,
+            drop: Vec::new(),
+            coalesce: false,
+        }
+    }
 }
 
 impl Filter {
@@ -287,6 +317,7 @@ impl Filter {
             })
         };
         Filter {
+            stderr: step["stderr"].as_bool().unwrap_or(true),
             keep: strings("keep"),
             drop: strings("drop").unwrap_or_default(),
             coalesce: step["coalesce"].as_bool().unwrap_or(false),
@@ -353,8 +384,56 @@ fn coalesce(extents: Vec<Value>) -> Vec<Value> {
     out
 }
 
-/// Runs the setup commands of a scenario in `dir`; they must succeed.
+/// The TLS material tests/tls/gen-certs.sh makes, made once and kept in
+/// the target directory (RSA key generation takes seconds on a busy
+/// machine; each instance gets a copy). Named after the script's text, so
+/// a changed script makes new material; made in a private directory and
+/// renamed into place, so concurrent test processes do not see half of it.
+fn tls_material() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls/gen-certs.sh");
+        let text = std::fs::read(&script).unwrap_or_else(|e| panic!("{script:?}: {e}"));
+        // FNV-1a: stable from run to run, unlike std's hasher.
+        let hash = text.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let done = base.join(format!("tls-material-{hash:016x}"));
+        if !done.exists() {
+            let work = tempfile::Builder::new()
+                .prefix("tls-material-")
+                .tempdir_in(base)
+                .expect("temp dir");
+            let argv = [
+                "sh".to_owned(),
+                script.display().to_string(),
+                "tls".to_owned(),
+            ];
+            let r = run_tool(&argv, work.path(), false, &Filter::default());
+            assert_eq!(r["status"], 0, "{argv:?}: {r}");
+            // Another process may have got there first: then its copy stays.
+            let _ = std::fs::rename(work.path().join("tls"), &done);
+        }
+        done
+    })
+    .clone()
+}
+
+/// Runs the setup of a scenario in `dir`: with `"tls": true`, the TLS
+/// material (tests/tls/gen-certs.sh's, copied to `dir`/tls), then the setup
+/// commands. They must succeed.
 fn setup(sc: &Value, dir: &Path) {
+    if sc["tls"].as_bool().unwrap_or(false) {
+        let argv = [
+            "cp".to_owned(),
+            "-a".to_owned(),
+            tls_material().display().to_string(),
+            "tls".to_owned(),
+        ];
+        let r = run_tool(&argv, dir, false, &Filter::default());
+        assert_eq!(r["status"], 0, "{argv:?}: {r}");
+    }
     let cmds: Vec<Vec<String>> = serde_json::from_value(sc["setup"].clone()).unwrap_or_default();
     for argv in cmds {
         let r = run_tool(&argv, dir, false, &Filter::default());
@@ -615,6 +694,69 @@ fn job_events(
     }
 }
 
+/// How long a `start` step's daemon gets to exit or write its pidfile.
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A `start` step: `kind` started with `args` and a pidfile
+/// (`$DIR/start-STEP.pid`), no monitor. Records the exit status and stderr
+/// of a start that fails (the program name that starts a line, qsd's
+/// `qemu-storage-daemon: ` or `tidemark: `, becomes `DAEMON: `), or
+/// `{"started": true}` once the pidfile appears; that daemon is killed.
+fn start_record(kind: Impl, args: &[String], dir: &Path, step: usize) -> Value {
+    let pidfile = dir.join(format!("start-{step}.pid"));
+    let errfile = dir.join(format!("start-{step}.err"));
+    let err = std::fs::File::create(&errfile).expect("stderr file");
+    let watch = DirWatch::new(dir);
+    let mut child = kind
+        .program()
+        .args(crate::qmp_common::as_qemu(kind, args))
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("spawn daemon");
+    let deadline = Instant::now() + START_DEADLINE;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break Some(st);
+        }
+        if pidfile.exists() {
+            break None;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("start {args:?}: neither exited nor ready in time");
+        }
+        watch.wait(Duration::from_millis(200));
+    };
+    let record = match status {
+        Some(st) => {
+            let text = std::fs::read_to_string(&errfile).unwrap_or_default();
+            let lines: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    ["qemu-storage-daemon: ", "tidemark: "]
+                        .iter()
+                        .find_map(|p| l.strip_prefix(p))
+                        .map_or_else(|| l.to_owned(), |rest| format!("DAEMON: {rest}"))
+                })
+                .collect();
+            json!({"start": "exited", "status": st.code().unwrap_or(-1), "stderr": lines})
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            json!({"started": true})
+        }
+    };
+    let _ = std::fs::remove_file(&pidfile);
+    let _ = std::fs::remove_file(&errfile);
+    record
+}
+
 /// The flat node list of `query-named-block-nodes`.
 fn nodes(q: &mut Qmp) -> Vec<Value> {
     let r = q.exec("query-named-block-nodes", json!({"flat": true}));
@@ -671,6 +813,10 @@ fn transcript(
                 step["json"].as_bool().unwrap_or(false),
                 &Filter::from_step(&step),
             )
+        } else if let Some(args) = step.get("start") {
+            let args: Vec<String> =
+                serde_json::from_value(args.clone()).expect("start: an array of strings");
+            start_record(kind, &args, &dir, i)
         } else if let Some(cmd) = step.get("qmp") {
             let reply = q.cmd(cmd.clone());
             capture(&step, &reply, &mut vars, reply.clone())

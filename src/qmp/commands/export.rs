@@ -186,7 +186,7 @@ fn add(d: &Daemon, a: ExportArgs) -> QmpResult<()> {
             read_only: !writable,
             multi_conn: max_connections != Some(1),
             allocation_depth: a.allocation_depth.unwrap_or(false),
-            extra_contexts: contexts,
+            bitmap_contexts: contexts,
         },
     );
     d.insert_export(&a.id, export)
