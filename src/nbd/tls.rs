@@ -7,10 +7,13 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio_openssl::SslStream;
 
 use crate::tls::{peer_dn, TlsCreds};
+
+/// Encrypted bytes gathered before a send.
+const SEND_BUFFER: usize = 256 << 10;
 
 /// Decides whether a client whose certificate names this distinguished name
 /// may go on; `Err` says why not, for the log. The daemon builds it from
@@ -26,11 +29,17 @@ pub struct TlsServer {
 
 impl TlsServer {
     /// The TLS handshake over `stream`, and the authorization check.
-    pub async fn accept<S>(&self, stream: S) -> Result<SslStream<S>, String>
+    ///
+    /// openssl writes each record (16 KiB at most) as it makes it; a buffer
+    /// under it turns a batch of replies into a few large sends, flushed
+    /// when the reply writer has written what it had (and by openssl after
+    /// each handshake flight).
+    pub async fn accept<S>(&self, stream: S) -> Result<SslStream<BufWriter<S>>, String>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let ssl = self.creds.session(None)?;
+        let stream = BufWriter::with_capacity(SEND_BUFFER, stream);
         let mut tls = SslStream::new(ssl, stream).map_err(|e| format!("TLS session: {e}"))?;
         Pin::new(&mut tls)
             .accept()
