@@ -285,6 +285,21 @@ impl QemuClient {
 }
 
 /// A client that must be served; returns its stdout.
+/// `qemu-img compare` of the export (through `qemu`'s TLS client) with the
+/// raw source: it must say the images are identical.
+fn compare_identical(
+    kind: Kind,
+    what: &str,
+    srv: &mut Server,
+    qemu: &QemuClient,
+    src_raw: &Path,
+) -> String {
+    let source = format!("driver=raw,file.filename={}", src_raw.display());
+    let cmp = served(what, srv, &mut qemu.qemu_img("compare", &[&source]));
+    assert_eq!(cmp.trim(), "Images are identical.", "{kind:?}: {what}");
+    cmp.trim().to_owned()
+}
+
 fn served(what: &str, srv: &mut Server, cmd: &mut Command) -> String {
     let out = output(cmd);
     if !out.status.success() {
@@ -387,20 +402,8 @@ fn x509_roundtrip(kind: Kind, tcp: bool) -> String {
         "{kind:?}: nbdinfo's export size:\n{info}"
     );
 
-    let cmp = served(
-        "qemu-img compare over TLS",
-        &mut srv,
-        &mut qemu.qemu_img(
-            "compare",
-            &[&format!("driver=raw,file.filename={}", src_raw.display())],
-        ),
-    );
-    assert_eq!(
-        cmp.trim(),
-        "Images are identical.",
-        "{kind:?}: qemu-img compare"
-    );
-    t += &format!("compare: {}\n", cmp.trim());
+    let cmp = compare_identical(kind, "qemu-img compare over TLS", &mut srv, &qemu, &src_raw);
+    t += &format!("compare: {cmp}\n");
 
     let tls_map = served(
         "qemu-img map over TLS",
@@ -528,20 +531,9 @@ fn psk_right_key_is_served_wrong_key_and_unknown_user_are_refused() {
         t += &format!("alice, nbdinfo: {}\n", size.trim());
 
         let qemu = QemuClient::psk(&srv, "alice", "psk");
-        let cmp = served(
-            "qemu-img compare with alice's key",
-            &mut srv,
-            &mut qemu.qemu_img(
-                "compare",
-                &[&format!("driver=raw,file.filename={}", src_raw.display())],
-            ),
-        );
-        assert_eq!(
-            cmp.trim(),
-            "Images are identical.",
-            "{kind:?}: qemu-img compare"
-        );
-        t += &format!("alice, qemu-img compare: {}\n", cmp.trim());
+        let what = "qemu-img compare with alice's key";
+        let cmp = compare_identical(kind, what, &mut srv, &qemu, &src_raw);
+        t += &format!("alice, qemu-img compare: {cmp}\n");
 
         let err = refused(
             "nbdinfo with a wrong key for alice",

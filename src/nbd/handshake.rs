@@ -154,17 +154,22 @@ where
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
-    /// One option while TLS is required, answered as qemu does; true when
-    /// the client may start TLS now.
-    async fn before_tls(&mut self) -> Result<bool> {
+    /// An option's header: the option and its payload length.
+    async fn head(&mut self) -> Result<(u32, u32)> {
         let mut head = [0u8; 16];
         self.r.read_exact(&mut head).await?;
         if be64(&head, 0) != IHAVEOPT {
             return violation("bad option magic");
         }
-        let opt = be32(&head, 8);
-        let len = be32(&head, 12);
-        debug!(option = opt_name(opt), len, "option before TLS");
+        let (opt, len) = (be32(&head, 8), be32(&head, 12));
+        debug!(option = opt_name(opt), len, tls = ?self.tls, "option");
+        Ok((opt, len))
+    }
+
+    /// One option while TLS is required, answered as qemu does; true when
+    /// the client may start TLS now.
+    async fn before_tls(&mut self) -> Result<bool> {
+        let (opt, len) = self.head().await?;
         // No reply can follow EXPORT_NAME: the connection ends.
         if opt == OPT_EXPORT_NAME {
             return violation(format!("Option {opt:#x} not permitted before TLS"));
@@ -192,14 +197,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Haggle<'_, R, W> {
 
     /// Reads and answers one option; `Some` when it ends the handshake.
     async fn option(&mut self) -> Result<Option<Negotiated>> {
-        let mut head = [0u8; 16];
-        self.r.read_exact(&mut head).await?;
-        if be64(&head, 0) != IHAVEOPT {
-            return violation("bad option magic");
-        }
-        let opt = be32(&head, 8);
-        let len = be32(&head, 12);
-        debug!(option = opt_name(opt), len, "option");
+        let (opt, len) = self.head().await?;
         if opt == OPT_EXPORT_NAME {
             return self.export_name(len).await.map(Some);
         }
