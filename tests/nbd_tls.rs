@@ -29,8 +29,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{
-    describe_failure, free_tcp_port, output, run, run_py, sha256, temp_dir, Kind, PyScript,
-    ServeOpts, Server, TlsOpts,
+    describe_failure, free_tcp_port, output, run, run_py, sha256, temp_dir, wait_with_deadline,
+    Kind, PyScript, ServeOpts, Server, TlsOpts,
 };
 
 /// The export every scenario serves.
@@ -1132,5 +1132,72 @@ fn startup_refuses_the_tls_configurations_qemu_nbd_refuses() {
                 describe_failure(&cmd, &out)
             );
         }
+    }
+}
+
+/// Resident memory of `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb << 10
+}
+
+/// TLS connections keep tidemark's memory bound: six clients each ask for
+/// 32 whole-export reads (3 GiB of replies in all) and read none, and the
+/// server stays small while a good client writes and reads back. Their
+/// replies wait in each connection's share (see nbd/budget.rs), not in
+/// the writer task's queue.
+#[test]
+fn tls_clients_that_stop_reading_hold_only_their_share() {
+    let dir = temp_dir();
+    let (src, _) = make_image(dir.path());
+    let img = image_for(Kind::Tidemark, &src, dir.path());
+    let srv = serve(
+        Kind::Tidemark,
+        &img,
+        Some(TlsOpts::x509(&cert("server"))),
+        8,
+        false,
+    );
+    let address = srv.address();
+    let certdir = cert("client");
+    let mut stuck: Vec<PyScript> = (0..6)
+        .map(|i| {
+            PyScript::spawn(
+                "nbd_tls_raw.py",
+                [
+                    "noread",
+                    &address,
+                    &certdir.display().to_string(),
+                    "32",
+                    &SIZE.to_string(),
+                ],
+                dir.path().join(format!("noread-{i}.err")),
+            )
+        })
+        .collect();
+    for (i, s) in stuck.iter_mut().enumerate() {
+        let sent =
+            std::iter::from_fn(|| s.lines.recv_timeout(LINE_WAIT).ok()).find(|l| l == "sent");
+        assert!(sent.is_some(), "stuck client {i}:\n{}", s.stderr());
+    }
+    let mut good = GoodClient::connect(&srv, dir.path());
+    good.check(SIZE / 2, 0x5c);
+    good.check(4096, 0xa3);
+    good.finish();
+    let used = rss(srv.pid());
+    eprintln!("server RSS with 6 stuck TLS clients: {} MiB", used >> 20);
+    assert!(
+        used < 320 << 20,
+        "server RSS {} MiB with 6 TLS clients that stop reading",
+        used >> 20
+    );
+    for mut s in stuck {
+        s.stdin = None;
+        let _ = wait_with_deadline(&mut s.child, Duration::from_secs(20));
     }
 }

@@ -169,17 +169,31 @@ impl ReplySink {
                 wake.notified().await;
                 continue;
             };
+            // Each reply's budget returns once it is written (`p` drops);
+            // the flush sends what the stream still buffers. Either may
+            // wait for the client, never longer than the stall limit.
+            let mut sent = true;
             for p in batch {
-                let wrote = tokio::time::timeout(STALL_LIMIT, w.write_all(&p.buf)).await;
-                if !matches!(wrote, Ok(Ok(()))) {
-                    tracing::debug!("reply not sent");
-                    // SAFETY: `w` owns the socket and is alive here.
-                    let fd = unsafe { BorrowedFd::borrow_raw(socket) };
-                    self.kill(&mut self.lock(), fd);
-                    return;
+                sent = matches!(
+                    tokio::time::timeout(STALL_LIMIT, w.write_all(&p.buf)).await,
+                    Ok(Ok(()))
+                );
+                if !sent {
+                    break;
                 }
             }
-            let _ = w.flush().await;
+            if !sent
+                || !matches!(
+                    tokio::time::timeout(STALL_LIMIT, w.flush()).await,
+                    Ok(Ok(()))
+                )
+            {
+                tracing::debug!("reply not sent");
+                // SAFETY: `w` owns the socket and is alive here.
+                let fd = unsafe { BorrowedFd::borrow_raw(socket) };
+                self.kill(&mut self.lock(), fd);
+                return;
+            }
         }
         let _ = tokio::time::timeout(STALL_LIMIT, w.shutdown()).await;
     }

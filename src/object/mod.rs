@@ -124,15 +124,6 @@ impl Objects {
         Ok(creds)
     }
 
-    /// Credentials for a TLS client.
-    pub fn client_creds(&self, id: &str) -> QmpResult<Arc<TlsCreds>> {
-        let creds = self.creds(id)?;
-        if creds.endpoint() != Endpoint::Client {
-            return Err(err("Expected TLS credentials for a client endpoint"));
-        }
-        Ok(creds)
-    }
-
     fn creds(&self, id: &str) -> QmpResult<Arc<TlsCreds>> {
         match self.get(id) {
             Some(Object::TlsCreds(c)) => Ok(c),

@@ -317,6 +317,20 @@ def renegotiate(address, certdir):
         s.close()
 
 
+def noread(address, certdir, count, size):
+    """A TLS client that asks for `count` reads of `size` bytes and never
+    reads a reply: it prints 'sent' and holds on until stdin closes."""
+    s = starttls(address)
+    t = tls_wrap(s, certdir, address)
+    ask(t, "STRUCTURED_REPLY", 8)
+    ask(t, "GO", 7, go_payload(b"vda"))
+    for handle in range(count):
+        t.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, 0, size))
+    print("sent", flush=True)
+    sys.stdin.read()
+    s.close()
+
+
 def main():
     mode, address = sys.argv[1], sys.argv[2]
     certdir = sys.argv[3] if len(sys.argv) > 3 else None
@@ -334,6 +348,8 @@ def main():
         version(address, certdir)
     elif mode == "renegotiate":
         renegotiate(address, certdir)
+    elif mode == "noread":
+        noread(address, certdir, int(sys.argv[4]), int(sys.argv[5]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
