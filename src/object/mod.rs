@@ -66,7 +66,8 @@ impl Objects {
         if !id_wellformed(id) {
             return Err(err("Parameter 'id' expects an identifier"));
         }
-        if self.taken(id) {
+        // Every container has a property `type`: qemu cannot add it either.
+        if id == "type" || self.get(id).is_some() {
             return Err(err(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
@@ -87,20 +88,10 @@ impl Objects {
                 )))
             }
         };
-        // Loading ran unlocked; an add of the same id meanwhile wins.
-        if self.taken(id) {
-            return Err(err(format!(
-                "attempt to add duplicate property '{id}' to object (type 'container')"
-            )));
-        }
+        // Loading ran unlocked, but commands run one at a time (the
+        // daemon's command lock): the id is still free.
         self.lock().push((id.to_owned(), object));
         Ok(())
-    }
-
-    /// Whether `id` names an object, or the property every QOM container
-    /// has (`type`), which qemu's object-add cannot replace either.
-    fn taken(&self, id: &str) -> bool {
-        id == "type" || self.get(id).is_some()
     }
 
     /// `object-del`. Users that hold the object keep it (see the module

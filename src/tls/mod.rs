@@ -75,15 +75,16 @@ impl TlsCreds {
         let mut ssl = Ssl::new(&self.ctx).map_err(|e| format!("TLS session: {e}"))?;
         if self.endpoint == Endpoint::Client {
             if let Some(h) = hostname {
-                let param = ssl.param_mut();
-                match h.parse::<std::net::IpAddr>() {
-                    Ok(ip) => param.set_ip(ip),
-                    Err(_) => param.set_host(h),
-                }
-                .map_err(|e| format!("TLS hostname '{h}': {e}"))?;
-                if h.parse::<std::net::IpAddr>().is_err() {
-                    ssl.set_hostname(h).map_err(|e| format!("TLS SNI: {e}"))?;
-                }
+                // An address is checked against the certificate's IP
+                // names; a name also goes out as SNI.
+                let checked = match h.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ssl.param_mut().set_ip(ip),
+                    Err(_) => ssl
+                        .param_mut()
+                        .set_host(h)
+                        .and_then(|_| ssl.set_hostname(h)),
+                };
+                checked.map_err(|e| format!("TLS hostname '{h}': {e}"))?;
             }
         }
         Ok(ssl)
