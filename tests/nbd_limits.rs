@@ -145,17 +145,6 @@ fn a_full_descriptor_table_is_waited_out_not_spun_on() {
     assert!(wait_with_deadline(&mut child.0, Duration::from_secs(20)).is_some());
 }
 
-/// Resident memory of `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb << 10
-}
-
 /// A raw image of `size` bytes whose every other 4 KiB block is data, so
 /// reads carry data and the allocation map has many extents.
 fn striped_image(path: &Path, size: u64) {

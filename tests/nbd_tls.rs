@@ -29,8 +29,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{
-    describe_failure, free_tcp_port, output, run, run_py, sha256, temp_dir, wait_with_deadline,
-    Kind, PyScript, ServeOpts, Server, TlsOpts,
+    describe_failure, free_tcp_port, output, rss, run, run_py, sha256, temp_dir,
+    wait_with_deadline, Kind, PyScript, ServeOpts, Server, TlsOpts,
 };
 
 /// The export every scenario serves.
@@ -1133,17 +1133,6 @@ fn startup_refuses_the_tls_configurations_qemu_nbd_refuses() {
             );
         }
     }
-}
-
-/// Resident memory of `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb << 10
 }
 
 /// TLS connections keep tidemark's memory bound: six clients each ask for
