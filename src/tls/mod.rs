@@ -91,29 +91,40 @@ impl TlsCreds {
     }
 }
 
-/// The path of a credentials file, which must be readable (qemu's check
-/// and text). `None` for an optional file that is absent.
-fn cred_file(dir: &Path, name: &str, required: bool) -> Result<Option<PathBuf>, String> {
-    let path = dir.join(name);
-    match std::fs::File::open(&path) {
-        Ok(_) => Ok(Some(path)),
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!(
-            "Unable to access credentials {}: {}",
-            path.display(),
-            crate::qmp::error::strip_os_error(&e.to_string())
-        )),
+/// A credentials file, read once.
+struct CredFile {
+    path: PathBuf,
+    data: Vec<u8>,
+}
+
+/// Reads credentials file `name` of `dir`, which must be readable
+/// (qemu's check and text).
+fn cred_file(dir: &Path, name: &str) -> Result<CredFile, String> {
+    read_cred(dir, name).map_err(|(_, e)| e)
+}
+
+/// [`cred_file`] for a file that may be absent.
+fn optional_cred_file(dir: &Path, name: &str) -> Result<Option<CredFile>, String> {
+    match read_cred(dir, name) {
+        Ok(f) => Ok(Some(f)),
+        Err((std::io::ErrorKind::NotFound, _)) => Ok(None),
+        Err((_, e)) => Err(e),
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| {
-        format!(
-            "Cannot read {}: {}",
-            path.display(),
-            crate::qmp::error::strip_os_error(&e.to_string())
-        )
-    })
+fn read_cred(dir: &Path, name: &str) -> Result<CredFile, (std::io::ErrorKind, String)> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(data) => Ok(CredFile { path, data }),
+        Err(e) => Err((
+            e.kind(),
+            format!(
+                "Unable to access credentials {}: {}",
+                path.display(),
+                crate::qmp::error::strip_os_error(&e.to_string())
+            ),
+        )),
+    }
 }
 
 /// Credentials from a built context: a priority string gnutls would

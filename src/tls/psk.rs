@@ -3,11 +3,11 @@
 //! client presents one (`username`, default `qemu`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use openssl::error::ErrorStack;
 
-use super::{base_context, cred_file, creds, read, Endpoint, TlsCreds};
+use super::{base_context, cred_file, creds, Endpoint, TlsCreds};
 
 /// A `tls-creds-psk` object's properties.
 #[derive(Debug, Clone)]
@@ -26,10 +26,10 @@ const DEFAULT_USER: &str = "qemu";
 const PSK_CIPHERS: &str = "ECDHE-PSK:DHE-PSK:PSK:!aNULL:!eNULL";
 
 pub(super) fn load(o: &PskOptions) -> Result<TlsCreds, String> {
-    let path = cred_file(&o.dir, "keys.psk", true)?.unwrap_or_default();
+    let file = cred_file(&o.dir, "keys.psk")?;
     // A server reads the file per handshake in qemu, so a bad one fails
     // its clients, not the object; a client's must parse now.
-    let keys = match (parse_keys(&path), o.endpoint) {
+    let keys = match (parse_keys(&file.data), o.endpoint) {
         (Some(k), _) => k,
         (None, Endpoint::Server) => HashMap::new(),
         (None, Endpoint::Client) => {
@@ -55,7 +55,10 @@ pub(super) fn load(o: &PskOptions) -> Result<TlsCreds, String> {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_USER.to_owned());
             let key = keys.get(&user).cloned().ok_or_else(|| {
-                format!("Username {user} not found in PSK file {}", path.display())
+                format!(
+                    "Username {user} not found in PSK file {}",
+                    file.path.display()
+                )
             })?;
             b.set_psk_client_callback(move |_ssl, _hint, identity, out| {
                 let id = user.as_bytes();
@@ -80,8 +83,8 @@ fn copy_key(key: &[u8], out: &mut [u8]) -> usize {
 }
 
 /// The users and keys of a keys.psk; `None` if it does not parse.
-fn parse_keys(path: &Path) -> Option<HashMap<String, Vec<u8>>> {
-    let text = String::from_utf8_lossy(&read(path).ok()?).into_owned();
+fn parse_keys(data: &[u8]) -> Option<HashMap<String, Vec<u8>>> {
+    let text = String::from_utf8_lossy(data);
     let mut keys = HashMap::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let (user, hex) = line.rsplit_once(':')?;

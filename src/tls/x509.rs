@@ -17,7 +17,7 @@ use openssl::ssl::SslVerifyMode;
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{CrlStatus, X509Crl, X509};
 
-use super::{base_context, cred_file, creds, read, Endpoint, TlsCreds};
+use super::{base_context, cred_file, creds, optional_cred_file, CredFile, Endpoint, TlsCreds};
 
 /// A `tls-creds-x509` object's properties.
 #[derive(Debug, Clone)]
@@ -40,31 +40,39 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
         Endpoint::Client => ("client-cert.pem", "client-key.pem", false),
     };
     // qemu's order of checks, so the first missing file is the one named.
-    let ca_path = cred_file(&o.dir, "ca-cert.pem", true)?.unwrap_or_default();
-    let crl_path = cred_file(&o.dir, "ca-crl.pem", false)?;
-    let cert_path = cred_file(&o.dir, cert_name, own_required)?;
-    let key_path = cred_file(&o.dir, key_name, own_required)?;
-    let dh_path = match o.endpoint {
-        Endpoint::Server => cred_file(&o.dir, "dh-params.pem", false)?,
+    let own = |name| match own_required {
+        true => cred_file(&o.dir, name).map(Some),
+        false => optional_cred_file(&o.dir, name),
+    };
+    let ca_file = cred_file(&o.dir, "ca-cert.pem")?;
+    let crl_file = optional_cred_file(&o.dir, "ca-crl.pem")?;
+    let cert_file = own(cert_name)?;
+    let key_file = own(key_name)?;
+    let dh_file = match o.endpoint {
+        Endpoint::Server => optional_cred_file(&o.dir, "dh-params.pem")?,
         Endpoint::Client => None,
     };
 
-    let cas = X509::stack_from_pem(&read(&ca_path)?)
+    let ca_path = &ca_file.path;
+    let cas = X509::stack_from_pem(&ca_file.data)
         .ok()
         .filter(|c| !c.is_empty())
         .ok_or_else(|| format!("Unable to import CA certificate list {}", ca_path.display()))?;
-    let crl = match &crl_path {
-        Some(p) => Some(
-            X509Crl::from_pem(&read(p)?)
-                .map_err(|e| format!("Unable to load CA revocation list {}: {e}", p.display()))?,
-        ),
+    let crl = match &crl_file {
+        Some(f) => Some(X509Crl::from_pem(&f.data).map_err(|e| {
+            format!(
+                "Unable to load CA revocation list {}: {e}",
+                f.path.display()
+            )
+        })?),
         None => None,
     };
-    let own = match (&cert_path, &key_path) {
+    let own = match (&cert_file, &key_file) {
         (Some(c), Some(k)) => Some((load_chain(c)?, load_key(k, o.key_password.as_deref())?)),
         _ => None,
     };
-    if let (Some((chain, key)), Some(c), Some(k)) = (&own, &cert_path, &key_path) {
+    if let (Some((chain, key)), Some(c), Some(k)) = (&own, &cert_file, &key_file) {
+        let (c, k) = (&c.path, &k.path);
         if !chain[0].public_key().is_ok_and(|p| p.public_eq(key)) {
             return Err(format!(
                 "Cannot load certificate '{}' & key '{}': The certificate and the given key do not match.",
@@ -73,7 +81,7 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
             ));
         }
         if o.sanity_check {
-            sanity_check(&chain[0], &cas, c, &ca_path)?;
+            sanity_check(&chain[0], &cas, c, ca_path)?;
         }
     }
 
@@ -95,9 +103,9 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
             .and_then(|_| b.set_private_key(key))
             .map_err(|e| format!("Unable to load certificate and key: {e}"))?;
     }
-    if let Some(p) = &dh_path {
-        let dh = Dh::params_from_pem(&read(p)?)
-            .map_err(|e| format!("Unable to load DH parameters {}: {e}", p.display()))?;
+    if let Some(f) = &dh_file {
+        let dh = Dh::params_from_pem(&f.data)
+            .map_err(|e| format!("Unable to load DH parameters {}: {e}", f.path.display()))?;
         b.set_tmp_dh(&dh).map_err(|e| e.to_string())?;
     }
     let verify = match o.endpoint {
@@ -121,8 +129,9 @@ pub(super) fn load(o: &X509Options) -> Result<TlsCreds, String> {
     Ok(creds(o.endpoint, b.build(), o.priority.as_deref()))
 }
 
-fn load_chain(path: &std::path::Path) -> Result<Vec<X509>, String> {
-    let chain = X509::stack_from_pem(&read(path)?)
+fn load_chain(file: &CredFile) -> Result<Vec<X509>, String> {
+    let path = &file.path;
+    let chain = X509::stack_from_pem(&file.data)
         .map_err(|e| format!("Unable to load certificate {}: {e}", path.display()))?;
     if chain.is_empty() {
         return Err(format!(
@@ -133,11 +142,11 @@ fn load_chain(path: &std::path::Path) -> Result<Vec<X509>, String> {
     Ok(chain)
 }
 
-fn load_key(path: &std::path::Path, password: Option<&[u8]>) -> Result<PKey<Private>, String> {
-    let pem = read(path)?;
+fn load_key(file: &CredFile, password: Option<&[u8]>) -> Result<PKey<Private>, String> {
+    let (path, pem) = (&file.path, &file.data);
     match password {
-        Some(p) => PKey::private_key_from_pem_passphrase(&pem, p),
-        None => PKey::private_key_from_pem(&pem),
+        Some(p) => PKey::private_key_from_pem_passphrase(pem, p),
+        None => PKey::private_key_from_pem(pem),
     }
     .map_err(|e| format!("Unable to load private key {}: {e}", path.display()))
 }
