@@ -90,6 +90,32 @@ impl HostFile {
         Ok(())
     }
 
+    /// Reads `buf` at `off` only if that needs no waiting (a graph change
+    /// in progress or a page-cache miss both say no): for the async
+    /// worker's fast path. False: nothing usable was read.
+    pub fn try_read_nowait(&self, buf: &mut [u8], off: u64) -> bool {
+        let end = off.saturating_add(buf.len() as u64);
+        end <= self.len.load(Ordering::Acquire)
+            && self
+                .child
+                .link
+                .try_get()
+                .is_some_and(|n| n.try_read_nowait(buf, off))
+    }
+
+    /// Writes `buf` at `off` inside the file only if that needs no
+    /// waiting. False: use [`HostFile::write`] (which may rewrite the same
+    /// bytes: harmless).
+    pub fn try_write_nowait(&self, buf: &[u8], off: u64) -> bool {
+        let end = off.saturating_add(buf.len() as u64);
+        end <= self.len.load(Ordering::Acquire)
+            && self
+                .child
+                .link
+                .try_get()
+                .is_some_and(|n| n.try_write_nowait(buf, off))
+    }
+
     /// Whether the file holds data (true) or a hole (false) at `off`, and
     /// for how many bytes of `len` that lasts. Past EOF is a hole. Errors
     /// count as data: this only refines block status, as in qemu.

@@ -1,5 +1,6 @@
 //! The mutable metadata of one open image: L1 table, cached L2 tables and
-//! refcounts. All of it sits behind the node's one mutex.
+//! refcounts. All of it sits behind the node's one mutex; data I/O never
+//! happens under it (see write.rs for allocating writes).
 //!
 //! Write-back order, the rule that keeps a crash from leaving an L2 entry
 //! pointing at a cluster with refcount 0: dirty refcount blocks are written
@@ -150,6 +151,18 @@ impl Meta {
     pub fn l2_offset(&self, l1_index: u64) -> BlockResult<u64> {
         let e = self.l1.get(l1_index as usize).copied().unwrap_or(0);
         l1_l2_offset(e, self.cs(), l1_index as usize)
+    }
+
+    /// Whether every L2 table `[guest, guest + len)` needs is cached (or
+    /// absent): then [`Meta::mapping`] does no I/O.
+    pub fn tables_cached(&self, guest: u64, len: u64) -> bool {
+        let span = self.cs() * self.geo.l2_entries();
+        let last = (guest + len.max(1) - 1) / span;
+        (guest / span..=last).all(|i| match self.l2_offset(i) {
+            Ok(0) => true,
+            Ok(off) => self.l2.contains(off),
+            Err(_) => false,
+        })
     }
 
     /// The raw entry (and extended bitmap) of guest cluster `gc`.

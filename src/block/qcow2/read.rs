@@ -1,7 +1,9 @@
 //! Reads: map the range under the metadata lock, then do the data I/O
-//! without it.
+//! without it; or, on an async worker, both without waiting at all.
 
 use super::compress::decompress;
+use super::io::HostFile;
+use super::meta::Meta;
 use super::tables::Mapping;
 use super::Qcow2Node;
 use crate::block::{BlockError, BlockNode, BlockResult};
@@ -17,6 +19,23 @@ pub(super) struct Piece {
 impl Qcow2Node {
     /// The pieces `[offset, offset + len)` is made of, in order.
     pub(super) fn plan(&self, offset: u64, len: u64) -> BlockResult<Vec<Piece>> {
+        self.check_span(offset, len)?;
+        let mut meta = self.lock_meta()?;
+        pieces(&mut meta, &self.f, offset, len)
+    }
+
+    /// [`Qcow2Node::plan`] without waiting: `None` if the metadata lock is
+    /// taken or a table would have to be read.
+    fn plan_nowait(&self, offset: u64, len: u64) -> Option<Vec<Piece>> {
+        self.check_span(offset, len).ok()?;
+        let mut meta = self.meta.try_lock().ok()?;
+        if !meta.tables_cached(offset, len) {
+            return None;
+        }
+        pieces(&mut meta, &self.f, offset, len).ok()
+    }
+
+    pub(super) fn check_span(&self, offset: u64, len: u64) -> BlockResult<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.vsize()) {
             return Err(BlockError::invalid(format!(
                 "request at {} (+{}) is past the end of the image ({})",
@@ -25,19 +44,51 @@ impl Qcow2Node {
                 self.vsize()
             )));
         }
-        let mut meta = self.lock_meta()?;
-        let mut pieces = Vec::new();
-        let mut at = offset;
-        while at < offset + len {
-            let (map, n) = meta.mapping(&self.f, at, offset + len - at)?;
-            pieces.push(Piece {
-                guest: at,
-                len: n,
-                map,
-            });
-            at += n;
+        Ok(())
+    }
+
+    /// A read served on the caller's thread only if nothing needs waiting
+    /// for: tables cached, metadata lock free, data in the page cache
+    /// (here and down the backing chain). False: use [`BlockNode::read_at`].
+    pub(super) fn read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
+        let Ok(_guard) = self.free_lock.try_read() else {
+            return false;
+        };
+        let Some(pieces) = self.plan_nowait(offset, buf.len() as u64) else {
+            return false;
+        };
+        pieces.into_iter().all(|p| {
+            let start = (p.guest - offset) as usize;
+            let out = &mut buf[start..start + p.len as usize];
+            match p.map {
+                Mapping::Zero { .. } => {
+                    out.fill(0);
+                    true
+                }
+                Mapping::Data { host, .. } => self.f.try_read_nowait(out, host),
+                Mapping::Unallocated => self.read_backing_nowait(out, p.guest),
+                Mapping::Compressed { .. } => false,
+            }
+        })
+    }
+
+    fn read_backing_nowait(&self, buf: &mut [u8], guest: u64) -> bool {
+        let Ok(edge) = self.backing.try_read() else {
+            return false;
+        };
+        let Some(child) = edge.as_ref() else {
+            buf.fill(0);
+            return true;
+        };
+        let Some(b) = child.link.try_get() else {
+            return false;
+        };
+        let n = (buf.len() as u64).min(b.size().saturating_sub(guest)) as usize;
+        if n > 0 && !b.try_read_nowait(&mut buf[..n], guest) {
+            return false;
         }
-        Ok(pieces)
+        buf[n..].fill(0);
+        true
     }
 
     pub(super) fn read_range(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
@@ -117,4 +168,25 @@ impl Qcow2Node {
         })?;
         Ok(out)
     }
+}
+
+/// The pieces of `[offset, offset + len)` as `meta` maps them.
+pub(super) fn pieces(
+    meta: &mut Meta,
+    f: &HostFile,
+    offset: u64,
+    len: u64,
+) -> BlockResult<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut at = offset;
+    while at < offset + len {
+        let (map, n) = meta.mapping(f, at, offset + len - at)?;
+        pieces.push(Piece {
+            guest: at,
+            len: n,
+            map,
+        });
+        at += n;
+    }
+    Ok(pieces)
 }

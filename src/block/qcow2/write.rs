@@ -8,7 +8,7 @@
 //! then points the L2 entries at it.
 
 use super::meta::Meta;
-use super::read::Piece;
+use super::read::{pieces, Piece};
 use super::tables::{Mapping, COMPRESSED, COPIED, ZERO};
 use super::Qcow2Node;
 use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
@@ -40,112 +40,172 @@ impl Qcow2Node {
 
     /// The write itself; the caller holds `free_lock` (either way).
     fn write_inner(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
-        let pieces = self.plan(offset, buf.len() as u64)?;
-        let in_place = pieces
-            .iter()
-            .all(|p| matches!(p.map, Mapping::Data { copied: true, .. }));
-        if in_place {
-            let mut meta = self.lock_meta()?;
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            at += self.write_step(&buf[(at - offset) as usize..], at)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the first run of `src` (at guest `at`) that has one mapping;
+    /// returns its length. The metadata lock is held only to look up and
+    /// update tables: an overwrite goes in place without it, and an
+    /// allocation claims its clusters, writes their data without the lock,
+    /// then points the L2 entries at them.
+    fn write_step(&self, src: &[u8], at: u64) -> BlockResult<u64> {
+        let cs = self.geo.cluster_size();
+        let mut meta = self.lock_meta()?;
+        let (map, n, claim) = loop {
             if meta.corrupt {
                 return Err(corrupt_refusal());
             }
-            for p in &pieces {
-                if let Mapping::Data { host, .. } = p.map {
-                    if let Err(e) = meta.check_overlap(host, p.len) {
-                        self.signal_corruption(&mut meta, &e);
-                        return Err(e);
-                    }
+            let (map, n) = self.checked(&mut meta, |m| m.mapping(&self.f, at, src.len() as u64))?;
+            if let Mapping::Data { host, copied: true } = map {
+                self.checked(&mut meta, |m| m.check_overlap(host, n))?;
+                drop(meta);
+                self.f.debug_event(crate::block::DebugEvent::WriteAio);
+                self.f.write(&src[..n as usize], host, "data cluster")?;
+                return Ok(n);
+            }
+            let c0 = at / cs;
+            let c1 = (at + n)
+                .div_ceil(cs)
+                .min(c0 + (MAX_ALLOC_BYTES / cs).max(1));
+            match self.allocating.claim(c0, c1) {
+                Ok(claim) => break (map, n.min(c1 * cs - at), claim),
+                Err(busy) => {
+                    drop(meta);
+                    busy.wait();
+                    meta = self.lock_meta()?;
                 }
             }
-            drop(meta);
-            for p in pieces {
-                if let Mapping::Data { host, .. } = p.map {
-                    let start = (p.guest - offset) as usize;
-                    self.f.debug_event(crate::block::DebugEvent::WriteAio);
-                    self.f
-                        .write(&buf[start..start + p.len as usize], host, "data cluster")?;
-                }
+        };
+        if let Mapping::Zero { .. } = map {
+            if let Some(n) = self.checked(&mut meta, |m| {
+                self.write_prealloc(m, &src[..n as usize], at)
+            })? {
+                return Ok(n);
             }
-            return Ok(());
         }
+        let (c0, c1) = (at / cs, (at + n).div_ceil(cs));
+        let host = self.checked(&mut meta, |m| m.alloc(&self.f, c1 - c0))?;
+        drop(meta);
+        let filled = self.fill_new(map, &src[..n as usize], at, host, (c1 - c0) * cs);
         let mut meta = self.lock_meta()?;
-        if meta.corrupt {
-            return Err(corrupt_refusal());
+        if let Err(e) = filled {
+            // Nothing points at the new clusters yet: give them back.
+            let _ = meta.refs.free_range(&self.f, host, (c1 - c0) * cs);
+            return Err(e);
         }
-        let r = self.write_locked(&mut meta, buf, offset);
+        self.checked(&mut meta, |m| {
+            let mut freed = Vec::new();
+            for i in 0..c1 - c0 {
+                let old = m.set_entry(&self.f, c0 + i, (host + i * cs) | COPIED)?;
+                freed.extend(self.held_by(old)?);
+            }
+            m.free_after_unmap(&self.f, &freed)
+        })?;
+        drop(meta);
+        drop(claim);
+        Ok(n)
+    }
+
+    /// Runs `op` on the metadata; a corruption it finds marks the image.
+    fn checked<T>(
+        &self,
+        meta: &mut Meta,
+        op: impl FnOnce(&mut Meta) -> BlockResult<T>,
+    ) -> BlockResult<T> {
+        let r = op(meta);
         if let Err(e) = &r {
-            self.signal_corruption(&mut meta, e);
+            self.signal_corruption(meta, e);
         }
         r
     }
 
-    fn write_locked(&self, meta: &mut Meta, buf: &[u8], offset: u64) -> BlockResult<()> {
+    /// Fills new clusters at `host` (`span` bytes, from the start of the
+    /// cluster of `at`) with `src` at `at` and, around it, what the
+    /// clusters read as before, mapped as `map` (copy-on-write). Nothing
+    /// points at them yet: no lock is needed.
+    fn fill_new(&self, map: Mapping, src: &[u8], at: u64, host: u64, span: u64) -> BlockResult<()> {
         let cs = self.geo.cluster_size();
-        let end = offset + buf.len() as u64;
-        let mut at = offset;
-        while at < end {
-            let (map, n) = meta.mapping(&self.f, at, end - at)?;
-            let src = &buf[(at - offset) as usize..];
-            if let Mapping::Data { host, copied: true } = map {
-                meta.check_overlap(host, n)?;
-                self.f.debug_event(crate::block::DebugEvent::WriteAio);
-                self.f.write(&src[..n as usize], host, "data cluster")?;
-                at += n;
-                continue;
-            }
-            if let Mapping::Zero { .. } = map {
-                if let Some(n) = self.write_prealloc(meta, &src[..n as usize], at)? {
-                    at += n;
-                    continue;
-                }
-            }
-            let c0 = at / cs;
-            let max_clusters = (MAX_ALLOC_BYTES / cs).max(1);
-            let c1 = (at + n).div_ceil(cs).min(c0 + max_clusters);
-            let n = n.min(c1 * cs - at);
-            let head = (at - c0 * cs) as usize;
-            let span = (c1 - c0) * cs;
-            let host = meta.alloc(&self.f, c1 - c0)?;
-            let zero_source = match map {
-                Mapping::Zero { .. } => true,
-                Mapping::Unallocated => self.backing().is_none_or(|b| b.get().size() <= c0 * cs),
-                _ => false,
-            };
-            if head == 0 && n == span {
-                // The new clusters are written whole: nothing to keep.
-                self.f.debug_event(crate::block::DebugEvent::WriteAio);
-                self.f.write(&src[..n as usize], host, "data cluster")?;
-            } else if zero_source && self.f.zero_range(host, span) {
-                // The new clusters zeroed by the filesystem (allocated, as
-                // qemu does it): only the data itself needs writing.
-                self.f.debug_event(crate::block::DebugEvent::WriteAio);
-                self.f
-                    .write(&src[..n as usize], host + head as u64, "data cluster")?;
-            } else {
-                let mut data = vec![0u8; span as usize];
-                // Copy-on-write: the uncovered parts keep what they read as.
-                if head > 0 {
-                    let p = piece_at(map, at, c0 * cs, head as u64);
-                    self.read_piece(&mut data[..head], p)?;
-                }
-                let tail = head + n as usize;
-                if tail < data.len() {
-                    let p = piece_at(map, at, at + n, (data.len() - tail) as u64);
-                    self.read_piece(&mut data[tail..], p)?;
-                }
-                data[head..tail].copy_from_slice(&src[..n as usize]);
-                self.f.debug_event(crate::block::DebugEvent::WriteAio);
-                self.f.write(&data, host, "data cluster")?;
-            }
-            let mut freed = Vec::new();
-            for i in 0..c1 - c0 {
-                let old = meta.set_entry(&self.f, c0 + i, (host + i * cs) | COPIED)?;
-                freed.extend(self.held_by(old)?);
-            }
-            meta.free_after_unmap(&self.f, &freed)?;
-            at += n;
+        let c0 = at / cs;
+        let n = src.len() as u64;
+        let head = (at - c0 * cs) as usize;
+        let zero_source = match map {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => self.backing().is_none_or(|b| b.get().size() <= c0 * cs),
+            _ => false,
+        };
+        if head == 0 && n == span {
+            // The new clusters are written whole: nothing to keep.
+            self.f.debug_event(crate::block::DebugEvent::WriteAio);
+            return self.f.write(src, host, "data cluster");
         }
-        Ok(())
+        if zero_source && self.f.zero_range(host, span) {
+            // The new clusters zeroed by the filesystem (allocated, as
+            // qemu does it): only the data itself needs writing.
+            self.f.debug_event(crate::block::DebugEvent::WriteAio);
+            return self.f.write(src, host + head as u64, "data cluster");
+        }
+        let mut data = vec![0u8; span as usize];
+        // Copy-on-write: the uncovered parts keep what they read as.
+        if head > 0 {
+            let p = piece_at(map, at, c0 * cs, head as u64);
+            self.read_piece(&mut data[..head], p)?;
+        }
+        let tail = head + n as usize;
+        if tail < data.len() {
+            let p = piece_at(map, at, at + n, (data.len() - tail) as u64);
+            self.read_piece(&mut data[tail..], p)?;
+        }
+        data[head..tail].copy_from_slice(src);
+        self.f.debug_event(crate::block::DebugEvent::WriteAio);
+        self.f.write(&data, host, "data cluster")
+    }
+
+    /// An overwrite of clusters that hold data (refcount 1) done on the
+    /// caller's thread only if nothing needs waiting for: tables cached,
+    /// metadata lock free, the page cache takes the data. False: use
+    /// [`BlockNode::write_at`] (which may write the same bytes again).
+    pub(super) fn write_nowait(&self, buf: &[u8], offset: u64) -> bool {
+        if self.is_read_only() {
+            return false;
+        }
+        let Ok(_guard) = self.free_lock.try_read() else {
+            return false;
+        };
+        let Some(pieces) = self.overwrite_plan_nowait(offset, buf.len() as u64) else {
+            return false;
+        };
+        pieces.into_iter().all(|p| {
+            let start = (p.guest - offset) as usize;
+            match p.map {
+                Mapping::Data { host, .. } => self
+                    .f
+                    .try_write_nowait(&buf[start..start + p.len as usize], host),
+                _ => false,
+            }
+        })
+    }
+
+    /// The pieces of an in-place overwrite, if that is what the range
+    /// needs and it can be known without waiting.
+    fn overwrite_plan_nowait(&self, offset: u64, len: u64) -> Option<Vec<Piece>> {
+        self.check_span(offset, len).ok()?;
+        let mut meta = self.meta.try_lock().ok()?;
+        if meta.corrupt || !meta.tables_cached(offset, len) {
+            return None;
+        }
+        let pieces = pieces(&mut meta, &self.f, offset, len).ok()?;
+        for p in &pieces {
+            match p.map {
+                Mapping::Data { host, copied: true } => meta.check_overlap(host, p.len).ok()?,
+                _ => return None,
+            }
+        }
+        Some(pieces)
     }
 
     /// Writes one whole cluster compressed (a backup's `compress`), as
@@ -169,8 +229,14 @@ impl Qcow2Node {
             return self.write_range(buf, offset);
         }
         let _guard = self.free_lock.read().map_err(poisoned)?;
-        let mut meta = self.lock_meta()?;
         let gc = offset / cs;
+        let mut meta = self.lock_meta()?;
+        // An allocating write of this cluster in progress decides first.
+        while let Some(busy) = self.allocating.busy(gc, gc + 1) {
+            drop(meta);
+            busy.wait();
+            meta = self.lock_meta()?;
+        }
         let (entry, _) = meta.entry(&self.f, gc)?;
         let free = matches!(
             self.geo.decode(entry)?,
