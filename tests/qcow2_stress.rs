@@ -13,7 +13,8 @@
 //! `qemu-img compare` of the overlay (read through its backing) with a raw
 //! file built from the models says identical; the backing is untouched.
 //!
-//! Seed: TIDEMARK_SEED (printed); duration: TIDEMARK_STRESS_SECS (12 s).
+//! Seed: TIDEMARK_SEED (printed); duration: TIDEMARK_STRESS_SECS (12 s);
+//! TIDEMARK_STRESS_KEEP=1 keeps the temp dir (images, model) for a look.
 //! `TIDEMARK_TEST_SERVER=qemu-nbd` runs it against qemu-nbd, to check the
 //! test itself.
 
@@ -230,7 +231,12 @@ fn four_connections_of_mixed_io_on_a_qcow2_overlay_match_the_model() {
     let seed = seed();
     let secs = secs();
     eprintln!("seed {seed} (TIDEMARK_SEED), {secs} s (TIDEMARK_STRESS_SECS)");
-    let tmp = common::temp_dir();
+    let mut tmp = common::temp_dir();
+    if std::env::var_os("TIDEMARK_STRESS_KEEP").is_some() {
+        // To look at the images after a failure.
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {}", tmp.path().display());
+    }
     let dir = tmp.path();
     make_backing(dir, seed);
     make_overlay(dir, seed);
@@ -306,6 +312,13 @@ fn four_connections_of_mixed_io_on_a_qcow2_overlay_match_the_model() {
     for w in &workers {
         let done = expect_line(w, &["done"], deadline, &server);
         eprintln!("{done}");
+        // A run that did next to nothing proves nothing.
+        let reads: u64 = done
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("read="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(reads >= 50, "too few reads checked: {done}");
         // libnbd only prints what a callback raises; the worker catches
         // everything, so any traceback is a bug in the test.
         assert!(

@@ -37,6 +37,8 @@ import nbd
 DEPTH = 8
 CLUSTER = 65536
 MAX_REQ = 1 << 20
+# What one L2 table maps with 64 KiB clusters.
+L2_SPAN = 512 << 20
 
 
 def layout(windows, seed):
@@ -93,6 +95,7 @@ class Stripe:
         self.off = off
         self.len = length
         self.model = bytearray(data)
+        self.initial = bytes(data)  # for failure reports
         self.unknown = Intervals()  # absolute offsets
         self.busy = []  # (s, e) absolute, requests in flight
 
@@ -122,8 +125,9 @@ class Conn:
         self.failures = []
         self.stats = {"read": 0, "write": 0, "zero": 0, "trim": 0,
                       "flush": 0, "fua": 0, "checked_bytes": 0,
-                      "busy_waits": 0}
+                      "busy_waits": 0, "l2_crossings": 0}
         self.pending = None
+        self.bad_reads = []
         self.h = nbd.NBD()
         self.h.connect_uri(self.uri)
 
@@ -224,6 +228,8 @@ class Conn:
 
     def log(self, op, off, n, extra=""):
         idx = len(self.history)
+        if n and off // L2_SPAN != (off + n - 1) // L2_SPAN:
+            self.stats["l2_crossings"] += 1
         self.history.append((idx, op, off, n, extra))
         return "#%d %s %d+%d %s" % (idx, op, off, n, extra)
 
@@ -257,8 +263,34 @@ class Conn:
                     "%s: byte %d (cluster %d, +%d in it) reads %s, model has %s"
                     % (what, bad, bad // CLUSTER, bad % CLUSTER,
                        bytes(have[i:i + 16]).hex(),
-                       bytes(want[i:i + 16]).hex()), bad)
+                       bytes(want[i:i + 16]).hex()) + self.explain(
+                           st, off, got, bad), bad)
+                self.bad_reads.append((st, off, n))
                 return
+
+    def explain(self, st, off, got, bad):
+        """Where the wrong bytes may come from, for the report."""
+        rel = bad - st.off
+        init = st.initial[rel:rel + 16]
+        wrong = [k for k in range(len(got))
+                 if got[k] != st.model[off - st.off + k]]
+        return ("\n  %d wrong bytes in the read, from %d to %d; the bytes at %d "
+                "%s the disk's content before the test (%s)" % (
+                    len(wrong), off + wrong[0], off + wrong[-1], bad,
+                    "are" if bytes(got[bad - off:bad - off + 16]) == init
+                    else "are not", init.hex()))
+
+    def recheck(self):
+        """Reads the ranges of failed reads again: still wrong, or not?"""
+        for st, off, n in self.bad_reads[:3]:
+            got = self.h.pread(n, off)
+            want = st.model[off - st.off:off - st.off + n]
+            if got == want:
+                self.fail("read %d+%d again: now as the model" % (off, n))
+            else:
+                i = next(k for k in range(n) if got[k] != want[k])
+                self.fail("read %d+%d again: still wrong from byte %d (%s)"
+                          % (off, n, off + i, got[i:i + 16].hex()))
 
     def apply(self, st, off, data):
         st.model[off - st.off:off - st.off + len(data)] = data
@@ -368,12 +400,15 @@ def main():
             c.verify_all()
         if not c.failures:
             c.write_expected()
+        else:
+            c.drain()
+            c.recheck()
         c.h.shutdown()
     except nbd.Error as e:
         c.fail("libnbd: %s" % e)
     if c.failures:
         print("FAIL conn %d (seed %d): %s" % (c.conn, c.seed,
-                                              "\n".join(c.failures[:5])),
+                                              "\n".join(c.failures[:8])),
               flush=True)
         sys.exit(1)
     print("done conn %d stripes %d %s" % (
