@@ -168,7 +168,7 @@ fn make_overlay(dir: &Path, seed: u64) {
                 _ => 512 * rng.range(1, 256),
             };
             let at = off + rng.range(0, len - n);
-            let at = if rng.next() % 2 == 0 {
+            let at = if rng.next().is_multiple_of(2) {
                 at / CLUSTER * CLUSTER
             } else {
                 at
