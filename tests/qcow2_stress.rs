@@ -16,7 +16,11 @@
 //! Seed: TIDEMARK_SEED (printed); duration: TIDEMARK_STRESS_SECS (12 s);
 //! TIDEMARK_STRESS_KEEP=1 keeps the temp dir (images, model) for a look.
 //! `TIDEMARK_TEST_SERVER=qemu-nbd` runs it against qemu-nbd, to check the
-//! test itself.
+//! test itself. Beware: qemu-nbd 10.0.2 fails it about half the time (even
+//! with one connection): with the default seed, connection 0 reads wrong
+//! bytes in cluster 8162 after mixed write-zeroes, and `qemu-img check`
+//! after qemu-nbd's clean exit finds a cluster referenced twice
+//! ("refcount=1 reference=2"), a qemu bug, not a test one.
 
 mod common;
 
