@@ -24,7 +24,7 @@
 #   BENCH_SERVERS="tidemark qemu-nbd"   which columns to run, in this order
 #   BENCH_DIR=${TMPDIR:-/var/tmp}  where the temp dir (images, sockets, logs) goes
 #   BENCH_NO_BUILD=1       don't run `cargo build --release`
-#   TIDEMARK_BIN=path      tidemark binary (default target/release/tidemark)
+#   TIDEMARK_BIN=path      tidemark binary (default ${CARGO_TARGET_DIR:-target}/release/tidemark)
 #   TIDEMARK_BASE_BIN=path another tidemark build, run as server tidemark-base
 #                          (add it to BENCH_SERVERS) for before/after rows
 #   BENCH_NBDCOPY_OPTS=""  extra nbdcopy options for both sequential rows
@@ -53,7 +53,9 @@ start_timeout=${BENCH_START_TIMEOUT:-30}
 op_timeout=${BENCH_OP_TIMEOUT:-180}
 build_timeout=${BENCH_BUILD_TIMEOUT:-600}
 nbdcopy_opts=${BENCH_NBDCOPY_OPTS:-}
-tidemark_bin=${TIDEMARK_BIN:-$repo/target/release/tidemark}
+target_dir=${CARGO_TARGET_DIR:-target}
+[[ $target_dir == /* ]] || target_dir=$repo/$target_dir   # cargo's is relative to the checkout
+tidemark_bin=${TIDEMARK_BIN:-$target_dir/release/tidemark}
 py=/usr/bin/python3   # Debian's python has python3-libnbd; a pyenv python3 does not
 
 # shellcheck source=benches/lib.sh
