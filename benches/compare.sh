@@ -289,7 +289,8 @@ issue_row() { # issue_row LABEL ROW GOAL
 issue_row "raw $bs_str random read, QD $qd" rand_read "keep"
 issue_row "raw $bs_str random write, QD $qd" rand_write "≥ 3x"
 issue_row "raw full pull, nbdcopy -C 1 to null" pull_c1 "≥ 1.5x"
-issue_row "multi-conn: raw pull with 2 connections vs 1 (each server's own; qemu-nbd's own: $(cell qemu-nbd multi_conn)x)" multi_conn "≥ 1.4x"
+qemu_own=$(ratio_or_own qemu-nbd multi_conn)
+issue_row "multi-conn: raw pull with 2 connections vs 1 (each server's own; qemu-nbd's own: ${qemu_own% (own)})" multi_conn "≥ 1.4x"
 issue_row "sparse pull: $sparse_size_str raw with $sparse_pct allocated, nbdcopy to null (time; below 1x is better)" sparse_secs "≤ 0.7x"
 issue_row "… server CPU during that pull (below 1x is better)" sparse_cpu ""
 issue_row "peak RSS after all loads, VmHWM (below 1x is better; the issue's row, a 4-connection qcow2 pull, is in qcow2.sh)" rss ""
