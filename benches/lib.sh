@@ -52,6 +52,10 @@ cleanup() {
         kill -TERM "$load_pid" 2>/dev/null
         wait "$load_pid" 2>/dev/null
     fi
+    if [[ -n ${sampler_pid:-} ]]; then
+        kill -TERM "$sampler_pid" 2>/dev/null
+        wait "$sampler_pid" 2>/dev/null
+    fi
     if [[ -n $srv_pid ]] && kill -0 "$srv_pid" 2>/dev/null; then
         kill -TERM "$srv_pid" 2>/dev/null
         wait "$srv_pid" 2>/dev/null
@@ -166,23 +170,76 @@ run() { # run SECONDS CMD...: CMD under timeout(1), output to stderr
 
 # ---- loads: each sets v to one number, or fails ---------------------------
 
-# rand_io read|write.  fio runs with LD_PRELOAD=$fio_preload when the caller
-# sets it (tls.sh: nbd_allow_local.c, so fio's engine takes tls-certificates=).
+# rand_io read|write [SPAN].  Offsets over the whole export, or with SPAN
+# (bytes) over its first SPAN bytes only.  fio runs with
+# LD_PRELOAD=$fio_preload when the caller sets it (tls.sh: nbd_allow_local.c,
+# so fio's engine takes tls-certificates=).
 fio_preload=
-rand_io() { # rand_io read|write
-    local out=$tmp/rand-$1.json pre=()
+rand_io() { # rand_io read|write [SPAN]
+    local out=$tmp/rand-$1${2:+-$2}.json pre=() span=()
     [[ -n $fio_preload ]] && pre=(env "LD_PRELOAD=$fio_preload")
     if [[ $randio == fio ]]; then
+        [[ -n ${2:-} ]] && span=(--size="$2")
         run $((rand_secs + 60)) "${pre[@]}" fio --name="rand$1" --ioengine=nbd --uri="$uri" \
-            --rw="rand$1" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+            --rw="rand$1" --bs="$bs" --iodepth="$qd" --numjobs=1 "${span[@]}" \
             --time_based --runtime="$rand_secs" \
             --output-format=json --output="$out" || return 1
         v=$(jq -e --arg op "$1" '.jobs[0] | select(.error == 0) | .[$op].iops | floor' "$out")
     else
+        [[ -n ${2:-} ]] && span=(--span "$2")
         run $((rand_secs + 60)) sh -c '"$@" >"$0"' "$out" "$py" "$here/randio.py" "$uri" "$1" \
-            --secs "$rand_secs" --qd "$qd" --bs "$bs" || return 1
+            --secs "$rand_secs" --qd "$qd" --bs "$bs" "${span[@]}" || return 1
         v=$(jq -e '.iops | floor' "$out")
     fi
+}
+
+# timed_pull NBDCOPY-OPTION...: `nbdcopy OPTIONS $uri null:`; sets secs (wall,
+# 3 decimals) and cpu (the server's utime + stime during it, all threads,
+# seconds, 2 decimals; clk_tck: the caller's $(getconf CLK_TCK), else 100).
+timed_pull() {
+    local c0 c1 t0 t1
+    c0=$(cpu_ticks) || return 1
+    t0=$EPOCHREALTIME
+    run "$op_timeout" nbdcopy "$@" "$uri" null: || return 1
+    t1=$EPOCHREALTIME
+    c1=$(cpu_ticks) || return 1
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+    cpu=$(awk -v a="$c0" -v b="$c1" -v hz="${clk_tck:-100}" 'BEGIN { printf "%.2f", (b - a) / hz }')
+}
+
+# A background sampler of the server's thread count (started and stopped
+# around one load; cleanup() stops a sampler left running).
+sampler_pid=
+sample_threads_start() { # sample_threads_start OUT: every 50 ms, Threads of $srv_pid to OUT
+    local pid=$srv_pid
+    (
+        while [[ -r /proc/$pid/status ]]; do
+            while read -r k n _; do
+                [[ $k == Threads: ]] && { echo "$n"; break; }
+            done <"/proc/$pid/status"
+            sleep 0.05
+        done
+    ) >"$1" 2>/dev/null &
+    sampler_pid=$!
+}
+sample_threads_stop() { # sample_threads_stop OUT: stops the sampler; prints the largest count
+    [[ -n $sampler_pid ]] && { kill "$sampler_pid" 2>/dev/null; wait "$sampler_pid" 2>/dev/null; }
+    sampler_pid=
+    awk '$1 > m { m = $1 } END { if (m) print m; else exit 1 }' "$1"
+}
+
+# scatter_cmds N EVERY BLOCK: qemu-io commands writing N blocks of BLOCK bytes
+# (pattern 0x5a), one at a random place in each group of EVERY blocks (the
+# same places in every run: srand(1)), a flush every 64 writes.
+scatter_cmds() {
+    awk -v n="$1" -v every="$2" -v c="$3" 'BEGIN {
+        srand(1)
+        for (i = 0; i < n; i++) {
+            printf "aio_write -P 0x5a %.0f %d\n", (i * every + int(rand() * every)) * c, c
+            if ((i + 1) % 64 == 0) print "aio_flush"
+        }
+        print "aio_flush"
+    }'
 }
 
 # cpu_ticks: utime + stime of the whole server process (all threads), in ticks
@@ -230,6 +287,16 @@ checkout_id() {
 }
 
 cell() { echo "${res[$1,$2]:-n/a}"; }
+# ratio_or_own SERVER ROW: ratio SERVER ROW; but for a row in the caller's
+# associative array own (a figure that is a ratio itself, e.g. a server's
+# speed-up from 1 to 2 connections) the server's own figure, "N.NNx (own)"
+ratio_or_own() {
+    if [[ -n ${own[$2]:-} ]]; then
+        if [[ -n ${res[$1,$2]:-} ]]; then echo "${res[$1,$2]}x (own)"; else echo n/a; fi
+    else
+        ratio "$1" "$2"
+    fi
+}
 ratio() { # ratio SERVER ROW [REF] -> SERVER / REF (default qemu-nbd)
     local a=${res[$1,$2]:-} b=${res[${3:-qemu-nbd},$2]:-}
     [[ -n $a && -n $b ]] || { echo n/a; return; }

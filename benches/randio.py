@@ -2,14 +2,15 @@
 """Random I/O load over NBD with libnbd's async API.
 
 Keeps QD requests of BS bytes in flight on one connection for SECS seconds,
-at uniformly random BS-aligned offsets over the whole export, and prints one
+at uniformly random BS-aligned offsets over the whole export (or its first
+SPAN bytes), and prints one
 JSON line: {"op": ..., "iops": ..., "ops": ..., "secs": ..., "qd": ..., "bs": ...}.
 
 Used by benches/compare.sh when fio's nbd engine is unavailable (or when
 BENCH_RANDIO=python). Needs Debian's python3-libnbd, so run it with
 /usr/bin/python3, not a pyenv python.
 
-    randio.py URI read|write [--secs 10] [--qd 16] [--bs 4096] [--seed 1]
+    randio.py URI read|write [--secs 10] [--qd 16] [--bs 4096] [--seed 1] [--span BYTES]
 """
 
 import argparse
@@ -29,6 +30,8 @@ def main():
     p.add_argument("--qd", type=int, default=16)
     p.add_argument("--bs", type=int, default=4096)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--span", type=int, default=0,
+                   help="offsets within the first SPAN bytes (0: the whole export)")
     a = p.parse_args()
 
     h = nbd.NBD()
@@ -37,6 +40,8 @@ def main():
     h.set_uri_allow_local_file(True)
     h.connect_uri(a.uri)
     size = h.get_size()
+    if a.span:
+        size = min(size, a.span)
     nblocks = size // a.bs
     if nblocks < 1:
         sys.exit("export smaller than one block")
