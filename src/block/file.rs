@@ -33,6 +33,11 @@ pub struct FileNode {
     /// (ext4 takes it for buffered reads only); don't ask again.
     nowait_read_unsupported: AtomicBool,
     nowait_write_unsupported: AtomicBool,
+    /// Where the last SEEK_DATA found data after a hole (`u64::MAX`: none).
+    /// A map walks hole, data, hole...: the query that follows a hole
+    /// starts there, and needs only SEEK_HOLE (checked, so a stale or
+    /// clobbered hint costs one call, never a wrong answer).
+    data_hint: AtomicU64,
     /// Tests only: every write and flush, recorded (see io_trace.rs).
     trace: Option<super::io_trace::Trace>,
 }
@@ -83,6 +88,7 @@ impl FileNode {
             size: AtomicU64::new(size),
             nowait_read_unsupported: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
+            data_hint: AtomicU64::new(u64::MAX),
             trace: match read_only {
                 true => None,
                 false => super::io_trace::Trace::open_for(path),
@@ -318,16 +324,28 @@ impl BlockNode for FileNode {
             ));
         }
         let status = |e: Errno| self.err("Could not query allocation", offset, errno_io(e));
+        let data_run = |hole: u64| Extent {
+            len: hole.min(end) - offset,
+            flags: 0,
+        };
+        // Where a hole was seen to end, data starts: SEEK_HOLE alone says
+        // how far. Past EOF or at a hole (the file changed), ask afresh.
+        if self.data_hint.load(Ordering::Relaxed) == offset {
+            match seek(&self.file, SeekFrom::Hole(offset)) {
+                Ok(hole) if hole > offset => return Ok(data_run(hole)),
+                Ok(_) | Err(Errno::NXIO) => {}
+                Err(e) => return Err(status(e)),
+            }
+        }
         match self.seek_data(offset).map_err(status)? {
             Some(data) if data <= offset => {
                 let hole = seek(&self.file, SeekFrom::Hole(offset)).map_err(status)?;
-                let hole = hole.max(offset + 1);
-                Ok(Extent {
-                    len: hole.min(end) - offset,
-                    flags: 0,
-                })
+                Ok(data_run(hole.max(offset + 1)))
             }
             next => {
+                if let Some(data) = next {
+                    self.data_hint.store(data, Ordering::Relaxed);
+                }
                 let data = next.unwrap_or(end);
                 Ok(Extent {
                     len: data.min(end) - offset,
@@ -454,5 +472,35 @@ mod tests {
         let mut buf = vec![9u8; 65536];
         node.read_at(&mut buf, 1 << 20).expect("read");
         assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_stale_data_hint_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        let f = File::create(&path).expect("create");
+        f.set_len(8 << 20).expect("truncate");
+        f.write_all_at(&[1u8; 65536], 1 << 20).expect("write");
+        f.write_all_at(&[1u8; 65536], 4 << 20).expect("write");
+        drop(f);
+        let node = FileNode::open(&path, false).expect("open");
+        let hole = Extent {
+            len: 1 << 20,
+            flags: STATE_HOLE | STATE_ZERO,
+        };
+        assert_eq!(node.block_status(0, 8 << 20).expect("status"), hole);
+        assert_eq!(node.data_hint.load(Ordering::Relaxed), 1 << 20);
+        let data = node.block_status(1 << 20, 8 << 20).expect("status");
+        assert_eq!(data.flags, 0);
+        // The data goes after the hint was taken: the hint is checked.
+        node.discard(0, 2 << 20).expect("discard");
+        let now = node.block_status(1 << 20, 8 << 20).expect("status");
+        assert_eq!(now.flags, STATE_HOLE | STATE_ZERO);
+        assert!(now.len >= 1 << 20, "{now:?}");
+        assert_eq!(node.data_hint.load(Ordering::Relaxed), 4 << 20);
+        // A hint past a truncated end is not trusted either.
+        node.file.set_len(2 << 20).expect("truncate");
+        let tail = node.block_status(4 << 20, 4 << 20).expect("status");
+        assert_eq!(tail.flags, STATE_HOLE | STATE_ZERO);
     }
 }
