@@ -6,8 +6,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use rustix::buffer::spare_capacity;
 use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
 use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
+use rustix::pipe::{splice, SpliceFlags};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -33,6 +36,8 @@ pub struct FileNode {
     /// (ext4 takes it for buffered reads only); don't ask again.
     nowait_read_unsupported: AtomicBool,
     nowait_write_unsupported: AtomicBool,
+    /// splice() from this file failed as unsupported: read_to_pipe declines.
+    splice_unsupported: AtomicBool,
     /// Where the last SEEK_DATA found data after a hole (`u64::MAX`: none).
     /// A map walks hole, data, hole...: the query that follows a hole
     /// starts there, and needs only SEEK_HOLE (checked, so a stale or
@@ -88,6 +93,7 @@ impl FileNode {
             size: AtomicU64::new(size),
             nowait_read_unsupported: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
+            splice_unsupported: AtomicBool::new(false),
             data_hint: AtomicU64::new(u64::MAX),
             trace: match read_only {
                 true => None,
@@ -148,6 +154,27 @@ impl FileNode {
             offset += n as u64;
         }
         Ok(())
+    }
+
+    /// Fills the pipe with zeroes from `done` towards `len` (what a read
+    /// past EOF returns): how far it got before the pipe was full.
+    fn zeroes_to_pipe(
+        &self,
+        pipe: BorrowedFd<'_>,
+        mut done: usize,
+        len: usize,
+    ) -> BlockResult<usize> {
+        const ZEROES: [u8; 4096] = [0; 4096];
+        while done < len {
+            let n = (len - done).min(ZEROES.len());
+            match rustix::io::write(pipe, &ZEROES[..n]) {
+                Ok(k) => done += k,
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => break,
+                Err(e) => return Err(self.err("Could not read", done as u64, errno_io(e))),
+            }
+        }
+        Ok(done)
     }
 
     /// The offset of the next data at or after `offset`, or `None` at EOF.
@@ -244,6 +271,25 @@ impl BlockNode for FileNode {
                 Err(e) => return Err(self.err("Could not read", offset, e)),
             }
         }
+        Ok(())
+    }
+
+    /// Reads into `out`'s spare capacity: no zero-fill first. rustix may
+    /// fill all the spare room, so what is read past `len` is dropped.
+    fn read_append(&self, out: &mut Vec<u8>, offset: u64, len: usize) -> BlockResult<()> {
+        let end = out.len() + len;
+        out.reserve(len);
+        while out.len() < end {
+            let at = offset + (out.len() + len - end) as u64;
+            match rustix::io::pread(&self.file, spare_capacity(out), at) {
+                // Past EOF reads as zeroes, as in read_at.
+                Ok(0) => out.resize(end, 0),
+                Ok(_) => {}
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(self.err("Could not read", at, errno_io(e))),
+            }
+        }
+        out.truncate(end);
         Ok(())
     }
 
@@ -379,6 +425,40 @@ impl BlockNode for FileNode {
         let mut iov = [IoSliceMut::new(buf)];
         let r = preadv2(&self.file, &mut iov, offset, ReadWriteFlags::NOWAIT);
         nowait_done(r, len, unsupported)
+    }
+
+    fn pipe_reads(&self) -> bool {
+        !self.splice_unsupported.load(Ordering::Relaxed)
+    }
+
+    fn read_to_pipe(
+        &self,
+        pipe: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> BlockResult<Option<usize>> {
+        if !self.pipe_reads() {
+            return Ok(None);
+        }
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        let mut done = 0;
+        while done < len {
+            let mut at = offset + done as u64;
+            match splice(&self.file, Some(&mut at), pipe, None, len - done, flags) {
+                Ok(0) => return self.zeroes_to_pipe(pipe, done, len).map(Some),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                // The pipe is full.
+                Err(Errno::AGAIN) => break,
+                // A filesystem that cannot splice.
+                Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) if done == 0 => {
+                    self.splice_unsupported.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                Err(e) => return Err(self.err("Could not read", at, errno_io(e))),
+            }
+        }
+        Ok(Some(done))
     }
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {

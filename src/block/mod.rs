@@ -120,6 +120,36 @@ pub trait BlockNode: Send + Sync + 'static {
         false
     }
 
+    /// Reads `len` bytes at `offset` onto the end of `out`, as
+    /// [`BlockNode::read_at`] does, for callers that have not zeroed the
+    /// room: a node that can read into spare capacity skips the zero-fill.
+    /// On error `out` holds an unspecified prefix of the data.
+    fn read_append(&self, out: &mut Vec<u8>, offset: u64, len: usize) -> BlockResult<()> {
+        let at = out.len();
+        out.resize(at + len, 0);
+        self.read_at(&mut out[at..], offset)
+    }
+
+    /// Whether [`BlockNode::read_to_pipe`] can move this node's data.
+    fn pipe_reads(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `len` bytes at `offset` into `pipe` (non-blocking) by
+    /// reference to the page cache, not by copy: `Some(n)` with `n < len`
+    /// when the pipe is full; `None` (nothing moved) when this node cannot.
+    /// The pipe holds the cached pages themselves: a write to the range
+    /// before the pipe is drained may show through, so only a reader that
+    /// no write is ordered against (an NBD read reply) may use it.
+    fn read_to_pipe(
+        &self,
+        _pipe: std::os::fd::BorrowedFd<'_>,
+        _offset: u64,
+        _len: usize,
+    ) -> BlockResult<Option<usize>> {
+        Ok(None)
+    }
+
     /// Writes `buf` at `offset` only if that needs no waiting; false means
     /// nothing was written and [`BlockNode::write_at`] must be used.
     fn try_write_nowait(&self, _buf: &[u8], _offset: u64) -> bool {

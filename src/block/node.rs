@@ -255,6 +255,23 @@ impl BlockNode for Node {
         self.driver.try_read_nowait(buf, offset)
     }
 
+    fn read_append(&self, out: &mut Vec<u8>, offset: u64, len: usize) -> BlockResult<()> {
+        self.driver.read_append(out, offset, len)
+    }
+
+    fn pipe_reads(&self) -> bool {
+        self.driver.pipe_reads()
+    }
+
+    fn read_to_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> BlockResult<Option<usize>> {
+        self.driver.read_to_pipe(pipe, offset, len)
+    }
+
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {
         // A write that needs I/O before it (in-use marking, an intent
         // zone) takes the slow path. Marking first keeps the rule; if the

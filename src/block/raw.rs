@@ -81,8 +81,29 @@ impl BlockNode for RawFormat {
         child.write_at(buf, offset, fua)
     }
 
+    fn read_append(&self, out: &mut Vec<u8>, offset: u64, len: usize) -> BlockResult<()> {
+        let child = self.child();
+        child.debug_event(super::DebugEvent::ReadAio);
+        child.read_append(out, offset, len)
+    }
+
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
         self.child().try_read_nowait(buf, offset)
+    }
+
+    fn pipe_reads(&self) -> bool {
+        self.child().pipe_reads()
+    }
+
+    // No debug event: a child that injects errors cannot move pages, and
+    // the read_at that follows reports it.
+    fn read_to_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> BlockResult<Option<usize>> {
+        self.child().read_to_pipe(pipe, offset, len)
     }
 
     fn try_write_nowait(&self, buf: &[u8], offset: u64) -> bool {

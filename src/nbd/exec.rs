@@ -5,7 +5,8 @@ use super::budget::CONN_SHARE;
 use super::context::Descriptor;
 use super::export::Export;
 use super::proto::*;
-use super::reply::ReplyTo;
+use super::reply::{Reply, ReplyTo};
+use super::splice::{self, SPLICE_MIN};
 use crate::block::node::Node;
 use crate::block::{BlockError, BlockNode, ErrorKind, ZeroFlags, STATE_ZERO};
 
@@ -61,19 +62,19 @@ pub enum Command {
     },
 }
 
-pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Vec<u8> {
+pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Reply {
     if let Command::BlockStatus { len, req_one, ids } = cmd {
         // Each context enters the node itself (entering twice from one
         // thread could wait on a graph change that waits on us).
-        return block_status(export, to, len, req_one, &ids);
+        return block_status(export, to, len, req_one, &ids).into();
     }
     // Inside the node for the whole request: a graph change waits for it.
     let node = export.root.get();
     let node: &Node = &node;
     let off = to.offset;
     let done = |r: Result<(), BlockError>| match r {
-        Ok(()) => to.ok(),
-        Err(e) => fail(&to, e),
+        Ok(()) => to.ok().into(),
+        Err(e) => fail(&to, e).into(),
     };
     match cmd {
         Command::Read { len, df } => read(node, to, len, df),
@@ -95,7 +96,7 @@ pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Vec<u8> {
         }
         Command::Flush => done(node.flush()),
         Command::Cache { len } => done(node.cache(off, len)),
-        Command::BlockStatus { .. } => to.error(EINVAL, "unreachable"),
+        Command::BlockStatus { .. } => to.error(EINVAL, "unreachable").into(),
     }
 }
 
@@ -105,7 +106,7 @@ pub const INLINE_MAX: u64 = 256 << 10;
 
 /// A reply carrying `len` bytes of read data at `pos` as one piece (a
 /// simple reply, or one OFFSET_DATA chunk), zero-filled, with where the
-/// data starts.
+/// data starts: for reads that need initialised room (RWF_NOWAIT).
 fn data_reply(to: &ReplyTo, pos: u64, len: u64, last: bool) -> (Vec<u8>, usize) {
     let len = len as usize;
     let mut out;
@@ -144,7 +145,7 @@ pub fn read_piece(
     pos: u64,
     len: u64,
     last: bool,
-) -> Result<Vec<u8>, Vec<u8>> {
+) -> Result<Reply, Vec<u8>> {
     let node = export.root.get();
     read_part(&node, to, pos, len, false, last)
 }
@@ -175,6 +176,10 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
                 return None;
             }
             let node = export.root.try_get()?;
+            // Moving pages beats copying them, but filling a pipe may wait.
+            if splices(&node, to, *len) {
+                return None;
+            }
             let (mut out, at) = data_reply(to, to.offset, *len, true);
             node.try_read_nowait(&mut out[at..], to.offset)
                 .then_some(out)
@@ -188,19 +193,20 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
     }
 }
 
-fn read(node: &Node, to: ReplyTo, len: u64, df: bool) -> Vec<u8> {
+fn read(node: &Node, to: ReplyTo, len: u64, df: bool) -> Reply {
     // An empty read still answers with a chunk once chunks are negotiated
     // (qemu's NONE chunk), not with a simple reply.
     if len == 0 && to.mode != Mode::Simple {
         let mut out = Vec::with_capacity(EXT_REPLY_LEN);
         to.chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
-        return out;
+        return out.into();
     }
-    read_part(node, &to, to.offset, len, df, true).unwrap_or_else(|e| e)
+    read_part(node, &to, to.offset, len, df, true).unwrap_or_else(|e| e.into())
 }
 
 /// The chunks for `len` bytes at `pos` (a whole read, or a piece of one),
-/// DONE on the last only when `last`; an error reply on failure.
+/// DONE on the last only when `last`; an error reply on failure. Holes
+/// are answered as OFFSET_HOLE chunks, without touching their pages.
 fn read_part(
     node: &Node,
     to: &ReplyTo,
@@ -208,41 +214,71 @@ fn read_part(
     len: u64,
     df: bool,
     last: bool,
-) -> Result<Vec<u8>, Vec<u8>> {
+) -> Result<Reply, Vec<u8>> {
     let sparse = to.mode != Mode::Simple && !df && len >= SPARSE_READ_MIN;
     let runs = if sparse {
         zero_runs(node, pos, len)
     } else {
         None
     };
-    let Some(runs) = runs else {
-        let (mut out, at) = data_reply(to, pos, len, last);
-        return match node.read_at(&mut out[at..], pos) {
-            Ok(()) => Ok(out),
-            Err(e) => Err(fail(to, e)),
-        };
-    };
-    let data_bytes: u64 = runs.iter().filter(|r| !r.2).map(|r| r.1).sum();
-    let hdr = chunk_header_len(to.mode);
-    let mut out = Vec::with_capacity(runs.len() * (hdr + 12) + data_bytes as usize);
+    let runs = runs.unwrap_or_else(|| vec![(pos, len, false)]);
+    let mut reply = Reply::new();
+    // Headers not yet followed by their data.
+    let mut head = Vec::new();
     let end = runs.len() - 1;
     for (i, &(at, n, zero)) in runs.iter().enumerate() {
         let flags = if last && i == end { REPLY_FLAG_DONE } else { 0 };
         if zero {
-            to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-            put64(&mut out, at);
-            put32(&mut out, n as u32);
+            to.chunk(&mut head, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+            put64(&mut head, at);
+            put32(&mut head, n as u32);
+            continue;
+        }
+        if to.mode == Mode::Simple {
+            simple_reply(&mut head, 0, to.cookie);
         } else {
-            to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_DATA, 8 + n as usize);
-            put64(&mut out, at);
-            let from = out.len();
-            out.resize(from + n as usize, 0);
-            if let Err(e) = node.read_at(&mut out[from..], at) {
-                return Err(fail(to, e));
-            }
+            to.chunk(&mut head, flags, REPLY_TYPE_OFFSET_DATA, 8 + n as usize);
+            put64(&mut head, at);
+        }
+        if let Err(e) = append_data(node, to, &mut reply, &mut head, at, n as usize) {
+            return Err(fail(to, e));
         }
     }
-    Ok(out)
+    reply.push_bytes(head);
+    Ok(reply)
+}
+
+/// Whether a read of `len` bytes goes through pipes (see [`splice`]).
+fn splices(node: &Node, to: &ReplyTo, len: u64) -> bool {
+    to.splice && len >= SPLICE_MIN && node.pipe_reads()
+}
+
+/// Puts `head` and then `n` bytes of data at `at` into `reply`: the pages
+/// moved through pipes where the writer and the node can, else read into
+/// the buffer after `head` (never zero-filled first: read_append).
+fn append_data(
+    node: &Node,
+    to: &ReplyTo,
+    reply: &mut Reply,
+    head: &mut Vec<u8>,
+    at: u64,
+    n: usize,
+) -> Result<(), BlockError> {
+    if splices(node, to, n as u64) {
+        if let Some(pipes) = splice::read(node, at, n)? {
+            reply.push_bytes(std::mem::take(head));
+            for p in pipes {
+                reply.push_pipe(p);
+            }
+            return Ok(());
+        }
+    }
+    // Exactly the room needed: read_append may fill all spare capacity.
+    let mut buf = Vec::with_capacity(head.len() + n);
+    buf.append(head);
+    node.read_append(&mut buf, at, n)?;
+    reply.push_bytes(buf);
+    Ok(())
 }
 
 /// The range as (offset, length, reads-as-zero) runs, or `None` when it is

@@ -15,4 +15,5 @@ pub mod request;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod splice;
 pub mod tls;

@@ -23,7 +23,7 @@ use super::exec::{
 use super::export::Export;
 use super::handshake::Negotiated;
 use super::proto::*;
-use super::reply::ReplyTo;
+use super::reply::{Reply, ReplyTo};
 use super::request::{block_status_payload, payload_len, validate, Refusal};
 use super::sink::ReplySink;
 use crate::block::ZeroFlags;
@@ -125,8 +125,8 @@ async fn stream_read(
         let piece = tokio::task::spawn_blocking(move || read_piece(&ex, &to, pos, n, last)).await;
         let (buf, done) = match piece {
             Ok(Ok(buf)) => (buf, last),
-            Ok(Err(err)) => (err, true),
-            Err(_) => (to.error(EIO, "read failed"), true),
+            Ok(Err(err)) => (err.into(), true),
+            Err(_) => (to.error(EIO, "read failed").into(), true),
         };
         if done {
             if let Some(s) = slot.take() {
@@ -169,12 +169,13 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             mode: self.mode,
             cookie: req.cookie,
             offset: req.offset,
+            splice: self.sink.splices(),
         }
     }
 
     /// Runs `work` on the blocking pool and sends the reply it makes;
     /// the charge returns to the budget once the reply is on the wire.
-    fn spawn(&self, charge: Charge, work: impl FnOnce() -> Vec<u8> + Send + 'static) {
+    fn spawn<T: Into<Reply>>(&self, charge: Charge, work: impl FnOnce() -> T + Send + 'static) {
         let sink = self.sink.clone();
         tokio::task::spawn_blocking(move || sink.send(work(), charge));
     }

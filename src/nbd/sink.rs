@@ -29,6 +29,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::budget::Charge;
+use super::reply::Reply;
 
 /// How long the queue may wait for the client to make room, without any
 /// progress, before the connection is declared dead.
@@ -36,8 +37,7 @@ const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 /// A reply waiting to be written, with the budget it holds until then.
 struct Pending {
-    buf: Vec<u8>,
-    written: usize,
+    reply: Reply,
     _charge: Charge,
 }
 
@@ -109,17 +109,17 @@ impl ReplySink {
 
     /// Queues one reply and, unless someone else is writing, writes the
     /// queue until it is empty or the socket is full. Never blocks.
-    pub fn send(self: &Arc<Self>, buf: Vec<u8>, mut charge: Charge) {
+    pub fn send(self: &Arc<Self>, reply: impl Into<Reply>, mut charge: Charge) {
+        let reply = reply.into();
         // Every request gets a reply: an empty one would be none at all.
-        debug_assert!(!buf.is_empty(), "an empty reply");
-        charge.settle(buf.len());
+        debug_assert!(!reply.is_empty(), "an empty reply");
+        charge.settle(reply.len());
         let mut q = self.lock();
         if q.dead {
             return;
         }
         q.pending.push_back(Pending {
-            buf,
-            written: 0,
+            reply,
             _charge: charge,
         });
         if q.writing {
@@ -174,8 +174,13 @@ impl ReplySink {
             // wait for the client, never longer than the stall limit.
             let mut sent = true;
             for p in batch {
+                // Never piped (see splices), but a pipe would be read out.
+                let Ok(buf) = p.reply.into_bytes() else {
+                    sent = false;
+                    break;
+                };
                 sent = matches!(
-                    tokio::time::timeout(STALL_LIMIT, w.write_all(&p.buf)).await,
+                    tokio::time::timeout(STALL_LIMIT, w.write_all(&buf)).await,
                     Ok(Ok(()))
                 );
                 if !sent {
@@ -207,12 +212,9 @@ impl ReplySink {
                 q.writing = false;
                 return Progress::Done;
             };
-            match rustix::io::write(fd.get_ref(), &head.buf[head.written..]) {
-                Ok(n) => {
-                    head.written += n;
-                    if head.written == head.buf.len() {
-                        q.pending.pop_front();
-                    }
+            match head.reply.write_to(fd.get_ref().as_fd()) {
+                Ok(()) => {
+                    q.pending.pop_front();
                 }
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => return Progress::Full,
@@ -245,6 +247,12 @@ impl ReplySink {
                 Progress::Full => guard.clear_ready(),
             }
         }
+    }
+
+    /// Whether replies may carry read data in pipes: only a plain socket
+    /// takes them without a copy.
+    pub fn splices(&self) -> bool {
+        matches!(self.out, Out::Socket(_))
     }
 
     /// The client is gone: nothing more will be written.
