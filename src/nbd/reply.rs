@@ -60,6 +60,8 @@ pub struct Reply {
     parts: VecDeque<Part>,
     /// Bytes of the front part already written.
     written: usize,
+    /// Some of it is on the wire: the rest must follow before anything else.
+    started: bool,
 }
 
 enum Part {
@@ -72,6 +74,7 @@ impl From<Vec<u8>> for Reply {
         Reply {
             parts: VecDeque::from([Part::Bytes(buf)]),
             written: 0,
+            started: false,
         }
     }
 }
@@ -81,6 +84,7 @@ impl Reply {
         Reply {
             parts: VecDeque::new(),
             written: 0,
+            started: false,
         }
     }
 
@@ -111,6 +115,11 @@ impl Reply {
         self.len() == 0
     }
 
+    /// Whether part of it has been written.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
     /// Writes to a non-blocking socket until all is out (`Ok`), the socket
     /// is full (AGAIN) or fails.
     pub fn write_to(&mut self, socket: BorrowedFd<'_>) -> Result<(), Errno> {
@@ -119,12 +128,14 @@ impl Reply {
                 Part::Bytes(b) => {
                     if self.written < b.len() {
                         self.written += rustix::io::write(socket, &b[self.written..])?;
+                        self.started = true;
                     }
                     self.written == b.len()
                 }
                 Part::Pipe(p) => {
                     if !p.is_empty() {
                         p.send_to(socket)?;
+                        self.started = true;
                     }
                     p.is_empty()
                 }

@@ -299,6 +299,13 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             return Ok(Next::Continue);
         }
         let export = self.export.clone();
+        if let Command::BlockStatus { .. } = cmd {
+            // Its reply goes ahead of read data already queued: a client
+            // like nbdcopy asks for the next extents before reading on.
+            let sink = self.sink.clone();
+            tokio::task::spawn_blocking(move || sink.send_first(execute(&export, to, cmd), charge));
+            return Ok(Next::Continue);
+        }
         self.spawn(charge, move || execute(&export, to, cmd));
         Ok(Next::Continue)
     }

@@ -109,8 +109,20 @@ impl ReplySink {
 
     /// Queues one reply and, unless someone else is writing, writes the
     /// queue until it is empty or the socket is full. Never blocks.
-    pub fn send(self: &Arc<Self>, reply: impl Into<Reply>, mut charge: Charge) {
-        let reply = reply.into();
+    pub fn send(self: &Arc<Self>, reply: impl Into<Reply>, charge: Charge) {
+        self.queue(reply.into(), charge, false)
+    }
+
+    /// As [`ReplySink::send`], but ahead of the queued replies not yet
+    /// begun: for a small reply the client waits on before it asks for
+    /// more (block status, while read data fills the socket). Replies may
+    /// come in any order; the chunks of one reply may not, so never for a
+    /// piece of a streamed read.
+    pub fn send_first(self: &Arc<Self>, reply: impl Into<Reply>, charge: Charge) {
+        self.queue(reply.into(), charge, true)
+    }
+
+    fn queue(self: &Arc<Self>, reply: Reply, mut charge: Charge, first: bool) {
         // Every request gets a reply: an empty one would be none at all.
         debug_assert!(!reply.is_empty(), "an empty reply");
         charge.settle(reply.len());
@@ -118,10 +130,16 @@ impl ReplySink {
         if q.dead {
             return;
         }
-        q.pending.push_back(Pending {
+        let p = Pending {
             reply,
             _charge: charge,
-        });
+        };
+        if first {
+            let begun = q.pending.front().is_some_and(|h| h.reply.started());
+            q.pending.insert(usize::from(begun), p);
+        } else {
+            q.pending.push_back(p);
+        }
         if q.writing {
             return;
         }
@@ -267,5 +285,54 @@ impl ReplySink {
         q.writing = false;
         q.pending.clear();
         let _ = rustix::net::shutdown(socket, Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::file::FileNode;
+    use crate::nbd::budget::{Pool, MIN_POOL};
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_sent_first_overtakes_only_replies_not_begun() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![b'a'; 1 << 20]).expect("write");
+        let node = FileNode::open(&path, true).expect("open");
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        // Far less than a reply: the first one is begun, not finished.
+        rustix::net::sockopt::set_socket_send_buffer_size(&ours, 64 << 10).expect("sndbuf");
+        let sink = ReplySink::new(&ours).expect("sink");
+        let budget = Pool::new(MIN_POOL).connection();
+        let charge = || budget.charge(0);
+
+        let mut first = Reply::new();
+        first.push_bytes(b"A".to_vec());
+        let pipes = crate::nbd::splice::read(&node, 0, 1 << 20)
+            .expect("read")
+            .expect("pipes");
+        for p in pipes {
+            first.push_pipe(p);
+        }
+        sink.send(first, charge().await.expect("charge"));
+        sink.send(vec![b'B'; 1 << 20], charge().await.expect("charge"));
+        sink.send_first(b"C".to_vec(), charge().await.expect("charge"));
+
+        let total = 1 + (1 << 20) + (1 << 20) + 1;
+        let got = tokio::task::spawn_blocking(move || {
+            let mut v = vec![0u8; total];
+            theirs.read_exact(&mut v).map(|_| v)
+        })
+        .await
+        .expect("join")
+        .expect("read");
+        assert_eq!(got[0], b'A');
+        assert!(got[1..1 + (1 << 20)].iter().all(|&b| b == b'a'));
+        assert_eq!(got[1 + (1 << 20)], b'C', "C goes ahead of B, not into A");
+        assert!(got[2 + (1 << 20)..].iter().all(|&b| b == b'B'));
     }
 }
