@@ -55,60 +55,63 @@ impl ReplyTo {
 }
 
 /// A reply ready for the wire: bytes, and read data that may still be in
-/// pipes (see [`super::splice`]), written in order.
+/// pipes (see [`super::splice`]), written in order. Most replies are one
+/// buffer, which costs no allocation beyond it.
+#[derive(Default)]
 pub struct Reply {
-    parts: VecDeque<Part>,
-    /// Bytes of the front part already written.
+    /// Written first: a whole reply, or the head of one.
+    head: Vec<u8>,
+    /// Bytes of `head` already written.
     written: usize,
+    /// What follows `head`, in order.
+    rest: VecDeque<Part>,
     /// Some of it is on the wire: the rest must follow before anything else.
     started: bool,
 }
 
 enum Part {
-    Bytes(Vec<u8>),
+    /// Bytes, and how many of them are written.
+    Bytes(Vec<u8>, usize),
     Pipe(Piped),
 }
 
 impl From<Vec<u8>> for Reply {
-    fn from(buf: Vec<u8>) -> Reply {
+    fn from(head: Vec<u8>) -> Reply {
         Reply {
-            parts: VecDeque::from([Part::Bytes(buf)]),
-            written: 0,
-            started: false,
+            head,
+            ..Reply::default()
         }
     }
 }
 
 impl Reply {
     pub fn new() -> Reply {
-        Reply {
-            parts: VecDeque::new(),
-            written: 0,
-            started: false,
-        }
+        Reply::default()
     }
 
     pub fn push_bytes(&mut self, b: Vec<u8>) {
-        if !b.is_empty() {
-            self.parts.push_back(Part::Bytes(b));
+        if self.head.is_empty() && self.rest.is_empty() {
+            self.head = b;
+        } else if !b.is_empty() {
+            self.rest.push_back(Part::Bytes(b, 0));
         }
     }
 
     pub fn push_pipe(&mut self, p: Piped) {
-        self.parts.push_back(Part::Pipe(p));
+        self.rest.push_back(Part::Pipe(p));
     }
 
-    /// Its length on the wire.
+    /// Its length on the wire (what is left of it).
     pub fn len(&self) -> usize {
-        let all: usize = self
-            .parts
+        let rest: usize = self
+            .rest
             .iter()
             .map(|p| match p {
-                Part::Bytes(b) => b.len(),
+                Part::Bytes(b, at) => b.len() - at,
                 Part::Pipe(p) => p.len(),
             })
             .sum();
-        all - self.written
+        self.head.len() - self.written + rest
     }
 
     pub fn is_empty(&self) -> bool {
@@ -123,58 +126,40 @@ impl Reply {
     /// Writes to a non-blocking socket until all is out (`Ok`), the socket
     /// is full (AGAIN) or fails.
     pub fn write_to(&mut self, socket: BorrowedFd<'_>) -> Result<(), Errno> {
-        while let Some(part) = self.parts.front_mut() {
-            let done = match part {
-                Part::Bytes(b) => {
-                    if self.written < b.len() {
-                        self.written += rustix::io::write(socket, &b[self.written..])?;
+        while self.written < self.head.len() {
+            self.written += rustix::io::write(socket, &self.head[self.written..])?;
+            self.started = true;
+        }
+        while let Some(part) = self.rest.front_mut() {
+            match part {
+                Part::Bytes(b, at) => {
+                    while *at < b.len() {
+                        *at += rustix::io::write(socket, &b[*at..])?;
                         self.started = true;
                     }
-                    self.written == b.len()
                 }
                 Part::Pipe(p) => {
-                    if !p.is_empty() {
+                    while !p.is_empty() {
                         p.send_to(socket)?;
                         self.started = true;
                     }
-                    p.is_empty()
                 }
-            };
-            if done {
-                self.parts.pop_front();
-                self.written = 0;
             }
+            self.rest.pop_front();
         }
         Ok(())
     }
 
     /// All of it as one buffer, for writers that cannot splice (TLS).
     pub fn into_bytes(self) -> Result<Vec<u8>, Errno> {
-        let mut parts = self.parts.into_iter();
-        let mut out = match parts.next() {
-            Some(Part::Bytes(mut b)) => {
-                b.drain(..self.written);
-                b
-            }
-            Some(Part::Pipe(p)) => {
-                let mut b = Vec::new();
-                p.read_into(&mut b)?;
-                b
-            }
-            None => return Ok(Vec::new()),
-        };
-        for part in parts {
+        let mut out = self.head;
+        out.drain(..self.written);
+        for part in self.rest {
             match part {
-                Part::Bytes(b) => out.extend_from_slice(&b),
+                Part::Bytes(b, at) => out.extend_from_slice(&b[at..]),
                 Part::Pipe(p) => p.read_into(&mut out)?,
             }
         }
         Ok(out)
-    }
-}
-
-impl Default for Reply {
-    fn default() -> Reply {
-        Reply::new()
     }
 }
