@@ -9,7 +9,9 @@
 //! another. When the socket is full, the rest of the queue goes to an async
 //! task that waits for room: a client that stops reading holds its own
 //! budget (each queued reply keeps its in-flight permit), never a pool
-//! thread.
+//! thread. Read data may wait in pipes (see [`super::splice`]): moving it
+//! on to the socket is as non-blocking as a write. A block-status reply
+//! goes ahead of replies not yet begun ([`ReplySink::send_first`]).
 //!
 //! A TLS connection cannot be written that way: its records are made by
 //! one openssl session, which the reading side shares. There a writer task
