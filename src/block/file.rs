@@ -11,7 +11,7 @@ use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
 use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
 use rustix::pipe::{splice, SpliceFlags};
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::lock::{ImageLock, LockMode};
@@ -38,16 +38,21 @@ pub struct FileNode {
     nowait_write_unsupported: AtomicBool,
     /// splice() from this file failed as unsupported: read_to_pipe declines.
     splice_unsupported: AtomicBool,
-    /// Where the last SEEK_DATA found data after a hole (`u64::MAX`: none).
-    /// A map walks hole, data, hole...: the query that follows a hole
-    /// starts there, and needs only SEEK_HOLE (checked, so a stale or
-    /// clobbered hint costs one call, never a wrong answer).
-    data_hint: AtomicU64,
+    /// Where recent queries found data to end. A query is taken to start
+    /// in data (a read; the extent after a hole), so SEEK_HOLE alone says
+    /// how far it runs, unless it starts at one of these: then SEEK_DATA
+    /// alone. A map walk thus costs one lseek per boundary; a wrong guess
+    /// (another walk, a file that changed) costs one more, never a wrong
+    /// answer.
+    hole_hints: [AtomicU64; HOLE_HINTS],
+    next_hint: AtomicUsize,
     /// Tests only: every write and flush, recorded (see io_trace.rs).
     trace: Option<super::io_trace::Trace>,
 }
 
 const SECTOR: u64 = 512;
+/// Hole hints kept: concurrent map walks and reads each keep theirs.
+const HOLE_HINTS: usize = 4;
 
 impl FileNode {
     fn traced(&self, op: u8, offset: u64, len: u64, data: &[u8]) {
@@ -94,7 +99,8 @@ impl FileNode {
             nowait_read_unsupported: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
             splice_unsupported: AtomicBool::new(false),
-            data_hint: AtomicU64::new(u64::MAX),
+            hole_hints: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            next_hint: AtomicUsize::new(0),
             trace: match read_only {
                 true => None,
                 false => super::io_trace::Trace::open_for(path),
@@ -175,6 +181,11 @@ impl FileNode {
             }
         }
         Ok(done)
+    }
+
+    fn hint_hole(&self, at: u64) {
+        let i = self.next_hint.fetch_add(1, Ordering::Relaxed) % HOLE_HINTS;
+        self.hole_hints[i].store(at, Ordering::Relaxed);
     }
 
     /// The offset of the next data at or after `offset`, or `None` at EOF.
@@ -370,28 +381,32 @@ impl BlockNode for FileNode {
             ));
         }
         let status = |e: Errno| self.err("Could not query allocation", offset, errno_io(e));
-        let data_run = |hole: u64| Extent {
-            len: hole.min(end) - offset,
-            flags: 0,
+        let data_run = |hole: u64| {
+            self.hint_hole(hole);
+            Extent {
+                len: hole.min(end) - offset,
+                flags: 0,
+            }
         };
-        // Where a hole was seen to end, data starts: SEEK_HOLE alone says
-        // how far. Past EOF or at a hole (the file changed), ask afresh.
-        if self.data_hint.load(Ordering::Relaxed) == offset {
+        if !self
+            .hole_hints
+            .iter()
+            .any(|h| h.load(Ordering::Relaxed) == offset)
+        {
             match seek(&self.file, SeekFrom::Hole(offset)) {
                 Ok(hole) if hole > offset => return Ok(data_run(hole)),
+                // A hole, or past EOF.
                 Ok(_) | Err(Errno::NXIO) => {}
                 Err(e) => return Err(status(e)),
             }
         }
         match self.seek_data(offset).map_err(status)? {
+            // A stale hint: data after all.
             Some(data) if data <= offset => {
                 let hole = seek(&self.file, SeekFrom::Hole(offset)).map_err(status)?;
                 Ok(data_run(hole.max(offset + 1)))
             }
             next => {
-                if let Some(data) = next {
-                    self.data_hint.store(data, Ordering::Relaxed);
-                }
                 let data = next.unwrap_or(end);
                 Ok(Extent {
                     len: data.min(end) - offset,
@@ -555,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_data_hint_is_checked() {
+    fn a_stale_hole_hint_is_checked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("img");
         let f = File::create(&path).expect("create");
@@ -564,23 +579,49 @@ mod tests {
         f.write_all_at(&[1u8; 65536], 4 << 20).expect("write");
         drop(f);
         let node = FileNode::open(&path, false).expect("open");
-        let hole = Extent {
-            len: 1 << 20,
-            flags: STATE_HOLE | STATE_ZERO,
-        };
-        assert_eq!(node.block_status(0, 8 << 20).expect("status"), hole);
-        assert_eq!(node.data_hint.load(Ordering::Relaxed), 1 << 20);
-        let data = node.block_status(1 << 20, 8 << 20).expect("status");
-        assert_eq!(data.flags, 0);
-        // The data goes after the hint was taken: the hint is checked.
+        let status = |at: u64| node.block_status(at, 8 << 20).expect("status");
+        let hole = STATE_HOLE | STATE_ZERO;
+        assert_eq!(
+            status(0),
+            Extent {
+                len: 1 << 20,
+                flags: hole
+            }
+        );
+        assert_eq!(
+            status(1 << 20),
+            Extent {
+                len: 65536,
+                flags: 0
+            }
+        );
+        let end = (1 << 20) + 65536;
+        assert!(node
+            .hole_hints
+            .iter()
+            .any(|h| h.load(Ordering::Relaxed) == end));
+        // Data lands where a hole was hinted: the hint is checked.
+        node.write_at(&[2u8; 65536], end, false).expect("write");
+        assert_eq!(
+            status(end),
+            Extent {
+                len: 65536,
+                flags: 0
+            }
+        );
         node.discard(0, 2 << 20).expect("discard");
-        let now = node.block_status(1 << 20, 8 << 20).expect("status");
-        assert_eq!(now.flags, STATE_HOLE | STATE_ZERO);
-        assert!(now.len >= 1 << 20, "{now:?}");
-        assert_eq!(node.data_hint.load(Ordering::Relaxed), 4 << 20);
+        let now = status(1 << 20);
+        assert_eq!((now.len, now.flags), (3 << 20, hole));
+        assert_eq!(
+            status(4 << 20),
+            Extent {
+                len: 65536,
+                flags: 0
+            }
+        );
         // A hint past a truncated end is not trusted either.
         node.file.set_len(2 << 20).expect("truncate");
-        let tail = node.block_status(4 << 20, 4 << 20).expect("status");
-        assert_eq!(tail.flags, STATE_HOLE | STATE_ZERO);
+        assert_eq!(status(4 << 20).flags, hole);
+        assert_eq!(status((4 << 20) + 65536).flags, hole);
     }
 }
