@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::wire::Conn;
+use common::wire::{Conn, CMD_READ, REPLY_TYPE_OFFSET_HOLE};
 use common::{describe_failure, output, run, tool, Kind, ServeOpts, Server};
 
 const KIB: u64 = 1024;
@@ -41,7 +41,11 @@ fn sparse_image(path: &Path, size: u64) {
     while written < size / 100 {
         let len =
             [4 * KIB, 64 * KIB, 300 * KIB, 600 * KIB, MIB, 3 * MIB][(next(&mut s) % 6) as usize];
-        let align = if next(&mut s).is_multiple_of(4) { 512 } else { 4096 };
+        let align = if next(&mut s).is_multiple_of(4) {
+            512
+        } else {
+            4096
+        };
         let off = (next(&mut s) % (size - len)) / align * align;
         f.write_all_at(&common::pattern(len as usize, off), off)
             .expect("write");
@@ -170,6 +174,18 @@ fn large_reads_return_the_file_in_simple_and_structured_replies() {
                 got == want,
                 "read {off}+{len} (structured: {structured}) differs from the file"
             );
+        }
+        if structured {
+            // What nbdcopy reads over a 64 KiB data extent: the rest of the
+            // 256 KiB comes as a hole chunk, not as 192 KiB of zeroes.
+            let out = c.call(0, CMD_READ, 16 * MIB - 65536, 256 << 10, &[]);
+            let holes: Vec<u32> = out
+                .chunks
+                .iter()
+                .filter(|(t, _)| *t == REPLY_TYPE_OFFSET_HOLE)
+                .map(|(_, p)| u32::from_be_bytes(p[8..12].try_into().expect("hole size")))
+                .collect();
+            assert_eq!(holes, [192 << 10], "chunks: {:?}", out.chunks.len());
         }
     }
 }
