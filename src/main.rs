@@ -267,10 +267,17 @@ fn create(args: CreateArgs) -> Result<()> {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        // One worker per core: they carry the sockets and the no-wait fast
+        // paths, which are CPU work; NBD requests that may wait on the disk
+        // run on the fixed I/O threads (nbd/workers.rs).
+        .worker_threads(tidemark::nbd::workers::cores())
         .enable_all()
-        // The block layer runs here; bound it so a flood of clients
-        // cannot spawn unbounded threads.
-        .max_blocking_threads(64)
+        // Only control-plane work runs here: QMP commands (one at a time,
+        // under the command lock), pruning and closing the graph, each
+        // awaited before the next. One thread does it; a second would only
+        // count against the process's budget of 4 threads a core (see
+        // nbd/workers.rs).
+        .max_blocking_threads(1)
         .build()
         .context("Could not start the runtime")
 }

@@ -17,3 +17,4 @@ pub mod session;
 pub mod sink;
 pub mod splice;
 pub mod tls;
+pub mod workers;

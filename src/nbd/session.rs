@@ -1,12 +1,14 @@
 //! One connection in the transmission phase.
 //!
 //! The reader (this task) owns the socket's read side: it frames requests,
-//! validates them, and hands each to the blocking pool. The pool thread
-//! that finishes a request writes its reply straight to the socket (see
-//! [`super::sink`]). Requests therefore run concurrently and may complete
-//! out of order. Each holds a slot and memory from the budget (see
-//! [`super::budget`]) until its reply is written; long reads are answered
-//! in pieces by a task of their own, so they hold little at a time.
+//! validates them, and carries out at once those the node can do without
+//! waiting ([`try_inline`]); the rest go to the daemon's I/O threads (see
+//! [`super::workers`]). The thread that finishes a request writes its
+//! reply straight to the socket (see [`super::sink`]). Requests therefore
+//! run concurrently and may complete out of order. Each holds a slot and
+//! memory from the budget (see [`super::budget`]) until its reply is
+//! written; long reads are answered in pieces by a task of their own, so
+//! they hold little at a time.
 
 use std::io;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use super::proto::*;
 use super::reply::{Reply, ReplyTo};
 use super::request::{block_status_payload, payload_len, validate, Refusal};
 use super::sink::ReplySink;
+use super::workers::Workers;
 use crate::block::ZeroFlags;
 
 /// A payload this large is not drained for a refusal: the client is broken.
@@ -98,9 +101,9 @@ fn cost(req: &Request, plen: u64, mode: Mode, contexts: usize) -> usize {
     (kept + reply) as usize
 }
 
-/// Answers a long read piece by piece: each piece is charged, read on the
-/// blocking pool and queued on its own, so a client that stops reading
-/// stalls this task on its own share, not the pool.
+/// Answers a long read piece by piece: each piece is charged, read on an
+/// I/O thread and queued on its own, so a client that stops reading
+/// stalls this task on its own share, not the I/O threads.
 async fn stream_read(
     export: Arc<Export>,
     budget: Arc<ConnBudget>,
@@ -122,11 +125,13 @@ async fn stream_read(
             return;
         }
         let ex = export.clone();
-        let piece = tokio::task::spawn_blocking(move || read_piece(&ex, &to, pos, n, last)).await;
+        let piece = Workers::global()
+            .run(move || read_piece(&ex, &to, pos, n, last))
+            .await;
         let (buf, done) = match piece {
-            Ok(Ok(buf)) => (buf, last),
-            Ok(Err(err)) => (err.into(), true),
-            Err(_) => (to.error(EIO, "read failed").into(), true),
+            Some(Ok(buf)) => (buf, last),
+            Some(Err(err)) => (err.into(), true),
+            None => (to.error(EIO, "read failed").into(), true),
         };
         if done {
             if let Some(s) = slot.take() {
@@ -173,11 +178,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
-    /// Runs `work` on the blocking pool and sends the reply it makes;
-    /// the charge returns to the budget once the reply is on the wire.
+    /// Runs `work` on an I/O thread, which sends the reply it makes; the
+    /// charge returns to the budget once the reply is on the wire.
     fn spawn<T: Into<Reply>>(&self, charge: Charge, work: impl FnOnce() -> T + Send + 'static) {
         let sink = self.sink.clone();
-        tokio::task::spawn_blocking(move || sink.send(work(), charge));
+        Workers::global().submit(move || sink.send(work(), charge));
     }
 
     fn refuse(&self, req: &Request, charge: Charge, r: Refusal) {
@@ -303,7 +308,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             // Its reply goes ahead of read data already queued: a client
             // like nbdcopy asks for the next extents before reading on.
             let sink = self.sink.clone();
-            tokio::task::spawn_blocking(move || sink.send_first(execute(&export, to, cmd), charge));
+            Workers::global().submit(move || sink.send_first(execute(&export, to, cmd), charge));
             return Ok(Next::Continue);
         }
         self.spawn(charge, move || execute(&export, to, cmd));

@@ -3,12 +3,13 @@
 //!
 //! Handing each reply to an async writer task costs a thread wake-up per
 //! request; at tens of thousands of requests a second that is most of the
-//! cost. So on a plain socket the blocking-pool thread that produced a
-//! reply writes it itself, with a non-blocking write. Replies queue behind
+//! cost. So on a plain socket the thread that produced a reply (an I/O
+//! thread, or the reader for a request done inline) writes it itself, with
+//! a non-blocking write. Replies queue behind
 //! the one being written, so they never interleave and no thread waits for
 //! another. When the socket is full, the rest of the queue goes to an async
 //! task that waits for room: a client that stops reading holds its own
-//! budget (each queued reply keeps its in-flight permit), never a pool
+//! budget (each queued reply keeps its in-flight permit), never an I/O
 //! thread. Read data may wait in pipes (see [`super::splice`]): moving it
 //! on to the socket is as non-blocking as a write. A block-status reply
 //! goes ahead of replies not yet begun ([`ReplySink::send_first`]).
@@ -46,7 +47,7 @@ struct Pending {
 #[derive(Default)]
 struct Queue {
     pending: VecDeque<Pending>,
-    /// Someone (a pool thread, the drain task, the writer task) is writing
+    /// Someone (an I/O thread, the drain task, the writer task) is writing
     /// the queue, or has been told to.
     writing: bool,
     dead: bool,
