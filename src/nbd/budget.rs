@@ -5,7 +5,8 @@
 //! payload, a block status its largest reply. The charge comes from the
 //! connection's share first and then from the pool, and returns once the
 //! reply is on the wire (see [`super::sink`]). A client that stops reading
-//! its replies therefore pins at most its share, and only its own requests
+//! its replies therefore pins at most its share (and, in the kernel, what
+//! its socket holds: 2 MiB on a unix socket), and only its own requests
 //! wait on it; the pool bounds what all clients together can pin. Long
 //! reads are answered in pieces, each charged on its own (see
 //! [`super::session`]), so a share is smaller than the largest request.

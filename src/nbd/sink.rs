@@ -38,6 +38,20 @@ use super::reply::Reply;
 /// progress, before the connection is declared dead.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 
+/// The send buffer asked for on a unix socket; the kernel doubles it, to
+/// 2 MiB: a connection's whole share of replies (see [`super::budget`])
+/// goes in one write. The default (208 KiB) is less than one 256 KiB read
+/// reply, and a unix socket wakes its writer only once the client has read
+/// three quarters of it: writer and client take turns instead of running
+/// side by side, and several connections on a few cores spend their time
+/// switching between them. Measured on 2 cores, a 1 GiB pull (nbdcopy to
+/// null) over 2 connections: 0.44 s before, 0.35 s after (medians of 6),
+/// server CPU 0.43 to 0.35 s, context switches about halved on both sides.
+/// The cost: a client that stops reading pins up to 2 MiB in the kernel
+/// besides its share. TCP keeps the kernel's own sizing (setting a size
+/// turns autotuning off).
+const UNIX_SEND_BUFFER: usize = 1 << 20;
+
 /// A reply waiting to be written, with the budget it holds until then.
 struct Pending {
     reply: Reply,
@@ -74,11 +88,24 @@ enum Progress {
     Dead,
 }
 
+/// Asks for [`UNIX_SEND_BUFFER`] on a unix socket; best effort (the
+/// default works, only slower).
+fn widen_send_buffer(socket: BorrowedFd<'_>) {
+    use rustix::net::{sockopt, AddressFamily};
+    if sockopt::socket_domain(socket).ok() != Some(AddressFamily::UNIX) {
+        return;
+    }
+    if let Err(e) = sockopt::set_socket_send_buffer_size(socket, UNIX_SEND_BUFFER) {
+        tracing::debug!(error = %e, "could not widen the socket's send buffer");
+    }
+}
+
 impl ReplySink {
     /// Wraps a duplicate of the connection's (non-blocking) socket. Must be
     /// called inside the runtime.
     pub fn new(socket: impl AsFd) -> io::Result<Arc<ReplySink>> {
         let fd = rustix::io::fcntl_dupfd_cloexec(socket, 0)?;
+        widen_send_buffer(fd.as_fd());
         // SAFETY: the OwnedFd is ours alone, valid, and neither closed nor
         // replaced while the AsyncFd holds it.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)? };
@@ -97,6 +124,8 @@ impl ReplySink {
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        // SAFETY: `w` owns the descriptor and is alive here.
+        widen_send_buffer(unsafe { BorrowedFd::borrow_raw(socket) });
         let sink = Arc::new(ReplySink {
             out: Out::Task(Notify::new()),
             queue: Mutex::new(Queue::default()),
