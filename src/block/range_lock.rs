@@ -1,9 +1,10 @@
-//! Byte ranges held exclusively (qemu's serialising requests): a job's
-//! copy of a range and a guest write of the same bytes never interleave,
-//! so neither can overwrite the other's newer data. Ranges that do not
-//! overlap never wait for each other.
+//! Ranges held exclusively (qemu's serialising requests): a job's copy of
+//! a range and a guest write of the same bytes never interleave, so
+//! neither can overwrite the other's newer data; a qcow2 allocation holds
+//! its guest clusters so that no other write allocates them meanwhile.
+//! Ranges that do not overlap never wait for each other.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[derive(Default)]
 pub struct RangeLock {
@@ -18,17 +19,56 @@ pub struct RangeGuard<'a> {
     range: (u64, u64),
 }
 
+/// An overlapping range is held: [`Busy::wait`] once the caller has let
+/// go of whatever the holder may need.
+pub struct Busy<'a> {
+    lock: &'a RangeLock,
+    held: MutexGuard<'a, Vec<(u64, u64)>>,
+}
+
 impl RangeLock {
+    fn held(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Holds `[offset, offset + len)`, waiting while an overlapping range
     /// is held. Blocks: not on an async worker.
     pub fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        loop {
+            match self.try_lock(offset, len) {
+                Ok(g) => return g,
+                Err(busy) => busy.wait(),
+            }
+        }
+    }
+
+    /// Holds `[offset, offset + len)` unless an overlapping range is held.
+    pub fn try_lock(&self, offset: u64, len: u64) -> Result<RangeGuard<'_>, Busy<'_>> {
         let range = (offset, offset.saturating_add(len));
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while held.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
-            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        let mut held = self.held();
+        if held.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
+            return Err(Busy { lock: self, held });
         }
         held.push(range);
-        RangeGuard { lock: self, range }
+        Ok(RangeGuard { lock: self, range })
+    }
+
+    /// Whether a held range overlaps `[offset, offset + len)`.
+    pub fn busy(&self, offset: u64, len: u64) -> Option<Busy<'_>> {
+        let end = offset.saturating_add(len);
+        let held = self.held();
+        held.iter()
+            .any(|&(s, e)| s < end && offset < e)
+            .then_some(Busy { lock: self, held })
+    }
+}
+
+impl Busy<'_> {
+    /// Waits until some range is released (the set stays locked from the
+    /// check to the wait, so the release cannot be missed).
+    pub fn wait(self) {
+        let Busy { lock, held } = self;
+        drop(lock.freed.wait(held).unwrap_or_else(|p| p.into_inner()));
     }
 }
 
@@ -66,5 +106,16 @@ mod tests {
         rx.recv_timeout(std::time::Duration::from_secs(5))
             .expect("released range is taken");
         t.join().expect("thread");
+    }
+
+    #[test]
+    fn try_lock_and_busy_do_not_wait() {
+        let l = RangeLock::default();
+        let g = l.try_lock(0, 10).ok().expect("free");
+        assert!(l.try_lock(5, 1).is_err());
+        assert!(l.busy(9, 1).is_some());
+        assert!(l.busy(10, 5).is_none());
+        drop(g);
+        assert!(l.try_lock(5, 1).is_ok());
     }
 }

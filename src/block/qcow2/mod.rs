@@ -12,7 +12,7 @@
 //! Concurrency: metadata sits behind one mutex, held only for table
 //! lookups and updates (and the rare metadata I/O: table loads, evictions,
 //! frees); data I/O happens outside it. An allocating write claims its
-//! guest clusters (inflight.rs) and writes the new clusters' data without
+//! guest clusters (`allocating`) and writes the new clusters' data without
 //! the lock. Operations that free clusters take `free_lock` exclusively so
 //! no in-flight read or write can touch a cluster while it is freed and
 //! handed out again. Reads and in-place overwrites whose tables are cached
@@ -23,7 +23,6 @@ mod cache;
 pub mod compress;
 pub mod create;
 pub mod header;
-mod inflight;
 pub mod intent;
 pub(crate) mod io;
 pub(crate) mod meta;
@@ -53,8 +52,12 @@ pub struct Qcow2Node {
     /// The bitmap directory as on disk; locked after `meta`, never before.
     stored: Mutex<bitmaps::Stored>,
     free_lock: RwLock<()>,
-    /// Guest clusters whose allocation is in progress; locked after `meta`.
-    allocating: inflight::InFlight,
+    /// Guest clusters (in cluster units) whose allocation is in progress:
+    /// an allocating write holds them from finding them without data until
+    /// its L2 entries point at the new clusters, so no other write
+    /// allocates them meanwhile (one of the two would be lost). Locked
+    /// after `meta`; nothing waits for `meta` while holding it.
+    allocating: super::range_lock::RangeLock,
     /// The `backing` child; swapped whole only when a backing is attached
     /// or removed (a snapshot's overlay, a full stream). Requests clone the
     /// edge and hold its link, so a swap drains the old edge first.
@@ -132,7 +135,7 @@ impl Qcow2Node {
             meta: Mutex::new(meta),
             stored: Mutex::new(stored),
             free_lock: RwLock::new(()),
-            allocating: inflight::InFlight::default(),
+            allocating: super::range_lock::RangeLock::default(),
             backing: RwLock::new(None),
             read_only: AtomicBool::new(true),
             size: AtomicU64::new(header.size),

@@ -72,7 +72,7 @@ impl Qcow2Node {
             let c1 = (at + n)
                 .div_ceil(cs)
                 .min(c0 + (MAX_ALLOC_BYTES / cs).max(1));
-            match self.allocating.claim(c0, c1) {
+            match self.allocating.try_lock(c0, c1 - c0) {
                 Ok(claim) => break (map, n.min(c1 * cs - at), claim),
                 Err(busy) => {
                     drop(meta);
@@ -232,7 +232,7 @@ impl Qcow2Node {
         let gc = offset / cs;
         let mut meta = self.lock_meta()?;
         // An allocating write of this cluster in progress decides first.
-        while let Some(busy) = self.allocating.busy(gc, gc + 1) {
+        while let Some(busy) = self.allocating.busy(gc, 1) {
             drop(meta);
             busy.wait();
             meta = self.lock_meta()?;
