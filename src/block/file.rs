@@ -185,11 +185,13 @@ impl FileNode {
         Ok(())
     }
 
-    /// Fills the pipe with zeroes from `done` towards `len` (what a read
-    /// past EOF returns): how far it got before the pipe was full.
+    /// Fills the pipe with zeroes from `done` towards `len` bytes of a read
+    /// at `offset` (past EOF a read returns zeroes): how far it got before
+    /// the pipe was full.
     fn zeroes_to_pipe(
         &self,
         pipe: BorrowedFd<'_>,
+        offset: u64,
         mut done: usize,
         len: usize,
     ) -> BlockResult<usize> {
@@ -200,7 +202,10 @@ impl FileNode {
                 Ok(k) => done += k,
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => break,
-                Err(e) => return Err(self.err("Could not read", done as u64, errno_io(e))),
+                Err(e) => {
+                    let at = offset + done as u64;
+                    return Err(self.err("Could not read", at, errno_io(e)));
+                }
             }
         }
         Ok(done)
@@ -475,7 +480,7 @@ impl BlockNode for FileNode {
         while done < len {
             let mut at = offset + done as u64;
             match splice(&self.file, Some(&mut at), pipe, None, len - done, flags) {
-                Ok(0) => return self.zeroes_to_pipe(pipe, done, len).map(Some),
+                Ok(0) => return self.zeroes_to_pipe(pipe, offset, done, len).map(Some),
                 Ok(n) => done += n,
                 Err(Errno::INTR) => {}
                 // The pipe is full.
