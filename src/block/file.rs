@@ -11,7 +11,7 @@ use rustix::fs::{fadvise, fallocate, seek, Advice, FallocateFlags, SeekFrom};
 use rustix::io::{preadv2, pwritev2, Errno, IoSlice, IoSliceMut, ReadWriteFlags};
 use rustix::pipe::{splice, SpliceFlags};
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::lock::{ImageLock, LockMode};
@@ -38,21 +38,45 @@ pub struct FileNode {
     nowait_write_unsupported: AtomicBool,
     /// splice() from this file failed as unsupported: read_to_pipe declines.
     splice_unsupported: AtomicBool,
-    /// Where recent queries found data to end. A query is taken to start
-    /// in data (a read; the extent after a hole), so SEEK_HOLE alone says
-    /// how far it runs, unless it starts at one of these: then SEEK_DATA
-    /// alone. A map walk thus costs one lseek per boundary; a wrong guess
-    /// (another walk, a file that changed) costs one more, never a wrong
-    /// answer.
-    hole_hints: [AtomicU64; HOLE_HINTS],
-    next_hint: AtomicUsize,
+    holes: HoleHints,
     /// Tests only: every write and flush, recorded (see io_trace.rs).
     trace: Option<super::io_trace::Trace>,
 }
 
 const SECTOR: u64 = 512;
-/// Hole hints kept: concurrent map walks and reads each keep theirs.
-const HOLE_HINTS: usize = 4;
+
+/// Holes kept in [`HoleHints`]: two 128 MiB map requests' worth on a
+/// 1%-allocated image, so reads that follow a walk still find theirs.
+const HOLE_HINTS: usize = 64;
+
+/// Holes of the file seen lately, as `[start, end)` (an end of `start + 1`
+/// where only the start is known). A status query that starts in one of
+/// them asks SEEK_DATA alone; any other is taken to start in data and
+/// asks SEEK_HOLE alone. A map walk, and the reads that follow it, thus
+/// cost one lseek per boundary; a wrong guess (a file that changed since)
+/// costs one more call, never a wrong answer.
+struct HoleHints(Mutex<([(u64, u64); HOLE_HINTS], usize)>);
+
+impl HoleHints {
+    fn new() -> HoleHints {
+        HoleHints(Mutex::new(([(0, 0); HOLE_HINTS], 0)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ([(u64, u64); HOLE_HINTS], usize)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_hole(&self, at: u64) -> bool {
+        self.lock().0.iter().any(|&(a, b)| a <= at && at < b)
+    }
+
+    fn add(&self, start: u64, end: u64) {
+        let mut g = self.lock();
+        let i = g.1;
+        g.0[i] = (start, end);
+        g.1 = (i + 1) % HOLE_HINTS;
+    }
+}
 
 impl FileNode {
     fn traced(&self, op: u8, offset: u64, len: u64, data: &[u8]) {
@@ -99,8 +123,7 @@ impl FileNode {
             nowait_read_unsupported: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
             splice_unsupported: AtomicBool::new(false),
-            hole_hints: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
-            next_hint: AtomicUsize::new(0),
+            holes: HoleHints::new(),
             trace: match read_only {
                 true => None,
                 false => super::io_trace::Trace::open_for(path),
@@ -162,11 +185,13 @@ impl FileNode {
         Ok(())
     }
 
-    /// Fills the pipe with zeroes from `done` towards `len` (what a read
-    /// past EOF returns): how far it got before the pipe was full.
+    /// Fills the pipe with zeroes from `done` towards `len` bytes of a read
+    /// at `offset` (past EOF a read returns zeroes): how far it got before
+    /// the pipe was full.
     fn zeroes_to_pipe(
         &self,
         pipe: BorrowedFd<'_>,
+        offset: u64,
         mut done: usize,
         len: usize,
     ) -> BlockResult<usize> {
@@ -177,15 +202,13 @@ impl FileNode {
                 Ok(k) => done += k,
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => break,
-                Err(e) => return Err(self.err("Could not read", done as u64, errno_io(e))),
+                Err(e) => {
+                    let at = offset + done as u64;
+                    return Err(self.err("Could not read", at, errno_io(e)));
+                }
             }
         }
         Ok(done)
-    }
-
-    fn hint_hole(&self, at: u64) {
-        let i = self.next_hint.fetch_add(1, Ordering::Relaxed) % HOLE_HINTS;
-        self.hole_hints[i].store(at, Ordering::Relaxed);
     }
 
     /// The offset of the next data at or after `offset`, or `None` at EOF.
@@ -382,17 +405,13 @@ impl BlockNode for FileNode {
         }
         let status = |e: Errno| self.err("Could not query allocation", offset, errno_io(e));
         let data_run = |hole: u64| {
-            self.hint_hole(hole);
+            self.holes.add(hole, hole + 1);
             Extent {
                 len: hole.min(end) - offset,
                 flags: 0,
             }
         };
-        if !self
-            .hole_hints
-            .iter()
-            .any(|h| h.load(Ordering::Relaxed) == offset)
-        {
+        if !self.holes.in_hole(offset) {
             match seek(&self.file, SeekFrom::Hole(offset)) {
                 Ok(hole) if hole > offset => return Ok(data_run(hole)),
                 // A hole, or past EOF.
@@ -407,6 +426,7 @@ impl BlockNode for FileNode {
                 Ok(data_run(hole.max(offset + 1)))
             }
             next => {
+                self.holes.add(offset, next.unwrap_or(u64::MAX));
                 let data = next.unwrap_or(end);
                 Ok(Extent {
                     len: data.min(end) - offset,
@@ -460,7 +480,7 @@ impl BlockNode for FileNode {
         while done < len {
             let mut at = offset + done as u64;
             match splice(&self.file, Some(&mut at), pipe, None, len - done, flags) {
-                Ok(0) => return self.zeroes_to_pipe(pipe, done, len).map(Some),
+                Ok(0) => return self.zeroes_to_pipe(pipe, offset, done, len).map(Some),
                 Ok(n) => done += n,
                 Err(Errno::INTR) => {}
                 // The pipe is full.
@@ -596,10 +616,7 @@ mod tests {
             }
         );
         let end = (1 << 20) + 65536;
-        assert!(node
-            .hole_hints
-            .iter()
-            .any(|h| h.load(Ordering::Relaxed) == end));
+        assert!(node.holes.in_hole(end));
         // Data lands where a hole was hinted: the hint is checked.
         node.write_at(&[2u8; 65536], end, false).expect("write");
         assert_eq!(
