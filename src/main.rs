@@ -273,11 +273,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .worker_threads(tidemark::nbd::workers::cores())
         .enable_all()
         // Only control-plane work runs here: QMP commands (one at a time,
-        // under the command lock), pruning and closing the graph. Two, not
-        // one: a shutdown's job cancelling must not queue behind a command
-        // in flight. Idle ones exit; within the budget of 4 threads a core
-        // (see nbd/workers.rs).
-        .max_blocking_threads(2)
+        // under the command lock), pruning and closing the graph, each
+        // awaited before the next; none waits for another blocking task.
+        // One thread does it, within the process's budget of 4 threads a
+        // core (see nbd/workers.rs).
+        .max_blocking_threads(1)
         .build()
         .context("Could not start the runtime")
 }

@@ -336,9 +336,10 @@ mod tests {
         let node = FileNode::open(&path, true).expect("open");
         let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
         ours.set_nonblocking(true).expect("nonblocking");
-        // Far less than a reply: the first one is begun, not finished.
-        rustix::net::sockopt::set_socket_send_buffer_size(&ours, 64 << 10).expect("sndbuf");
         let sink = ReplySink::new(&ours).expect("sink");
+        // Far less than a reply (set after the sink's own size): the first
+        // one is begun, not finished.
+        rustix::net::sockopt::set_socket_send_buffer_size(&ours, 64 << 10).expect("sndbuf");
         let budget = Pool::new(MIN_POOL).connection();
         let charge = || budget.charge(0);
 
