@@ -36,6 +36,9 @@ pub struct Meta {
     pub corrupt: bool,
     /// Host offsets of the active L2 tables (for the overlap check).
     l2_tables: HashSet<u64>,
+    /// New clusters' data was written (without this lock) since the last
+    /// sync, and L2 entries point at it: see [`Meta::before_l2_write`].
+    new_data: bool,
 }
 
 impl Meta {
@@ -103,6 +106,7 @@ impl Meta {
             l2: TableCache::new((L2_CACHE_BYTES / cs).clamp(16, 1024) as usize),
             refs,
             corrupt: false,
+            new_data: false,
             l2_tables,
         })
     }
@@ -140,12 +144,34 @@ impl Meta {
     }
 
     /// Refcount blocks must be stable before an L2 table that may reference
-    /// newly counted clusters reaches the disk.
+    /// newly counted clusters reaches the disk, and so must the data of new
+    /// clusters it points at: an allocating write fills its clusters
+    /// without this lock, so another thread's sync may come between the
+    /// allocation and the data (a power cut would then find the L2 entry
+    /// pointing past the end of the file, or at garbage).
     fn before_l2_write(&mut self, f: &HostFile) -> BlockResult<()> {
-        if self.refs.flush(f)? {
+        if self.refs.flush(f)? || self.new_data {
             f.sync()?;
+            self.new_data = false;
         }
         Ok(())
+    }
+
+    /// Points guest clusters `first..` at `n` new clusters from `host`,
+    /// whose data the caller wrote (and finished) before taking the lock:
+    /// the next L2 write-back syncs first. Returns the previous entries.
+    pub fn map_new(
+        &mut self,
+        f: &HostFile,
+        first: u64,
+        host: u64,
+        n: u64,
+    ) -> BlockResult<Vec<u64>> {
+        self.new_data = true;
+        let cs = self.cs();
+        (0..n)
+            .map(|i| self.set_entry(f, first + i, (host + i * cs) | COPIED))
+            .collect()
     }
 
     pub fn l2_offset(&self, l1_index: u64) -> BlockResult<u64> {

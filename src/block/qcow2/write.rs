@@ -100,8 +100,7 @@ impl Qcow2Node {
         }
         self.checked(&mut meta, |m| {
             let mut freed = Vec::new();
-            for i in 0..c1 - c0 {
-                let old = m.set_entry(&self.f, c0 + i, (host + i * cs) | COPIED)?;
+            for old in m.map_new(&self.f, c0, host, c1 - c0)? {
                 freed.extend(self.held_by(old)?);
             }
             m.free_after_unmap(&self.f, &freed)
