@@ -189,3 +189,59 @@ fn large_reads_return_the_file_in_simple_and_structured_replies() {
         }
     }
 }
+
+/// The hole chunks of a 256 KiB read (what nbdcopy reads over a 64 KiB
+/// data extent) starting at `off` on a fresh structured connection.
+fn hole_chunks(server: &Server, off: u64) -> Vec<u32> {
+    let mut c = Conn::new(server.connect());
+    c.start();
+    c.structured_replies();
+    c.go("");
+    let out = c.call(0, CMD_READ, off, 256 << 10, &[]);
+    out.chunks
+        .iter()
+        .filter(|(t, _)| *t == REPLY_TYPE_OFFSET_HOLE)
+        .map(|(_, p)| u32::from_be_bytes(p[8..12].try_into().expect("hole size")))
+        .collect()
+}
+
+#[test]
+fn qcow2_reads_send_unallocated_clusters_as_hole_chunks() {
+    let dir = common::temp_dir();
+    let raw = dir.path().join("data.raw");
+    common::sparse_file(&raw, 64 * MIB);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .expect("open");
+    f.write_all_at(&common::pattern(65536, 4), 8 * MIB)
+        .expect("write");
+    drop(f);
+    let qcow2 = dir.path().join("data.qcow2");
+    run(tool("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2));
+    let opts = ServeOpts {
+        format: Some("qcow2"),
+        ..ServeOpts::read_only()
+    };
+    let server = Server::start_under_test(&qcow2, &opts);
+    // Asked twice: the first may find the tables not yet in memory (the
+    // pool answers), the second is served where it was read (no waiting);
+    // both must send the 192 KiB of unallocated clusters as a hole.
+    for round in 0..2 {
+        let holes = hole_chunks(&server, 8 * MIB);
+        assert_eq!(holes, [192 << 10], "round {round}");
+    }
+    // All data: no hole chunk.
+    let mut c = Conn::new(server.connect());
+    c.start();
+    c.structured_replies();
+    c.go("");
+    let got = c.read_ok(8 * MIB - 4096, 256 << 10);
+    let mut want = vec![0u8; 4096];
+    want.extend_from_slice(&common::pattern(65536, 4));
+    want.resize(256 << 10, 0);
+    assert!(got == want, "the read differs from the image");
+}

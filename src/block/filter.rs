@@ -181,6 +181,10 @@ impl BlockNode for Filter {
         self.child().block_status(offset, len)
     }
 
+    fn try_block_status_nowait(&self, offset: u64, len: u64) -> Option<Extent> {
+        self.child().try_block_status_nowait(offset, len)
+    }
+
     fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
         self.child().allocation_depth(offset, len)
     }

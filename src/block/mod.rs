@@ -105,6 +105,12 @@ pub trait BlockNode: Send + Sync + 'static {
     /// bytes long (and at least 1 byte when `len > 0`).
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent>;
 
+    /// [`BlockNode::block_status`] only if that needs no waiting (the
+    /// mapping in memory); `None`: not known without waiting.
+    fn try_block_status_nowait(&self, _offset: u64, _len: u64) -> Option<Extent> {
+        None
+    }
+
     /// The chain depth of the first run at `offset`, at most `len` bytes long.
     /// A single-layer node is depth 1 where allocated, 0 where a hole.
     fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {

@@ -316,6 +316,10 @@ impl BlockNode for Node {
         self.driver.block_status(offset, len)
     }
 
+    fn try_block_status_nowait(&self, offset: u64, len: u64) -> Option<Extent> {
+        self.driver.try_block_status_nowait(offset, len)
+    }
+
     fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
         self.driver.allocation_depth(offset, len)
     }

@@ -8,20 +8,15 @@ use super::proto::*;
 use super::reply::{Reply, ReplyTo};
 use super::splice::{self, SPLICE_MIN};
 use crate::block::node::Node;
-use crate::block::{BlockError, BlockNode, ErrorKind, ZeroFlags, STATE_ZERO};
+use crate::block::{BlockError, BlockNode, ErrorKind, Extent, ZeroFlags, STATE_ZERO};
 
 /// Reads this long or longer (chunked, without DF) send the ranges the
 /// node reports as zeroes as hole chunks, as qemu does for every read:
 /// nbdcopy reads 256 KiB even over a 64 KiB data extent, and sending those
-/// holes as data made a sparse pull move four times the bytes. This is for
-/// nodes whose data moves through pipes (raw files), read on the pool
-/// anyway; shorter reads stay on the no-wait path, where a hole saves less
-/// than the lseek that finds it costs. See proto/nbd.md.
+/// holes as data made a sparse pull move four times the bytes. Shorter
+/// reads are sent whole, where a hole saves less than finding it costs (an
+/// lseek on raw files). See proto/nbd.md.
 pub const SPARSE_READ_MIN: u64 = 128 << 10;
-/// The same for data that is copied (qcow2, TLS): a 256 KiB read served
-/// on the no-wait path beats finding its holes on the pool (measured: a
-/// full qcow2 pull took half as much server CPU again).
-pub const SPARSE_READ_MIN_COPIED: u64 = 1 << 20;
 
 /// The NBD error code for a block-layer failure.
 pub fn errno_of(e: &BlockError) -> u32 {
@@ -180,12 +175,42 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
     match cmd {
         Command::Read { len, df } if *len > 0 && *len <= INLINE_MAX => {
             let node = export.root.try_get()?;
-            if on_pool(&node, to, *len, *df) {
+            if on_pool(&node, to, *len) {
                 return None;
             }
-            let (mut out, at) = data_reply(to, to.offset, *len, true);
-            node.try_read_nowait(&mut out[at..], to.offset)
-                .then_some(out)
+            // Where the holes are must be known without waiting, else the
+            // pool finds them.
+            let runs = if sparse(to, *len, *df) {
+                zero_runs(to.offset, *len, |at, n| {
+                    node.try_block_status_nowait(at, n).ok_or(())
+                })
+                .ok()?
+            } else {
+                None
+            };
+            let Some(runs) = runs else {
+                let (mut out, at) = data_reply(to, to.offset, *len, true);
+                return node
+                    .try_read_nowait(&mut out[at..], to.offset)
+                    .then_some(out);
+            };
+            let mut out = Vec::new();
+            let end = runs.len() - 1;
+            for (i, &(at, n, zero)) in runs.iter().enumerate() {
+                let flags = if i == end { REPLY_FLAG_DONE } else { 0 };
+                if zero {
+                    hole_chunk(to, &mut out, flags, at, n);
+                    continue;
+                }
+                to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_DATA, 8 + n as usize);
+                put64(&mut out, at);
+                let from = out.len();
+                out.resize(from + n as usize, 0);
+                if !node.try_read_nowait(&mut out[from..], at) {
+                    return None;
+                }
+            }
+            Some(out)
         }
         Command::Write { data, fua: false } if data.len() as u64 <= INLINE_MAX => export
             .root
@@ -218,9 +243,9 @@ fn read_part(
     df: bool,
     last: bool,
 ) -> Result<Reply, Vec<u8>> {
-    let sparse = to.mode != Mode::Simple && !df && len >= sparse_min(node, to);
-    let runs = if sparse {
-        zero_runs(node, pos, len)
+    let runs = if sparse(to, len, df) {
+        // Status is an optimisation: on error, just read it all.
+        zero_runs(pos, len, |at, n| node.block_status(at, n)).unwrap_or(None)
     } else {
         None
     };
@@ -232,9 +257,7 @@ fn read_part(
     for (i, &(at, n, zero)) in runs.iter().enumerate() {
         let flags = if last && i == end { REPLY_FLAG_DONE } else { 0 };
         if zero {
-            to.chunk(&mut head, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-            put64(&mut head, at);
-            put32(&mut head, n as u32);
+            hole_chunk(to, &mut head, flags, at, n);
             continue;
         }
         if to.mode == Mode::Simple {
@@ -256,21 +279,22 @@ fn splices(node: &Node, to: &ReplyTo, len: u64) -> bool {
     to.splice && len >= SPLICE_MIN && node.pipe_reads()
 }
 
-/// The shortest read whose holes are sent as hole chunks.
-fn sparse_min(node: &Node, to: &ReplyTo) -> u64 {
-    if to.splice && node.pipe_reads() {
-        SPARSE_READ_MIN
-    } else {
-        SPARSE_READ_MIN_COPIED
-    }
+/// Whether a read's holes are sent as hole chunks.
+fn sparse(to: &ReplyTo, len: u64, df: bool) -> bool {
+    to.mode != Mode::Simple && !df && len >= SPARSE_READ_MIN
 }
 
-/// Whether a read skips the no-wait path for the pool: to look for holes,
-/// or to move its data through pipes (filling one may wait on the disk).
-fn on_pool(node: &Node, to: &ReplyTo, len: u64, df: bool) -> bool {
-    let moved = to.splice && node.pipe_reads();
-    let sparse = to.mode != Mode::Simple && !df;
-    len >= sparse_min(node, to) && (sparse || moved)
+/// Whether a read skips the no-wait path for the pool: to move its data
+/// through pipes (filling one may wait on the disk; its holes are found
+/// there too).
+fn on_pool(node: &Node, to: &ReplyTo, len: u64) -> bool {
+    to.splice && node.pipe_reads() && len >= SPARSE_READ_MIN
+}
+
+fn hole_chunk(to: &ReplyTo, out: &mut Vec<u8>, flags: u16, at: u64, n: u64) {
+    to.chunk(out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+    put64(out, at);
+    put32(out, n as u32);
 }
 
 /// Puts `head` and then `n` bytes of data at `at` into `reply`: the pages
@@ -301,25 +325,29 @@ fn append_data(
     Ok(())
 }
 
-/// The range as (offset, length, reads-as-zero) runs, or `None` when it is
-/// all data (or the node cannot say): then one data chunk is best.
-fn zero_runs(node: &Node, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+/// `[pos, pos + len)` as (offset, length, reads-as-zero) runs, as
+/// `status(at, left)` reports them; `Ok(None)` when it is all data: then
+/// one data chunk is best.
+fn zero_runs<E>(
+    pos: u64,
+    len: u64,
+    mut status: impl FnMut(u64, u64) -> Result<Extent, E>,
+) -> Result<Option<Vec<(u64, u64, bool)>>, E> {
     let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        // Status is an optimisation: on error, just read it all.
-        let e = node.block_status(pos, end - pos).ok()?;
-        let n = e.len.clamp(1, end - pos);
+    let end = pos + len;
+    let mut at = pos;
+    while at < end {
+        let e = status(at, end - at)?;
+        let n = e.len.clamp(1, end - at);
         let zero = e.flags & STATE_ZERO != 0;
         match runs.last_mut() {
             Some((_, l, z)) if *z == zero => *l += n,
-            _ => runs.push((pos, n, zero)),
+            _ => runs.push((at, n, zero)),
         }
-        pos += n;
+        at += n;
     }
     let all_data = runs.len() == 1 && !runs[0].2;
-    (!all_data).then_some(runs)
+    Ok((!all_data).then_some(runs))
 }
 
 fn block_status(export: &Export, to: ReplyTo, len: u64, req_one: bool, ids: &[u32]) -> Vec<u8> {

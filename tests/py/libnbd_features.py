@@ -103,7 +103,7 @@ def structured_read_over_holes(uri, image, multi_conn):
             check(expected(o, n) == bytes(n),
                   "HOLE chunk %d+%d over data" % (o, n))
     # A read entirely inside a hole is a single HOLE chunk (tidemark looks
-    # for holes in reads of 1 MiB or more; proto/nbd.md).
+    # for holes in reads of 128 KiB or more; proto/nbd.md).
     buf, chunks = read_chunks(h, 1 * MIB, 2 * MIB)
     check(buf == bytes(1 * MIB), "hole did not read as zeroes")
     check([c[0] for c in chunks] == [nbd.READ_HOLE],

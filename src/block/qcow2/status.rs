@@ -13,10 +13,12 @@
 //! reports data clusters over holes in it as data that reads as zero (ZERO).
 //! The guess is made once, at the first query, as qemu does. Adjacent runs with the same answer are merged.
 
+use super::io::HostFile;
 use super::tables::Mapping;
 use super::Qcow2Node;
+use crate::block::node::Node;
 use crate::block::{
-    BlockError, BlockNode, BlockResult, DepthExtent, Extent, STATE_HOLE, STATE_ZERO,
+    BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, STATE_HOLE, STATE_ZERO,
 };
 
 /// Runs merged by one call at most, so a single query stays cheap on huge
@@ -41,6 +43,16 @@ impl Qcow2Node {
         meta.mapping(&self.f, at, max)
     }
 
+    /// [`Qcow2Node::map_run`] without waiting: `None` if the metadata
+    /// lock is taken or the table is not in memory.
+    fn map_run_nowait(&self, at: u64, max: u64) -> Option<(Mapping, u64)> {
+        let mut meta = self.meta.try_lock().ok()?;
+        if !meta.tables_cached(at, max) {
+            return None;
+        }
+        meta.mapping(&self.f, at, max).ok()
+    }
+
     /// qemu's heuristic: count clusters in use (up to the end of the file)
     /// against the blocks the host file really has; well above that means
     /// metadata preallocation.
@@ -60,47 +72,59 @@ impl Qcow2Node {
 
     pub(super) fn status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let len = self.clamp(offset, len)?;
-        let mut done = 0;
-        let mut flags = None;
-        for _ in 0..MAX_STEPS {
-            if done >= len {
-                break;
-            }
-            let (f, n) = self.status_one(offset + done, len - done)?;
-            if flags.is_some_and(|prev| prev != f) {
-                break;
-            }
-            flags = Some(f);
-            done += n;
-        }
-        Ok(Extent {
-            len: done,
-            flags: flags.unwrap_or(STATE_HOLE | STATE_ZERO),
-        })
+        merge(len, |done| self.status_one(offset + done, len - done))
+    }
+
+    /// [`Qcow2Node::status`] only if nothing needs waiting for: the tables
+    /// in memory, the metadata lock free, and the same down the chain.
+    /// `None`: ask [`Qcow2Node::status`] on a thread that may wait.
+    pub(super) fn status_nowait(&self, offset: u64, len: u64) -> Option<Extent> {
+        let len = self.clamp(offset, len).ok()?;
+        let step = |done| match self.status_one_nowait(offset + done, len - done) {
+            Some(r) => Ok(r),
+            None => Err(BlockError::new(ErrorKind::Io, "would wait")),
+        };
+        merge(len, step).ok()
     }
 
     fn status_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
         let (m, n) = self.map_run(at, max)?;
-        Ok(match m {
-            Mapping::Data { host, .. } if self.looks_preallocated()? => {
-                match self.f.data_run(host, n) {
-                    (true, run) => (0, run.max(1)),
-                    (false, run) => (STATE_ZERO, run.max(1)),
-                }
-            }
-            Mapping::Data { .. } => (0, n),
-            Mapping::Compressed { .. } => (0, n),
-            Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
-            Mapping::Unallocated => match self.backing().as_ref().map(|c| c.get()) {
-                Some(b) if at < b.size() => {
-                    let e = b.block_status(at, n.min(b.size() - at))?;
-                    (e.flags, e.len.clamp(1, n))
-                }
-                _ => (STATE_HOLE | STATE_ZERO, n),
-            },
-        })
+        let prealloc = matches!(m, Mapping::Data { .. }) && self.looks_preallocated()?;
+        let backing = self.backing();
+        let b = backing.as_ref().map(|c| c.get());
+        let below = |b: &Node, n| b.block_status(at, n);
+        classify(
+            m,
+            at,
+            n,
+            prealloc,
+            &self.f,
+            b.as_deref().map(|b| &**b),
+            below,
+        )
     }
 
+    fn status_one_nowait(&self, at: u64, max: u64) -> Option<(u32, u64)> {
+        let (m, n) = self.map_run_nowait(at, max)?;
+        // A preallocated image asks the host file (lseek), which may wait.
+        let prealloc = match m {
+            Mapping::Data { .. } => *self.prealloc.get()?,
+            _ => false,
+        };
+        if prealloc {
+            return None;
+        }
+        let edge = self.backing.try_read().ok()?;
+        let b = match edge.as_ref() {
+            Some(c) => Some(c.link.try_get()?),
+            None => None,
+        };
+        let below = |b: &Node, n| {
+            b.try_block_status_nowait(at, n)
+                .ok_or_else(|| BlockError::new(ErrorKind::Io, "would wait"))
+        };
+        classify(m, at, n, false, &self.f, b.as_deref().map(|b| &**b), below).ok()
+    }
     pub(super) fn depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
         let len = self.clamp(offset, len)?;
         let mut done = 0;
@@ -139,4 +163,55 @@ impl Qcow2Node {
             _ => (1, n),
         })
     }
+}
+
+/// Merges the runs `step(done)` reports from the start of a `len`-byte
+/// range while their flags agree (at most [`MAX_STEPS`] of them).
+fn merge(len: u64, mut step: impl FnMut(u64) -> BlockResult<(u32, u64)>) -> BlockResult<Extent> {
+    let mut done = 0;
+    let mut flags = None;
+    for _ in 0..MAX_STEPS {
+        if done >= len {
+            break;
+        }
+        let (f, n) = step(done)?;
+        if flags.is_some_and(|prev| prev != f) {
+            break;
+        }
+        flags = Some(f);
+        done += n;
+    }
+    Ok(Extent {
+        len: done,
+        flags: flags.unwrap_or(STATE_HOLE | STATE_ZERO),
+    })
+}
+
+/// The `base:allocation` flags of `n` bytes at `at` mapped as `m`, and how
+/// many of them share those flags; `below` asks the backing node.
+fn classify(
+    m: Mapping,
+    at: u64,
+    n: u64,
+    prealloc: bool,
+    f: &HostFile,
+    backing: Option<&Node>,
+    below: impl FnOnce(&Node, u64) -> BlockResult<Extent>,
+) -> BlockResult<(u32, u64)> {
+    Ok(match m {
+        Mapping::Data { host, .. } if prealloc => match f.data_run(host, n) {
+            (true, run) => (0, run.max(1)),
+            (false, run) => (STATE_ZERO, run.max(1)),
+        },
+        Mapping::Data { .. } => (0, n),
+        Mapping::Compressed { .. } => (0, n),
+        Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
+        Mapping::Unallocated => match backing {
+            Some(b) if at < b.size() => {
+                let e = below(b, n.min(b.size() - at))?;
+                (e.flags, e.len.clamp(1, n))
+            }
+            _ => (STATE_HOLE | STATE_ZERO, n),
+        },
+    })
 }
