@@ -325,6 +325,9 @@ fn append_data(
     Ok(())
 }
 
+/// (offset, length, reads-as-zero) of each run of a read.
+type Runs = Vec<(u64, u64, bool)>;
+
 /// `[pos, pos + len)` as (offset, length, reads-as-zero) runs, as
 /// `status(at, left)` reports them; `Ok(None)` when it is all data: then
 /// one data chunk is best.
@@ -332,8 +335,8 @@ fn zero_runs<E>(
     pos: u64,
     len: u64,
     mut status: impl FnMut(u64, u64) -> Result<Extent, E>,
-) -> Result<Option<Vec<(u64, u64, bool)>>, E> {
-    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+) -> Result<Option<Runs>, E> {
+    let mut runs: Runs = Vec::new();
     let end = pos + len;
     let mut at = pos;
     while at < end {
