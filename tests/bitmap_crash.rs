@@ -17,6 +17,7 @@ use std::process::Command;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
+use common::rng::{seed, Rng};
 use common::PyScript;
 use qmp_common::{Impl, Instance, Qmp};
 use serde_json::{json, Value};
@@ -218,25 +219,6 @@ fn send(w: &mut PyScript, line: &str) {
     use std::io::Write;
     let stdin = w.stdin.as_mut().expect("writer stdin");
     writeln!(stdin, "{line}").expect("write to the writer");
-}
-
-/// A small seeded generator (xorshift), so an iteration can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261130)
 }
 
 /// How an iteration places its store point.
@@ -447,7 +429,7 @@ fn kill_9_under_load_leaves_every_recording_bitmap_a_superset() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
-    let base = seed();
+    let base = seed(20261130);
     eprintln!("seed {base} (TIDEMARK_SEED), {iterations} iterations");
     let logs = tempfile::tempdir().expect("tempdir");
     let mut writer = spawn_writer(logs.path());

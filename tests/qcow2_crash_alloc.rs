@@ -29,6 +29,7 @@ use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
+use common::rng::{seed, Rng};
 use common::{Kind, PyScript, ServeOpts, Server};
 
 const SIZE: u64 = 1 << 30;
@@ -36,29 +37,6 @@ const MIB: u64 = 1 << 20;
 /// The backing: data on its first 48 MiB, and an end inside a cluster.
 const BACKING_SIZE: u64 = 48 * MIB + 20480;
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn seed() -> u64 {
-    std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261202)
-}
-
-/// A small seeded generator (xorshift), so an iteration can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn tool_ok(dir: &Path, program: &str, args: &[&str]) -> String {
     let mut cmd = common::tool(program);
@@ -274,7 +252,7 @@ fn kill_9_during_allocating_writes_keeps_every_durable_write_and_the_image_consi
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let base = seed();
+    let base = seed(20261202);
     eprintln!("seed {base} (TIDEMARK_SEED), {iterations} iterations");
     let shared = common::temp_dir();
     make_backings(shared.path(), base);

@@ -29,6 +29,7 @@ use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
+use common::rng::{seed, Rng};
 use common::{Kind, PyScript, ServeOpts, Server};
 
 const CLUSTER: u64 = 65536;
@@ -52,39 +53,11 @@ fn windows() -> Vec<(u64, u64)> {
     ]
 }
 
-fn seed() -> u64 {
-    std::env::var("TIDEMARK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261201)
-}
-
 fn secs() -> f64 {
     std::env::var("TIDEMARK_STRESS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12.0)
-}
-
-/// A small seeded generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// Uniform in lo..=hi.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
 }
 
 /// Runs a tool in `dir`; it must exit 0.
@@ -232,7 +205,7 @@ fn expect_line(w: &PyScript, prefixes: &[&str], deadline: Instant, server: &Serv
 
 #[test]
 fn four_connections_of_mixed_io_on_a_qcow2_overlay_match_the_model() {
-    let seed = seed();
+    let seed = seed(20261201);
     let secs = secs();
     eprintln!("seed {seed} (TIDEMARK_SEED), {secs} s (TIDEMARK_STRESS_SECS)");
     let mut tmp = common::temp_dir();

@@ -3,7 +3,9 @@
 //! A [`BlockNode`] is synchronous and thread-safe: positioned reads and writes
 //! with internal locking, so many requests (from many NBD connections) may be
 //! in flight at once. The async fronts never call it on a tokio worker; they
-//! hand the call to the blocking pool.
+//! hand the call to a thread that may wait (the NBD I/O threads, or tokio's
+//! blocking pool for the control plane), except for the `try_*_nowait`
+//! calls, which never wait.
 //!
 //! Formats (raw, qcow2) and filters (copy-before-write) all implement the same
 //! trait, so a protocol server never knows which one it is talking to.
@@ -121,7 +123,7 @@ pub trait BlockNode: Send + Sync + 'static {
 
     /// Fills `buf` from `offset` only if that needs no waiting (the data is
     /// in the page cache). False means "not done": use [`BlockNode::read_at`]
-    /// on the blocking pool. Lets async callers skip a thread hand-off.
+    /// on a thread that may wait. Lets async callers skip a thread hand-off.
     fn try_read_nowait(&self, _buf: &mut [u8], _offset: u64) -> bool {
         false
     }

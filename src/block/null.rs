@@ -168,7 +168,7 @@ impl BlockNode for NullNode {
     }
 
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> bool {
-        // Without latency a read never waits: skip the blocking pool.
+        // Without latency a read never waits: skip the I/O threads.
         self.latency.is_none() && self.read_at(buf, offset).is_ok()
     }
 

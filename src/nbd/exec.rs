@@ -1,5 +1,6 @@
 //! Carrying out a validated request against the export's node. Runs on the
-//! blocking pool: everything here may wait on the disk.
+//! NBD I/O threads (see [`super::workers`]): everything here may wait on
+//! the disk, except [`try_inline`], which runs on the async reader.
 
 use super::budget::CONN_SHARE;
 use super::context::Descriptor;
@@ -170,7 +171,7 @@ pub fn block_status_bound(mode: Mode, ids: usize, req_one: bool) -> (usize, usiz
 }
 
 /// Carries out `cmd` at once if the node can do it without waiting (data
-/// in the page cache); `None` means it must go to the blocking pool.
+/// in the page cache); `None` means it must go to the I/O threads.
 pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8>> {
     match cmd {
         Command::Read { len, df } if *len > 0 && *len <= INLINE_MAX => {

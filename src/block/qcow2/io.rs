@@ -94,26 +94,21 @@ impl HostFile {
     /// in progress or a page-cache miss both say no): for the async
     /// worker's fast path. False: nothing usable was read.
     pub fn try_read_nowait(&self, buf: &mut [u8], off: u64) -> bool {
-        let end = off.saturating_add(buf.len() as u64);
-        end <= self.len.load(Ordering::Acquire)
-            && self
-                .child
-                .link
-                .try_get()
-                .is_some_and(|n| n.try_read_nowait(buf, off))
+        self.nowait(off, buf.len(), |n| n.try_read_nowait(buf, off))
     }
 
     /// Writes `buf` at `off` inside the file only if that needs no
     /// waiting. False: use [`HostFile::write`] (which may rewrite the same
     /// bytes: harmless).
     pub fn try_write_nowait(&self, buf: &[u8], off: u64) -> bool {
-        let end = off.saturating_add(buf.len() as u64);
-        end <= self.len.load(Ordering::Acquire)
-            && self
-                .child
-                .link
-                .try_get()
-                .is_some_and(|n| n.try_write_nowait(buf, off))
+        self.nowait(off, buf.len(), |n| n.try_write_nowait(buf, off))
+    }
+
+    /// `io` on the file node, for `len` bytes at `off` inside the file,
+    /// if the node can be entered without waiting.
+    fn nowait(&self, off: u64, len: usize, io: impl FnOnce(&Node) -> bool) -> bool {
+        let end = off.saturating_add(len as u64);
+        end <= self.len.load(Ordering::Acquire) && self.child.link.try_get().is_some_and(|n| io(&n))
     }
 
     /// Whether the file holds data (true) or a hole (false) at `off`, and

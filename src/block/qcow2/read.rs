@@ -1,6 +1,8 @@
 //! Reads: map the range under the metadata lock, then do the data I/O
 //! without it; or, on an async worker, both without waiting at all.
 
+use std::sync::MutexGuard;
+
 use super::compress::decompress;
 use super::io::HostFile;
 use super::meta::Meta;
@@ -24,15 +26,26 @@ impl Qcow2Node {
         pieces(&mut meta, &self.f, offset, len)
     }
 
-    /// [`Qcow2Node::plan`] without waiting: `None` if the metadata lock is
-    /// taken or a table would have to be read.
-    fn plan_nowait(&self, offset: u64, len: u64) -> Option<Vec<Piece>> {
+    /// [`Qcow2Node::plan`] without waiting, if every piece passes `fit`:
+    /// `None` if the metadata lock is taken, a table would have to be
+    /// read, or a piece does not fit.
+    pub(super) fn plan_nowait(
+        &self,
+        offset: u64,
+        len: u64,
+        mut fit: impl FnMut(&mut Meta, &Piece) -> bool,
+    ) -> Option<Vec<Piece>> {
         self.check_span(offset, len).ok()?;
-        let mut meta = self.meta.try_lock().ok()?;
-        if !meta.tables_cached(offset, len) {
-            return None;
-        }
-        pieces(&mut meta, &self.f, offset, len).ok()
+        let mut meta = self.meta_nowait(offset, len)?;
+        let pieces = pieces(&mut meta, &self.f, offset, len).ok()?;
+        pieces.iter().all(|p| fit(&mut meta, p)).then_some(pieces)
+    }
+
+    /// The metadata, if it is free and maps `[offset, offset + len)`
+    /// without reading a table.
+    pub(super) fn meta_nowait(&self, offset: u64, len: u64) -> Option<MutexGuard<'_, Meta>> {
+        let meta = self.meta.try_lock().ok()?;
+        (!meta.corrupt && meta.tables_cached(offset, len)).then_some(meta)
     }
 
     pub(super) fn check_span(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -54,7 +67,7 @@ impl Qcow2Node {
         let Ok(_guard) = self.free_lock.try_read() else {
             return false;
         };
-        let Some(pieces) = self.plan_nowait(offset, buf.len() as u64) else {
+        let Some(pieces) = self.plan_nowait(offset, buf.len() as u64, |_, _| true) else {
             return false;
         };
         pieces.into_iter().all(|p| {

@@ -46,11 +46,7 @@ impl Qcow2Node {
     /// [`Qcow2Node::map_run`] without waiting: `None` if the metadata
     /// lock is taken or the table is not in memory.
     fn map_run_nowait(&self, at: u64, max: u64) -> Option<(Mapping, u64)> {
-        let mut meta = self.meta.try_lock().ok()?;
-        if !meta.tables_cached(at, max) {
-            return None;
-        }
-        meta.mapping(&self.f, at, max).ok()
+        self.meta_nowait(at, max)?.mapping(&self.f, at, max).ok()
     }
 
     /// qemu's heuristic: count clusters in use (up to the end of the file)

@@ -8,7 +8,7 @@
 //! then points the L2 entries at it.
 
 use super::meta::Meta;
-use super::read::{pieces, Piece};
+use super::read::Piece;
 use super::tables::{Mapping, COMPRESSED, COPIED, ZERO};
 use super::Qcow2Node;
 use crate::block::{BlockError, BlockNode, BlockResult, ErrorKind, ZeroFlags, STATE_ZERO};
@@ -192,19 +192,10 @@ impl Qcow2Node {
     /// The pieces of an in-place overwrite, if that is what the range
     /// needs and it can be known without waiting.
     fn overwrite_plan_nowait(&self, offset: u64, len: u64) -> Option<Vec<Piece>> {
-        self.check_span(offset, len).ok()?;
-        let mut meta = self.meta.try_lock().ok()?;
-        if meta.corrupt || !meta.tables_cached(offset, len) {
-            return None;
-        }
-        let pieces = pieces(&mut meta, &self.f, offset, len).ok()?;
-        for p in &pieces {
-            match p.map {
-                Mapping::Data { host, copied: true } => meta.check_overlap(host, p.len).ok()?,
-                _ => return None,
-            }
-        }
-        Some(pieces)
+        self.plan_nowait(offset, len, |meta, p| match p.map {
+            Mapping::Data { host, copied: true } => meta.check_overlap(host, p.len).is_ok(),
+            _ => false,
+        })
     }
 
     /// Writes one whole cluster compressed (a backup's `compress`), as
