@@ -253,13 +253,13 @@ cat <<EOF
 
 - host: $(nproc) CPUs, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC')
 - image: $(numfmt --to=iec "$size") raw, fully allocated random data, on $(df --output=fstype "$tmp" | tail -n 1); write source $(numfmt --to=iec "$wsize")
-- sparse pull: $(numfmt --to=iec "$sparse_size") raw sparse file, $n_sparse blocks of 64 KiB written (one at a seeded random place in every $sparse_every; $(numfmt --to=iec "$sparse_alloc") allocated), a fresh start of each server; \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\`; server CPU = utime + stime (all threads, /proc/PID/stat) read before and after
+- sparse pull: $(numfmt --to=iec "$sparse_size") raw sparse file, $n_sparse blocks of 64 KiB written (one at a seeded random place in every $sparse_every; $(numfmt --to=iec "$sparse_alloc") allocated), a fresh start of each server; \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` ${BENCH_PULL_REPS:-3} times in a row, the median; server CPU = utime + stime (all threads, /proc/PID/stat) read before and after each
 - page cache: $([[ $cache_mode == warm ]] && echo "pre-warmed (sync, then image, write source and the sparse file's data read once) before each server" || echo "sync + drop_caches before each server")
 - servers run one at a time, in this order: $servers; each on a fresh unix socket
 - tidemark ($commit): \`target/release/tidemark serve --max-connections 16 --socket S --export-name '' --format raw IMG\`
 - $(ver qemu-nbd --version): \`qemu-nbd -f raw --cache=writeback --aio=threads --shared=16 --persistent -k S IMG\`
 - $(ver nbdkit --version): \`nbdkit --foreground --unix S file IMG\`
-- sequential: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` and \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} SRC URI\` (several connections only if the server advertises multi-conn); full pulls \`nbdcopy -C 1 -T 1 URI null:\` and \`nbdcopy -C 2 -T 2 URI null:\`, right after the sequential read on the same server
+- sequential: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` and \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} SRC URI\` (several connections only if the server advertises multi-conn); full pulls \`nbdcopy -C 1 -T 1 URI null:\` and \`nbdcopy -C 2 -T 2 URI null:\` (each the median of ${BENCH_PULL_REPS:-3} in a row), right after the sequential read on the same server
 - random: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s per row, whole export
 
 | load | tidemark | qemu-nbd | nbdkit | tidemark / qemu-nbd | nbdkit / qemu-nbd |

@@ -193,18 +193,24 @@ rand_io() { # rand_io read|write [SPAN]
     fi
 }
 
-# timed_pull NBDCOPY-OPTION...: `nbdcopy OPTIONS $uri null:`; sets secs (wall,
-# 3 decimals) and cpu (the server's utime + stime during it, all threads,
-# seconds, 2 decimals; clk_tck: the caller's $(getconf CLK_TCK), else 100).
+# timed_pull NBDCOPY-OPTION...: `nbdcopy OPTIONS $uri null:`, BENCH_PULL_REPS
+# times in a row (default 3: one pull on this shared 2-core machine varies by
+# ±30%); sets secs (wall, 3 decimals) and cpu (the server's utime + stime
+# during it, all threads, seconds, 2 decimals; clk_tck: the caller's
+# $(getconf CLK_TCK), else 100), each the median over the pulls.
 timed_pull() {
-    local c0 c1 t0 t1
-    c0=$(cpu_ticks) || return 1
-    t0=$EPOCHREALTIME
-    run "$op_timeout" nbdcopy "$@" "$uri" null: || return 1
-    t1=$EPOCHREALTIME
-    c1=$(cpu_ticks) || return 1
-    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-    cpu=$(awk -v a="$c0" -v b="$c1" -v hz="${clk_tck:-100}" 'BEGIN { printf "%.2f", (b - a) / hz }')
+    local c0 c1 t0 t1 i all_secs=() all_cpu=()
+    for ((i = 0; i < ${BENCH_PULL_REPS:-3}; i++)); do
+        c0=$(cpu_ticks) || return 1
+        t0=$EPOCHREALTIME
+        run "$op_timeout" nbdcopy "$@" "$uri" null: || return 1
+        t1=$EPOCHREALTIME
+        c1=$(cpu_ticks) || return 1
+        all_secs+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')")
+        all_cpu+=("$(awk -v a="$c0" -v b="$c1" -v hz="${clk_tck:-100}" 'BEGIN { printf "%.2f", (b - a) / hz }')")
+    done
+    secs=$(awk -v m="$(median "${all_secs[@]}")" 'BEGIN { printf "%.3f", m }')
+    cpu=$(awk -v m="$(median "${all_cpu[@]}")" 'BEGIN { printf "%.2f", m }')
 }
 
 # A background sampler of the server's thread count (started and stopped

@@ -381,6 +381,7 @@ cat <<EOF
 - tidemark ($commit): \`target/release/tidemark serve --max-connections 16 --socket S --export-name '' IMG\` (format probed)
 - $(ver qemu-nbd --version): \`qemu-nbd -f qcow2 --cache=writeback --aio=threads --shared=16 --persistent -k S IMG\`
 - sequential: $(ver nbdcopy --version), \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\` and \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} SRC URI\` (several connections only if the server advertises multi-conn); the random writes follow the sequential write on the same overlay, first the overwrites (offsets in the written $wsize_str), then the whole export
+- pulls (the full pulls and the sparse pull): each the median of ${BENCH_PULL_REPS:-3} in a row on the same server
 - full pulls of the chain: \`nbdcopy -C 1 -T 1 URI null:\` after the sequential read on the same server; \`nbdcopy -C 4 -T 4 URI null:\` on a fresh server, its VmHWM read after the pull and its Threads (/proc/PID/status) sampled every 50 ms during it
 - sparse pull: a fresh server, \`nbdcopy${nbdcopy_opts:+ $nbdcopy_opts} URI null:\`; server CPU = utime + stime (all threads, /proc/PID/stat) read before and after
 - random: $(if [[ $randio == fio ]]; then echo "$(fio --version) nbd engine"; else echo "benches/randio.py (python3-libnbd aio)"; fi), 1 connection, bs=$bs_str, QD $qd, ${rand_secs}s per row, whole export
