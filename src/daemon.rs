@@ -162,7 +162,7 @@ pub struct Daemon {
     /// Serialises commands across all monitors, as qemu's big lock does: a
     /// transaction sees no other command between its prepare and commit,
     /// and no command runs once the daemon is closing.
-    pub command_lock: tokio::sync::Mutex<()>,
+    pub command_lock: Arc<tokio::sync::Mutex<()>>,
     exports: ExportTable,
     /// Jobs, newest first (query-jobs' order). Never held with `state`.
     jobs: Mutex<Vec<Arc<Job>>>,
@@ -202,7 +202,7 @@ impl Daemon {
             sessions: Default::default(),
             state: Mutex::new(State::default()),
             nbd: tokio::sync::Mutex::new(None),
-            command_lock: tokio::sync::Mutex::new(()),
+            command_lock: Default::default(),
             exports: ExportTable::new(),
             jobs: Mutex::new(Vec::new()),
             events,
@@ -235,31 +235,47 @@ impl Daemon {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Runs `f` every `period` on a thread of its own, under the command
-    /// lock as a command would, until it returns false or the daemon
-    /// closes (a lease, the store points).
+    /// Runs `f` every `period`, under the command lock as a command would,
+    /// until it returns false or the daemon closes (a lease, the store
+    /// points). A task of the runtime waits out the period and takes the
+    /// lock; `f` runs on the blocking pool, as a command does. Not a thread
+    /// of its own: every pull session's lease would add one.
     pub fn every(
         self: &Arc<Self>,
         name: String,
         period: Duration,
-        mut f: impl FnMut(&Daemon) -> bool + Send + 'static,
+        f: impl FnMut(&Daemon) -> bool + Send + 'static,
     ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(timer = %name, "no runtime to run a timer on");
+            return;
+        };
         let d = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || loop {
-                std::thread::sleep(period);
+        rt.spawn(async move {
+            let mut f = f;
+            loop {
+                tokio::time::sleep(period).await;
                 let Some(d) = d.upgrade() else {
                     return;
                 };
-                let _serial = d.command_lock.blocking_lock();
-                if d.check_open().is_err() || !f(&d) {
-                    return;
+                // Taken here, not on the blocking thread: a command holds
+                // it while it waits for that thread.
+                let serial = d.command_lock.clone().lock_owned().await;
+                let run = tokio::task::spawn_blocking(move || {
+                    let _serial = serial;
+                    let go = d.check_open().is_ok() && f(&d);
+                    (f, go)
+                });
+                match run.await {
+                    Ok((back, true)) => f = back,
+                    Ok((_, false)) => return,
+                    Err(e) => {
+                        tracing::error!(timer = %name, error = %e, "a timer failed");
+                        return;
+                    }
                 }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(timer = %name, error = %e, "could not start a timer");
-        }
+            }
+        });
     }
 
     /// The daemon as a shared handle.

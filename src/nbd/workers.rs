@@ -21,10 +21,10 @@
 //! CPU); about twice the cores keeps every core busy while half the threads
 //! wait, without a thread per request. The one less is for the thread
 //! budget of 4 per core: with the runtime's worker per core, the main
-//! thread, one timer thread (store points) and the one control-plane
-//! blocking thread (main.rs), the process has 3 × cores + 2 threads, within
-//! 4 × cores from 2 cores up. Measured on 2 cores (3 I/O threads): 8
-//! threads in all under that load.
+//! thread and the one control-plane blocking thread (main.rs; timers are
+//! tasks, see `Daemon::every`), the process has 3 × cores + 1 threads,
+//! within 4 × cores from 2 cores up. Measured on 2 cores (3 I/O threads):
+//! 7 threads in all under that load.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -456,7 +456,7 @@ const LEASE_TICK: Duration = Duration::from_millis(200);
 
 /// Ends session `id` as failed once no client has been connected to any
 /// of its exports for `lease` (a vendor's agent that died does not keep
-/// its checkpoint, nor the scratch space). A timer on its own thread; the
+/// its checkpoint, nor the scratch space). A timer (`Daemon::every`); the
 /// check and the end run under the command lock, as a command would.
 fn watch_lease(d: &Arc<Daemon>, id: String, lease: Duration) {
     let mut idle_since = Instant::now();
