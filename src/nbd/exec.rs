@@ -107,26 +107,6 @@ pub fn execute(export: &Export, to: ReplyTo, cmd: Command) -> Reply {
 /// do it without waiting: beyond this the copy itself is worth a pool thread.
 pub const INLINE_MAX: u64 = 256 << 10;
 
-/// A reply carrying `len` bytes of read data at `pos` as one piece (a
-/// simple reply, or one OFFSET_DATA chunk), zero-filled, with where the
-/// data starts: for reads that need initialised room (RWF_NOWAIT).
-fn data_reply(to: &ReplyTo, pos: u64, len: u64, last: bool) -> (Vec<u8>, usize) {
-    let len = len as usize;
-    let mut out;
-    if to.mode == Mode::Simple {
-        out = Vec::with_capacity(SIMPLE_REPLY_LEN + len);
-        simple_reply(&mut out, 0, to.cookie);
-    } else {
-        let flags = if last { REPLY_FLAG_DONE } else { 0 };
-        out = Vec::with_capacity(chunk_header_len(to.mode) + 8 + len);
-        to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_DATA, 8 + len);
-        put64(&mut out, pos);
-    }
-    let at = out.len();
-    out.resize(at + len, 0);
-    (out, at)
-}
-
 /// The most a read reply of `len` bytes adds to its data.
 pub const READ_OVERHEAD: usize = 64;
 
@@ -172,7 +152,7 @@ pub fn block_status_bound(mode: Mode, ids: usize, req_one: bool) -> (usize, usiz
 
 /// Carries out `cmd` at once if the node can do it without waiting (data
 /// in the page cache); `None` means it must go to the I/O threads.
-pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8>> {
+pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Reply> {
     match cmd {
         Command::Read { len, df } if *len > 0 && *len <= INLINE_MAX => {
             let node = export.root.try_get()?;
@@ -189,35 +169,22 @@ pub fn try_inline(export: &Export, to: &ReplyTo, cmd: &Command) -> Option<Vec<u8
             } else {
                 None
             };
-            let Some(runs) = runs else {
-                let (mut out, at) = data_reply(to, to.offset, *len, true);
-                return node
-                    .try_read_nowait(&mut out[at..], to.offset)
-                    .then_some(out);
+            let runs = runs.unwrap_or_else(|| vec![(to.offset, *len, false)]);
+            // RWF_NOWAIT reads need initialised room: zero-filled here.
+            let fill = |_: &mut Reply, head: &mut Vec<u8>, at, n| {
+                let from = head.len();
+                head.resize(from + n, 0);
+                node.try_read_nowait(&mut head[from..], at)
+                    .then_some(())
+                    .ok_or(())
             };
-            let mut out = Vec::new();
-            let end = runs.len() - 1;
-            for (i, &(at, n, zero)) in runs.iter().enumerate() {
-                let flags = if i == end { REPLY_FLAG_DONE } else { 0 };
-                if zero {
-                    hole_chunk(to, &mut out, flags, at, n);
-                    continue;
-                }
-                to.chunk(&mut out, flags, REPLY_TYPE_OFFSET_DATA, 8 + n as usize);
-                put64(&mut out, at);
-                let from = out.len();
-                out.resize(from + n as usize, 0);
-                if !node.try_read_nowait(&mut out[from..], at) {
-                    return None;
-                }
-            }
-            Some(out)
+            read_reply(to, &runs, true, fill).ok()
         }
         Command::Write { data, fua: false } if data.len() as u64 <= INLINE_MAX => export
             .root
             .try_get()?
             .try_write_nowait(data, to.offset)
-            .then(|| to.ok()),
+            .then(|| to.ok().into()),
         _ => None,
     }
 }
@@ -251,6 +218,21 @@ fn read_part(
         None
     };
     let runs = runs.unwrap_or_else(|| vec![(pos, len, false)]);
+    let fill =
+        |reply: &mut Reply, head: &mut Vec<u8>, at, n| append_data(node, to, reply, head, at, n);
+    read_reply(to, &runs, last, fill).map_err(|e| fail(to, e))
+}
+
+/// The reply to a read (or a piece of one) made of `runs`: a hole chunk
+/// for each zero run, and for each data run its header, then its data as
+/// `fill(reply, head, at, n)` puts it after the headers in `head` (not yet
+/// in `reply`); DONE on the last chunk only when `last`.
+fn read_reply<E>(
+    to: &ReplyTo,
+    runs: &[(u64, u64, bool)],
+    last: bool,
+    mut fill: impl FnMut(&mut Reply, &mut Vec<u8>, u64, usize) -> Result<(), E>,
+) -> Result<Reply, E> {
     let mut reply = Reply::new();
     // Headers not yet followed by their data.
     let mut head = Vec::new();
@@ -258,7 +240,9 @@ fn read_part(
     for (i, &(at, n, zero)) in runs.iter().enumerate() {
         let flags = if last && i == end { REPLY_FLAG_DONE } else { 0 };
         if zero {
-            hole_chunk(to, &mut head, flags, at, n);
+            to.chunk(&mut head, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+            put64(&mut head, at);
+            put32(&mut head, n as u32);
             continue;
         }
         if to.mode == Mode::Simple {
@@ -267,9 +251,7 @@ fn read_part(
             to.chunk(&mut head, flags, REPLY_TYPE_OFFSET_DATA, 8 + n as usize);
             put64(&mut head, at);
         }
-        if let Err(e) = append_data(node, to, &mut reply, &mut head, at, n as usize) {
-            return Err(fail(to, e));
-        }
+        fill(&mut reply, &mut head, at, n as usize)?;
     }
     reply.push_bytes(head);
     Ok(reply)
@@ -290,12 +272,6 @@ fn sparse(to: &ReplyTo, len: u64, df: bool) -> bool {
 /// there too).
 fn on_pool(node: &Node, to: &ReplyTo, len: u64) -> bool {
     to.splice && node.pipe_reads() && len >= SPARSE_READ_MIN
-}
-
-fn hole_chunk(to: &ReplyTo, out: &mut Vec<u8>, flags: u16, at: u64, n: u64) {
-    to.chunk(out, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-    put64(out, at);
-    put32(out, n as u32);
 }
 
 /// Puts `head` and then `n` bytes of data at `at` into `reply`: the pages

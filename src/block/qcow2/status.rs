@@ -68,7 +68,8 @@ impl Qcow2Node {
 
     pub(super) fn status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let len = self.clamp(offset, len)?;
-        merge(len, |done| self.status_one(offset + done, len - done))
+        let (len, flags) = merge(len, |done| self.status_one(offset + done, len - done))?;
+        Ok(extent(len, flags))
     }
 
     /// [`Qcow2Node::status`] only if nothing needs waiting for: the tables
@@ -80,7 +81,8 @@ impl Qcow2Node {
             Some(r) => Ok(r),
             None => Err(BlockError::new(ErrorKind::Io, "would wait")),
         };
-        merge(len, step).ok()
+        let (len, flags) = merge(len, step).ok()?;
+        Some(extent(len, flags))
     }
 
     fn status_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
@@ -123,21 +125,9 @@ impl Qcow2Node {
     }
     pub(super) fn depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
         let len = self.clamp(offset, len)?;
-        let mut done = 0;
-        let mut depth = None;
-        for _ in 0..MAX_STEPS {
-            if done >= len {
-                break;
-            }
-            let (d, n) = self.depth_one(offset + done, len - done)?;
-            if depth.is_some_and(|prev| prev != d) {
-                break;
-            }
-            depth = Some(d);
-            done += n;
-        }
+        let (len, depth) = merge(len, |done| self.depth_one(offset + done, len - done))?;
         Ok(DepthExtent {
-            len: done,
+            len,
             depth: depth.unwrap_or(0),
         })
     }
@@ -162,25 +152,33 @@ impl Qcow2Node {
 }
 
 /// Merges the runs `step(done)` reports from the start of a `len`-byte
-/// range while their flags agree (at most [`MAX_STEPS`] of them).
-fn merge(len: u64, mut step: impl FnMut(u64) -> BlockResult<(u32, u64)>) -> BlockResult<Extent> {
+/// range while their values agree (at most [`MAX_STEPS`] of them): how
+/// far that goes, and the value (`None` for an empty range).
+fn merge(
+    len: u64,
+    mut step: impl FnMut(u64) -> BlockResult<(u32, u64)>,
+) -> BlockResult<(u64, Option<u32>)> {
     let mut done = 0;
-    let mut flags = None;
+    let mut value = None;
     for _ in 0..MAX_STEPS {
         if done >= len {
             break;
         }
-        let (f, n) = step(done)?;
-        if flags.is_some_and(|prev| prev != f) {
+        let (v, n) = step(done)?;
+        if value.is_some_and(|prev| prev != v) {
             break;
         }
-        flags = Some(f);
+        value = Some(v);
         done += n;
     }
-    Ok(Extent {
-        len: done,
+    Ok((done, value))
+}
+
+fn extent(len: u64, flags: Option<u32>) -> Extent {
+    Extent {
+        len,
         flags: flags.unwrap_or(STATE_HOLE | STATE_ZERO),
-    })
+    }
 }
 
 /// The `base:allocation` flags of `n` bytes at `at` mapped as `m`, and how
