@@ -16,7 +16,6 @@
 use super::io::HostFile;
 use super::tables::Mapping;
 use super::Qcow2Node;
-use crate::block::node::Node;
 use crate::block::{
     BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, STATE_HOLE, STATE_ZERO,
 };
@@ -88,41 +87,42 @@ impl Qcow2Node {
     fn status_one(&self, at: u64, max: u64) -> BlockResult<(u32, u64)> {
         let (m, n) = self.map_run(at, max)?;
         let prealloc = matches!(m, Mapping::Data { .. }) && self.looks_preallocated()?;
-        let backing = self.backing();
-        let b = backing.as_ref().map(|c| c.get());
-        let below = |b: &Node, n| b.block_status(at, n);
-        classify(
-            m,
-            at,
-            n,
-            prealloc,
-            &self.f,
-            b.as_deref().map(|b| &**b),
-            below,
-        )
+        let below = || {
+            let Some(c) = self.backing() else {
+                return Ok(None);
+            };
+            let b = c.get();
+            if at >= b.size() {
+                return Ok(None);
+            }
+            b.block_status(at, n.min(b.size() - at)).map(Some)
+        };
+        classify(m, n, prealloc, &self.f, below)
     }
 
     fn status_one_nowait(&self, at: u64, max: u64) -> Option<(u32, u64)> {
         let (m, n) = self.map_run_nowait(at, max)?;
         // A preallocated image asks the host file (lseek), which may wait.
-        let prealloc = match m {
-            Mapping::Data { .. } => *self.prealloc.get()?,
-            _ => false,
-        };
-        if prealloc {
+        if matches!(m, Mapping::Data { .. }) && *self.prealloc.get()? {
             return None;
         }
-        let edge = self.backing.try_read().ok()?;
-        let b = match edge.as_ref() {
-            Some(c) => Some(c.link.try_get()?),
-            None => None,
+        let below = || {
+            let wait = || BlockError::new(ErrorKind::Io, "would wait");
+            let edge = self.backing.try_read().map_err(|_| wait())?;
+            let Some(c) = edge.as_ref() else {
+                return Ok(None);
+            };
+            let b = c.link.try_get().ok_or_else(wait)?;
+            if at >= b.size() {
+                return Ok(None);
+            }
+            b.try_block_status_nowait(at, n.min(b.size() - at))
+                .map(Some)
+                .ok_or_else(wait)
         };
-        let below = |b: &Node, n| {
-            b.try_block_status_nowait(at, n)
-                .ok_or_else(|| BlockError::new(ErrorKind::Io, "would wait"))
-        };
-        classify(m, at, n, false, &self.f, b.as_deref().map(|b| &**b), below).ok()
+        classify(m, n, false, &self.f, below).ok()
     }
+
     pub(super) fn depth(&self, offset: u64, len: u64) -> BlockResult<DepthExtent> {
         let len = self.clamp(offset, len)?;
         let (len, depth) = merge(len, |done| self.depth_one(offset + done, len - done))?;
@@ -181,16 +181,15 @@ fn extent(len: u64, flags: Option<u32>) -> Extent {
     }
 }
 
-/// The `base:allocation` flags of `n` bytes at `at` mapped as `m`, and how
-/// many of them share those flags; `below` asks the backing node.
+/// The `base:allocation` flags of `n` bytes mapped as `m`, and how many
+/// of them share those flags; `below` asks the backing node (`None`: no
+/// backing there).
 fn classify(
     m: Mapping,
-    at: u64,
     n: u64,
     prealloc: bool,
     f: &HostFile,
-    backing: Option<&Node>,
-    below: impl FnOnce(&Node, u64) -> BlockResult<Extent>,
+    below: impl FnOnce() -> BlockResult<Option<Extent>>,
 ) -> BlockResult<(u32, u64)> {
     Ok(match m {
         Mapping::Data { host, .. } if prealloc => match f.data_run(host, n) {
@@ -200,12 +199,9 @@ fn classify(
         Mapping::Data { .. } => (0, n),
         Mapping::Compressed { .. } => (0, n),
         Mapping::Zero { .. } => (STATE_HOLE | STATE_ZERO, n),
-        Mapping::Unallocated => match backing {
-            Some(b) if at < b.size() => {
-                let e = below(b, n.min(b.size() - at))?;
-                (e.flags, e.len.clamp(1, n))
-            }
-            _ => (STATE_HOLE | STATE_ZERO, n),
+        Mapping::Unallocated => match below()? {
+            Some(e) => (e.flags, e.len.clamp(1, n)),
+            None => (STATE_HOLE | STATE_ZERO, n),
         },
     })
 }
