@@ -14,7 +14,6 @@ mod qmp_common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use common::rng::{seed, Rng};
@@ -190,20 +189,6 @@ fn read_log(path: &Path) -> Vec<Request> {
         .collect()
 }
 
-fn expect_line(w: &PyScript, prefix: &str) -> String {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match w.lines.recv_timeout(left) {
-            Ok(l) if l.starts_with(prefix) => return l,
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                panic!("writer: no '{prefix}' line; stderr: {}", w.stderr())
-            }
-        }
-    }
-}
-
 /// The writer agent, ready for commands (its stderr in `dir`).
 fn spawn_writer(dir: &Path) -> PyScript {
     let w = PyScript::spawn(
@@ -211,14 +196,8 @@ fn spawn_writer(dir: &Path) -> PyScript {
         Vec::<String>::new(),
         dir.join("writer.err"),
     );
-    expect_line(&w, "ready");
+    w.expect(&["ready"], DEADLINE);
     w
-}
-
-fn send(w: &mut PyScript, line: &str) {
-    use std::io::Write;
-    let stdin = w.stdin.as_mut().expect("writer stdin");
-    writeln!(stdin, "{line}").expect("write to the writer");
 }
 
 /// How an iteration places its store point.
@@ -282,21 +261,18 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
         Store::None => format!("{stop}"),
         _ => format!("{} {stop}", store_at.min(stop - 1).max(1)),
     };
-    send(
-        writer,
-        &format!(
-            "run {} {} {seed} {SIZE} {stops}",
-            inst.nbd_uri("vm"),
-            log.display()
-        ),
-    );
+    writer.send(&format!(
+        "run {} {} {seed} {SIZE} {stops}",
+        inst.nbd_uri("vm"),
+        log.display()
+    ));
     // Requests acknowledged before the store point began: the store covers
     // them. Read from the writer's log before the store is asked for (the
     // writer logs each acknowledgement as it comes; replies come in any
     // order, so an old request may still be in flight).
     let mut covered = std::collections::HashSet::new();
     if !matches!(store, Store::None) {
-        expect_line(writer, "at ");
+        writer.expect(&["at "], DEADLINE);
         match store {
             Store::Before => {
                 covered = read_log(&log)
@@ -314,9 +290,9 @@ fn iteration(writer: &mut PyScript, seed: u64, n: u64) {
             }
         }
     }
-    expect_line(writer, &format!("at {stop}"));
+    writer.expect(&[&format!("at {stop}")], DEADLINE);
     inst.kill();
-    expect_line(writer, "done");
+    writer.expect(&["done"], DEADLINE);
     drop(q);
     let requests = read_log(&log);
     assert!(
@@ -413,13 +389,14 @@ fn assert_checks(img: &Path, when: &str) {
 /// at `uri` (their stamp is there): they must be covered too. Requests
 /// neither acknowledged nor seen may never have reached the daemon.
 fn reached(writer: &mut PyScript, uri: &str, log: &Path) -> std::collections::HashSet<u64> {
-    send(writer, &format!("seen {uri} {}", log.display()));
-    let seen = expect_line(writer, "seen")
+    writer.send(&format!("seen {uri} {}", log.display()));
+    let seen = writer
+        .expect(&["seen"], DEADLINE)
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    expect_line(writer, "end");
+    writer.expect(&["end"], DEADLINE);
     seen
 }
 
@@ -440,7 +417,7 @@ fn kill_9_under_load_leaves_every_recording_bitmap_a_superset() {
             n,
         );
     }
-    send(&mut writer, "quit");
+    writer.send("quit");
 }
 
 /// Writes through `inst`'s export with qemu-io, then kills it (a crash).
@@ -612,15 +589,12 @@ fn periodic_store_points_under_load_lose_no_bits() {
     let log = inst.path("writer.log");
     // Long enough for store points to happen while it writes: the
     // image's header shows each one (the directory moves).
-    send(
-        &mut writer,
-        &format!(
-            "run {} {} 7 {SIZE} 100 100000",
-            inst.nbd_uri("vm"),
-            log.display()
-        ),
-    );
-    expect_line(&writer, "at 100");
+    writer.send(&format!(
+        "run {} {} 7 {SIZE} 100 100000",
+        inst.nbd_uri("vm"),
+        log.display()
+    ));
+    writer.expect(&["at 100"], DEADLINE);
     let img = inst.path("disk.qcow2");
     let dir_offset = || {
         let h = head(&img, 4096);
@@ -643,7 +617,7 @@ fn periodic_store_points_under_load_lose_no_bits() {
         std::thread::yield_now();
     }
     inst.kill();
-    expect_line(&writer, "done");
+    writer.expect(&["done"], DEADLINE);
     let after = start_on(&img, &[]);
     let mut q = after.client();
     let seen = reached(&mut writer, &after.nbd_uri("vm"), &log);
@@ -663,5 +637,5 @@ fn periodic_store_points_under_load_lose_no_bits() {
         );
     }
     exec(&mut q, "quit", json!({}));
-    send(&mut writer, "quit");
+    writer.send("quit");
 }

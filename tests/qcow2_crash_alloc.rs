@@ -26,7 +26,6 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use common::rng::{seed, Rng};
@@ -37,12 +36,6 @@ const MIB: u64 = 1 << 20;
 /// The backing: data on its first 48 MiB, and an end inside a cluster.
 const BACKING_SIZE: u64 = 48 * MIB + 20480;
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn tool_ok(dir: &Path, program: &str, args: &[&str]) -> String {
-    let mut cmd = common::tool(program);
-    cmd.args(args).current_dir(dir);
-    common::run(&mut cmd)
-}
 
 /// base.raw (the backing's content, also what the checker compares with)
 /// and base.qcow2 (the same, 16 KiB clusters): data in 1 MiB runs with
@@ -73,7 +66,7 @@ fn make_backings(dir: &Path, seed: u64) {
         k += 1;
     }
     drop(f);
-    tool_ok(
+    common::tool_in(
         dir,
         "qemu-img",
         &[
@@ -89,28 +82,6 @@ fn make_backings(dir: &Path, seed: u64) {
             "base.qcow2",
         ],
     );
-}
-
-fn expect_line(w: &PyScript, prefixes: &[&str], what: &str) -> String {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match w.lines.recv_timeout(left) {
-            Ok(l) if prefixes.iter().any(|p| l.starts_with(p)) => return l,
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                panic!(
-                    "{what}: no {prefixes:?} line from the writer; stderr: {}",
-                    w.stderr()
-                )
-            }
-        }
-    }
-}
-
-fn send(w: &mut PyScript, line: &str) {
-    let stdin = w.stdin.as_mut().expect("writer stdin");
-    writeln!(stdin, "{line}").expect("write to the writer");
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +108,8 @@ fn iteration(writer: &mut PyScript, shared: &Path, seed: u64, n: u64) -> String 
     let what = format!(
         "iteration {n} (seed {seed}: backing {backing:?}, cluster {cluster}, kill after {stop} replies)"
     );
+    // Printed with the test's output if it fails, to replay it.
+    eprintln!("{what}");
     let tmp = common::temp_dir();
     let dir = tmp.path();
     let mut create = vec![
@@ -162,7 +135,7 @@ fn iteration(writer: &mut PyScript, shared: &Path, seed: u64, n: u64) -> String 
     }
     create.extend(["disk.qcow2".into(), SIZE.to_string()]);
     let args: Vec<&str> = create.iter().map(String::as_str).collect();
-    tool_ok(dir, "qemu-img", &args);
+    common::tool_in(dir, "qemu-img", &args);
     let img = dir.join("disk.qcow2");
     let log = dir.join("writer.log");
 
@@ -175,19 +148,16 @@ fn iteration(writer: &mut PyScript, shared: &Path, seed: u64, n: u64) -> String 
             ..ServeOpts::read_write()
         },
     );
-    send(
-        writer,
-        &format!(
-            "run {} {} {seed} {SIZE} {cluster} {BACKING_SIZE} {stop}",
-            server.uri(),
-            log.display()
-        ),
-    );
-    expect_line(writer, &["acked"], &what);
+    writer.send(&format!(
+        "run {} {} {seed} {SIZE} {cluster} {BACKING_SIZE} {stop}",
+        server.uri(),
+        log.display()
+    ));
+    writer.expect(&["acked"], DEADLINE);
     common::signal(server.pid(), libc::SIGKILL);
     let server_log = server.log();
     drop(server); // reaps it
-    expect_line(writer, &["done"], &what);
+    writer.expect(&["done"], DEADLINE);
 
     let check = common::output(common::tool("qemu-img").args(["check"]).arg(&img));
     assert!(
@@ -210,24 +180,21 @@ fn iteration(writer: &mut PyScript, shared: &Path, seed: u64, n: u64) -> String 
         Backing::None => "-".to_string(),
         _ => shared.join("base.raw").display().to_string(),
     };
-    send(
-        writer,
-        &format!(
-            "verify {} {} {seed} {SIZE} {cluster} {old}",
-            reader.uri(),
-            log.display()
-        ),
-    );
+    writer.send(&format!(
+        "verify {} {} {seed} {SIZE} {cluster} {old}",
+        reader.uri(),
+        log.display()
+    ));
     let mut fails = Vec::new();
     let summary = loop {
-        let l = expect_line(writer, &["FAIL", "ok", "bad"], &what);
+        let l = writer.expect(&["FAIL", "ok", "bad"], DEADLINE);
         if l.starts_with("FAIL") {
             fails.push(l);
         } else {
             break l;
         }
     };
-    expect_line(writer, &["end"], &what);
+    writer.expect(&["end"], DEADLINE);
     drop(reader);
     if !fails.is_empty() || !summary.starts_with("ok") {
         if let Ok(keep) = std::env::var("TIDEMARK_CRASH_KEEP") {
@@ -261,7 +228,7 @@ fn kill_9_during_allocating_writes_keeps_every_durable_write_and_the_image_consi
         Vec::<String>::new(),
         shared.path().join("writer.err"),
     );
-    expect_line(&writer, &["ready"], "start");
+    writer.expect(&["ready"], DEADLINE);
     let mut durable = 0;
     for n in 0..iterations {
         let started = Instant::now();
@@ -278,7 +245,7 @@ fn kill_9_during_allocating_writes_keeps_every_durable_write_and_the_image_consi
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
     }
-    send(&mut writer, "quit");
+    writer.send("quit");
     assert!(
         !writer.stderr().contains("Traceback"),
         "writer: {}",

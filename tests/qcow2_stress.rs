@@ -60,13 +60,6 @@ fn secs() -> f64 {
         .unwrap_or(12.0)
 }
 
-/// Runs a tool in `dir`; it must exit 0.
-fn tool_ok(dir: &Path, program: &str, args: &[&str]) -> String {
-    let mut cmd = common::tool(program);
-    cmd.args(args).current_dir(dir);
-    common::run(&mut cmd)
-}
-
 /// The backing: a raw file with position-dependent data on ranges of each
 /// window (one up to the backing's end), converted to a qcow2 with 16 KiB
 /// clusters (so the overlay's copy-on-write reads a mix of allocated and
@@ -94,7 +87,7 @@ fn make_backing(dir: &Path, seed: u64) {
             .expect("write backing data");
     }
     drop(f);
-    tool_ok(
+    common::tool_in(
         dir,
         "qemu-img",
         &[
@@ -117,7 +110,7 @@ fn make_backing(dir: &Path, seed: u64) {
 /// (different bytes in every range), zero clusters over backing data, and
 /// discarded ranges.
 fn make_overlay(dir: &Path, seed: u64) {
-    tool_ok(
+    common::tool_in(
         dir,
         "qemu-img",
         &[
@@ -164,7 +157,7 @@ fn make_overlay(dir: &Path, seed: u64) {
         args.push(c.as_str());
     }
     args.extend(["-f", "qcow2", "overlay.qcow2"]);
-    tool_ok(dir, "qemu-io", &args);
+    common::tool_in(dir, "qemu-io", &args);
 }
 
 /// Waits for a line from `w` that starts with one of `prefixes`; a line
@@ -220,7 +213,7 @@ fn four_connections_of_mixed_io_on_a_qcow2_overlay_match_the_model() {
     let backing_sum = common::sha256(&dir.join("backing.qcow2"));
     // The disk as it is before the test, read through the backing: the
     // models start from it, and write their stripes back into it.
-    tool_ok(
+    common::tool_in(
         dir,
         "qemu-img",
         &[

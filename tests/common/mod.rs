@@ -596,6 +596,37 @@ impl PyScript {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
+
+    /// The next line that starts with one of `prefixes` (others are
+    /// skipped), within `within`; the deadline or the script's end fails
+    /// the test with its stderr.
+    pub fn expect(&self, prefixes: &[&str], within: Duration) -> String {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if prefixes.iter().any(|p| l.starts_with(p)) => return l,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "no {prefixes:?} line from the script ({e}); stderr: {}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Sends one line to the script.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("script stdin");
+        writeln!(stdin, "{line}").expect("write to the script");
+    }
+}
+
+/// Runs `program` with `args` in `dir`; it must exit 0. Its stdout.
+pub fn tool_in(dir: &Path, program: &str, args: &[&str]) -> String {
+    let mut cmd = tool(program);
+    cmd.args(args).current_dir(dir);
+    run(&mut cmd)
 }
 
 impl Drop for PyScript {
