@@ -10,14 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The `Threads:` line of /proc/PID/status.
+/// The process's threads now.
 fn threads(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("Threads")
+    proc_status(pid, "Threads:") as usize
 }
 
 #[test]

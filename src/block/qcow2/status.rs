@@ -17,7 +17,7 @@ use super::io::HostFile;
 use super::tables::Mapping;
 use super::Qcow2Node;
 use crate::block::{
-    BlockError, BlockNode, BlockResult, DepthExtent, ErrorKind, Extent, STATE_HOLE, STATE_ZERO,
+    BlockError, BlockNode, BlockResult, DepthExtent, Extent, STATE_HOLE, STATE_ZERO,
 };
 
 /// Runs merged by one call at most, so a single query stays cheap on huge
@@ -76,10 +76,7 @@ impl Qcow2Node {
     /// `None`: ask [`Qcow2Node::status`] on a thread that may wait.
     pub(super) fn status_nowait(&self, offset: u64, len: u64) -> Option<Extent> {
         let len = self.clamp(offset, len).ok()?;
-        let step = |done| match self.status_one_nowait(offset + done, len - done) {
-            Some(r) => Ok(r),
-            None => Err(BlockError::new(ErrorKind::Io, "would wait")),
-        };
+        let step = |done| self.status_one_nowait(offset + done, len - done).ok_or(());
         let (len, flags) = merge(len, step).ok()?;
         Some(extent(len, flags))
     }
@@ -106,19 +103,19 @@ impl Qcow2Node {
         if matches!(m, Mapping::Data { .. }) && *self.prealloc.get()? {
             return None;
         }
+        // Err(()): the answer would need waiting.
         let below = || {
-            let wait = || BlockError::new(ErrorKind::Io, "would wait");
-            let edge = self.backing.try_read().map_err(|_| wait())?;
+            let edge = self.backing.try_read().map_err(|_| ())?;
             let Some(c) = edge.as_ref() else {
                 return Ok(None);
             };
-            let b = c.link.try_get().ok_or_else(wait)?;
+            let b = c.link.try_get().ok_or(())?;
             if at >= b.size() {
                 return Ok(None);
             }
             b.try_block_status_nowait(at, n.min(b.size() - at))
                 .map(Some)
-                .ok_or_else(wait)
+                .ok_or(())
         };
         classify(m, n, false, &self.f, below).ok()
     }
@@ -154,10 +151,10 @@ impl Qcow2Node {
 /// Merges the runs `step(done)` reports from the start of a `len`-byte
 /// range while their values agree (at most [`MAX_STEPS`] of them): how
 /// far that goes, and the value (`None` for an empty range).
-fn merge(
+fn merge<E>(
     len: u64,
-    mut step: impl FnMut(u64) -> BlockResult<(u32, u64)>,
-) -> BlockResult<(u64, Option<u32>)> {
+    mut step: impl FnMut(u64) -> Result<(u32, u64), E>,
+) -> Result<(u64, Option<u32>), E> {
     let mut done = 0;
     let mut value = None;
     for _ in 0..MAX_STEPS {
@@ -184,13 +181,13 @@ fn extent(len: u64, flags: Option<u32>) -> Extent {
 /// The `base:allocation` flags of `n` bytes mapped as `m`, and how many
 /// of them share those flags; `below` asks the backing node (`None`: no
 /// backing there).
-fn classify(
+fn classify<E>(
     m: Mapping,
     n: u64,
     prealloc: bool,
     f: &HostFile,
-    below: impl FnOnce() -> BlockResult<Option<Extent>>,
-) -> BlockResult<(u32, u64)> {
+    below: impl FnOnce() -> Result<Option<Extent>, E>,
+) -> Result<(u32, u64), E> {
     Ok(match m {
         Mapping::Data { host, .. } if prealloc => match f.data_run(host, n) {
             (true, run) => (0, run.max(1)),
